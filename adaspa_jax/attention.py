@@ -1,0 +1,86 @@
+"""The AdaSpa attention entry point: one call replaces a DiT's self/joint attention."""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels as pk
+from adaspa_jax import blocks, schedule
+from adaspa_jax.config import AdaSpaConfig
+from adaspa_jax.selection import Selection, select_blocks
+from adaspa_jax.state import AdaSpaState, check_state
+from pallas_kernels import validation
+
+
+def _with_selection(state: AdaSpaState, sel: Selection, lse=None) -> AdaSpaState:
+  return AdaSpaState(indices=sel.indices, counts=sel.counts,
+                     lse=state.lse if lse is None else lse,
+                     recall=sel.recall, sparsity=sel.sparsity)
+
+
+def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
+                     text_blocks=None, kv_lengths=None, sm_scale=None,
+                     implementation=None, interpret=False):
+  """AdaSpa attention at denoising step ``step``.
+
+  Args:
+    q, k, v: [B, S, H, D] (one sequence: self or joint text+video attention).
+    state: this layer's ``AdaSpaState`` (from ``init_state`` or the previous step).
+    step: 0-indexed denoising step; a Python int or a traced int32 scalar (the
+      call then compiles every phase and switches at run time, as in a scan).
+    config: ``AdaSpaConfig`` (static).
+    text_blocks: static bool [nK] (``text_blocks_mask``) or None when no text.
+    kv_lengths: optional int [B] valid tokens (padded text at the end).
+    sm_scale: softmax scale, default 1/sqrt(D).
+    implementation: kernel implementation; None uses ``config.implementation``
+      (None there: the fastest for the device).
+    interpret: run Pallas kernels in interpret mode (CPU tests).
+
+  Returns:
+    out [B, S, H, D] in q's dtype and the new state.
+  """
+  if not isinstance(config, AdaSpaConfig):
+    raise ValueError(f"config={config!r}: expected an AdaSpaConfig.")
+  b, s, h, _ = validation.check_qkv(q, k, v)
+  bs = config.block_size
+  check_state(state, b, s, h, bs)
+  text = blocks.static_text_blocks(text_blocks, validation.num_blocks(s, bs))
+  impl = config.implementation if implementation is None else implementation
+  kernel_kw = dict(block_size=bs, kv_lengths=kv_lengths, sm_scale=sm_scale,
+                   implementation=impl, interpret=interpret)
+  select_kw = dict(sparsity=config.sparsity, text_blocks=text,
+                   head_adaptive=config.head_adaptive,
+                   recall_threshold=config.recall_threshold, k_max=state.indices.shape[-1])
+
+  def sparse_with(st):
+    return pk.block_sparse_attention(q, k, v, st.indices, st.counts, return_lse=False,
+                                     **kernel_kw)
+
+  def dense(st):
+    out = pk.dense_attention(q, k, v, kv_lengths=kv_lengths, sm_scale=sm_scale,
+                             implementation="reference" if impl == "reference" else None)
+    return out, st
+
+  def fused_search(st):
+    out, lse, mass = pk.attention_with_block_mass(q, k, v, **kernel_kw)
+    # Only the first search's LSE is cached (without the cache, later fused
+    # searches leave it as it was).
+    lse = jnp.where(jnp.asarray(step) == config.first_search, lse, st.lse)
+    return out, _with_selection(st, select_blocks(mass, **select_kw), lse)
+
+  def cached_search(st):
+    mass = pk.block_mass(q, k, st.lse, **kernel_kw)
+    new = _with_selection(st, select_blocks(mass, **select_kw))
+    return sparse_with(new), new
+
+  def sparse(st):
+    return sparse_with(st), st
+
+  branches = (dense, fused_search, cached_search, sparse)
+  if isinstance(step, numbers.Integral):
+    # A concrete step compiles only its own phase.
+    return branches[int(schedule.phase(int(step), config))](state)
+  return jax.lax.switch(schedule.phase(step, config), branches, state)

@@ -1,0 +1,136 @@
+"""Row-wise top-k block selection with the text sink and the head-adaptive hierarchy.
+
+The algorithm (paper Section 4, with the resolutions in our paper notes):
+
+1. Video key blocks are the blocks not in ``text_blocks``. Each query row keeps
+   the k video blocks of highest mass (ties: lower block id) plus every text
+   block; text query rows keep every key block (dense rows, count = nK).
+2. A head's recall is the mass it keeps over the total mass of its video query rows.
+3. Head-adaptive: per batch element, with recall measured at the base sparsity s,
+   n = #heads with recall > threshold (at most floor(H/2)); the n heads of highest
+   recall get sparsity (1+s)/2, the n lowest get max(0, (3s-1)/2), the rest s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaspa_jax import blocks
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """A block selection.
+
+  Attributes:
+    indices: int32 [B, H, nQ, K_max], ascending per row; slots past the count
+      repeat the row's last id (safe for kernels that prefetch).
+    counts: int32 [B, H, nQ]; nK for text query rows (dense rows).
+    recall: float32 [B, H], mass kept / total mass over video query rows.
+    sparsity: float32 [B, H], 1 - (video blocks kept / video blocks) per row.
+  """
+
+  indices: jax.Array
+  counts: jax.Array
+  recall: jax.Array
+  sparsity: jax.Array
+
+
+def head_budgets(base_recall, sparsity, num_video_blocks, head_adaptive, recall_threshold):
+  """int32 [B, H] video blocks per row for every head, from recall at base sparsity."""
+  b, h = base_recall.shape
+  hi_s, base_s, lo_s = blocks.tier_sparsities(sparsity)
+  k_base = blocks.video_budget(base_s, num_video_blocks)
+  if not head_adaptive:
+    return jnp.full((b, h), k_base, jnp.int32)
+  k_hi = blocks.video_budget(hi_s, num_video_blocks)
+  k_lo = blocks.video_budget(lo_s, num_video_blocks)
+  n = jnp.minimum((base_recall > recall_threshold).sum(-1), h // 2)  # [B]
+  order = jnp.argsort(-base_recall, axis=-1, stable=True)            # best head first
+  rank = jnp.argsort(order, axis=-1, stable=True)                     # rank of each head
+  n = n[:, None]
+  return jnp.where(rank < n, k_hi, jnp.where(rank >= h - n, k_lo, k_base)).astype(jnp.int32)
+
+
+def select_blocks(mass, *, sparsity, text_blocks=None, head_adaptive=True,
+                  recall_threshold=0.8, k_max=None) -> Selection:
+  """Chooses key blocks per (batch, head, query block) from block masses.
+
+  Args:
+    mass: float32 [B, H, nQ, nK] softmax mass per block (``block_mass``), nQ == nK.
+    sparsity: base sparsity s in [0, 1) (static).
+    text_blocks: static bool [nK] or None; a block holding any text token is text.
+    head_adaptive: use the three-tier head hierarchy.
+    recall_threshold: recall above which a head counts toward n.
+    k_max: static width of the index lists; default and minimum is the lowest
+      tier's budget plus the number of text blocks.
+
+  Returns:
+    A ``Selection``.
+  """
+  if getattr(mass, "ndim", None) != 4 or mass.shape[2] != mass.shape[3]:
+    raise ValueError(
+        f"mass has shape {getattr(mass, 'shape', None)}: expected [batch, heads, nQ, nK] "
+        "with nQ == nK (self-attention blocks).")
+  if not 0.0 <= sparsity < 1.0:
+    raise ValueError(f"sparsity={sparsity!r}: expected a float in [0, 1).")
+  b, h, n_q, n_k = mass.shape
+  text = blocks.static_text_blocks(text_blocks, n_k)
+  need = blocks.required_k_max(sparsity, text, head_adaptive)
+  if k_max is None:
+    k_max = need
+  if k_max < need:
+    raise ValueError(
+        f"k_max={k_max}: expected at least {need} (lowest tier's video budget plus "
+        f"{int(text.sum())} text blocks).")
+  mass = mass.astype(jnp.float32)
+  video_ids = np.flatnonzero(~text)
+  text_ids = np.flatnonzero(text)
+  n_video = video_ids.size
+  top = max(blocks.video_budget(s, n_video) for s in blocks.tier_sparsities(sparsity))
+
+  video_rows = jnp.asarray(~text, jnp.float32)                     # [nQ]
+  row_total = mass.sum(-1)                                          # [B, H, nQ]
+  text_mass = mass[..., text_ids].sum(-1)
+  total = (row_total * video_rows).sum(-1)                          # [B, H]
+  if top:
+    vals, pos = jax.lax.top_k(mass[..., video_ids], top)            # ties: lower id first
+    ids = jnp.asarray(video_ids, jnp.int32)[pos]
+  else:
+    vals = jnp.zeros((b, h, n_q, 0), jnp.float32)
+    ids = jnp.zeros((b, h, n_q, 0), jnp.int32)
+  # kept_prefix[..., k] = video mass kept by the top k blocks of the row.
+  kept_prefix = jnp.concatenate([jnp.zeros_like(vals[..., :1]), jnp.cumsum(vals, -1)], -1)
+
+  def recall_at(k):  # k: int32 [B, H] video blocks per row
+    k_rows = jnp.broadcast_to(k[..., None, None], (b, h, n_q, 1))
+    kept = text_mass + jnp.take_along_axis(kept_prefix, k_rows, axis=-1)[..., 0]
+    kept = (kept * video_rows).sum(-1)
+    return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 1.0)
+
+  k_base = jnp.full((b, h), blocks.video_budget(sparsity, n_video), jnp.int32)
+  k_head = head_budgets(recall_at(k_base), sparsity, n_video, head_adaptive, recall_threshold)
+
+  slot = jnp.arange(top)
+  chosen = jnp.where(slot < k_head[..., None, None], ids, n_k)      # n_k sorts last
+  chosen = jnp.concatenate(
+      [chosen, jnp.broadcast_to(jnp.asarray(text_ids, jnp.int32), (b, h, n_q, text_ids.size))],
+      axis=-1)
+  chosen = jnp.sort(chosen, axis=-1)
+  width = chosen.shape[-1]
+  if width < k_max:
+    chosen = jnp.concatenate([chosen, jnp.full((b, h, n_q, k_max - width), n_k, jnp.int32)], -1)
+  chosen = chosen[..., :k_max]
+  counts = jnp.broadcast_to((k_head + text_ids.size)[..., None], (b, h, n_q))
+  last = jnp.take_along_axis(chosen, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+  indices = jnp.where(jnp.arange(k_max) < counts[..., None], chosen, last)
+  counts = jnp.where(jnp.asarray(text)[None, None, :], n_k, counts).astype(jnp.int32)
+  sparsity_h = (1.0 - k_head / n_video) if n_video else jnp.zeros((b, h))
+  return Selection(indices=indices.astype(jnp.int32), counts=counts,
+                   recall=recall_at(k_head).astype(jnp.float32),
+                   sparsity=jnp.asarray(sparsity_h, jnp.float32))

@@ -1,0 +1,103 @@
+"""The per-layer AdaSpa state carried from one denoising step to the next."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaspa_jax import blocks
+from adaspa_jax.config import AdaSpaConfig
+from pallas_kernels import validation
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdaSpaState:
+  """Sparse indices and cached LSE of one attention layer (a pytree).
+
+  A stack of layers carries the same fields with a leading [L] axis.
+
+  Attributes:
+    indices: int32 [B, H, nQ, K_max] key blocks per query block (see ``Selection``).
+    counts: int32 [B, H, nQ] entries read per row (nK = dense row).
+    lse: float32 [B, H, S] natural-log LSE cached at the first search step.
+    recall: float32 [B, H] mass kept by the current selection (for inspection).
+    sparsity: float32 [B, H] video-block sparsity of the current selection.
+  """
+
+  indices: jax.Array
+  counts: jax.Array
+  lse: jax.Array
+  recall: jax.Array
+  sparsity: jax.Array
+
+
+def k_max_for(config: AdaSpaConfig, seq_len: int, text_blocks=None) -> int:
+  n_blk = validation.num_blocks(seq_len, config.block_size)
+  text = blocks.static_text_blocks(text_blocks, n_blk)
+  return blocks.required_k_max(config.sparsity, text, config.head_adaptive)
+
+
+def state_shapes(config: AdaSpaConfig, batch: int, seq_len: int, heads: int, *,
+                 text_blocks=None, num_layers: int | None = None) -> AdaSpaState:
+  """The state's shapes and dtypes as ``jax.ShapeDtypeStruct`` leaves."""
+  n_blk = validation.num_blocks(seq_len, config.block_size)
+  k_max = k_max_for(config, seq_len, text_blocks)
+  lead = () if num_layers is None else (num_layers,)
+  spec = lambda *shape, dtype: jax.ShapeDtypeStruct(lead + shape, dtype)
+  return AdaSpaState(
+      indices=spec(batch, heads, n_blk, k_max, dtype=jnp.int32),
+      counts=spec(batch, heads, n_blk, dtype=jnp.int32),
+      lse=spec(batch, heads, seq_len, dtype=jnp.float32),
+      recall=spec(batch, heads, dtype=jnp.float32),
+      sparsity=spec(batch, heads, dtype=jnp.float32))
+
+
+def init_state(config: AdaSpaConfig, batch: int, seq_len: int, heads: int, *,
+               text_blocks=None, num_layers: int | None = None) -> AdaSpaState:
+  """A state whose rows are all dense, so a sparse step before any search is exact.
+
+  Args:
+    config: the AdaSpa config (block size and sparsity fix K_max).
+    batch, seq_len, heads: the attention's B, S, H.
+    text_blocks: static bool [nK] or None.
+    num_layers: if given, every field gets a leading [num_layers] axis.
+  """
+  for name, value in (("batch", batch), ("seq_len", seq_len), ("heads", heads)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name}={value!r}: expected a positive int.")
+  shapes = state_shapes(config, batch, seq_len, heads, text_blocks=text_blocks,
+                        num_layers=num_layers)
+  n_blk = shapes.indices.shape[-2]
+  k_max = shapes.indices.shape[-1]
+  return AdaSpaState(
+      indices=jnp.broadcast_to(jnp.minimum(jnp.arange(k_max, dtype=jnp.int32), n_blk - 1),
+                               shapes.indices.shape),
+      counts=jnp.full(shapes.counts.shape, n_blk, jnp.int32),
+      lse=jnp.zeros(shapes.lse.shape, jnp.float32),
+      recall=jnp.ones(shapes.recall.shape, jnp.float32),
+      sparsity=jnp.zeros(shapes.sparsity.shape, jnp.float32))
+
+
+def state_nbytes(config: AdaSpaConfig, batch: int, seq_len: int, heads: int, *,
+                 text_blocks=None, num_layers: int | None = None) -> int:
+  """Bytes the state occupies on device (e.g. to check it fits beside a model)."""
+  shapes = state_shapes(config, batch, seq_len, heads, text_blocks=text_blocks,
+                        num_layers=num_layers)
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def check_state(state: AdaSpaState, batch: int, seq_len: int, heads: int, block_size: int):
+  n_blk = validation.num_blocks(seq_len, block_size)
+  want = {"indices": (batch, heads, n_blk), "counts": (batch, heads, n_blk),
+          "lse": (batch, heads, seq_len), "recall": (batch, heads)}
+  for name, lead in want.items():
+    got = getattr(state, name).shape
+    if got[:len(lead)] != lead:
+      raise ValueError(
+          f"state.{name} has shape {got}: expected leading dims {lead} for q of "
+          f"[B={batch}, S={seq_len}, H={heads}] at block_size={block_size} "
+          "(for a stack of layers, pass one layer's slice).")
