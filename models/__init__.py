@@ -15,6 +15,7 @@ from models.loading import Rule, from_pretrained, load_state_dict
 # are imported on first use, so a model's dependencies load only when needed.
 _MODULES = {
     "WanTransformer3DModel": "models.wan",
+    "HunyuanVideoTransformer3DModel": "models.hunyuan_video",
 }
 
 
