@@ -338,6 +338,8 @@ def from_pretrained(path, *, dtype=jnp.bfloat16, attention: str = "dense", adasp
   if class_name not in REGISTRY:
     raise ValueError(f"config.json _class_name={class_name!r}: expected one of "
                      f"{sorted(REGISTRY)}.")
+  if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise ValueError(f"dtype={dtype!r}: expected float32, bfloat16 or float16.")
   if attention not in ("dense", "adaspa"):
     raise ValueError(f"attention={attention!r}: expected 'dense' or 'adaspa'.")
   module = REGISTRY[class_name]

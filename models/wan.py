@@ -197,7 +197,8 @@ class WanTransformerBlock(nnx.Module):
   def __call__(self, x, context, temb_proj, cos, sin, self_attention):
     """x [B, S, dim]; context [B, L, dim]; temb_proj [B, 6, dim].
 
-    ``self_attention(q, k, v) -> out`` runs the self-attention proper.
+    ``self_attention(q, k, v) -> (out, aux)`` runs the self-attention proper
+    (dense, or AdaSpa with ``aux`` its new state). Returns (x, aux).
     """
     mod = self.scale_shift_table[...] + temb_proj.astype(jnp.float32)
     shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(mod, 6, axis=1)
@@ -207,8 +208,8 @@ class WanTransformerBlock(nnx.Module):
     n = (layers.layer_norm(xf, self.eps) * (1 + scale) + shift).astype(dtype)
     q, k, v = self.attn1.project(n, n)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    a = self.attn1.output(self_attention(q, k, v))
-    x = (xf + a * gate).astype(dtype)
+    a, aux = self_attention(q, k, v)
+    x = (xf + self.attn1.output(a) * gate).astype(dtype)
 
     n = x if self.norm2 is None else self.norm2(x.astype(jnp.float32)).astype(dtype)
     q, k, v = self.attn2.project(n, context)
@@ -216,7 +217,7 @@ class WanTransformerBlock(nnx.Module):
 
     n = (layers.layer_norm(x.astype(jnp.float32), self.eps) * (1 + c_scale) + c_shift)
     f = self.ffn(n.astype(dtype))
-    return (x.astype(jnp.float32) + f.astype(jnp.float32) * c_gate).astype(dtype)
+    return (x.astype(jnp.float32) + f.astype(jnp.float32) * c_gate).astype(dtype), aux
 
 
 class Model(nnx.Module):
@@ -311,17 +312,11 @@ class Model(nnx.Module):
 
     def body(block, x, state):
       if state is None:
-        attend = lambda q, k, v: pallas_kernels.dense_attention(q, k, v)
-        return block(x, context, temb_proj, cos, sin, attend), None
-      new = []
-
-      def attend(q, k, v):
-        out, st = adaspa_attention(q, k, v, state, adaspa_step, cfg.adaspa, text_blocks=None)
-        new.append(st)
-        return out
-
-      x = block(x, context, temb_proj, cos, sin, attend)
-      return x, new[0]
+        attend = lambda q, k, v: (pallas_kernels.dense_attention(q, k, v), None)
+      else:
+        attend = lambda q, k, v: adaspa_attention(q, k, v, state, adaspa_step, cfg.adaspa,
+                                                  text_blocks=None)
+      return block(x, context, temb_proj, cos, sin, attend)
 
     if use_adaspa:
       # The layer scan traces its body, so a Python-int step would buy no

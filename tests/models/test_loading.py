@@ -269,5 +269,7 @@ def test_from_pretrained_errors(tmp_path, toy_registry):
   write_model_dir(tmp_path / "broken", t, shards=1)
   with pytest.raises(ValueError, match=r"ff\[layer 0\]"):
     models.from_pretrained(tmp_path / "broken", dtype=jnp.float32)
+  with pytest.raises(ValueError, match="dtype=.*int8.*expected float32"):
+    models.from_pretrained(tmp_path / "broken", dtype=jnp.int8)
   with pytest.raises(ValueError, match="attention='sparse'"):
     models.from_pretrained(tmp_path / "broken", attention="sparse")
