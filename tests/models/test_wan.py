@@ -7,7 +7,6 @@ norm scale mapped to the wrong place cannot hide behind an all-ones init.
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
