@@ -16,6 +16,7 @@ from models.loading import Rule, from_pretrained, load_state_dict
 _MODULES = {
     "WanTransformer3DModel": "models.wan",
     "HunyuanVideoTransformer3DModel": "models.hunyuan_video",
+    "CogVideoXTransformer3DModel": "models.cogvideox",
 }
 
 
