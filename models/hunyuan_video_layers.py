@@ -1,0 +1,245 @@
+"""HunyuanVideo building blocks that are not transformer blocks.
+
+Conditioning embeddings, the 3D rotary embedding, the text token refiner and
+small shared layers of ``models.hunyuan_video``. Attribute names follow
+diffusers' ``transformer_hunyuan_video.py`` so the weight table stays short.
+Activations are [batch, tokens, channels]; attention runs on
+[batch, seq, heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels as pk
+
+LN_EPS = 1e-6
+TIME_CHANNELS = 256  # width of the sinusoidal timestep/guidance features
+
+
+def linear(din, dout, rngs, dtype):
+  return nnx.Linear(din, dout, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def layer_norm(x, eps=LN_EPS):
+  """LayerNorm without affine parameters, statistics in float32."""
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  var = jnp.square(xf - mean).mean(-1, keepdims=True)
+  return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x, shift, scale):
+  """x [B, N, C] * (1 + scale [B, C]) + shift [B, C]."""
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_features(t, dtype):
+  """Sinusoidal features of t [B] -> [B, 256] as [cos | sin] (diffusers' flip_sin_to_cos)."""
+  half = TIME_CHANNELS // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = jnp.asarray(t).astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1).astype(dtype)
+
+
+class TimestepEmbedding(nnx.Module):
+  """linear_1 -> SiLU -> linear_2 on the 256 sinusoidal features."""
+
+  def __init__(self, dim, *, rngs, dtype):
+    self.linear_1 = linear(TIME_CHANNELS, dim, rngs, dtype)
+    self.linear_2 = linear(dim, dim, rngs, dtype)
+
+  def __call__(self, t):
+    return self.linear_2(jax.nn.silu(self.linear_1(timestep_features(t, self.linear_1.dtype))))
+
+
+class TextProjection(nnx.Module):
+  """diffusers' PixArtAlphaTextProjection with SiLU: linear_1 -> SiLU -> linear_2."""
+
+  def __init__(self, din, dim, *, rngs, dtype):
+    self.linear_1 = linear(din, dim, rngs, dtype)
+    self.linear_2 = linear(dim, dim, rngs, dtype)
+
+  def __call__(self, x):
+    return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class ActLinear(nnx.Module):
+  """First half of a feed-forward: ``proj`` then an activation (diffusers' net.0)."""
+
+  def __init__(self, din, dout, activation, *, rngs, dtype):
+    self.proj = linear(din, dout, rngs, dtype)
+    self.activation = activation
+
+  def __call__(self, x):
+    return self.activation(self.proj(x))
+
+
+def gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+class FeedForward(nnx.Module):
+  """diffusers' FeedForward: ``net_0`` (projection + activation) then ``net_2``."""
+
+  def __init__(self, dim, mult, activation, *, rngs, dtype):
+    inner = int(dim * mult)
+    self.net_0 = ActLinear(dim, inner, activation, rngs=rngs, dtype=dtype)
+    self.net_2 = linear(inner, dim, rngs, dtype)
+
+  def __call__(self, x):
+    return self.net_2(self.net_0(x))
+
+
+# --- 3D rotary embedding ------------------------------------------------------------
+
+
+def rope_tables(frames, height, width, axes_dim, theta):
+  """cos, sin float32 [frames*height*width, sum(axes_dim)] for video tokens in (f, h, w) order.
+
+  Each axis d_i contributes d_i / 2 frequencies theta^(-2j/d_i), each repeated
+  twice so that it rotates one (even, odd) channel pair. Computed in the trace
+  (not numpy constants): at 720p x 129 frames the tables would be ~120 MB of HLO
+  constants.
+  """
+  sizes = (frames, height, width)
+  cos, sin = [], []
+  for axis, dim in enumerate(axes_dim):
+    shape = [1, 1, 1]
+    shape[axis] = sizes[axis]
+    pos = jnp.broadcast_to(jnp.arange(sizes[axis], dtype=jnp.float32).reshape(shape), sizes)
+    inv = 1.0 / (jnp.float32(theta) ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = pos.reshape(-1, 1) * inv[None, :]
+    cos.append(jnp.repeat(jnp.cos(angles), 2, axis=1))
+    sin.append(jnp.repeat(jnp.sin(angles), 2, axis=1))
+  return jnp.concatenate(cos, axis=1), jnp.concatenate(sin, axis=1)
+
+
+def apply_rope(x, cos, sin):
+  """Rotates channel pairs (2i, 2i+1) of x [B, N, H, D] by cos, sin [N, D]; float32 math."""
+  xf = x.astype(jnp.float32)
+  pairs = xf.reshape(*x.shape[:-1], -1, 2)
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  return (xf * cos[None, :, None] + rotated * sin[None, :, None]).astype(x.dtype)
+
+
+# --- text token refiner -------------------------------------------------------------
+
+
+class RefinerAttention(nnx.Module):
+  """Plain multi-head self-attention over text tokens (no QK norm, no RoPE)."""
+
+  def __init__(self, dim, heads, *, rngs, dtype):
+    self.heads = heads
+    self.to_q = linear(dim, dim, rngs, dtype)
+    self.to_k = linear(dim, dim, rngs, dtype)
+    self.to_v = linear(dim, dim, rngs, dtype)
+    self.to_out = linear(dim, dim, rngs, dtype)
+
+  def __call__(self, x, lengths):
+    b, n, c = x.shape
+    split = lambda t: t.reshape(b, n, self.heads, c // self.heads)
+    out = pk.dense_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)),
+                             kv_lengths=lengths)
+    return self.to_out(out.reshape(b, n, c))
+
+
+class AdaGate(nnx.Module):
+  """diffusers' HunyuanVideoAdaNorm: SiLU -> linear -> (gate_msa, gate_mlp), each [B, C]."""
+
+  def __init__(self, dim, *, rngs, dtype):
+    self.linear = linear(dim, 2 * dim, rngs, dtype)
+
+  def __call__(self, temb):
+    return jnp.split(self.linear(jax.nn.silu(temb)), 2, axis=-1)
+
+
+class RefinerBlock(nnx.Module):
+  """diffusers' HunyuanVideoIndividualTokenRefinerBlock."""
+
+  def __init__(self, dim, heads, mlp_ratio, *, rngs, dtype):
+    ln = lambda: nnx.LayerNorm(dim, epsilon=LN_EPS, use_fast_variance=False, dtype=dtype,
+                               param_dtype=dtype, rngs=rngs)
+    self.norm1 = ln()
+    self.attn = RefinerAttention(dim, heads, rngs=rngs, dtype=dtype)
+    self.norm2 = ln()
+    self.ff = FeedForward(dim, mlp_ratio, jax.nn.silu, rngs=rngs, dtype=dtype)
+    self.norm_out = AdaGate(dim, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x, temb, lengths):
+    gate_msa, gate_mlp = self.norm_out(temb)
+    x = x + self.attn(self.norm1(x), lengths) * gate_msa[:, None]
+    return x + self.ff(self.norm2(x)) * gate_mlp[:, None]
+
+
+class RefinerTimeTextEmbed(nnx.Module):
+  """diffusers' CombinedTimestepTextProjEmbeddings: timestep + pooled-text embedding."""
+
+  def __init__(self, dim, text_dim, *, rngs, dtype):
+    self.timestep_embedder = TimestepEmbedding(dim, rngs=rngs, dtype=dtype)
+    self.text_embedder = TextProjection(text_dim, dim, rngs=rngs, dtype=dtype)
+
+  def __call__(self, t, pooled):
+    return self.timestep_embedder(t) + self.text_embedder(pooled)
+
+
+def stacked(make, num, rngs):
+  """``num`` modules from ``make(rngs)`` with parameters stacked on a leading axis (None if 0)."""
+  if num == 0:
+    return None
+
+  @nnx.split_rngs(splits=num)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def build(r):
+    return make(r)
+
+  return build(rngs)
+
+
+def scan_layers(blocks, body, carry, xs=None):
+  """Runs ``body(block, carry, x) -> (carry, y)`` over stacked ``blocks`` with lax.scan.
+
+  Returns (carry, ys); with no blocks, the carry unchanged and ys = xs.
+  """
+  if blocks is None:
+    return carry, xs
+  graphdef, params = nnx.split(blocks)
+
+  def step(c, inputs):
+    p, x = inputs
+    return body(nnx.merge(graphdef, p), c, x)
+
+  return jax.lax.scan(step, carry, (params, xs))
+
+
+class TokenRefiner(nnx.Module):
+  """diffusers' HunyuanVideoTokenRefiner: projects and refines the text tokens.
+
+  Padded text tokens (``encoder_attention_mask`` 0) are excluded from the
+  pooled text feature and, as keys, from the refiner's attention. The mask is
+  read as a prefix of valid tokens (as diffusers' joint attention reads it, by
+  its sum); padded rows come out of attention as zeros (diffusers' let them
+  attend to the first token); no valid token depends on them.
+  """
+
+  def __init__(self, text_dim, dim, heads, num_layers, mlp_ratio, *, rngs, dtype):
+    self.time_text_embed = RefinerTimeTextEmbed(dim, text_dim, rngs=rngs, dtype=dtype)
+    self.proj_in = linear(text_dim, dim, rngs, dtype)
+    self.refiner_blocks = stacked(
+        lambda r: RefinerBlock(dim, heads, mlp_ratio, rngs=r, dtype=dtype), num_layers, rngs)
+
+  def __call__(self, x, t, mask):
+    """x [B, Nt, text_dim], t [B], mask [B, Nt] (1 = valid) -> [B, Nt, dim]."""
+    maskf = mask.astype(jnp.float32)[..., None]
+    # A row without valid tokens pools to zeros instead of diffusers' 0/0 = NaN.
+    pooled = ((x.astype(jnp.float32) * maskf).sum(1)
+              / jnp.maximum(maskf.sum(1), 1.0)).astype(x.dtype)
+    temb = self.time_text_embed(t, pooled)
+    lengths = mask.astype(jnp.int32).sum(1)
+    x = self.proj_in(x)
+    x, _ = scan_layers(self.refiner_blocks, lambda blk, h, _: (blk(h, temb, lengths), None), x)
+    return x
