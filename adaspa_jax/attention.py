@@ -82,5 +82,5 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
   branches = (dense, fused_search, cached_search, sparse)
   if isinstance(step, numbers.Integral):
     # A concrete step compiles only its own phase.
-    return branches[int(schedule.phase(int(step), config))](state)
+    return branches[schedule.phase(int(step), config)](state)
   return jax.lax.switch(schedule.phase(step, config), branches, state)

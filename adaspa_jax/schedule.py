@@ -11,6 +11,8 @@ Phases (paper Section 4, 0-indexed steps):
 
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,12 +23,19 @@ PHASE_NAMES = ("dense", "fused_search", "cached_search", "sparse")
 
 
 def phase(step, config: AdaSpaConfig):
-  """int32 phase of ``step``; ``step`` may be a Python int or a traced int scalar."""
+  """Phase of ``step``: a Python int for an int step (usable inside any trace),
+  else an int32 scalar computed from the traced step."""
   first = config.first_search
+  later_phase = CACHED_SEARCH if config.lse_cache else FUSED_SEARCH
+  if isinstance(step, numbers.Integral):
+    if step < first:
+      return DENSE
+    if step == first:
+      return FUSED_SEARCH
+    return later_phase if step in config.search_steps else SPARSE
   later = jnp.zeros((), bool)
   for t in config.search_steps[1:]:
     later = later | (step == t)
-  later_phase = CACHED_SEARCH if config.lse_cache else FUSED_SEARCH
   return jnp.where(step < first, DENSE,
                    jnp.where(step == first, FUSED_SEARCH,
                              jnp.where(later, later_phase, SPARSE))).astype(jnp.int32)
@@ -34,7 +43,7 @@ def phase(step, config: AdaSpaConfig):
 
 def phase_table(config: AdaSpaConfig) -> np.ndarray:
   """int32 [num_steps]: the phase of every step, for inspection and plots."""
-  return np.asarray([int(phase(t, config)) for t in range(config.num_steps)], np.int32)
+  return np.asarray([phase(t, config) for t in range(config.num_steps)], np.int32)
 
 
 def describe(config: AdaSpaConfig) -> str:

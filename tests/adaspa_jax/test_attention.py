@@ -121,3 +121,16 @@ def test_state_size_at_hunyuan_scale():
   assert per_layer == want
   assert state_nbytes(cfg, 1, seq, 24, text_blocks=text, num_layers=60) == 60 * per_layer
   assert 60 * per_layer < 8 * 2**30  # fits beside a 13B bf16 model (26 GB) on one GPU
+
+
+def test_python_int_step_works_inside_a_trace():
+  q, k, v = _inputs(7)
+
+  def body(st, _):
+    out, st = adaspa_attention(q, k, v, st, 3, CFG)  # a Python int step inside scan
+    return st, out
+
+  st = init_state(CFG, 2, 100, 3)
+  _, outs = jax.lax.scan(body, st, None, length=2)
+  want, _ = numpy_ref.block_sparse_attention(q, k, v, st.indices, st.counts, 16)
+  np.testing.assert_allclose(np.asarray(outs[0]), want, atol=1e-5)
