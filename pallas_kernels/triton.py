@@ -1,0 +1,118 @@
+"""AdaSpa kernels in Pallas with the Triton lowering (``implementation="triton"``).
+
+Same signatures and conventions as ``pallas_kernels.reference`` plus
+``interpret``: ``interpret=True`` runs the kernels in the Pallas interpreter, so
+this path is exercised on CPU. The kernels live in ``triton_block_sparse``
+(flash attention, dense or from block lists) and ``triton_block_mass``.
+
+Preconditions beyond the reference's checks: listed block ids are distinct and in
+[0, nK) (selection produces that); ids are clamped into range so a bad list can
+never read out of bounds, but a duplicate id is counted twice.
+"""
+
+from __future__ import annotations
+
+from pallas_kernels import reference
+from pallas_kernels import triton_block_mass
+from pallas_kernels import triton_block_sparse
+from pallas_kernels import validation
+
+Tiles = triton_block_sparse.Tiles
+MassTiles = triton_block_mass.MassTiles
+
+# Defaults from the H200 sweep in experiments/bench_kernels.py (docs/bench/triton.md).
+SPARSE_TILES = Tiles(block_q=64, block_k=64, num_warps=4, num_stages=3)
+DENSE_TILES = Tiles(block_q=128, block_k=64, num_warps=8, num_stages=3)
+MASS_TILES = MassTiles(block_q=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def _lengths(kv_lengths, batch, seq_len):
+  return reference._lengths(kv_lengths, batch, seq_len)  # pylint: disable=protected-access
+
+
+def attention(q, k, v, *, kv_lengths=None, sm_scale=None, interpret=False, tiles=None):
+  """Exact dense attention by the flash kernel.
+
+  Args:
+    q, k, v: [B, S, H, D].
+    kv_lengths: optional int [B]; keys at or past it are masked, rows at or past
+      it output 0 with LSE -inf.
+    tiles: optional ``Tiles`` (default ``DENSE_TILES``).
+
+  Returns:
+    out [B, S, H, D] in q's dtype, lse float32 [B, H, S].
+  """
+  b, s, _, d = validation.check_qkv(q, k, v)
+  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
+  scale = validation.default_scale(sm_scale, d)
+  tiles = (tiles or DENSE_TILES).check()
+  return triton_block_sparse.flash_attention(
+      q, k, v, _lengths(kv_lengths, b, s), block_size=0, sm_scale=scale, tiles=tiles,
+      mask_keys=kv_lengths is not None, interpret=interpret)
+
+
+def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
+                           kv_lengths=None, sm_scale=None, return_lse=True,
+                           interpret=False, tiles=None):
+  """Attention restricted to the key blocks listed per (batch, head, query block).
+
+  Args:
+    q, k, v: [B, S, H, D].
+    kv_block_indices: int32 [B, H, nQ, K_max], nQ = ceil(S / block_size).
+    kv_block_counts: int32 [B, H, nQ]; a count >= nQ means every key block.
+    block_size: tokens per selection block (power of two >= 16).
+    tiles: optional ``Tiles`` (default ``SPARSE_TILES``), clamped to block_size.
+
+  Returns:
+    out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
+  """
+  b, s, h, d = validation.check_qkv(q, k, v)
+  block_size = validation.check_block_size(block_size)
+  n_blk = validation.num_blocks(s, block_size)
+  validation.check_block_lists(kv_block_indices, kv_block_counts, b, h, n_blk)
+  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
+  scale = validation.default_scale(sm_scale, d)
+  tiles = (tiles or SPARSE_TILES).check()
+  out, lse = triton_block_sparse.flash_attention(
+      q, k, v, _lengths(kv_lengths, b, s), kv_block_indices, kv_block_counts,
+      block_size=block_size, sm_scale=scale, tiles=tiles,
+      mask_keys=kv_lengths is not None, interpret=interpret)
+  return (out, lse) if return_lse else out
+
+
+def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpret=False,
+               tiles=None):
+  """Softmax mass per (query block, key block) from a given row LSE.
+
+  Args:
+    q, k: [B, S, H, D].
+    lse: float32 [B, H, S] (natural log), e.g. cached from an earlier step.
+    tiles: optional ``MassTiles`` (default ``MASS_TILES``).
+
+  Returns:
+    float32 [B, H, nQ, nK].
+  """
+  b, s, h, d = validation.check_qkv(q, k)
+  block_size = validation.check_block_size(block_size)
+  validation.check_lse(lse, b, s, h)
+  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
+  scale = validation.default_scale(sm_scale, d)
+  tiles = (tiles or MASS_TILES).check()
+  return triton_block_mass.block_mass(
+      q, k, lse, _lengths(kv_lengths, b, s), block_size=block_size, sm_scale=scale,
+      tiles=tiles, mask_keys=kv_lengths is not None, interpret=interpret)
+
+
+def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=None,
+                              interpret=False, tiles=None, mass_tiles=None):
+  """The fused search: dense attention (out, LSE), then the block mass from that LSE.
+
+  Returns:
+    out [B, S, H, D] (q's dtype), lse float32 [B, H, S], mass float32 [B, H, nQ, nK].
+  """
+  block_size = validation.check_block_size(block_size)
+  out, lse = attention(q, k, v, kv_lengths=kv_lengths, sm_scale=sm_scale,
+                       interpret=interpret, tiles=tiles)
+  mass = block_mass(q, k, lse, block_size=block_size, kv_lengths=kv_lengths,
+                    sm_scale=sm_scale, interpret=interpret, tiles=mass_tiles)
+  return out, lse, mass
