@@ -9,28 +9,24 @@ Activations are [batch, tokens, channels]; attention runs on
 
 from __future__ import annotations
 
-import math
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
+from models import layers
 
 LN_EPS = 1e-6
 TIME_CHANNELS = 256  # width of the sinusoidal timestep/guidance features
 
+# LayerNorm without affine parameters, statistics in float32.
+layer_norm = functools.partial(layers.layer_norm, eps=LN_EPS)
+
 
 def linear(din, dout, rngs, dtype):
   return nnx.Linear(din, dout, dtype=dtype, param_dtype=dtype, rngs=rngs)
-
-
-def layer_norm(x, eps=LN_EPS):
-  """LayerNorm without affine parameters, statistics in float32."""
-  xf = x.astype(jnp.float32)
-  mean = xf.mean(-1, keepdims=True)
-  var = jnp.square(xf - mean).mean(-1, keepdims=True)
-  return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 def modulate(x, shift, scale):
@@ -38,23 +34,16 @@ def modulate(x, shift, scale):
   return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def timestep_features(t, dtype):
-  """Sinusoidal features of t [B] -> [B, 256] as [cos | sin] (diffusers' flip_sin_to_cos)."""
-  half = TIME_CHANNELS // 2
-  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-  angles = jnp.asarray(t).astype(jnp.float32)[:, None] * freqs[None]
-  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1).astype(dtype)
-
-
-class TimestepEmbedding(nnx.Module):
-  """linear_1 -> SiLU -> linear_2 on the 256 sinusoidal features."""
+class TimestepEmbedding(layers.TimestepEmbedding):
+  """diffusers' Timesteps(256, flip_sin_to_cos=True, shift 0) + TimestepEmbedding on t [B]."""
 
   def __init__(self, dim, *, rngs, dtype):
-    self.linear_1 = linear(TIME_CHANNELS, dim, rngs, dtype)
-    self.linear_2 = linear(dim, dim, rngs, dtype)
+    super().__init__(TIME_CHANNELS, dim, rngs=rngs, dtype=dtype)
 
   def __call__(self, t):
-    return self.linear_2(jax.nn.silu(self.linear_1(timestep_features(t, self.linear_1.dtype))))
+    features = layers.timestep_embedding(t, TIME_CHANNELS, flip_sin_to_cos=True,
+                                         downscale_freq_shift=0.0)
+    return super().__call__(features.astype(self.linear_1.param_dtype))
 
 
 class TextProjection(nnx.Module):
@@ -188,32 +177,15 @@ class RefinerTimeTextEmbed(nnx.Module):
 
 
 def stacked(make, num, rngs):
-  """``num`` modules from ``make(rngs)`` with parameters stacked on a leading axis (None if 0)."""
-  if num == 0:
-    return None
-
-  @nnx.split_rngs(splits=num)
-  @nnx.vmap(in_axes=(0,), out_axes=0)
-  def build(r):
-    return make(r)
-
-  return build(rngs)
+  """``num`` modules from ``make(rngs)``, parameters stacked on a leading axis; None if 0."""
+  return layers.stack_layers(make, num, rngs) if num else None
 
 
 def scan_layers(blocks, body, carry, xs=None):
-  """Runs ``body(block, carry, x) -> (carry, y)`` over stacked ``blocks`` with lax.scan.
-
-  Returns (carry, ys); with no blocks, the carry unchanged and ys = xs.
-  """
+  """``layers.scan_layers``; with no blocks, returns the carry unchanged and ys = xs."""
   if blocks is None:
     return carry, xs
-  graphdef, params = nnx.split(blocks)
-
-  def step(c, inputs):
-    p, x = inputs
-    return body(nnx.merge(graphdef, p), c, x)
-
-  return jax.lax.scan(step, carry, (params, xs))
+  return layers.scan_layers(blocks, body, carry, xs)
 
 
 class TokenRefiner(nnx.Module):
