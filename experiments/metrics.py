@@ -76,5 +76,5 @@ def ssim(x, ref, data_range=None) -> float:
   var_x = _filter_valid(x * x, g) - mu_x ** 2
   var_y = _filter_valid(ref * ref, g) - mu_y ** 2
   cov = _filter_valid(x * ref, g) - mu_x * mu_y
-  s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-  return float(s.mean())
+  num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
+  return float(np.mean(num / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))))
