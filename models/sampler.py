@@ -72,6 +72,7 @@ class _Static:
   dynamic_cfg: bool
   progress: bool
   record_states: bool
+  input_dtype: str
 
 
 class _Progress:
@@ -113,7 +114,8 @@ def _step(static: _Static, model, carry, i, batched, shared, guidance):
   latents, sched_state, ada = carry
   n = static.num_steps
   ts = _model_timesteps(static)
-  x = jnp.concatenate([latents, latents]) if static.guided else latents
+  x = latents.astype(static.input_dtype)
+  x = jnp.concatenate([x, x]) if static.guided else x
   t = jnp.broadcast_to(jnp.asarray(ts)[i], (x.shape[0],))
   kwargs = dict(batched, **shared, hidden_states=x, timestep=t)
   if ada is None:
@@ -196,6 +198,16 @@ def _check_inputs(model, latents, cond, uncond, shared, adaspa_state, num_steps)
                        f"config.adaspa.num_steps={cfg.num_steps}.")
 
 
+def input_dtype(model: nnx.Module):
+  """The dtype the denoiser is fed, as diffusers' pipelines cast latents to the
+  transformer's dtype: ``model.dtype`` if set, else that of its largest parameter."""
+  dtype = getattr(model, "dtype", None)
+  if dtype is None:
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    dtype = max(params, key=lambda p: p.size).dtype if params else jnp.float32
+  return jnp.dtype(dtype)
+
+
 def _prepare(model, scheduler, latents, cond, uncond, *, num_steps, guidance_scale, shared,
              adaspa_state, key, dynamic_cfg, progress, record_states):
   """Checks the inputs; returns the static part and the jitted programs' arguments."""
@@ -204,7 +216,8 @@ def _prepare(model, scheduler, latents, cond, uncond, *, num_steps, guidance_sca
   graphdef, params = nnx.split(model)
   static = _Static(graphdef=graphdef, scheduler=scheduler, num_steps=int(num_steps),
                    guided=uncond is not None, dynamic_cfg=bool(dynamic_cfg),
-                   progress=bool(progress), record_states=bool(record_states))
+                   progress=bool(progress), record_states=bool(record_states),
+                   input_dtype=input_dtype(model).name)
   batched = {k: jnp.asarray(v) for k, v in cond.items()}
   if uncond is not None:
     batched = {k: jnp.concatenate([jnp.asarray(uncond[k]), v]) for k, v in batched.items()}
@@ -225,7 +238,9 @@ def sample(model: nnx.Module, scheduler, latents, cond: Mapping, uncond: Mapping
       HunyuanVideo, CogVideoX).
     scheduler: a ``models.schedulers`` scheduler.
     latents: initial noise, any layout with batch first (Wan/HunyuanVideo
-      [B, C, F, H, W], CogVideoX [B, F, C, H, W]); carried in float32.
+      [B, C, F, H, W], CogVideoX [B, F, C, H, W]); carried in float32 (diffusers
+      rounds them to a bfloat16 transformer's dtype after every step), fed to the
+      model in ``input_dtype(model)``.
     cond: the denoiser's per-example keyword inputs for the conditional branch,
       diffusers' names, each with leading [B] (e.g. ``encoder_hidden_states``).
     uncond: the same keys for the unconditional branch, or None (no guidance).

@@ -5,13 +5,14 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from adaspa_jax import AdaSpaConfig, phase_table
 from adaspa_jax.schedule import CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE
-from models import sampler, schedulers, wan
+from models import cogvideox, sampler, schedulers, wan
 
 B, C, F, H, W, TEXT = 1, 4, 3, 8, 10, 6      # 3 x 4 x 5 = 60 video tokens: 4 blocks of 16
 ADASPA = AdaSpaConfig(sparsity=0.5, block_size=16, num_steps=5, search_steps=(1, 3))
@@ -144,3 +145,12 @@ def test_bad_inputs_name_the_argument():
   with pytest.raises(ValueError, match="config.attention is not 'adaspa'"):
     sampler.sample(_model("dense"), sched, latents, cond, uncond, num_steps=5,
                    adaspa_state=state)
+
+
+def test_denoiser_input_dtype_follows_the_model():
+  abstract = lambda mod, dtype: nnx.eval_shape(
+      lambda: mod.Model(mod.PRESETS["tiny"], rngs=nnx.Rngs(0), dtype=dtype))
+  assert sampler.input_dtype(abstract(wan, jnp.bfloat16)) == jnp.bfloat16
+  # CogVideoX keeps no `dtype` attribute: its largest parameter decides.
+  assert sampler.input_dtype(abstract(cogvideox, jnp.bfloat16)) == jnp.bfloat16
+  assert sampler.input_dtype(abstract(cogvideox, jnp.float32)) == jnp.float32
