@@ -215,10 +215,14 @@ def build_model(*, family, preset, checkpoint, adaspa: AdaSpaConfig, dtype, seed
 
 
 def block_mask(indices, counts, num_blocks) -> np.ndarray:
-  """bool [nQ, nK] of one head from its index lists (int [nQ, K_max], counts [nQ])."""
+  """bool [nQ, nK] of one head from its index lists (int [nQ, K_max], counts [nQ]);
+  a count >= nK marks a dense row (text queries), whose list is not spelled out."""
   mask = np.zeros((len(counts), num_blocks), bool)
   for q, (row, n) in enumerate(zip(np.asarray(indices), np.asarray(counts))):
-    mask[q, row[:n]] = True
+    if n >= num_blocks:
+      mask[q] = True
+    else:
+      mask[q, row[:n]] = True
   return mask
 
 
@@ -228,6 +232,7 @@ def plot_masks(state, path, *, max_layers=3, max_heads=2) -> list[dict]:
   import matplotlib  # the "video" extra, needed only here
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
   indices, counts = np.asarray(state.indices), np.asarray(state.counts)   # [L, B, H, nQ, K]
   n_layers, _, n_heads, n_blocks = counts.shape
   layers = sorted({0, n_layers // 2, n_layers - 1})[:max_layers]
@@ -243,7 +248,11 @@ def plot_masks(state, path, *, max_layers=3, max_heads=2) -> list[dict]:
       ax.set_title(f"layer {layer} head {head}: {mask.mean():.0%} kept", fontsize=8)
       ax.set_xlabel("key block", fontsize=7)
       ax.set_ylabel("query block", fontsize=7)
+      ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+      ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
       drawn.append({"layer": layer, "head": head, "kept": float(mask.mean())})
+  fig.suptitle(f"selected key blocks (black) after the last search, batch row "
+               f"{counts.shape[1] - 1}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

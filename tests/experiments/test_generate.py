@@ -118,3 +118,10 @@ def test_bad_preset_and_shift(tmp_path):
   with pytest.raises(ValueError, match="--shift=3.0"):
     generate.run(family="cogvideox", preset="tiny", steps=STEPS, adaspa=ADASPA, shift=3.0,
                  dtype="float32", output_dir=str(tmp_path))
+
+
+def test_block_mask_spells_out_dense_rows():
+  indices = np.array([[0, 2, 2], [0, 1, 3], [3, 3, 3]])
+  counts = np.array([2, 4, 1])                 # row 1: count == nK, a dense (text) row
+  np.testing.assert_array_equal(generate.block_mask(indices, counts, 4),
+                                [[1, 0, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]])
