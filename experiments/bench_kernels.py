@@ -13,8 +13,8 @@ Prints a table, writes JSON and a PNG of time vs density with the ideal line
 Timing: after a warm-up call (compile), each rep launches the function back to
 back n times (n chosen so a rep lasts >= 20 ms) and blocks once; the rep time
 is the wall time / n, so host dispatch overlaps device work; the reported time
-is the median rep. Effective TFLOP/s = 4 * B * H * D * (computed query x key
-pairs) / time.
+is the median rep. Effective TFLOP/s = 4 * D * (computed query x key pairs,
+summed over batch and heads) / time.
 
   python -m experiments.bench_kernels --seq_lens=32768,118784 --out_dir=/tmp/bench
   python -m experiments.bench_kernels --check_only --interpret --seq_lens=64 \
@@ -221,7 +221,7 @@ def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, wit
     sec, reps_s = time_fn(sparse, q, k, v, idx, cnt, block_size, reps=reps)
     rows.append({"density": density, "count": min(count, n_blk), "pairs": pairs,
                  "ms": sec * 1e3, "rep_ms": [t * 1e3 for t in reps_s],
-                 "tflops": 4.0 * b * h * d * pairs / sec / 1e12})
+                 "tflops": 4.0 * d * pairs / sec / 1e12})  # pairs already sum over B, H
     del idx, cnt
   res = {"block_sparse": rows}
   if with_search:
@@ -234,11 +234,18 @@ def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, wit
   return res
 
 
-# (block_q, block_k, num_warps, num_stages); the best of each list is then tried
-# with fast_exp2. Kept short: each entry is one Triton compile on the device.
-SWEEP_SPARSE = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 4, 3)]
-SWEEP_DENSE = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3)]
-SWEEP_MASS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
+# (block_q, block_k, num_warps, num_stages, fast_exp2, prefetch). Kept short: each
+# entry is one Triton compile on the device. First H200 run (docs/bench/triton.md):
+# block_k 32 beat 64 for the sparse kernel and fast_exp2 helped a little everywhere.
+SWEEP_SPARSE = [(64, 32, 4, 3, True, False), (64, 32, 4, 3, True, True),
+                (64, 32, 4, 2, True, False), (64, 32, 4, 4, True, False),
+                (64, 64, 4, 2, True, True), (64, 16, 4, 3, True, False)]
+SWEEP_DENSE = [(128, 64, 8, 3, True, False), (128, 64, 8, 3, True, True),
+               (128, 64, 4, 3, True, False), (128, 128, 8, 3, True, False),
+               (128, 32, 4, 3, True, False)]
+SWEEP_MASS = [(128, 64, 4, 3, True, False), (128, 64, 4, 3, True, True),
+              (128, 64, 4, 2, True, False), (64, 64, 4, 2, True, False),
+              (64, 64, 4, 2, True, True), (128, 128, 8, 3, True, True)]
 
 
 def sweep(q, k, v, *, block_size, reps, key, log, interpret=False):
@@ -283,9 +290,6 @@ def sweep(q, k, v, *, block_size, reps, key, log, interpret=False):
            ("mass", SWEEP_MASS, tk.MassTiles, mass_fn))
   for kind, configs, cls, make in kinds:
     for cfg in configs:
-      run(kind, cfg, make(cls(*cfg)))
-    if kind in best:  # second stage: the best tiles with the approximate exp2
-      cfg = best[kind][0] + (True,)
       run(kind, cfg, make(cls(*cfg)))
   chosen = {kind: cls(*best[kind][0]) for kind, _, cls, _ in kinds if kind in best}
   return out, chosen

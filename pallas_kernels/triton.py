@@ -12,6 +12,8 @@ never read out of bounds, but a duplicate id is counted twice.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pallas_kernels import reference
 from pallas_kernels import triton_block_mass
 from pallas_kernels import triton_block_sparse
@@ -20,10 +22,39 @@ from pallas_kernels import validation
 Tiles = triton_block_sparse.Tiles
 MassTiles = triton_block_mass.MassTiles
 
-# Defaults from the H200 sweep in experiments/bench_kernels.py (docs/bench/triton.md).
-SPARSE_TILES = Tiles(block_q=64, block_k=64, num_warps=4, num_stages=3)
-DENSE_TILES = Tiles(block_q=128, block_k=64, num_warps=8, num_stages=3)
-MASS_TILES = MassTiles(block_q=128, block_k=64, num_warps=8, num_stages=3)
+# Defaults from the H200 sweeps of experiments/bench_kernels.py (docs/bench/triton.md).
+# The sparse query tile is capped by the selection block (64 in AdaSpa); the
+# dense kernel is free to use 128 rows. Mass: 3 stages held up better than 2 at
+# S = 118,784 (209 vs 237 ms), though 2 won the S = 32,768 sweep.
+SPARSE_TILES = Tiles(block_q=64, block_k=64, num_warps=4, num_stages=2, fast_exp2=True,
+                     prefetch=True)
+DENSE_TILES = Tiles(block_q=128, block_k=128, num_warps=8, num_stages=3, fast_exp2=True)
+MASS_TILES = MassTiles(block_q=128, block_k=64, num_warps=4, num_stages=3, fast_exp2=True)
+
+
+_SMEM_BYTES = 220 * 1024  # a little under the 227 KB an H100/H200 block may use
+
+
+def _fit_smem(tiles, head_dim, itemsize, streams):
+  """Shrinks tiles whose shared memory would not fit (float32 inputs at large tiles).
+
+  Estimate: the query tile plus (num_stages - 1) buffered key tiles of each
+  streamed operand (K and V: streams=2; K only: 1), which is what Triton's
+  pipeliner allocates. Stages go first, then the key tile, then the query tile.
+  """
+  d = max(16, 1 << (head_dim - 1).bit_length())
+  def need(t):
+    return (t.block_q + max(1, t.num_stages - 1) * streams * t.block_k) * d * itemsize
+  while need(tiles) > _SMEM_BYTES:
+    if tiles.num_stages > 2:
+      tiles = dataclasses.replace(tiles, num_stages=tiles.num_stages - 1)
+    elif tiles.block_k > 32:
+      tiles = dataclasses.replace(tiles, block_k=tiles.block_k // 2)
+    elif tiles.block_q > 32:
+      tiles = dataclasses.replace(tiles, block_q=tiles.block_q // 2)
+    else:
+      break
+  return tiles
 
 
 def _lengths(kv_lengths, batch, seq_len):
@@ -45,7 +76,7 @@ def attention(q, k, v, *, kv_lengths=None, sm_scale=None, interpret=False, tiles
   b, s, _, d = validation.check_qkv(q, k, v)
   kv_lengths = validation.check_kv_lengths(kv_lengths, b)
   scale = validation.default_scale(sm_scale, d)
-  tiles = (tiles or DENSE_TILES).check()
+  tiles = _fit_smem((tiles or DENSE_TILES).check(), d, q.dtype.itemsize, streams=2)
   return triton_block_sparse.flash_attention(
       q, k, v, _lengths(kv_lengths, b, s), block_size=0, sm_scale=scale, tiles=tiles,
       mask_keys=kv_lengths is not None, interpret=interpret)
@@ -72,7 +103,7 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   validation.check_block_lists(kv_block_indices, kv_block_counts, b, h, n_blk)
   kv_lengths = validation.check_kv_lengths(kv_lengths, b)
   scale = validation.default_scale(sm_scale, d)
-  tiles = (tiles or SPARSE_TILES).check()
+  tiles = _fit_smem((tiles or SPARSE_TILES).check(), d, q.dtype.itemsize, streams=2)
   out, lse = triton_block_sparse.flash_attention(
       q, k, v, _lengths(kv_lengths, b, s), kv_block_indices, kv_block_counts,
       block_size=block_size, sm_scale=scale, tiles=tiles,
@@ -97,7 +128,7 @@ def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpr
   validation.check_lse(lse, b, s, h)
   kv_lengths = validation.check_kv_lengths(kv_lengths, b)
   scale = validation.default_scale(sm_scale, d)
-  tiles = (tiles or MASS_TILES).check()
+  tiles = _fit_smem((tiles or MASS_TILES).check(), d, q.dtype.itemsize, streams=1)
   return triton_block_mass.block_mass(
       q, k, lse, _lengths(kv_lengths, b, s), block_size=block_size, sm_scale=scale,
       tiles=tiles, mask_keys=kv_lengths is not None, interpret=interpret)

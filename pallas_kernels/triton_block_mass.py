@@ -30,13 +30,15 @@ _LOG2E = math.log2(math.e)
 class MassTiles:
   """block_q: query rows per program; block_k: keys per step (powers of two >= 16).
 
-  fast_exp2: as in ``triton_block_sparse.Tiles``.
+  fast_exp2, prefetch: as in ``triton_block_sparse.Tiles`` (prefetch applies when
+  block_k >= block_size).
   """
   block_q: int = 128
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 3
   fast_exp2: bool = False
+  prefetch: bool = False
 
   def check(self):
     tbs.Tiles(self.block_q, self.block_k, self.num_warps, self.num_stages).check()
@@ -44,7 +46,7 @@ class MassTiles:
 
 
 def _mass_kernel(lengths_ref, q_ref, k_ref, lse_ref, mass_ref, *, scale2, block_q, block_k,
-                 unit_q, unit_k, sub_steps, n_steps, mask_keys, fast_exp2):
+                 unit_q, unit_k, sub_steps, n_steps, mask_keys, fast_exp2, prefetch):
   """One (query tile, batch, head).
 
   Refs: lengths int32 [B]; q [block_q, D]; k [S_pad, D]; lse2 f32 [block_q] (base 2,
@@ -60,15 +62,19 @@ def _mass_kernel(lengths_ref, q_ref, k_ref, lse_ref, mass_ref, *, scale2, block_
   row_group = lax.div(lax.broadcasted_iota(jnp.int32, (block_q,), 0), unit_q)
   col_group = lax.div(lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1), unit_k)
 
-  def body(t, carry):
+  def scores(tile):
+    """Raw q k^T of key tile ``tile`` (f32 [block_q, block_k])."""
+    start = tbs.aligned(tile * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    return lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+  def process(t, tiles_s):
     sums = [None] * groups_k  # per key group: [block_q] row sums
-    for sub in range(sub_steps):
-      start = pl.multiple_of((t * sub_steps + sub) * block_k, block_k)
-      k = k_ref[pl.ds(start, block_k), :]
-      s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                          preferred_element_type=jnp.float32)
+    for sub, s in enumerate(tiles_s):
       p = tbs.exp2(s * scale2 - lse2[:, None], fast_exp2)
       if mask_keys:
+        start = (t * sub_steps + sub) * block_k
         cols = start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
         p = jnp.where(cols < length, p, 0.0)
       for g in range(groups_k):
@@ -78,9 +84,19 @@ def _mass_kernel(lengths_ref, q_ref, k_ref, lse_ref, mass_ref, *, scale2, block_
       for j in range(groups_q):
         row_sum = sums[g] if groups_q == 1 else jnp.where(row_group == j, sums[g], 0.0)
         mass_ref[j, t * groups_k + g] = row_sum.sum()
-    return carry
 
-  lax.fori_loop(0, n_steps, body, 0)
+  if prefetch and sub_steps == 1:
+    # As in the flash kernel: the next tile's QK^T is issued before this tile's exp2.
+    def body(t, s):
+      s_next = scores(jnp.minimum(t + 1, n_steps - 1))
+      process(t, [s])
+      return s_next
+    lax.fori_loop(0, n_steps, body, scores(0))
+  else:
+    def body(t, carry):
+      process(t, [scores(t * sub_steps + sub) for sub in range(sub_steps)])
+      return carry
+    lax.fori_loop(0, n_steps, body, 0)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -119,7 +135,7 @@ def block_mass(q, k, lse, lengths, *, block_size, sm_scale, tiles, mask_keys,
       _mass_kernel, scale2=sm_scale * _LOG2E, block_q=block_q, block_k=block_k,
       unit_q=unit_q, unit_k=unit_k, sub_steps=step_keys // block_k,
       n_steps=s_pad // step_keys, mask_keys=mask_keys,
-      fast_exp2=tiles.fast_exp2 and not interpret)
+      fast_exp2=tiles.fast_exp2 and not interpret, prefetch=tiles.prefetch)
   mass = pl.pallas_call(
       kernel,
       grid=(s_pad // block_q, b, h),

@@ -39,12 +39,15 @@ class Tiles:
   fast_exp2: on GPU, exp2 by ``ex2.approx.ftz.f32`` (one MUFU op) instead of
   libdevice's exp2f, which adds subnormal handling around it; ignored when
   interpreting.
+  prefetch: compute the next tile's scores before this tile's softmax (software
+  pipelining across loop steps; one wasted QK^T tile per program).
   """
   block_q: int = 64
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 3
   fast_exp2: bool = False
+  prefetch: bool = False
 
   def check(self):
     for name in ("block_q", "block_k"):
@@ -76,6 +79,12 @@ def exp2(x, fast):
   return y
 
 
+def aligned(offset, multiple):
+  """Marks a traced offset as a multiple of ``multiple`` (a Python int stays as is:
+  the Triton lowering cannot attach the hint to a constant)."""
+  return offset if isinstance(offset, int) else pl.multiple_of(offset, multiple)
+
+
 def _dot_precision(dtype):
   # float32 inputs: full-precision products (Triton "ieee"), not tf32, so f32
   # results match the float64 references; bf16/f16 use the tensor cores as is.
@@ -84,7 +93,7 @@ def _dot_precision(dtype):
 
 def _flash_kernel(lengths_ref, *refs, scale2, block_q, block_k, keys_per_block,
                   q_tiles_per_block, n_key_tiles, n_blocks, k_max, mask_keys, sparse,
-                  fast_exp2):
+                  fast_exp2, prefetch):
   """One (query tile, batch, head).
 
   Refs: lengths int32 [B]; if sparse, indices int32 [B, H, nQ, K_max] and counts
@@ -112,8 +121,9 @@ def _flash_kernel(lengths_ref, *refs, scale2, block_q, block_k, keys_per_block,
                        jnp.clip(count, 0, k_max) * keys_per_block)
   else:
     n_iter = n_dense
-  # A tile made only of padded query rows does no work.
-  n_iter = jnp.where(qi * block_q < length, n_iter, 0)
+  # A tile made only of padded query rows does no work. (Scalar int32 arithmetic:
+  # a select between two Python ints lowers to an i1 loop bound in Triton.)
+  n_iter = jnp.asarray(n_iter, jnp.int32) * (qi * block_q < length).astype(jnp.int32)
 
   def key_tile(t):
     if not sparse:
@@ -127,19 +137,25 @@ def _flash_kernel(lengths_ref, *refs, scale2, block_q, block_k, keys_per_block,
 
   q = q_ref[...]
 
-  def body(t, carry):
-    acc, m, l = carry
-    start = pl.multiple_of(key_tile(t) * block_k, block_k)
+  def scores(t):
+    """Raw q k^T of key tile t (f32 [block_q, block_k], masked keys -inf) and its start."""
+    start = aligned(key_tile(t) * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
-    v = v_ref[pl.ds(start, block_k), :]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                        preferred_element_type=jnp.float32) * scale2
+                        preferred_element_type=jnp.float32)
     if mask_keys:
       cols = start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
       s = jnp.where(cols < length, s, -jnp.inf)
-    m_new = jnp.maximum(m, s.max(axis=1))
+    return s, start
+
+  def update(state, s, start):
+    acc, m, l = state
+    v = v_ref[pl.ds(start, block_k), :]
+    # The scale is applied after the max (it is positive) so that scaling and
+    # subtracting the max fuse into one FMA per score.
+    m_new = jnp.maximum(m, s.max(axis=1) * scale2)
     alpha = exp2(m - m_new, fast_exp2)
-    p = exp2(s - m_new[:, None], fast_exp2)
+    p = exp2(s * scale2 - m_new[:, None], fast_exp2)
     l = alpha * l + p.sum(axis=1)
     pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                          precision=precision, preferred_element_type=jnp.float32)
@@ -149,7 +165,17 @@ def _flash_kernel(lengths_ref, *refs, scale2, block_q, block_k, keys_per_block,
   init = (jnp.zeros((block_q, d), jnp.float32),
           jnp.full((block_q,), _INIT_MAX, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
-  acc, m, l = lax.fori_loop(0, n_iter, body, init)
+  if prefetch:
+    # Scores of tile t + 1 are computed before the softmax of tile t, so that
+    # the next QK^T can run on the tensor cores while this tile's exp2 runs. The
+    # last step recomputes its own tile (in bounds) and drops it.
+    def body(t, carry):
+      *state, s, start = carry
+      s_next, start_next = scores(jnp.minimum(t + 1, n_iter - 1))
+      return (*update(state, s, start), s_next, start_next)
+    acc, m, l, _, _ = lax.fori_loop(0, n_iter, body, (*init, *scores(0)))
+  else:
+    acc, m, l = lax.fori_loop(0, n_iter, lambda t, st: update(st, *scores(t)), init)
 
   rows = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
   has_keys = (l > 0) & (rows < length)
@@ -211,7 +237,8 @@ def flash_attention(q, k, v, lengths, kv_block_indices=None, kv_block_counts=Non
       keys_per_block=block_size // block_k if sparse else 1,
       q_tiles_per_block=block_size // block_q if sparse else 1,
       n_key_tiles=s_pad // block_k, n_blocks=n_blocks, k_max=k_max,
-      mask_keys=mask_keys, sparse=sparse, fast_exp2=tiles.fast_exp2 and not interpret)
+      mask_keys=mask_keys, sparse=sparse, fast_exp2=tiles.fast_exp2 and not interpret,
+      prefetch=tiles.prefetch)
   whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
   row_tile = pl.BlockSpec((None, block_q, None, d_pad), lambda i, bi, hi: (bi, i, hi, 0))
   seq_slab = pl.BlockSpec((None, s_pad, None, d_pad), lambda i, bi, hi: (bi, 0, hi, 0))

@@ -11,6 +11,13 @@ from tests.pallas_kernels.kernel_suite import KernelSuite
 class TestTriton(KernelSuite):
   implementation = "triton"
   interpret = True
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
+class TestTritonCompiled(KernelSuite):
+  """The same suite through the compiled kernels (default tiles, approximate exp2)."""
+  implementation = "triton"
+  interpret = False
 from hypothesis import given, settings, strategies as st
 
 from pallas_kernels import triton as tk
@@ -38,8 +45,9 @@ def _sparse(q, k, v, idx, cnt, bs, lengths=None, tiles=None):
                                    kv_lengths=lens, tiles=tiles, interpret=True)
 
 
-@pytest.mark.parametrize("tiles", [tk.Tiles(block_q=16, block_k=32), tk.Tiles(block_q=32, block_k=16)],
-                         ids=["q16k32", "q32k16"])
+@pytest.mark.parametrize("tiles", [tk.Tiles(block_q=16, block_k=32),
+                                   tk.Tiles(block_q=32, block_k=16, prefetch=True)],
+                         ids=["q16k32", "q32k16_prefetch"])
 def test_sub_block_tiles_match_reference(tiles):
   # Tiles smaller than the selection block: several query programs share a list
   # and each listed block is walked in several key steps.
@@ -93,8 +101,8 @@ def test_lengths_empty_batch_and_rows_without_valid_keys():
 
 
 @pytest.mark.parametrize("tiles,bs", [(tk.MassTiles(block_q=16, block_k=16), 32),
-                                      (tk.MassTiles(block_q=128, block_k=128), 32)],
-                         ids=["tiles_below_block", "tiles_above_block"])
+                                      (tk.MassTiles(block_q=128, block_k=128, prefetch=True), 32)],
+                         ids=["tiles_below_block", "tiles_above_block_prefetch"])
 def test_block_mass_tiles(tiles, bs):
   b, s, h, d, lengths = 2, 200, 2, 64, (200, 131)
   q, k, _ = make_qkv(25, b, s, h, d, jnp.float32)
@@ -136,7 +144,29 @@ def _lower_for_cuda(fn, *specs):
   return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def test_kernels_lower_to_triton_at_benchmark_tiles():
+@pytest.fixture
+def verify_triton_modules(monkeypatch):
+  """Runs the MLIR verifier on every Triton module the lowering builds.
+
+  The GPU compiler verifies the module when it parses it; the lowering alone
+  does not, so an ill-typed module (e.g. an i1 loop bound) would pass here
+  unnoticed without this.
+  """
+  from jax._src.pallas.triton import lowering  # pylint: disable=g-import-not-at-top
+  original = lowering.lower_jaxpr_to_triton_module
+  count = []
+
+  def lower_and_verify(*args, **kwargs):
+    result = original(*args, **kwargs)
+    assert result.module.operation.verify()
+    count.append(1)
+    return result
+
+  monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+  return count
+
+
+def test_kernels_lower_to_triton_at_benchmark_tiles(verify_triton_modules):
   # Interpret mode never runs the Triton lowering; this does, at the shapes and
   # tiles the GPU benchmark uses, so a kernel that cannot lower fails on CPU.
   b, s, h, d, bs = 1, 8192, 2, 128, 64
@@ -159,7 +189,13 @@ def test_kernels_lower_to_triton_at_benchmark_tiles():
       _lower_for_cuda(lambda q, k, v, i, c: tk.block_sparse_attention(
           q, k, v, i, c, block_size=bs, tiles=tk.Tiles(fast_exp2=True)), x, x, x, idx, cnt),
       _lower_for_cuda(lambda q, k, l: tk.block_mass(
-          q, k, l, block_size=bs, tiles=tk.MassTiles(fast_exp2=True)), x, x, lse),
+          q, k, l, block_size=bs, tiles=tk.MassTiles(fast_exp2=True, prefetch=True)), x, x, lse),
+      _lower_for_cuda(lambda q, k, v, i, c: tk.block_sparse_attention(
+          q, k, v, i, c, block_size=bs, tiles=tk.Tiles(block_k=32, prefetch=True)),
+          x, x, x, idx, cnt),
+      _lower_for_cuda(lambda q, k, v: tk.attention(q, k, v, tiles=tk.Tiles(128, 64, 8, 3)),
+                      x, x, x),
   ]
   for text in texts:
     assert "triton" in text and "stablehlo.custom_call" in text
+  assert len(verify_triton_modules) == len(texts) + 1  # the fused search lowers two kernels
