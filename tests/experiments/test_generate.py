@@ -1,12 +1,15 @@
 """CLI smoke tests: tiny random presets on CPU, files and report fields."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
+import torch
 from absl import flags
 from absl.testing import flagsaver
+from diffusers import WanTransformer3DModel
 from safetensors.numpy import save_file
 
 from adaspa_jax import AdaSpaConfig
@@ -125,3 +128,19 @@ def test_block_mask_spells_out_dense_rows():
   counts = np.array([2, 4, 1])                 # row 1: count == nK, a dense (text) row
   np.testing.assert_array_equal(generate.block_mask(indices, counts, 4),
                                 [[1, 0, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]])
+
+
+def test_checkpoint_directory_sets_the_family(tmp_path):
+  """A diffusers save_pretrained directory: family from its config, weights not random."""
+  cfg = wan.PRESETS["tiny"]
+  torch.manual_seed(0)
+  kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.name not in ("attention", "adaspa")}
+  WanTransformer3DModel(**kwargs).save_pretrained(tmp_path / "ckpt")
+  out = str(tmp_path / "out")
+  report = generate.run(family="cogvideox", checkpoint=str(tmp_path / "ckpt"), steps=STEPS,
+                        attention="dense", adaspa=ADASPA, latent=(3, 8, 10), text_len=6,
+                        dtype="float32", progress=False, output_dir=out)
+  assert report["model"] == "wan" and report["random_weights"] is False
+  assert report["preset"] is None and report["runs"]["dense"]["wall_s"] > 0
+  assert np.load(os.path.join(out, "latents_dense.npy")).shape == (1, cfg.in_channels, 3, 8, 10)
