@@ -10,15 +10,12 @@ prints one line per phase change.
 from __future__ import annotations
 
 import json
-import time
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from adaspa_jax import (PHASE_NAMES, AdaSpaConfig, adaspa_attention, init_state, phase,
-                        text_blocks_mask)
+from adaspa_jax import PHASE_NAMES, AdaSpaConfig
 from experiments import synthetic
 import pallas_kernels as pk
 
@@ -40,35 +37,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "random seed")
 _JSON = flags.DEFINE_string("json_out", None, "optional path for per-step results as JSON")
 
 
-def run(config: AdaSpaConfig, *, frames, height, width, text_len, heads, head_dim, seed=0,
-        implementation=None, interpret=False):
-  """Runs the schedule; returns per-step dict of numpy arrays and the wall time."""
-  seq = frames * height * width + text_len
-  text = text_blocks_mask(seq, config.block_size, seq - text_len, text_len) if text_len else None
-  key = jax.random.key(seed)
-  start = synthetic.video_qkv(key, frames=frames, height=height, width=width, text_len=text_len,
-                              heads=heads, head_dim=head_dim, step=0)
-  end = synthetic.video_qkv(key, frames=frames, height=height, width=width, text_len=text_len,
-                            heads=heads, head_dim=head_dim, step=config.num_steps)
-
-  def step_fn(state, step):
-    t = step / config.num_steps
-    q, k, v = [(1 - t) * a + t * b for a, b in zip(start, end)]
-    out, state = adaspa_attention(q, k, v, state, step, config, text_blocks=text,
-                                  implementation=implementation, interpret=interpret)
-    dense = pk.dense_attention(q, k, v)
-    rel = jnp.linalg.norm(out - dense) / jnp.linalg.norm(dense)
-    return state, dict(phase=phase(step, config), rel_error=rel, recall=state.recall.mean(),
-                       sparsity=state.sparsity.mean(), head_sparsity=state.sparsity[0])
-
-  state = init_state(config, 1, seq, heads, text_blocks=text)
-  scan = jax.jit(lambda s: jax.lax.scan(step_fn, s, jnp.arange(config.num_steps)))
-  jax.block_until_ready(scan(state))  # compile
-  t0 = time.perf_counter()
-  _, per_step = jax.block_until_ready(scan(state))
-  return jax.tree.map(np.asarray, per_step), time.perf_counter() - t0
-
-
 def main(argv):
   del argv
   config = AdaSpaConfig(sparsity=_SPARSITY.value, block_size=_BLOCK.value,
@@ -81,10 +49,11 @@ def main(argv):
   print(f"AdaSpa demo: {_FRAMES.value}x{_HEIGHT.value}x{_WIDTH.value} video + {_TEXT.value} "
         f"text tokens = {seq}, {_HEADS.value} heads x {_HEAD_DIM.value}, block {config.block_size}, "
         f"sparsity {config.sparsity}, kernels: {impl} on {jax.devices()[0].platform}")
-  per_step, seconds = run(config, frames=_FRAMES.value, height=_HEIGHT.value,
-                          width=_WIDTH.value, text_len=_TEXT.value, heads=_HEADS.value,
-                          head_dim=_HEAD_DIM.value, seed=_SEED.value,
-                          implementation=_IMPL.value, interpret=_INTERPRET.value)
+  per_step, seconds = synthetic.run_schedule(config, frames=_FRAMES.value, height=_HEIGHT.value,
+                                              width=_WIDTH.value, text_len=_TEXT.value,
+                                              heads=_HEADS.value, head_dim=_HEAD_DIM.value,
+                                              seed=_SEED.value, implementation=_IMPL.value,
+                                              interpret=_INTERPRET.value)
   print(f"{'step':>4}  {'phase':<14} {'recall':>7} {'sparsity':>8} {'rel.err vs dense':>17}")
   for t in range(config.num_steps):
     print(f"{t:>4}  {PHASE_NAMES[per_step['phase'][t]]:<14} {per_step['recall'][t]:7.3f} "

@@ -11,9 +11,14 @@ step, slowly, as real activations do.
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from adaspa_jax import AdaSpaConfig, adaspa_attention, init_state, phase, text_blocks_mask
+import pallas_kernels as pk
 
 
 def _grid_code(frames, height, width, dim, rng):
@@ -55,3 +60,32 @@ def video_qkv(key, *, frames, height, width, text_len, heads, head_dim, step=0,
     x = base[None] + 0.35 * noise[i] + 0.3 * t * drift[i][None]
     out.append(jnp.asarray(x, dtype))
   return out
+
+
+def run_schedule(config: AdaSpaConfig, *, frames, height, width, text_len, heads, head_dim, seed=0,
+        implementation=None, interpret=False):
+  """Runs the schedule; returns per-step dict of numpy arrays and the wall time."""
+  seq = frames * height * width + text_len
+  text = text_blocks_mask(seq, config.block_size, seq - text_len, text_len) if text_len else None
+  key = jax.random.key(seed)
+  start = video_qkv(key, frames=frames, height=height, width=width, text_len=text_len,
+                              heads=heads, head_dim=head_dim, step=0)
+  end = video_qkv(key, frames=frames, height=height, width=width, text_len=text_len,
+                            heads=heads, head_dim=head_dim, step=config.num_steps)
+
+  def step_fn(state, step):
+    t = step / config.num_steps
+    q, k, v = [(1 - t) * a + t * b for a, b in zip(start, end)]
+    out, state = adaspa_attention(q, k, v, state, step, config, text_blocks=text,
+                                  implementation=implementation, interpret=interpret)
+    dense = pk.dense_attention(q, k, v)
+    rel = jnp.linalg.norm(out - dense) / jnp.linalg.norm(dense)
+    return state, dict(phase=phase(step, config), rel_error=rel, recall=state.recall.mean(),
+                       sparsity=state.sparsity.mean(), head_sparsity=state.sparsity[0])
+
+  state = init_state(config, 1, seq, heads, text_blocks=text)
+  scan = jax.jit(lambda s: jax.lax.scan(step_fn, s, jnp.arange(config.num_steps)))
+  jax.block_until_ready(scan(state))  # compile
+  t0 = time.perf_counter()
+  _, per_step = jax.block_until_ready(scan(state))
+  return jax.tree.map(np.asarray, per_step), time.perf_counter() - t0

@@ -1,13 +1,13 @@
 import numpy as np
 
 from adaspa_jax import AdaSpaConfig, CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE
-from experiments import attention_demo
+from experiments import synthetic
 
 
 def test_demo_run_reports_each_phase():
   cfg = AdaSpaConfig(sparsity=0.7, block_size=16, num_steps=6, search_steps=(1, 4))
-  per_step, seconds = attention_demo.run(cfg, frames=2, height=4, width=8, text_len=5, heads=3,
-                                         head_dim=32)
+  per_step, seconds = synthetic.run_schedule(cfg, frames=2, height=4, width=8, text_len=5,
+                                             heads=3, head_dim=32)
   np.testing.assert_array_equal(per_step["phase"],
                                 [DENSE, FUSED_SEARCH, SPARSE, SPARSE, CACHED_SEARCH, SPARSE])
   err = per_step["rel_error"]
@@ -16,3 +16,16 @@ def test_demo_run_reports_each_phase():
   assert np.all((per_step["recall"][1:] > 0) & (per_step["recall"][1:] <= 1 + 1e-6))
   assert per_step["sparsity"][2] > 0.3
   assert seconds > 0
+
+
+def test_demo_cli_runs(tmp_path):
+  """The launcher itself, as a subprocess (launchers define absl flags at import)."""
+  import json
+  import subprocess
+  import sys
+  out = tmp_path / "demo.json"
+  subprocess.run([sys.executable, "-m", "experiments.attention_demo", "--frames=2", "--height=4",
+                  "--width=8", "--text_len=3", "--heads=2", "--head_dim=32", "--block_size=16",
+                  "--steps=4", "--search_steps=1,3", f"--json_out={out}"], check=True)
+  record = json.loads(out.read_text())
+  assert len(record["phase"]) == 4 and record["seconds"] > 0
