@@ -102,6 +102,31 @@ def test_second_call_with_new_inputs_does_not_recompile(adaspa_runs):
   assert not np.allclose(np.asarray(a), np.asarray(b))         # it really ran on the new inputs
 
 
+def test_adaspa_scan_equals_unrolled_on_cogvideox():
+  """Joint attention with a text prefix, RoPE passed unbatched, CogVideoX's layout and DDIM.
+  (HunyuanVideo's scan runs in tests/experiments/test_generate.py; a second joint-attention
+  model here would double this file's CPU time.)"""
+  rng = np.random.default_rng(4)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  cfg = dataclasses.replace(cogvideox.PRESETS["tiny"], attention="adaspa", adaspa=ADASPA)
+  model = cogvideox.Model(cfg, rngs=nnx.Rngs(0))
+  text = (B, cfg.max_text_seq_length, cfg.text_embed_dim)
+  latents, cond, uncond = (normal(B, F, C, H, W), {"encoder_hidden_states": normal(*text)},
+                           {"encoder_hidden_states": normal(*text)})
+  shared = {"image_rotary_emb": cogvideox.rotary_positional_embeddings(cfg, F, H, W)}
+  state, sched = model.init_adaspa_state(2 * B, F, H, W), schedulers.PRESETS["cogvideox-2b"]
+  kw = dict(num_steps=ADASPA.num_steps, guidance_scale=6.0, shared=shared, adaspa_state=state,
+            record_states=True)
+  s = sampler.sample(model, sched, latents, cond, uncond, **kw)
+  u = sampler.sample(model, sched, latents, cond, uncond, unrolled=True, **kw)
+  np.testing.assert_allclose(np.asarray(s.latents), np.asarray(u.latents), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(s.states.indices), np.asarray(u.states.indices))
+  np.testing.assert_array_equal(s.phases, phase_table(ADASPA))
+  assert set(_changed(s.states.indices)) <= set(ADASPA.search_steps)
+  assert _changed(s.states.lse) == [ADASPA.first_search]
+  assert np.all(s.sparsity[1:] > 0.2) and np.isfinite(np.asarray(s.latents)).all()
+
+
 def test_dense_scan_equals_unrolled_with_a_stateful_scheduler(capsys):
   """Dense attention, guidance with CogVideoX's dynamic ramp, the DPM solver's carry."""
   model = _model("dense")
