@@ -157,6 +157,8 @@ def _one_step(params, carry, i, batched, shared, guidance, *, static: _Static):
 
 
 def _check_inputs(model, latents, cond, uncond, shared, adaspa_state, num_steps):
+  if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
+    raise ValueError(f"num_steps={num_steps!r}: expected an int >= 1.")
   if not hasattr(latents, "shape") or latents.ndim < 1:
     raise ValueError(f"latents={latents!r}: expected an array [B, ...].")
   b = latents.shape[0]

@@ -159,6 +159,8 @@ def test_bad_inputs_name_the_argument():
   with pytest.raises(ValueError, match=r"adaspa_state.recall has shape .*expected \[L, 2, H\]"):
     sampler.sample(model, sched, latents, cond, uncond, num_steps=5,
                    adaspa_state=model.init_adaspa_state(B, F, H, W))
+  with pytest.raises(ValueError, match="num_steps=0"):
+    sampler.sample(model, sched, latents, cond, uncond, num_steps=0)
   with pytest.raises(ValueError, match="num_steps=7"):
     sampler.sample(model, sched, latents, cond, uncond, num_steps=7, adaspa_state=state)
   with pytest.raises(ValueError, match="uncond has keys"):
