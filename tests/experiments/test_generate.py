@@ -3,18 +3,18 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from absl import flags
-from absl.testing import flagsaver
 from diffusers import WanTransformer3DModel
 from safetensors.numpy import save_file
 
 from adaspa_jax import AdaSpaConfig
-from experiments import generate
-from models import cogvideox, hunyuan_video, sampler, wan
+from experiments import generation
+from models import cogvideox, hunyuan_video, wan
 
 STEPS, SEARCH = 5, (1, 3)
 LATENT = ["--latent_frames=3", "--latent_height=8", "--latent_width=10"]
@@ -51,19 +51,16 @@ def _check_report(out, report, *, layers, heads, rows, modes=("dense", "adaspa")
     assert "psnr_db" not in on_disk
 
 
-def test_cli_wan_tiny_both(tmp_path, capsys):
+def test_cli_wan_tiny_both(tmp_path):
+  """The launcher as a subprocess: launchers define absl flags at import."""
   out = str(tmp_path / "wan")
-  traces = sampler.TRACES["scan"]
-  with flagsaver.flagsaver():
-    flags.FLAGS(["generate", "--model=wan", "--preset=tiny", f"--steps={STEPS}",
-                 f"--search_steps={','.join(map(str, SEARCH))}", "--sparsity=0.5",
-                 "--block_size=16", "--text_len=6", "--dtype=float32", "--noprogress",
-                 "--attention=both", f"--output_dir={out}", *LATENT])
-    generate.main([])
-  # compile_seconds compiled each run's program; timing the run did not trace again.
-  assert sampler.TRACES["scan"] - traces == 2
-  captured = capsys.readouterr()
-  assert "RANDOM WEIGHTS" in captured.err and "RANDOM EMBEDDINGS" in captured.err
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.generate", "--model=wan", "--preset=tiny",
+       f"--steps={STEPS}", f"--search_steps={','.join(map(str, SEARCH))}", "--sparsity=0.5",
+       "--block_size=16", "--text_len=6", "--dtype=float32", "--noprogress",
+       "--attention=both", f"--output_dir={out}", *LATENT],
+      check=True, capture_output=True, text=True)
+  assert "RANDOM WEIGHTS" in proc.stderr and "RANDOM EMBEDDINGS" in proc.stderr
   with open(os.path.join(out, "report.json")) as f:
     report = json.load(f)
   cfg = wan.PRESETS["tiny"]
@@ -87,7 +84,7 @@ def test_hunyuan_video_tiny_with_embeddings_file(tmp_path):
              "pooled_prompt_embeds": rng.standard_normal((1, cfg.pooled_projection_dim),
                                                          np.float32)}, path)
   out = str(tmp_path / "hunyuan")
-  report = generate.run(family="hunyuan_video", preset="tiny", embeddings=path, steps=STEPS,
+  report = generation.run(family="hunyuan_video", preset="tiny", embeddings=path, steps=STEPS,
                         attention="adaspa", adaspa=ADASPA, latent=(3, 8, 10), dtype="float32",
                         progress=False, output_dir=out)
   assert report["random_embeddings"] is False and not report["classifier_free_guidance"]
@@ -100,7 +97,7 @@ def test_cogvideox_tiny(tmp_path):
   # tests/models/test_sampler.py runs the DPM carry through the scan.
   cfg = cogvideox.PRESETS["tiny"]
   out = str(tmp_path / "cog")
-  report = generate.run(family="cogvideox", preset="tiny", steps=STEPS, attention="adaspa",
+  report = generation.run(family="cogvideox", preset="tiny", steps=STEPS, attention="adaspa",
                         adaspa=ADASPA, latent=(3, 8, 10), dtype="float32", progress=False,
                         scheduler="cogvideox-5b-ddim", dynamic_cfg=True, output_dir=out)
   assert "CogVideoXDDIM" in report["scheduler"]
@@ -110,23 +107,23 @@ def test_cogvideox_tiny(tmp_path):
 
 
 def test_default_search_steps_scale_the_papers():
-  assert generate.default_search_steps(50) == (9, 29)
-  assert generate.default_search_steps(8) == (1, 4)
+  assert generation.default_search_steps(50) == (9, 29)
+  assert generation.default_search_steps(8) == (1, 4)
 
 
 def test_bad_preset_and_shift(tmp_path):
   with pytest.raises(ValueError, match="--preset='huge'"):
-    generate.run(family="wan", preset="huge", steps=STEPS, adaspa=ADASPA,
+    generation.run(family="wan", preset="huge", steps=STEPS, adaspa=ADASPA,
                  output_dir=str(tmp_path))
   with pytest.raises(ValueError, match="--shift=3.0"):
-    generate.run(family="cogvideox", preset="tiny", steps=STEPS, adaspa=ADASPA, shift=3.0,
+    generation.run(family="cogvideox", preset="tiny", steps=STEPS, adaspa=ADASPA, shift=3.0,
                  dtype="float32", output_dir=str(tmp_path))
 
 
 def test_block_mask_spells_out_dense_rows():
   indices = np.array([[0, 2, 2], [0, 1, 3], [3, 3, 3]])
   counts = np.array([2, 4, 1])                 # row 1: count == nK, a dense (text) row
-  np.testing.assert_array_equal(generate.block_mask(indices, counts, 4),
+  np.testing.assert_array_equal(generation.block_mask(indices, counts, 4),
                                 [[1, 0, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]])
 
 
@@ -138,7 +135,7 @@ def test_checkpoint_directory_sets_the_family(tmp_path):
             if f.name not in ("attention", "adaspa")}
   WanTransformer3DModel(**kwargs).save_pretrained(tmp_path / "ckpt")
   out = str(tmp_path / "out")
-  report = generate.run(family="cogvideox", checkpoint=str(tmp_path / "ckpt"), steps=STEPS,
+  report = generation.run(family="cogvideox", checkpoint=str(tmp_path / "ckpt"), steps=STEPS,
                         attention="dense", adaspa=ADASPA, latent=(3, 8, 10), text_len=6,
                         dtype="float32", progress=False, output_dir=out)
   assert report["model"] == "wan" and report["random_weights"] is False
