@@ -3,13 +3,13 @@
 One program per (query tile, batch element, head). In sparse mode the program's
 loop runs over the key tiles of its query block's list, so its length is that
 row's count (times key tiles per selection block), never K_max; a row whose count
-is >= nK walks every key tile without reading its list. In dense mode there are no
-lists and the query tile is free of the selection block.
+is >= nK walks every key tile in order and never uses its list entries. In dense
+mode there are no lists and the query tile is free of the selection block.
 
 Arrays are [B, S, H, D]; the kernel reads the [S, D] slab of one (batch, head)
 through strided loads, so no transpose is made. The softmax runs in base 2 with
-log2(e) folded into the scale (one multiply per score, exp2 per score), and the
-natural-log LSE is recovered at the end.
+log2(e) folded into the scale (scaling and max subtraction are one FMA per score,
+then one exp2), and the natural-log LSE is recovered at the end.
 """
 
 from __future__ import annotations
@@ -80,8 +80,11 @@ def exp2(x, fast):
 
 
 def aligned(offset, multiple):
-  """Marks a traced offset as a multiple of ``multiple`` (a Python int stays as is:
-  the Triton lowering cannot attach the hint to a constant)."""
+  """Marks a traced offset as a multiple of ``multiple``.
+
+  A Python int is returned as is: the Triton lowering cannot attach the hint to a
+  constant.
+  """
   return offset if isinstance(offset, int) else pl.multiple_of(offset, multiple)
 
 
