@@ -1,0 +1,172 @@
+"""Block mass from a cached LSE for Hopper in Pallas Mosaic GPU.
+
+``mass[b, h, p, c] = sum_{i in query block p, j in key block c} exp(s_ij - lse_i)``.
+
+One CTA holds two compute warpgroups (64 query rows each) and a memory
+warpgroup that streams every K block through a ring of TMA stages shared by
+both. Per key block a warpgroup runs QK^T on wgmma, exponentiates against its
+rows' LSE and sums each row over the block (warp shuffles only). The per-row
+sums of ``GROUP`` consecutive key blocks go to a small shared-memory table that
+is then reduced across rows once, so the cross-warp reduction is paid once per
+``GROUP`` blocks, not once per block.
+
+Each warpgroup writes the mass of its own 64 rows; the caller adds the 64-row
+chunks of a query block together (block_size = 128 has two).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic_block_sparse import (
+    COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, column_ids, load_row_vector, qk_matmul)
+
+GROUP = 64  # key blocks per cross-row reduction; the output is padded to a multiple.
+_SMEM_FOR_K = 96 * 1024
+_LOG2E = math.log2(math.e)
+
+
+def padded_num_kv_blocks(num_kv_blocks: int) -> int:
+  return -(-num_kv_blocks // GROUP) * GROUP
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "num_kv_blocks",
+                                              "heads_major", "interpret"))
+def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_blocks,
+                      heads_major=True, interpret=None):
+  """Per-64-row-chunk block mass on padded operands.
+
+  Args:
+    q, k: [B, S_pad, H, D] bf16/f16, S_pad a multiple of 128.
+    lse2: float32 [B, H, S_pad], the row LSE in log2 units; +inf on rows that
+      must add nothing (padding, rows past ``lengths``).
+    lengths: int32 [B], valid keys per batch element.
+    num_kv_blocks: nK, key blocks that hold any real key.
+    heads_major: launch order, heads fastest (True) or query tiles fastest.
+
+  Returns:
+    float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
+  """
+  b, s_pad, h, d = q.shape
+  dtype = q.dtype
+  bs = block_size
+  per_stage = bs * d * jnp.dtype(dtype).itemsize
+  stages = int(max(2, min(4, _SMEM_FOR_K // per_stage)))
+  qk_scale = sm_scale * _LOG2E
+  n_groups = padded_num_kv_blocks(num_kv_blocks) // GROUP
+  transforms = _smem_transforms(dtype)
+  emulate = interpret is not None
+
+  def kernel(q_ref, k_ref, lse_ref, len_ref, mass_ref,
+             q_smem2, k_smem, lse_smem2, rows_smem2, out_smem2,
+             k_ready, q_ready, k_free):
+    tile = lax.axis_index("q_tile")
+    hi = lax.axis_index("heads")
+    bi = lax.axis_index("batch")
+    wg = lax.axis_index("wg")
+    length = len_ref[bi]
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem = q_smem2.at[wg]
+      lse_smem = lse_smem2.at[wg]
+      rows_smem = rows_smem2.at[wg]
+      out_smem = out_smem2.at[wg]
+      row0 = tile * CTA_ROWS + wg * ROWS_PER_WG
+      chunk = row0 // ROWS_PER_WG
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi], q_smem,
+                              q_ready.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, pl.ds(row0, ROWS_PER_WG)], lse_smem,
+                              q_ready.at[COMPUTE_WGS + wg])
+      plgpu.barrier_wait(q_ready.at[wg])
+      plgpu.barrier_wait(q_ready.at[COMPUTE_WGS + wg])
+      lse_row = load_row_vector(lse_smem, emulate)
+      lse_b = lax.broadcast_in_dim(lse_row, (ROWS_PER_WG, bs), [0])
+
+      @pl.loop(0, n_groups)
+      def _(g):
+        first = g * GROUP
+        last = jnp.minimum(first + GROUP, num_kv_blocks)
+
+        @pl.loop(first, last)
+        def _(blk):
+          slot = lax.rem(blk, stages)
+          plgpu.barrier_wait(k_ready.at[slot])
+
+          qk = qk_matmul(q_smem, k_smem.at[slot], emulate=emulate)
+          plgpu.barrier_arrive(k_free.at[slot])
+          p = jnp.exp2(qk * qk_scale - lse_b)
+          n_valid = length - blk * bs
+
+          def mask_tail(x):
+            cols = column_ids((ROWS_PER_WG, bs), emulate)
+            return jnp.where(cols < n_valid, x, 0.0)
+
+          p = lax.cond(n_valid < bs, mask_tail, lambda x: x, p)
+          rows_smem.at[blk - first][...] = p.sum(axis=1)
+
+        if emulate:
+          table = rows_smem[...]
+        else:
+          table = plgpu.load(rows_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
+        # The previous group's TMA store must have read out_smem before it is reused.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        out_smem[...] = table.sum(axis=1)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, mass_ref.at[bi, hi, chunk, pl.ds(first, GROUP)])
+
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      @pl.loop(0, num_kv_blocks)
+      def _(blk):
+        slot = lax.rem(blk, stages)
+
+        @pl.when(blk >= stages)
+        def _():
+          plgpu.barrier_wait(k_free.at[slot])
+
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(blk * bs, bs), hi], k_smem.at[slot],
+                                k_ready.at[slot])
+
+      # Observe the last consumptions too (see mosaic_block_sparse).
+      @pl.loop(max(num_kv_blocks - stages, 0), num_kv_blocks)
+      def _(blk):
+        plgpu.barrier_wait(k_free.at[lax.rem(blk, stages)])
+
+  def entry(*refs):
+    pl.run_scoped(
+        lambda *scratch: kernel(*refs, *scratch),
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), dtype, transforms=transforms),
+        plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
+        plgpu.SMEM((COMPUTE_WGS, GROUP, ROWS_PER_WG), jnp.float32),
+        plgpu.SMEM((COMPUTE_WGS, GROUP), jnp.float32),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=2 * COMPUTE_WGS),  # Q and LSE of each warpgroup.
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        collective_axes="wg",
+    )
+
+  return plgpu.kernel(
+      entry,
+      out_type=jax.ShapeDtypeStruct((b, h, s_pad // ROWS_PER_WG, n_groups * GROUP),
+                                    jnp.float32),
+      grid=(h, s_pad // CTA_ROWS, b) if heads_major else (s_pad // CTA_ROWS, h, b),
+      grid_names=("heads", "q_tile", "batch") if heads_major else ("q_tile", "heads", "batch"),
+      num_threads=COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(q, k, lse2, lengths)

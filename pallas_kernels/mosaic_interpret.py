@@ -1,0 +1,50 @@
+"""Running the Mosaic GPU kernels under JAX's GPU interpreter (CPU, ``interpret=True``).
+
+The interpreter simulates a Hopper CTA's warpgroups, shared memory, TMA copies and
+mbarriers on the host. Kernel code that asks the abstract mesh for the device
+(e.g. the number of SMs) sees an H100, so callers need no setup of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+from jax._src import mesh as mesh_lib
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+NUM_SMS = 132
+
+
+def params(interpret: bool, detect_races: bool = False):
+  """The ``interpret=`` value for ``plgpu.kernel``: None compiles for the GPU."""
+  if not interpret:
+    return None
+  return InterpretGPUParams(detect_races=detect_races)
+
+
+@contextlib.contextmanager
+def device_context(interpret: bool):
+  """Abstract H100 mesh around an interpreted kernel; no-op when compiling for a GPU.
+
+  An exception inside an interpreted kernel leaves the interpreter's global
+  state half-updated; it is reset so that the next call starts clean.
+  """
+  if not interpret:
+    yield
+    return
+  device = mesh_lib.AbstractDevice(device_kind=DEVICE_KIND, num_cores=NUM_SMS, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((), (), abstract_device=device)
+  try:
+    with jax.sharding.use_abstract_mesh(mesh):
+      yield
+  except Exception:
+    interpret_pallas_call.reset_gpu_interpret_mode_state()
+    raise
+
+
+def races_found() -> bool:
+  """Whether the interpreter (with ``detect_races``) saw a data race so far."""
+  return bool(interpret_pallas_call.get_races().races_found)
