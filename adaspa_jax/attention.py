@@ -23,7 +23,7 @@ def _with_selection(state: AdaSpaState, sel: Selection, lse=None) -> AdaSpaState
 
 def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
                      text_blocks=None, kv_lengths=None, sm_scale=None,
-                     implementation=None, interpret=False):
+                     implementation=None, interpret=False, head_axis=None):
   """AdaSpa attention at denoising step ``step``.
 
   Args:
@@ -38,6 +38,8 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
     implementation: kernel implementation; None uses ``config.implementation``
       (None there: the fastest for the device).
     interpret: run Pallas kernels in interpret mode (CPU tests).
+    head_axis: inside ``shard_map`` with the heads split over this mesh axis
+      (``adaspa_jax.parallel``), its name, so the head tiers rank all heads.
 
   Returns:
     out [B, S, H, D] in q's dtype and the new state.
@@ -53,7 +55,8 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
                    implementation=impl, interpret=interpret)
   select_kw = dict(sparsity=config.sparsity, text_blocks=text,
                    head_adaptive=config.head_adaptive,
-                   recall_threshold=config.recall_threshold, k_max=state.indices.shape[-1])
+                   recall_threshold=config.recall_threshold, k_max=state.indices.shape[-1],
+                   head_axis=head_axis)
 
   def sparse_with(st):
     return pk.block_sparse_attention(q, k, v, st.indices, st.counts, return_lse=False,

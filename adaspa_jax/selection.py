@@ -41,8 +41,20 @@ class Selection:
   sparsity: jax.Array
 
 
-def head_budgets(base_recall, sparsity, num_video_blocks, head_adaptive, recall_threshold):
-  """int32 [B, H] video blocks per row for every head, from recall at base sparsity."""
+def head_budgets(base_recall, sparsity, num_video_blocks, head_adaptive, recall_threshold,
+                 head_axis=None):
+  """int32 [B, H] video blocks per row for every head, from recall at base sparsity.
+
+  With ``head_axis`` (a mesh axis name, inside ``shard_map``) the H heads given
+  are this device's slice of all heads, in axis order: the tiers rank every
+  head, so the recalls are gathered over the axis and this slice's budgets kept.
+  """
+  if head_axis is not None and head_adaptive:
+    h_local = base_recall.shape[1]
+    full = jax.lax.all_gather(base_recall, head_axis, axis=1, tiled=True)
+    k_full = head_budgets(full, sparsity, num_video_blocks, head_adaptive, recall_threshold)
+    start = jax.lax.axis_index(head_axis) * h_local
+    return jax.lax.dynamic_slice_in_dim(k_full, start, h_local, axis=1)
   b, h = base_recall.shape
   hi_s, base_s, lo_s = blocks.tier_sparsities(sparsity)
   k_base = blocks.video_budget(base_s, num_video_blocks)
@@ -58,7 +70,7 @@ def head_budgets(base_recall, sparsity, num_video_blocks, head_adaptive, recall_
 
 
 def select_blocks(mass, *, sparsity, text_blocks=None, head_adaptive=True,
-                  recall_threshold=0.8, k_max=None) -> Selection:
+                  recall_threshold=0.8, k_max=None, head_axis=None) -> Selection:
   """Chooses key blocks per (batch, head, query block) from block masses.
 
   Args:
@@ -69,6 +81,8 @@ def select_blocks(mass, *, sparsity, text_blocks=None, head_adaptive=True,
     recall_threshold: recall above which a head counts toward n.
     k_max: static width of the index lists; default and minimum is the lowest
       tier's budget plus the number of text blocks.
+    head_axis: mesh axis the heads are split over (inside ``shard_map``), or None;
+      see ``head_budgets``.
 
   Returns:
     A ``Selection``.
@@ -114,7 +128,8 @@ def select_blocks(mass, *, sparsity, text_blocks=None, head_adaptive=True,
     return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 1.0)
 
   k_base = jnp.full((b, h), blocks.video_budget(sparsity, n_video), jnp.int32)
-  k_head = head_budgets(recall_at(k_base), sparsity, n_video, head_adaptive, recall_threshold)
+  k_head = head_budgets(recall_at(k_base), sparsity, n_video, head_adaptive, recall_threshold,
+                        head_axis)
 
   slot = jnp.arange(top)
   chosen = jnp.where(slot < k_head[..., None, None], ids, n_k)      # n_k sorts last
