@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import pallas_kernels
-from adaspa_jax import AdaSpaConfig, AdaSpaState, adaspa_attention, init_state, text_blocks_mask
+from adaspa_jax import AdaSpaConfig, AdaSpaState, init_state, parallel, text_blocks_mask
+from adaspa_jax.parallel import SequenceParallel
 from models import layers
 from models.loading import Rule
 
@@ -79,12 +79,18 @@ class Config:
   patch_bias: bool = True
   attention: str = "dense"
   adaspa: AdaSpaConfig = AdaSpaConfig()
+  # Sequence/head-parallel layout over a device mesh (adaspa_jax.parallel), or None.
+  sequence_parallel: SequenceParallel | None = None
 
   def __post_init__(self):
     if self.attention not in ("dense", "adaspa"):
       raise ValueError(f"attention={self.attention!r}: expected 'dense' or 'adaspa'.")
     if not isinstance(self.adaspa, AdaSpaConfig):
       raise ValueError(f"adaspa={self.adaspa!r}: expected an adaspa_jax.AdaSpaConfig.")
+    if self.sequence_parallel is not None and not isinstance(self.sequence_parallel,
+                                                             SequenceParallel):
+      raise ValueError(f"sequence_parallel={self.sequence_parallel!r}: expected None or an "
+                       "adaspa_jax.parallel.SequenceParallel.")
     if self.out_channels is None:
       raise ValueError("out_channels=None: expected an int (diffusers cannot build the "
                        "output projection without it).")
@@ -356,12 +362,13 @@ class Attention(nnx.Module):
     if rope is not None:
       q = jnp.concatenate([q[:, :n_text], apply_rotary_emb(q[:, n_text:], *rope)], axis=1)
       k = jnp.concatenate([k[:, :n_text], apply_rotary_emb(k[:, n_text:], *rope)], axis=1)
+    sp = config.sequence_parallel
     if adaspa_state is None:
-      out = pallas_kernels.dense_attention(q, k, v)
+      out = parallel.dense_attention(q, k, v, sequence_parallel=sp, text_span=(0, n_text))
     else:
-      blocks = text_blocks_mask(s, config.adaspa.block_size, 0, n_text)
-      out, adaspa_state = adaspa_attention(q, k, v, adaspa_state, step, config.adaspa,
-                                           text_blocks=blocks)
+      out, adaspa_state = parallel.adaspa_attention(q, k, v, adaspa_state, step, config.adaspa,
+                                                    sequence_parallel=sp,
+                                                    text_span=(0, n_text))
     return self.to_out(out.reshape(b, s, d)), adaspa_state
 
 

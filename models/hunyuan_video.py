@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import pallas_kernels as pk
-from adaspa_jax import AdaSpaConfig, AdaSpaState, adaspa_attention, init_state, text_blocks_mask
+from adaspa_jax import AdaSpaConfig, AdaSpaState, init_state, parallel, text_blocks_mask
+from adaspa_jax.parallel import SequenceParallel
 from models.hunyuan_video_layers import (LN_EPS, FeedForward, TextProjection, TimestepEmbedding,
                                          TokenRefiner, apply_rope, gelu_tanh, layer_norm, linear,
                                          modulate, rope_tables, scan_layers, stacked)
@@ -56,6 +56,8 @@ class Config:
   image_condition_type: str | None = None
   attention: str = "dense"
   adaspa: AdaSpaConfig = AdaSpaConfig()
+  # Sequence/head-parallel layout over a device mesh (adaspa_jax.parallel), or None.
+  sequence_parallel: SequenceParallel | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "rope_axes_dim", tuple(int(d) for d in self.rope_axes_dim))
@@ -85,6 +87,10 @@ class Config:
       raise ValueError(f"attention={self.attention!r}: expected 'dense' or 'adaspa'.")
     if not isinstance(self.adaspa, AdaSpaConfig):
       raise ValueError(f"adaspa={self.adaspa!r}: expected an AdaSpaConfig.")
+    if self.sequence_parallel is not None and not isinstance(self.sequence_parallel,
+                                                             SequenceParallel):
+      raise ValueError(f"sequence_parallel={self.sequence_parallel!r}: expected None or an "
+                       "adaspa_jax.parallel.SequenceParallel.")
 
   @property
   def inner_dim(self) -> int:
@@ -98,7 +104,8 @@ class Config:
   @classmethod
   def from_diffusers(cls, d: dict) -> "Config":
     """From diffusers' config.json dict; keys starting with '_' are ignored."""
-    known = {f.name for f in dataclasses.fields(cls)} - {"attention", "adaspa"}
+    known = {f.name for f in dataclasses.fields(cls)} - {"attention", "adaspa",
+                                                          "sequence_parallel"}
     kwargs = {}
     for key, value in d.items():
       if key.startswith("_"):
@@ -132,7 +139,6 @@ class _AttnContext:
   num_video: int              # Nv: video tokens precede text tokens
   kv_lengths: jax.Array       # int32 [B] = Nv + valid text tokens
   config: Config
-  text_blocks: np.ndarray | None   # static bool [nK] for AdaSpa
   step: jax.Array | None
 
 
@@ -144,10 +150,14 @@ def _rope_video(x, ctx):
 
 def _joint_attention(q, k, v, ctx, state):
   """q, k, v [B, S, H, D] -> ([B, S, H, D], new state or None)."""
+  text_span = (ctx.num_video, q.shape[1] - ctx.num_video)
+  sp = ctx.config.sequence_parallel
   if state is None:
-    return pk.dense_attention(q, k, v, kv_lengths=ctx.kv_lengths), None
-  return adaspa_attention(q, k, v, state, ctx.step, ctx.config.adaspa,
-                          text_blocks=ctx.text_blocks, kv_lengths=ctx.kv_lengths)
+    return parallel.dense_attention(q, k, v, sequence_parallel=sp, text_span=text_span,
+                                    kv_lengths=ctx.kv_lengths), None
+  return parallel.adaspa_attention(q, k, v, state, ctx.step, ctx.config.adaspa,
+                                   sequence_parallel=sp, text_span=text_span,
+                                   kv_lengths=ctx.kv_lengths)
 
 
 def _heads(x, heads):
@@ -438,8 +448,6 @@ class Model(nnx.Module):
     cos, sin = rope_tables(f, h, w, cfg.rope_axes_dim, cfg.rope_theta)
     kv_lengths = num_video + encoder_attention_mask.astype(jnp.int32).sum(1)
     ctx = _AttnContext(cos=cos, sin=sin, num_video=num_video, kv_lengths=kv_lengths, config=cfg,
-                       text_blocks=self.text_blocks(num_video, num_text)
-                       if adaspa_state is not None else None,
                        step=adaspa_step)
 
     dual_states = single_states = None

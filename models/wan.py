@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import pallas_kernels
-from adaspa_jax import AdaSpaConfig, AdaSpaState, adaspa_attention, init_state
+from adaspa_jax import AdaSpaConfig, AdaSpaState, init_state, parallel
+from adaspa_jax.parallel import SequenceParallel
 from models import layers
 from models.loading import Rule
 
@@ -53,6 +53,8 @@ class Config:
   pos_embed_seq_len: int | None = None
   attention: str = "dense"
   adaspa: AdaSpaConfig = AdaSpaConfig()
+  # Sequence/head-parallel layout over a device mesh (adaspa_jax.parallel), or None.
+  sequence_parallel: SequenceParallel | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -66,6 +68,10 @@ class Config:
       raise ValueError(f"attention={self.attention!r}: expected 'dense' or 'adaspa'.")
     if not isinstance(self.adaspa, AdaSpaConfig):
       raise ValueError(f"adaspa={self.adaspa!r}: expected an AdaSpaConfig.")
+    if self.sequence_parallel is not None and not isinstance(self.sequence_parallel,
+                                                             SequenceParallel):
+      raise ValueError(f"sequence_parallel={self.sequence_parallel!r}: expected None or an "
+                       "adaspa_jax.parallel.SequenceParallel.")
     if self.attention_head_dim % 2:
       raise ValueError(f"attention_head_dim={self.attention_head_dim}: expected an even number "
                        "(RoPE rotates pairs).")
@@ -194,11 +200,13 @@ class WanTransformerBlock(nnx.Module):
     self.scale_shift_table = nnx.Param(
         jax.random.normal(rngs.params(), (1, 6, dim), jnp.float32) / math.sqrt(dim))
 
-  def __call__(self, x, context, temb_proj, cos, sin, self_attention):
+  def __call__(self, x, context, temb_proj, cos, sin, self_attention,
+               cross_attention=layers.attention):
     """x [B, S, dim]; context [B, L, dim]; temb_proj [B, 6, dim].
 
     ``self_attention(q, k, v) -> (out, aux)`` runs the self-attention proper
-    (dense, or AdaSpa with ``aux`` its new state). Returns (x, aux).
+    (dense, or AdaSpa with ``aux`` its new state); ``cross_attention(q, k, v)``
+    the attention to text. Returns (x, aux).
     """
     mod = self.scale_shift_table[...] + temb_proj.astype(jnp.float32)
     shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(mod, 6, axis=1)
@@ -213,7 +221,7 @@ class WanTransformerBlock(nnx.Module):
 
     n = x if self.norm2 is None else self.norm2(x.astype(jnp.float32)).astype(dtype)
     q, k, v = self.attn2.project(n, context)
-    x = x + self.attn2.output(layers.attention(q, k, v))
+    x = x + self.attn2.output(cross_attention(q, k, v))
 
     n = (layers.layer_norm(x.astype(jnp.float32), self.eps) * (1 + c_scale) + c_shift)
     f = self.ffn(n.astype(dtype))
@@ -310,13 +318,16 @@ class Model(nnx.Module):
     temb, temb_proj, context = self.condition_embedder(timestep, encoder_hidden_states,
                                                        self.dtype)
 
+    sp = cfg.sequence_parallel
+    cross = lambda q, k, v: parallel.row_parallel(layers.attention, sp, q, k, v)
+
     def body(block, x, state):
       if state is None:
-        attend = lambda q, k, v: (pallas_kernels.dense_attention(q, k, v), None)
+        attend = lambda q, k, v: (parallel.dense_attention(q, k, v, sequence_parallel=sp), None)
       else:
-        attend = lambda q, k, v: adaspa_attention(q, k, v, state, adaspa_step, cfg.adaspa,
-                                                  text_blocks=None)
-      return block(x, context, temb_proj, cos, sin, attend)
+        attend = lambda q, k, v: parallel.adaspa_attention(q, k, v, state, adaspa_step,
+                                                           cfg.adaspa, sequence_parallel=sp)
+      return block(x, context, temb_proj, cos, sin, attend, cross)
 
     if use_adaspa:
       # The layer scan traces its body, so a Python-int step would buy no

@@ -23,7 +23,7 @@ TINY = wan.PRESETS["tiny"]
 ODD = dataclasses.replace(TINY, patch_size=(2, 2, 2), num_attention_heads=3,
                           attention_head_dim=16, in_channels=3, out_channels=5, text_dim=20,
                           freq_dim=10, ffn_dim=40, num_layers=3, cross_attn_norm=False)
-_OURS_ONLY = ("attention", "adaspa")
+_OURS_ONLY = ("attention", "adaspa", "sequence_parallel")
 
 
 def diffusers_kwargs(config):
