@@ -1,0 +1,274 @@
+"""The embedded text-to-video model: a tiny CogVideoX transformer and its text encoder.
+
+Why CogVideoX: its blocks run *joint* attention over [text; video] in one
+sequence, so AdaSpa sees the text sink and the frame-region hierarchy of the
+paper; its pipeline already runs classifier-free guidance (the generation CLI
+treats a checkpoint of this model as any CogVideoX); and it needs no pooled
+text vector, so the text encoder stays a plain token encoder
+(``models.tiny_t2v_text``). The transformer is ``models.cogvideox.Model`` with
+a small config, nothing new.
+
+Why pixel space: the clips (``experiments.shapes_data``, 8 x 48 x 48 RGB) are
+small enough that the transformer can patchify pixels directly (3 x 3 patches ->
+8 x 16 x 16 = 2048 video tokens = 32 query blocks of 64), so there is no
+autoencoder to train, ship or blame for artefacts, and the caption check reads
+the model's output as is. 48 pixels a side (rather than 32) leaves room for
+three objects of recognisable size to move without touching.
+
+The text prefix is padded to 64 tokens, one AdaSpa block, so the text sink is
+exactly block 0 and every frame (256 tokens) is exactly 4 video blocks.
+Positions: 3D RoPE on video (CogVideoX 1.0 style), learned positions in the
+text encoder.
+
+Latents are the pixels: float [B, F, 3, H, W] in [-1, 1] (CogVideoX layout).
+Training is rectified flow: x_sigma = (1 - sigma) x0 + sigma noise, the model
+predicts noise - x0, and sampling is ``models.schedulers.FlowMatchEuler``.
+
+A checkpoint directory holds
+  transformer/   config.json + diffusion_pytorch_model.safetensors (diffusers
+                 CogVideoXTransformer3DModel layout: ``models.from_pretrained``
+                 and diffusers both read it)
+  text_encoder/  config.json (sizes and vocabulary) + model.safetensors (NNX paths)
+  tiny_t2v.json  clip size, sampling defaults and the training record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from adaspa_jax import AdaSpaConfig
+from models import cogvideox, loading, saving, schedulers
+from models.tiny_t2v_text import TextEncoder, TextEncoderConfig, Tokenizer
+
+# The shapes grammar, duplicated from experiments.shapes_data.VOCABULARY so the model
+# package does not import experiments; tests check the two agree.
+VOCABULARY = ("<pad>", "<s>", "a", ",", "red", "green", "blue", "yellow", "magenta", "cyan",
+              "circle", "square", "triangle", "bounces", "falls", "left", "moves", "right",
+              "rises", "spins")
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyT2VConfig:
+  """Everything that defines the embedded model.
+
+  Attributes:
+    transformer: the CogVideoX config (in_channels = out_channels = 3, pixels).
+    text: the text encoder (its width is the transformer's text_embed_dim).
+    frames, height, width: clip size in pixels.
+    flow_shift: sigma shift of the sampling scheduler.
+    guidance_scale: classifier-free guidance weight used by default.
+    num_steps: default denoising steps.
+  """
+
+  transformer: cogvideox.Config
+  text: TextEncoderConfig
+  frames: int
+  height: int
+  width: int
+  flow_shift: float = 1.0
+  guidance_scale: float = 4.0
+  num_steps: int = 25
+
+  def __post_init__(self):
+    t, p = self.transformer, self.transformer.patch_size
+    if t.in_channels != 3 or t.out_channels != 3:
+      raise ValueError(f"transformer in/out channels {t.in_channels}/{t.out_channels}: "
+                       "expected 3 (RGB pixels).")
+    if t.patch_size_t is not None or not t.use_rotary_positional_embeddings:
+      raise ValueError("transformer: expected CogVideoX 1.0 patching (patch_size_t=None) with "
+                       "rotary positional embeddings.")
+    if self.height % p or self.width % p or (self.height, self.width) != (t.sample_height,
+                                                                       t.sample_width):
+      raise ValueError(f"height x width = {self.height}x{self.width}: expected multiples of "
+                       f"patch_size={p} equal to the transformer's sample size "
+                       f"{t.sample_height}x{t.sample_width}.")
+    if t.text_embed_dim != self.text.width or t.max_text_seq_length != self.text.max_length:
+      raise ValueError(f"text width/max_length {self.text.width}/{self.text.max_length}: "
+                       f"expected the transformer's text_embed_dim/max_text_seq_length "
+                       f"{t.text_embed_dim}/{t.max_text_seq_length}.")
+
+  @property
+  def video_tokens(self) -> int:
+    p = self.transformer.patch_size
+    return self.frames * (self.height // p) * (self.width // p)
+
+  def scheduler(self) -> schedulers.FlowMatchEuler:
+    return schedulers.FlowMatchEuler(shift=self.flow_shift, sigma_spacing="linspace")
+
+
+def _config(*, heads, head_dim, layers, time_dim, text_width, text_len, text_layers,
+            text_heads, frames, size, patch):
+  transformer = cogvideox.Config(
+      num_attention_heads=heads, attention_head_dim=head_dim, in_channels=3, out_channels=3,
+      time_embed_dim=time_dim, text_embed_dim=text_width, num_layers=layers,
+      sample_width=size, sample_height=size, sample_frames=frames, patch_size=patch,
+      temporal_compression_ratio=1, max_text_seq_length=text_len,
+      use_rotary_positional_embeddings=True)
+  text = TextEncoderConfig(VOCABULARY, max_length=text_len, width=text_width,
+                           num_layers=text_layers, num_heads=text_heads)
+  return TinyT2VConfig(transformer, text, frames, size, size)
+
+
+PRESETS = {
+    # The shipped model: 4 heads x 64, 6 blocks; 8 x 48 x 48 clips -> 2048 video tokens
+    # + 64 text tokens = 33 blocks of 64.
+    "embedded": _config(heads=4, head_dim=64, layers=6, time_dim=64, text_width=128,
+                        text_len=64, text_layers=2, text_heads=4, frames=8, size=48, patch=3),
+    # CPU tests: 2 x 16 x 16 clips, patch 2 -> 128 video tokens + 24 text tokens.
+    "test": _config(heads=2, head_dim=16, layers=2, time_dim=16, text_width=32, text_len=24,
+                    text_layers=1, text_heads=2, frames=2, size=16, patch=2),
+}
+
+
+class TinyT2V(nnx.Module):
+  """The model's parts: ``transformer(...)`` denoises, ``encode(prompts)`` conditions it."""
+
+  def __init__(self, config: TinyT2VConfig, transformer: cogvideox.Model,
+               text_encoder: TextEncoder):
+    self.config = config
+    self.transformer = transformer
+    self.text_encoder = text_encoder
+
+  @property
+  def tokenizer(self) -> Tokenizer:
+    return Tokenizer(self.config.text.vocabulary, self.config.text.max_length)
+
+  def encode(self, prompts) -> jax.Array:
+    """encoder_hidden_states [B, max_length, text width] of the prompts ("" = unconditional)."""
+    ids, lengths = self.tokenizer(list(prompts))
+    return self.text_encoder(ids, lengths)
+
+
+def build(config: TinyT2VConfig, *, seed: int = 0, dtype=jnp.float32, attention="dense",
+          adaspa: AdaSpaConfig | None = None) -> TinyT2V:
+  """A randomly initialised model; the text encoder is float32 whatever ``dtype``."""
+  tcfg = dataclasses.replace(config.transformer, attention=attention,
+                             **({} if adaspa is None else {"adaspa": adaspa}))
+  config = dataclasses.replace(config, transformer=tcfg)
+  rngs = nnx.Rngs(seed)
+  return TinyT2V(config, cogvideox.Model(tcfg, rngs=rngs, dtype=dtype),
+                 TextEncoder(config.text, rngs=rngs))
+
+
+# ---------------------------------------------------------------- pixels <-> latents
+
+
+def to_latents(video):
+  """float [B, F, H, W, 3] in [0, 1] -> [B, F, 3, H, W] in [-1, 1]."""
+  return jnp.transpose(2.0 * jnp.asarray(video) - 1.0, (0, 1, 4, 2, 3))
+
+
+def to_video(latents) -> np.ndarray:
+  """[B, F, 3, H, W] -> float32 [B, F, H, W, 3] clipped to [0, 1]."""
+  x = np.asarray(latents, np.float32)
+  return np.clip((np.transpose(x, (0, 1, 3, 4, 2)) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def rotary_embedding(config: TinyT2VConfig):
+  """CogVideoX's image_rotary_emb for this clip size: (cos, sin) [N, head_dim]."""
+  return cogvideox.rotary_positional_embeddings(config.transformer, config.frames,
+                                                config.height, config.width)
+
+
+def sampler_inputs(model: TinyT2V, prompts, *, seed: int):
+  """(noise [B, F, 3, H, W], cond, uncond, shared) for ``models.sampler.sample``."""
+  cfg = model.config
+  noise = np.random.default_rng(seed).standard_normal(
+      (len(prompts), cfg.frames, 3, cfg.height, cfg.width)).astype(np.float32)
+  cond = {"encoder_hidden_states": model.encode(prompts)}
+  uncond = {"encoder_hidden_states": model.encode([""] * len(prompts))}
+  return jnp.asarray(noise), cond, uncond, {"image_rotary_emb": rotary_embedding(cfg)}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+_TRANSFORMER, _TEXT, _META = "transformer", "text_encoder", "tiny_t2v.json"
+_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+
+
+def save(model: TinyT2V, directory, *, dtype: str = "bfloat16", record: dict | None = None):
+  """Writes a checkpoint directory (see the module docstring); returns its path.
+
+  Args:
+    dtype: "bfloat16" (the shipped size) or "float32" for every tensor.
+    record: JSON-serialisable facts stored under "training" in tiny_t2v.json
+      (command, steps, final loss, ...).
+  """
+  from safetensors.numpy import save_file  # a declared dependency, needed only here
+
+  if dtype not in _DTYPES:
+    raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}.")
+  directory = os.fspath(directory)
+  cfg = model.config
+  saving.save_pretrained(model.transformer, os.path.join(directory, _TRANSFORMER),
+                         class_name="CogVideoXTransformer3DModel",
+                         rules=cogvideox.weight_rules(cfg.transformer), dtype=_DTYPES[dtype])
+  text_dir = os.path.join(directory, _TEXT)
+  os.makedirs(text_dir, exist_ok=True)
+  with open(os.path.join(text_dir, "config.json"), "w") as f:
+    json.dump(dataclasses.asdict(cfg.text), f, indent=1)
+  tensors = {path: np.ascontiguousarray(np.asarray(var.get_value()).astype(_DTYPES[dtype]))
+             for path, var in loading.model_params(model.text_encoder).items()}
+  save_file(tensors, os.path.join(text_dir, "model.safetensors"))
+  meta = {"frames": cfg.frames, "height": cfg.height, "width": cfg.width,
+          "flow_shift": cfg.flow_shift, "guidance_scale": cfg.guidance_scale,
+          "num_steps": cfg.num_steps, "dtype": dtype, "training": record or {}}
+  with open(os.path.join(directory, _META), "w") as f:
+    json.dump(meta, f, indent=1)
+  return directory
+
+
+def _load_text_encoder(text_dir):
+  with open(os.path.join(text_dir, "config.json")) as f:
+    config = TextEncoderConfig(**json.load(f))
+  encoder = nnx.eval_shape(lambda: TextEncoder(config, rngs=nnx.Rngs(0)))
+  files = loading.SafetensorsFiles([os.path.join(text_dir, "model.safetensors")])
+  params = loading.model_params(encoder)
+  if set(files) != set(params):
+    raise ValueError(f"{text_dir}/model.safetensors: keys differ from the text encoder's "
+                     f"parameters (missing {sorted(set(params) - set(files))}, unexpected "
+                     f"{sorted(set(files) - set(params))}).")
+  for path, var in params.items():
+    want = var.get_value()
+    if files.shape(path) != tuple(want.shape):
+      raise ValueError(f"{text_dir}/model.safetensors: {path!r} has shape {files.shape(path)}, "
+                       f"expected {tuple(want.shape)}.")
+    var.set_value(jnp.asarray(np.asarray(files[path], np.float32), want.dtype))
+  return config, encoder
+
+
+def load(directory, *, dtype=jnp.float32, attention: str = "dense",
+         adaspa: AdaSpaConfig | None = None) -> TinyT2V:
+  """Reads a checkpoint directory (CPU or accelerator).
+
+  Args:
+    dtype: the transformer's parameter and compute dtype (the text encoder is float32).
+    attention, adaspa: as in ``models.from_pretrained``.
+  """
+  directory = os.fspath(directory)
+  meta_path = os.path.join(directory, _META)
+  if not os.path.isfile(meta_path):
+    raise ValueError(f"directory={directory!r}: expected a tiny_t2v checkpoint with {_META}.")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  transformer = loading.from_pretrained(os.path.join(directory, _TRANSFORMER), dtype=dtype,
+                                        attention=attention, adaspa=adaspa)
+  text_config, encoder = _load_text_encoder(os.path.join(directory, _TEXT))
+  config = TinyT2VConfig(transformer.config, text_config, meta["frames"], meta["height"],
+                         meta["width"], meta["flow_shift"], meta["guidance_scale"],
+                         meta["num_steps"])
+  return TinyT2V(config, transformer, encoder)
+
+
+def training_record(directory) -> dict:
+  """The "training" entry of a checkpoint's tiny_t2v.json."""
+  with open(os.path.join(os.fspath(directory), _META)) as f:
+    return json.load(f)["training"]
