@@ -18,6 +18,7 @@ Writes to ``--output_dir``:
   python -m experiments.generate --model=wan --preset=wan2.1-t2v-1.3b --attention=both
   python -m experiments.generate --checkpoint=/ckpt/HunyuanVideo/transformer \\
       --embeddings=prompt.safetensors --steps=50 --sparsity=0.8
+  python -m experiments.generate --model=hunyuan_video --preset=hunyuan-video-13b --mesh=seq:2
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ _BATCH = flags.DEFINE_integer("batch", 1, "videos per run")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "model dtype")
 _PROGRESS = flags.DEFINE_bool("progress", True, "tqdm bar per denoising step")
 _OUT = flags.DEFINE_string("output_dir", "outputs/generate", "where to write results")
+_MESH = flags.DEFINE_string("mesh", None, "sequence/head parallel (Ulysses) over N devices: "
+                            "'N' or 'seq:N' (default: one device)")
+_FSDP = flags.DEFINE_bool("fsdp", False, "with --mesh: shard large weights over the devices "
+                          "instead of replicating them")
 
 
 def main(argv):
@@ -76,7 +81,7 @@ def main(argv):
       dynamic_cfg=_DYNAMIC_CFG.value, scheduler=_SCHEDULER.value, shift=_SHIFT.value,
       latent=(_FRAMES.value, _HEIGHT.value, _WIDTH.value), text_len=_TEXT_LEN.value,
       batch=_BATCH.value, dtype=_DTYPE.value, progress=_PROGRESS.value,
-      output_dir=_OUT.value)
+      output_dir=_OUT.value, mesh=_MESH.value, fsdp=_FSDP.value)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adaspa_jax import PHASE_NAMES, AdaSpaConfig
+from adaspa_jax import PHASE_NAMES, AdaSpaConfig, parallel
 from experiments import metrics
 import models
+from models import parallel as model_parallel
 from models import sampler, schedulers
 
 
@@ -220,13 +221,25 @@ def _loud(lines):
 def run(*, family="wan", preset="tiny", checkpoint=None, embeddings=None, seed=0, steps=50,
         attention="both", adaspa: AdaSpaConfig | None = None, guidance_scale=None,
         dynamic_cfg=False, scheduler=None, shift=None, latent=(None, None, None),
-        text_len=None, batch=1, dtype="bfloat16", progress=True, output_dir="outputs/generate"):
-  """Runs the requested attention modes and writes the outputs; returns the report."""
+        text_len=None, batch=1, dtype="bfloat16", progress=True, output_dir="outputs/generate",
+        mesh=None, fsdp=False):
+  """Runs the requested attention modes and writes the outputs; returns the report.
+
+  ``mesh`` ("N" or "seq:N", see ``adaspa_jax.parallel.parse_mesh``) runs the
+  model sequence/head-parallel over N devices, weights replicated or, with
+  ``fsdp``, sharded.
+  """
+  sp = parallel.parse_mesh(mesh)
+  if fsdp and sp is None:
+    raise ValueError("--fsdp without --mesh: expected --mesh=N (weights are sharded over "
+                     "the mesh's devices).")
   if adaspa is None:
     adaspa = AdaSpaConfig(num_steps=steps, search_steps=default_search_steps(steps))
   family, model, random_weights = build_model(family=family, preset=preset,
                                               checkpoint=checkpoint, adaspa=adaspa,
                                               dtype=jnp.dtype(dtype), seed=seed)
+  if sp is not None:
+    model_parallel.shard_model(model, sp, fsdp=fsdp)
   fam = FAMILIES[family]
   sched = schedulers.get(scheduler or fam.scheduler)
   if shift is not None:
@@ -257,12 +270,16 @@ def run(*, family="wan", preset="tiny", checkpoint=None, embeddings=None, seed=0
       "guidance_scale": guidance, "classifier_free_guidance": guided,
       "batch_rows": (["uncond"] * batch + ["cond"] * batch) if guided else ["cond"] * batch,
       "device": str(jax.devices()[0]), "runs": {},
+      "mesh_devices": 1 if sp is None else sp.size, "fsdp": bool(fsdp),
   }
   common = dict(num_steps=steps, guidance_scale=guidance, shared=inputs.shared,
                 key=jax.random.key(seed + 2), dynamic_cfg=dynamic_cfg, progress=progress)
   results = {}
   for mode in (["dense", "adaspa"] if attention == "both" else [attention]):
-    state = inputs.init_state(row_batch) if mode == "adaspa" else None
+    state = None
+    if mode == "adaspa":
+      make = lambda: inputs.init_state(row_batch)
+      state = make() if sp is None else model_parallel.init_state(make, sp)
     args = (model, sched, inputs.latents, inputs.cond, uncond)
     compile_s = sampler.compile_seconds(*args, adaspa_state=state, **common)
     start = time.perf_counter()
