@@ -1,0 +1,102 @@
+"""Training the embedded model on CPU (tiny config): the loss falls, the result saves,
+loads back and denoises with the sampler."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import training
+from models import loading, sampler, tiny_t2v
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def trained():
+  cfg = training.TrainConfig(preset="test", batch_size=4, learning_rate=1e-2, warmup_steps=1,
+                             caption_dropout=0.0, ema_decay=0.9, dtype="float32",
+                             save_dtype="float32")
+  # Random weights filled from numpy into an abstract model: an eager random
+  # initialisation compiles every initialiser, which costs seconds on CPU.
+  init = nnx.eval_shape(lambda: tiny_t2v.build(tiny_t2v.PRESETS["test"]))
+  rng = np.random.default_rng(0)
+  for path, var in loading.model_params(init).items():
+    shape = var.get_value().shape
+    fan_in = shape[-2] if len(shape) > 1 else 1
+    scale = 1.0 if path.endswith("scale") else 0.0          # layer norms start near 1
+    var.set_value(jnp.asarray(scale + rng.normal(0, 0.2 / math.sqrt(fan_in), shape),
+                              jnp.float32))
+  trainer = training.Trainer(cfg, init=init)
+  batch, key = trainer.batch(0), jax.random.key(0)
+  losses, norms = [], []
+  for _ in range(STEPS):
+    # Same batch, sigmas and noise every step: each step's loss is the fixed-batch loss
+    # of the weights it starts from.
+    trainer.state, metrics = trainer.step_fn(trainer.state, batch, key)
+    losses.append(float(metrics["loss"]))
+    norms.append(float(metrics["grad_norm"]))
+  return trainer, batch, losses, norms
+
+
+def test_loss_falls_on_a_fixed_batch(trained):
+  trainer, _, losses, norms = trained
+  assert np.all(np.isfinite(losses)) and np.all(np.isfinite(norms))
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert int(trainer.state.step) == STEPS
+  assert not np.array_equal(np.asarray(trainer.state.ema), np.asarray(trainer.state.params))
+
+
+def test_save_load_and_one_sampler_step(trained, tmp_path):
+  trainer, _, _, _ = trained
+  model = trainer.model("params")
+  path = tiny_t2v.save(model, tmp_path / "ckpt", dtype="float32", record={"steps": STEPS})
+  loaded = tiny_t2v.load(path)
+  prompts = ["a red circle moves left", "a blue triangle spins, a green square rises"]
+  noise, cond, uncond, shared = tiny_t2v.sampler_inputs(loaded, prompts, seed=0)
+  denoise = nnx.jit(lambda m, x, text, t: m(x, text, t, **shared))
+  x2, t0 = jnp.concatenate([noise, noise]), jnp.full((4,), 1000.0)
+  text = jnp.concatenate([cond["encoder_hidden_states"], uncond["encoder_hidden_states"]])
+  c, u = jnp.split(denoise(loaded.transformer, x2, text, t0), 2)
+  ref_text = jnp.concatenate([model.encode(prompts), model.encode(["", ""])])
+  np.testing.assert_array_equal(np.asarray(text), np.asarray(ref_text))
+  np.testing.assert_array_equal(np.asarray(denoise(model.transformer, x2, ref_text, t0)),
+                                np.asarray(jnp.concatenate([c, u])))
+  guidance, sched = 3.0, loaded.config.scheduler()
+  result = sampler.sample(loaded.transformer, sched, noise, cond, uncond, num_steps=1,
+                          guidance_scale=guidance, shared=shared)
+  # One Euler step by hand: sigma 1 -> 0 with the guided velocity.
+  sigmas = sched.sigmas(1)
+  want = noise + (sigmas[1] - sigmas[0]) * (u + guidance * (c - u))
+  assert result.latents.shape == noise.shape
+  np.testing.assert_allclose(np.asarray(result.latents), np.asarray(want), atol=1e-5)
+  video = tiny_t2v.to_video(result.latents)
+  assert video.shape == (2, 2, 16, 16, 3) and 0 <= video.min() and video.max() <= 1
+
+
+def test_flops_of_the_embedded_preset():
+  f = training.flops_per_sample(tiny_t2v.PRESETS["embedded"])
+  s, d = 2048 + 64, 256
+  assert f["linear"] == 6 * 24 * d * d * s and f["attention"] == 6 * 4 * s * s * d
+  assert f["train"] == 3 * f["forward"] and 40e9 < f["forward"] < 55e9
+
+
+def test_make_batch_is_the_stream():
+  cfg = tiny_t2v.PRESETS["test"]
+  a = training.make_batch(cfg, 5, 8, 4)
+  b = training.make_batch(cfg, 5, 10, 2)
+  np.testing.assert_array_equal(a.ids[2:], b.ids)
+  np.testing.assert_array_equal(a.spec.x[2:], b.spec.x)
+  assert a.ids.shape == (4, cfg.text.max_length) and np.all(a.ids[:, 0] == 1)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("preset", "huge", "preset='huge'"), ("steps", 0, "steps=0"),
+    ("caption_dropout", 1.0, "caption_dropout=1.0"), ("dtype", "float16", "dtype='float16'"),
+    ("time_budget_s", -1.0, "time_budget_s=-1.0")])
+def test_config_is_checked(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    training.TrainConfig(**{field: value})
