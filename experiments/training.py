@@ -124,6 +124,18 @@ class Batch:
   lengths: np.ndarray    # int32 [B]
 
 
+def noised(x0, noise, sigma, num_train_timesteps: int = 1000):
+  """Rectified flow at noise level sigma [B] for clean latents x0 [B, ...].
+
+  Returns (x_sigma = (1 - sigma) x0 + sigma noise, the velocity target
+  noise - x0, the timestep sigma * num_train_timesteps): the conventions of
+  ``models.schedulers.FlowMatchEuler``, whose Euler step x + (sigma' - sigma) v
+  follows this straight path.
+  """
+  s = sigma.reshape(sigma.shape + (1,) * (x0.ndim - 1))
+  return (1 - s) * x0 + s * noise, noise - x0, sigma * num_train_timesteps
+
+
 def make_batch(config: tiny_t2v.TinyT2VConfig, stream: int, start: int, n: int) -> Batch:
   data = shapes_data.sample_batch(stream, start, n, frames=config.frames, height=config.height,
                                   width=config.width)
@@ -195,9 +207,7 @@ class Trainer:
     k_sigma, k_noise, k_drop = jax.random.split(key, 3)
     b = x0.shape[0]
     sigma = jax.nn.sigmoid(jax.random.normal(k_sigma, (b,)))
-    noise = jax.random.normal(k_noise, x0.shape)
-    s = sigma[:, None, None, None, None]
-    x = (1 - s) * x0 + s * noise
+    x, target, timestep = noised(x0, jax.random.normal(k_noise, x0.shape), sigma)
     ids, lengths = jnp.asarray(batch.ids), jnp.asarray(batch.lengths)
     if dropout:
       drop = jax.random.bernoulli(k_drop, dropout, (b,))
@@ -205,9 +215,9 @@ class Trainer:
       lengths = jnp.where(drop, self._null[1], lengths)
     text = model.text_encoder(ids, lengths)
     dtype = jnp.dtype(self.cfg.dtype)
-    pred = model.transformer(x.astype(dtype), text.astype(dtype), sigma * 1000.0,
+    pred = model.transformer(x.astype(dtype), text.astype(dtype), timestep,
                              image_rotary_emb=self.rope)
-    return jnp.mean(jnp.square(pred.astype(jnp.float32) - (noise - x0)))
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
   def _step(self, state: TrainState, batch: Batch, key):
     loss, grads = jax.value_and_grad(self._loss)(state.params, batch, key,

@@ -178,14 +178,36 @@ def rotary_embedding(config: TinyT2VConfig):
                                                 config.height, config.width)
 
 
-def sampler_inputs(model: TinyT2V, prompts, *, seed: int):
-  """(noise [B, F, 3, H, W], cond, uncond, shared) for ``models.sampler.sample``."""
+def sampler_inputs(model: TinyT2V, prompts, *, seed):
+  """(noise [B, F, 3, H, W], cond, uncond, shared) for ``models.sampler.sample``.
+
+  ``seed``: one int for the whole batch, or one per prompt (each prompt's noise
+  then depends on its own seed only).
+  """
   cfg = model.config
-  noise = np.random.default_rng(seed).standard_normal(
-      (len(prompts), cfg.frames, 3, cfg.height, cfg.width)).astype(np.float32)
+  shape = (cfg.frames, 3, cfg.height, cfg.width)
+  if isinstance(seed, (int, np.integer)):
+    noise = np.random.default_rng(seed).standard_normal((len(prompts),) + shape)
+  else:
+    if len(seed) != len(prompts):
+      raise ValueError(f"seed has {len(seed)} entries: expected one per prompt "
+                       f"({len(prompts)}) or a single int.")
+    noise = np.stack([np.random.default_rng(int(s)).standard_normal(shape) for s in seed])
+  noise = noise.astype(np.float32)
   cond = {"encoder_hidden_states": model.encode(prompts)}
   uncond = {"encoder_hidden_states": model.encode([""] * len(prompts))}
   return jnp.asarray(noise), cond, uncond, {"image_rotary_emb": rotary_embedding(cfg)}
+
+
+def prompt_embeddings(model: TinyT2V, prompt: str) -> dict[str, np.ndarray]:
+  """diffusers' CogVideoX prompt tensors for one prompt: ``prompt_embeds`` and
+  ``negative_prompt_embeds`` (the empty caption), float32 [1, max_length, width].
+
+  Saved with ``safetensors.numpy.save_file``, they are what
+  ``experiments/generate.py --embeddings`` reads for a CogVideoX checkpoint.
+  """
+  return {"prompt_embeds": np.asarray(model.encode([prompt]), np.float32),
+          "negative_prompt_embeds": np.asarray(model.encode([""]), np.float32)}
 
 
 # ---------------------------------------------------------------- checkpoints

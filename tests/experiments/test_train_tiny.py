@@ -77,6 +77,26 @@ def test_save_load_and_one_sampler_step(trained, tmp_path):
   assert video.shape == (2, 2, 16, 16, 3) and 0 <= video.min() and video.max() <= 1
 
 
+def test_training_target_is_what_the_sampler_integrates():
+  """A denoiser that returns the exact velocity of ``noised`` for one clip takes the
+  scheduler from pure noise to that clip: training and sampling share a convention."""
+  rng = np.random.default_rng(0)
+  x0 = jnp.asarray(rng.uniform(-1, 1, (1, 2, 3, 16, 16)), jnp.float32)
+  noise = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
+  sched = tiny_t2v.PRESETS["test"].scheduler()
+
+  class Oracle(nnx.Module):
+    def __call__(self, hidden_states, timestep, encoder_hidden_states):
+      sigma = timestep[:, None, None, None, None] / 1000.0
+      return (hidden_states - x0) / sigma       # = noise - x0 on the path through x0
+
+  x, target, t = training.noised(x0, noise, jnp.asarray([0.3]))
+  np.testing.assert_allclose(np.asarray(Oracle()(x, t, None)), np.asarray(target), atol=1e-5)
+  out = sampler.sample(Oracle(), sched, noise, {"encoder_hidden_states": jnp.zeros((1, 1, 1))},
+                       num_steps=4)
+  np.testing.assert_allclose(np.asarray(out.latents), np.asarray(x0), atol=1e-5)
+
+
 def test_flops_of_the_embedded_preset():
   f = training.flops_per_sample(tiny_t2v.PRESETS["embedded"])
   s, d = 2048 + 64, 256

@@ -136,6 +136,15 @@ def test_latents_and_sampler_inputs(model):
                                 model.encode([""])[0])
   cos, sin = shared["image_rotary_emb"]
   assert cos.shape == sin.shape == (TEST.video_tokens, 16)
+  # One seed per prompt: a clip's noise does not depend on its batch.
+  both = tiny_t2v.sampler_inputs(model, PROMPTS[:2], seed=[7, 9])[0]
+  alone = tiny_t2v.sampler_inputs(model, PROMPTS[1:2], seed=[9])[0]
+  np.testing.assert_array_equal(both[1], alone[0])
+  with pytest.raises(ValueError, match="seed has 1 entries"):
+    tiny_t2v.sampler_inputs(model, PROMPTS[:2], seed=[7])
+  emb = tiny_t2v.prompt_embeddings(model, PROMPTS[0])
+  np.testing.assert_array_equal(emb["prompt_embeds"], cond["encoder_hidden_states"][:1])
+  np.testing.assert_array_equal(emb["negative_prompt_embeds"], uncond["encoder_hidden_states"][:1])
 
 
 def _outputs(m, noise, shared):
