@@ -57,7 +57,7 @@ class TrainConfig:
   preset: str = "embedded"
   steps: int = 8000
   batch_size: int = 64
-  learning_rate: float = 3e-4
+  learning_rate: float = 5e-4
   warmup_steps: int = 200
   weight_decay: float = 0.0
   grad_clip: float = 1.0
