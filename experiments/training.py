@@ -66,6 +66,9 @@ class TrainConfig:
   seed: int = 0
   log_every: int = 50
   time_budget_s: float | None = None
+  # Seconds kept at the end of the budget for the evaluation loss (one more
+  # compilation) and writing the checkpoint.
+  save_reserve_s: float = 45.0
   dtype: str = "bfloat16"
   save_dtype: str = "bfloat16"
 
@@ -271,7 +274,6 @@ def train(cfg: TrainConfig, output_dir: str, *, command: str = "",
       f"{cfg.batch_size}, device {jax.devices()[0]}")
   key = jax.random.key(cfg.seed)
   history, pending, last = [], [], float("nan")
-  save_reserve = 20.0                  # seconds kept for the evaluation loss and saving
   stopped_by, step = "steps", 0
   t_log = time.perf_counter()
   while step < cfg.steps:
@@ -294,7 +296,7 @@ def train(cfg: TrainConfig, output_dir: str, *, command: str = "",
     log(f"step {step}: loss {last:.4f}, {per_step * 1e3:.1f} ms/step, "
         f"{now - start:.0f} s")
     if (cfg.time_budget_s is not None and step < cfg.steps
-        and now - start + cfg.log_every * per_step + save_reserve > cfg.time_budget_s):
+        and now - start + cfg.log_every * per_step + cfg.save_reserve_s > cfg.time_budget_s):
       stopped_by = "time_budget"
       log(f"stopping after step {step}: the next {cfg.log_every} steps would pass "
           f"time_budget_s={cfg.time_budget_s}")
