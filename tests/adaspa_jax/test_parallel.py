@@ -4,7 +4,8 @@ The device count is fixed when JAX starts and the rest of the suite keeps one
 CPU device, so the sharded runs happen in a subprocess (this file run as a
 module with ``--xla_force_host_platform_device_count=4``) that saves the
 single-device and sharded results of every step to an .npz; the tests compare
-them here.
+them here. The reference kernels cover every phase and layout; the Triton
+Pallas kernels (interpret mode) show that pallas_call runs inside shard_map.
 """
 
 import json
@@ -101,6 +102,22 @@ def _worker(path):
   out["video_only/sharded"] = np.asarray(o)
   info["video_only"] = {"out_spec": _spec(o)}
 
+  # The Triton Pallas kernels inside shard_map (interpret mode): fused search, then sparse.
+  config = AdaSpaConfig(sparsity=0.5, block_size=16, num_steps=2, search_steps=(0,),
+                        implementation="triton")
+  text = text_blocks_mask(64, 16, 60, 4)
+  q, k, v = _inputs(rng, 1, 64, 4, 64, "float32", 60, False, 4)
+  st1 = st2 = init_state(config, 1, 64, 4, text_blocks=text)
+  for t in range(2):
+    o1, st1 = jax.jit(lambda q, k, v, st: adaspa_attention(
+        q, k, v, st, t, config, text_blocks=text, interpret=True))(q, k, v, st1)
+    o2, st2 = jax.jit(lambda q, k, v, st: parallel.adaspa_attention(
+        q, k, v, st, t, config, sequence_parallel=sp, text_span=(60, 4), interpret=True))(
+            q, k, v, st2)
+    for tag, o, st in (("single", o1, st1), ("sharded", o2, st2)):
+      out[f"triton/{t}/{tag}/out"] = np.asarray(o)
+      out[f"triton/{t}/{tag}/indices"] = np.asarray(st.indices)
+
   errors = {}
   config = AdaSpaConfig(block_size=16, num_steps=4, search_steps=(1,), implementation="reference")
   for label, (h, video, n_text) in {"heads": (6, 64, 0), "tokens": (4, 62, 8)}.items():
@@ -175,6 +192,15 @@ def test_dense_entry_matches(results, case):
   np.testing.assert_allclose(arrays[f"{key}/sharded"], arrays[f"{key}/single"], **_tol(case))
   if case == "video_only":
     assert info[case]["out_spec"] == [None, "seq"]
+
+
+def test_pallas_kernels_inside_shard_map(results):
+  arrays, _ = results
+  for t in range(2):
+    np.testing.assert_array_equal(arrays[f"triton/{t}/sharded/indices"],
+                                  arrays[f"triton/{t}/single/indices"])
+    np.testing.assert_allclose(arrays[f"triton/{t}/sharded/out"],
+                               arrays[f"triton/{t}/single/out"], rtol=1e-5, atol=2e-6)
 
 
 def test_indivisible_heads_and_tokens_raise(results):
