@@ -1,6 +1,8 @@
-"""Text-to-video latents with dense attention, AdaSpa, or both (and how they differ).
+"""Text-to-video with dense attention, AdaSpa, or both (and how they differ).
 
-Runs a Wan2.1, HunyuanVideo or CogVideoX transformer through the whole denoising
+By default (``--model=embedded``) it samples the shipped shapes model for one
+``--prompt``, dense and with AdaSpa, and prints timing, PSNR/SSIM and both clips'
+caption checks (``experiments/embedded.py``; this is ``make demo``). Otherwise it runs a Wan2.1, HunyuanVideo or CogVideoX transformer through the whole denoising
 schedule as one jitted ``lax.scan`` (``models.sampler``). Text encoders and VAEs
 are out of scope: the prompt comes as precomputed embeddings (a ``.safetensors``
 file with diffusers' tensor names, see the README) and the result is latents.
@@ -15,6 +17,7 @@ Writes to ``--output_dir``:
                                            ``both``, PSNR/SSIM of AdaSpa vs dense;
   masks.png                                selected key blocks of a few heads.
 
+  python -m experiments.generate --prompt="a green triangle spins"
   python -m experiments.generate --model=wan --preset=wan2.1-t2v-1.3b --attention=both
   python -m experiments.generate --checkpoint=/ckpt/HunyuanVideo/transformer \\
       --embeddings=prompt.safetensors --steps=50 --sparsity=0.8
@@ -26,10 +29,16 @@ from __future__ import annotations
 from absl import app, flags
 
 from adaspa_jax import AdaSpaConfig
+from experiments import embedded
 from experiments.generation import default_search_steps, run
 from models import schedulers
-_MODEL = flags.DEFINE_enum("model", "wan", ["wan", "hunyuan_video", "cogvideox"],
-                           "model family (ignored with --checkpoint: read from its config)")
+
+_MODEL = flags.DEFINE_enum("model", "embedded", ["embedded", "wan", "hunyuan_video", "cogvideox"],
+                           "model family; 'embedded' is the shipped shapes model "
+                           "(checkpoints/tiny_t2v); others are ignored with --checkpoint "
+                           "(read from its config)")
+_PROMPT = flags.DEFINE_string("prompt", embedded.DEFAULT_PROMPT,
+                              "caption for --model=embedded (its grammar: docs/tiny_t2v.md)")
 _PRESET = flags.DEFINE_string("preset", "tiny", "the family's preset (e.g. wan2.1-t2v-1.3b, "
                               "hunyuan-video-13b, cogvideox-5b, tiny); random weights")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "diffusers transformer directory "
@@ -37,7 +46,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "diffusers transformer dir
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, ".safetensors with diffusers' prompt "
                                   "tensors (prompt_embeds, negative_prompt_embeds, ...)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the initial noise (and random weights)")
-_STEPS = flags.DEFINE_integer("steps", 50, "denoising steps")
+_STEPS = flags.DEFINE_integer("steps", None, "denoising steps (default: 50; the embedded "
+                              "model: its checkpoint's)")
 _ATTENTION = flags.DEFINE_enum("attention", "both", ["dense", "adaspa", "both"], "what to run")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.8, "AdaSpa base sparsity")
 _BLOCK = flags.DEFINE_integer("block_size", 64, "AdaSpa block size")
@@ -69,14 +79,23 @@ _FSDP = flags.DEFINE_bool("fsdp", False, "with --mesh: shard large weights over 
 
 def main(argv):
   del argv
+  is_embedded = _MODEL.value == "embedded"
+  steps = _STEPS.value or (embedded.default_steps(_CHECKPOINT.value) if is_embedded else 50)
   search = (tuple(int(s) for s in _SEARCH.value) if _SEARCH.value
-            else default_search_steps(_STEPS.value))
+            else default_search_steps(steps))
   adaspa = AdaSpaConfig(sparsity=_SPARSITY.value, block_size=_BLOCK.value,
-                        num_steps=_STEPS.value, search_steps=search,
+                        num_steps=steps, search_steps=search,
                         head_adaptive=_HEAD_ADAPTIVE.value, lse_cache=_LSE_CACHE.value,
                         implementation=_IMPL.value)
+  if is_embedded:
+    if _ATTENTION.value != "both":
+      raise app.UsageError("--model=embedded always compares dense and AdaSpa: "
+                           f"--attention={_ATTENTION.value!r}, expected 'both'.")
+    embedded.run(prompt=_PROMPT.value, checkpoint=_CHECKPOINT.value, seed=_SEED.value,
+                 adaspa=adaspa, guidance_scale=_GUIDANCE.value, output_dir=_OUT.value)
+    return
   run(family=_MODEL.value, preset=_PRESET.value, checkpoint=_CHECKPOINT.value,
-      embeddings=_EMBEDDINGS.value, seed=_SEED.value, steps=_STEPS.value,
+      embeddings=_EMBEDDINGS.value, seed=_SEED.value, steps=steps,
       attention=_ATTENTION.value, adaspa=adaspa, guidance_scale=_GUIDANCE.value,
       dynamic_cfg=_DYNAMIC_CFG.value, scheduler=_SCHEDULER.value, shift=_SHIFT.value,
       latent=(_FRAMES.value, _HEIGHT.value, _WIDTH.value), text_len=_TEXT_LEN.value,
