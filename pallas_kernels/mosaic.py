@@ -84,12 +84,6 @@ def _pad_seq(x, s_pad, axis, value=0):
   return jnp.pad(x, pad, constant_values=value) if s_pad != x.shape[axis] else x
 
 
-def _lengths(kv_lengths, batch, seq):
-  if kv_lengths is None:
-    return jnp.full((batch,), seq, jnp.int32)
-  return jnp.clip(kv_lengths, 0, seq).astype(jnp.int32)
-
-
 def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, interpret):
   """Runs the sparse kernel on padded q/k/v; returns unpadded-row outputs [.., S_pad]."""
   n_blk = validation.num_blocks(seq, block_size)
@@ -144,12 +138,8 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
   """
-  b, s, h, d = validation.check_qkv(q, k, v)
-  block_size = validation.check_block_size(block_size)
-  validation.check_block_lists(kv_block_indices, kv_block_counts, b, h,
-                               validation.num_blocks(s, block_size))
-  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
-  scale = validation.default_scale(sm_scale, d)
+  b, s, h, d, block_size, _, kv_lengths, scale, lengths = validation.block_sparse_call(
+      q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale)
   reason = unsupported_reason(q.dtype, d, block_size)
   if reason:
     return _call_fallback("block_sparse_attention", reason, interpret, q, k, v,
@@ -157,7 +147,6 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
                           kv_lengths=kv_lengths, sm_scale=scale, return_lse=return_lse)
   _check_device(interpret)
   s_pad = _padded_len(s)
-  lengths = _lengths(kv_lengths, b, s)
   qp, kp, vp = (_pad_seq(x, s_pad, 1) for x in (q, k, v))
   out, lse = _sparse(qp, kp, vp, kv_block_indices, kv_block_counts, lengths, seq=s,
                      block_size=block_size, scale=scale, interpret=interpret)
@@ -174,18 +163,14 @@ def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpr
   Returns:
     float32 [B, H, nQ, nK].
   """
-  b, s, h, d = validation.check_qkv(q, k)
-  block_size = validation.check_block_size(block_size)
-  validation.check_lse(lse, b, s, h)
-  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
-  scale = validation.default_scale(sm_scale, d)
+  b, s, h, d, block_size, _, kv_lengths, scale, lengths = validation.block_mass_call(
+      q, k, lse, block_size, kv_lengths, sm_scale)
   reason = unsupported_reason(q.dtype, d, block_size)
   if reason:
     return _call_fallback("block_mass", reason, interpret, q, k, lse, block_size=block_size,
                           kv_lengths=kv_lengths, sm_scale=scale)
   _check_device(interpret)
   s_pad = _padded_len(s)
-  lengths = _lengths(kv_lengths, b, s)
   return _mass(_pad_seq(q, s_pad, 1), _pad_seq(k, s_pad, 1), lse, lengths, seq=s,
                block_size=block_size, scale=scale, interpret=interpret)
 
@@ -208,7 +193,7 @@ def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=
   _check_device(interpret)
   s_pad = _padded_len(s)
   n_dense = validation.num_blocks(s, DENSE_PASS_BLOCK)
-  lengths = _lengths(kv_lengths, b, s)
+  lengths = validation.valid_lengths(kv_lengths, b, s)
   qp, kp, vp = (_pad_seq(x, s_pad, 1) for x in (q, k, v))
   # Count nK marks every row dense, so the one-column list is never read.
   idx = jnp.zeros((b, h, n_dense, 1), jnp.int32)

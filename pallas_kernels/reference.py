@@ -56,12 +56,6 @@ def _merge_chunks(x):
   return x.reshape(x.shape[0], x.shape[1], -1, *x.shape[4:])
 
 
-def _lengths(kv_lengths, batch, seq_len):
-  if kv_lengths is None:
-    return jnp.full((batch,), seq_len, jnp.int32)
-  return jnp.minimum(kv_lengths, seq_len)
-
-
 def _masked_flash(q, k, v, lengths, sm_scale, block_size, block_mask):
   """Online-softmax attention over chunks.
 
@@ -140,7 +134,8 @@ def attention(q, k, v, *, kv_lengths=None, sm_scale=None):
   b, s, h, d = validation.check_qkv(q, k, v)
   kv_lengths = validation.check_kv_lengths(kv_lengths, b)
   scale = validation.default_scale(sm_scale, d)
-  out, lse = _masked_flash(q, k, v, _lengths(kv_lengths, b, s), scale, 16, None)
+  out, lse = _masked_flash(q, k, v, validation.valid_lengths(kv_lengths, b, s), scale, 16,
+                           None)
   return out.astype(q.dtype), lse
 
 
@@ -171,14 +166,10 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
   """
-  b, s, h, d = validation.check_qkv(q, k, v)
-  block_size = validation.check_block_size(block_size)
-  n_blk = validation.num_blocks(s, block_size)
-  validation.check_block_lists(kv_block_indices, kv_block_counts, b, h, n_blk)
-  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
-  scale = validation.default_scale(sm_scale, d)
+  _, _, _, _, block_size, n_blk, _, scale, lengths = validation.block_sparse_call(
+      q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale)
   mask = block_mask_from_lists(kv_block_indices, kv_block_counts, n_blk)
-  out, lse = _masked_flash(q, k, v, _lengths(kv_lengths, b, s), scale, block_size, mask)
+  out, lse = _masked_flash(q, k, v, lengths, scale, block_size, mask)
   out = out.astype(q.dtype)
   return (out, lse) if return_lse else out
 
@@ -196,13 +187,8 @@ def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None):
   Returns:
     float32 [B, H, nQ, nK].
   """
-  b, s, h, d = validation.check_qkv(q, k)
-  block_size = validation.check_block_size(block_size)
-  validation.check_lse(lse, b, s, h)
-  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
-  scale = validation.default_scale(sm_scale, d)
-  lengths = _lengths(kv_lengths, b, s)
-  n_blk = validation.num_blocks(s, block_size)
+  b, s, h, _, block_size, n_blk, _, scale, lengths = validation.block_mass_call(
+      q, k, lse, block_size, kv_lengths, sm_scale)
   chunk = _chunk_size(s, block_size)
   s_pad = -(-s // chunk) * chunk
   bpc = chunk // block_size

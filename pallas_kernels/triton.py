@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from pallas_kernels import reference
 from pallas_kernels import triton_block_mass
 from pallas_kernels import triton_block_sparse
 from pallas_kernels import validation
@@ -57,10 +56,6 @@ def _fit_smem(tiles, head_dim, itemsize, streams):
   return tiles
 
 
-def _lengths(kv_lengths, batch, seq_len):
-  return reference._lengths(kv_lengths, batch, seq_len)  # pylint: disable=protected-access
-
-
 def attention(q, k, v, *, kv_lengths=None, sm_scale=None, interpret=False, tiles=None):
   """Exact dense attention by the flash kernel.
 
@@ -78,7 +73,8 @@ def attention(q, k, v, *, kv_lengths=None, sm_scale=None, interpret=False, tiles
   scale = validation.default_scale(sm_scale, d)
   tiles = _fit_smem((tiles or DENSE_TILES).check(), d, q.dtype.itemsize, streams=2)
   return triton_block_sparse.flash_attention(
-      q, k, v, _lengths(kv_lengths, b, s), block_size=0, sm_scale=scale, tiles=tiles,
+      q, k, v, validation.valid_lengths(kv_lengths, b, s), block_size=0, sm_scale=scale,
+      tiles=tiles,
       mask_keys=kv_lengths is not None, interpret=interpret)
 
 
@@ -97,15 +93,11 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
   """
-  b, s, h, d = validation.check_qkv(q, k, v)
-  block_size = validation.check_block_size(block_size)
-  n_blk = validation.num_blocks(s, block_size)
-  validation.check_block_lists(kv_block_indices, kv_block_counts, b, h, n_blk)
-  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
-  scale = validation.default_scale(sm_scale, d)
+  _, _, _, d, block_size, _, kv_lengths, scale, lengths = validation.block_sparse_call(
+      q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale)
   tiles = _fit_smem((tiles or SPARSE_TILES).check(), d, q.dtype.itemsize, streams=2)
   out, lse = triton_block_sparse.flash_attention(
-      q, k, v, _lengths(kv_lengths, b, s), kv_block_indices, kv_block_counts,
+      q, k, v, lengths, kv_block_indices, kv_block_counts,
       block_size=block_size, sm_scale=scale, tiles=tiles,
       mask_keys=kv_lengths is not None, interpret=interpret)
   return (out, lse) if return_lse else out
@@ -123,14 +115,11 @@ def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpr
   Returns:
     float32 [B, H, nQ, nK].
   """
-  b, s, h, d = validation.check_qkv(q, k)
-  block_size = validation.check_block_size(block_size)
-  validation.check_lse(lse, b, s, h)
-  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
-  scale = validation.default_scale(sm_scale, d)
+  _, _, _, d, block_size, _, kv_lengths, scale, lengths = validation.block_mass_call(
+      q, k, lse, block_size, kv_lengths, sm_scale)
   tiles = _fit_smem((tiles or MASS_TILES).check(), d, q.dtype.itemsize, streams=1)
   return triton_block_mass.block_mass(
-      q, k, lse, _lengths(kv_lengths, b, s), block_size=block_size, sm_scale=scale,
+      q, k, lse, lengths, block_size=block_size, sm_scale=scale,
       tiles=tiles, mask_keys=kv_lengths is not None, interpret=interpret)
 
 

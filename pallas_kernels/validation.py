@@ -8,6 +8,7 @@ wrong answer.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -91,3 +92,46 @@ def default_scale(sm_scale, head_dim: int) -> float:
   if not isinstance(sm_scale, (int, float, np.floating)) or not sm_scale > 0:
     raise ValueError(f"sm_scale={sm_scale!r}: expected a positive Python float or None.")
   return float(sm_scale)
+
+
+class Call(NamedTuple):
+  """A checked kernel call: shapes, the normalised arguments and valid lengths."""
+  batch: int
+  seq: int
+  heads: int
+  head_dim: int
+  block_size: int
+  num_blocks: int
+  kv_lengths: object      # int32 [B] or None, as given
+  sm_scale: float
+  lengths: object         # int32 [B]: kv_lengths clipped to [0, S], S when None
+
+
+def valid_lengths(kv_lengths, batch: int, seq: int):
+  """int32 [B] valid tokens per batch element (S everywhere when kv_lengths is None)."""
+  if kv_lengths is None:
+    return jnp.full((batch,), seq, jnp.int32)
+  return jnp.clip(kv_lengths, 0, seq).astype(jnp.int32)
+
+
+def _call(q, k, v, block_size, kv_lengths, sm_scale):
+  b, s, h, d = check_qkv(q, k, v)
+  block_size = check_block_size(block_size)
+  kv_lengths = check_kv_lengths(kv_lengths, b)
+  return Call(b, s, h, d, block_size, num_blocks(s, block_size), kv_lengths,
+              default_scale(sm_scale, d), valid_lengths(kv_lengths, b, s))
+
+
+def block_sparse_call(q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths,
+                      sm_scale) -> Call:
+  """Checks the arguments of ``block_sparse_attention`` (every implementation)."""
+  call = _call(q, k, v, block_size, kv_lengths, sm_scale)
+  check_block_lists(kv_block_indices, kv_block_counts, call.batch, call.heads, call.num_blocks)
+  return call
+
+
+def block_mass_call(q, k, lse, block_size, kv_lengths, sm_scale) -> Call:
+  """Checks the arguments of ``block_mass`` (every implementation)."""
+  call = _call(q, k, None, block_size, kv_lengths, sm_scale)
+  check_lse(lse, call.batch, call.seq, call.heads)
+  return call
