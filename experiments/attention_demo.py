@@ -13,7 +13,6 @@ import json
 
 from absl import app, flags
 import jax
-import numpy as np
 
 from adaspa_jax import PHASE_NAMES, AdaSpaConfig
 from experiments import synthetic

@@ -83,14 +83,7 @@ class Config:
   sequence_parallel: SequenceParallel | None = None
 
   def __post_init__(self):
-    if self.attention not in ("dense", "adaspa"):
-      raise ValueError(f"attention={self.attention!r}: expected 'dense' or 'adaspa'.")
-    if not isinstance(self.adaspa, AdaSpaConfig):
-      raise ValueError(f"adaspa={self.adaspa!r}: expected an adaspa_jax.AdaSpaConfig.")
-    if self.sequence_parallel is not None and not isinstance(self.sequence_parallel,
-                                                             SequenceParallel):
-      raise ValueError(f"sequence_parallel={self.sequence_parallel!r}: expected None or an "
-                       "adaspa_jax.parallel.SequenceParallel.")
+    layers.check_attention_fields(self)
     if self.out_channels is None:
       raise ValueError("out_channels=None: expected an int (diffusers cannot build the "
                        "output projection without it).")

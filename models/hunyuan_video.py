@@ -28,6 +28,7 @@ from adaspa_jax.parallel import SequenceParallel
 from models.hunyuan_video_layers import (LN_EPS, FeedForward, TextProjection, TimestepEmbedding,
                                          TokenRefiner, apply_rope, gelu_tanh, layer_norm, linear,
                                          modulate, rope_tables, scan_layers, stacked)
+from models import layers
 from models.loading import Rule
 
 DIFFUSERS_CLASS_NAMES = ("HunyuanVideoTransformer3DModel",)
@@ -83,14 +84,7 @@ class Config:
       raise ValueError(
           f"image_condition_type={self.image_condition_type!r}: expected None or "
           "'latent_concat' ('token_replace' is not supported).")
-    if self.attention not in ("dense", "adaspa"):
-      raise ValueError(f"attention={self.attention!r}: expected 'dense' or 'adaspa'.")
-    if not isinstance(self.adaspa, AdaSpaConfig):
-      raise ValueError(f"adaspa={self.adaspa!r}: expected an AdaSpaConfig.")
-    if self.sequence_parallel is not None and not isinstance(self.sequence_parallel,
-                                                             SequenceParallel):
-      raise ValueError(f"sequence_parallel={self.sequence_parallel!r}: expected None or an "
-                       "adaspa_jax.parallel.SequenceParallel.")
+    layers.check_attention_fields(self)
 
   @property
   def inner_dim(self) -> int:

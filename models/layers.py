@@ -191,3 +191,18 @@ def scan_layers(layers: nnx.Module, fn: Callable, carry, xs=None):
     return fn(nnx.merge(graphdef, layer_state), c, x)
 
   return jax.lax.scan(body, carry, (state, xs))
+
+
+def check_attention_fields(config) -> None:
+  """Checks the attention fields every model config shares (attention, adaspa,
+  sequence_parallel); raises ValueError naming the field."""
+  from adaspa_jax import AdaSpaConfig  # pylint: disable=import-outside-toplevel
+  from adaspa_jax.parallel import SequenceParallel  # pylint: disable=import-outside-toplevel
+  if config.attention not in ("dense", "adaspa"):
+    raise ValueError(f"attention={config.attention!r}: expected 'dense' or 'adaspa'.")
+  if not isinstance(config.adaspa, AdaSpaConfig):
+    raise ValueError(f"adaspa={config.adaspa!r}: expected an adaspa_jax.AdaSpaConfig.")
+  sp = config.sequence_parallel
+  if sp is not None and not isinstance(sp, SequenceParallel):
+    raise ValueError(f"sequence_parallel={sp!r}: expected None or an "
+                     "adaspa_jax.parallel.SequenceParallel.")

@@ -64,14 +64,7 @@ class Config:
       if getattr(self, name) is not None:
         raise ValueError(f"{name}={getattr(self, name)!r}: image-to-video Wan is not "
                          "implemented; expected None (text-to-video).")
-    if self.attention not in ("dense", "adaspa"):
-      raise ValueError(f"attention={self.attention!r}: expected 'dense' or 'adaspa'.")
-    if not isinstance(self.adaspa, AdaSpaConfig):
-      raise ValueError(f"adaspa={self.adaspa!r}: expected an AdaSpaConfig.")
-    if self.sequence_parallel is not None and not isinstance(self.sequence_parallel,
-                                                             SequenceParallel):
-      raise ValueError(f"sequence_parallel={self.sequence_parallel!r}: expected None or an "
-                       "adaspa_jax.parallel.SequenceParallel.")
+    layers.check_attention_fields(self)
     if self.attention_head_dim % 2:
       raise ValueError(f"attention_head_dim={self.attention_head_dim}: expected an even number "
                        "(RoPE rotates pairs).")
