@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adaspa_jax import (AdaSpaConfig, adaspa_attention, init_state, select_blocks,
+from adaspa_jax import (AdaSpaConfig, adaspa_attention, init_state,
                         state_nbytes, text_blocks_mask)
 from tests import numpy_ref, numpy_selection
 

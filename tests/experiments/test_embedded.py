@@ -5,13 +5,11 @@ import os
 import subprocess
 import sys
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from flax import nnx
 
 from experiments import embedded
-from models import loading, tiny_t2v
+from models import tiny_t2v
+from tests.experiments import tiny_checkpoint
 
 
 def test_shipped_checkpoint_is_complete():
@@ -25,13 +23,7 @@ def test_shipped_checkpoint_is_complete():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  model = nnx.eval_shape(lambda: tiny_t2v.build(tiny_t2v.PRESETS["test"]))
-  rng = np.random.default_rng(0)
-  for name, var in loading.model_params(model).items():
-    shape = var.get_value().shape
-    var.set_value(jnp.asarray((name.endswith("scale")) + rng.normal(0, 0.1, shape),
-                              jnp.float32))
-  return str(tiny_t2v.save(model, tmp_path_factory.mktemp("ckpt"), dtype="float32"))
+  return str(tiny_checkpoint.random_checkpoint(tmp_path_factory.mktemp("ckpt"))[0])
 
 
 def test_demo_cli_writes_clips_and_report(checkpoint, tmp_path):

@@ -2,25 +2,17 @@
 
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from adaspa_jax import AdaSpaConfig
 from experiments import caption_check, shapes_data, tiny_eval
-from models import loading, tiny_t2v
+from tests.experiments import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  model = nnx.eval_shape(lambda: tiny_t2v.build(tiny_t2v.PRESETS["test"]))
-  rng = np.random.default_rng(0)
-  for name, var in loading.model_params(model).items():
-    shape = var.get_value().shape
-    scale = 1.0 if name.endswith("scale") else 0.0
-    var.set_value(jnp.asarray(scale + rng.normal(0, 0.1, shape), jnp.float32))
-  return tiny_t2v.save(model, tmp_path_factory.mktemp("ckpt"), dtype="float32")
+  return tiny_checkpoint.random_checkpoint(tmp_path_factory.mktemp("ckpt"))[0]
 
 
 def test_held_out_prompts_are_the_grammars_and_not_the_training_streams():

@@ -6,22 +6,14 @@ import os
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from models import loading, tiny_t2v
+from tests.experiments import tiny_checkpoint
 
 
 def _start_checkpoint(path):
-  """Random weights from numpy (an eager initialisation would compile every initialiser)."""
-  model = nnx.eval_shape(lambda: tiny_t2v.build(tiny_t2v.PRESETS["test"]))
-  rng = np.random.default_rng(0)
-  for name, var in loading.model_params(model).items():
-    shape = var.get_value().shape
-    scale = 1.0 if name.endswith("scale") else 0.0
-    var.set_value(jnp.asarray(scale + rng.normal(0, 0.05, shape), jnp.float32))
-  return tiny_t2v.save(model, path, dtype="float32"), model
+  return tiny_checkpoint.random_checkpoint(path, std=0.05)
 
 
 def test_launcher_stops_on_its_budget_and_saves(tmp_path):
