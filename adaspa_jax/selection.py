@@ -8,7 +8,8 @@ The algorithm (paper Section 4, with the resolutions in our paper notes):
 2. A head's recall is the mass it keeps over the total mass of its video query rows.
 3. Head-adaptive: per batch element, with recall measured at the base sparsity s,
    n = #heads with recall > threshold (at most floor(H/2)); the n heads of highest
-   recall get sparsity (1+s)/2, the n lowest get max(0, (3s-1)/2), the rest s.
+   recall get sparsity (1+s)/2, the n lowest (3s-1)/2, the rest s (below s = 1/3 the
+   low tier clamps at 0 and the high tier is 2s; see ``blocks.tier_sparsities``).
 """
 
 from __future__ import annotations
