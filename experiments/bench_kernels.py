@@ -287,7 +287,7 @@ def sweep(q, k, v, *, block_size, reps, key, log, interpret=False):
     return lambda: time_fn(fn, q, k, lse, reps=reps)[0]
 
   kinds = (("sparse", SWEEP_SPARSE, tk.Tiles, sparse_fn), ("dense", SWEEP_DENSE, tk.Tiles, dense_fn),
-           ("mass", SWEEP_MASS, tk.MassTiles, mass_fn))
+           ("mass", SWEEP_MASS, tk.Tiles, mass_fn))
   for kind, configs, cls, make in kinds:
     for cfg in configs:
       run(kind, cfg, make(cls(*cfg)))

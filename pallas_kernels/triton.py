@@ -19,7 +19,6 @@ from pallas_kernels import triton_block_sparse
 from pallas_kernels import validation
 
 Tiles = triton_block_sparse.Tiles
-MassTiles = triton_block_mass.MassTiles
 
 # Defaults from the H200 sweeps of experiments/bench_kernels.py (docs/bench/triton.md).
 # The sparse query tile is capped by the selection block (64 in AdaSpa); the
@@ -28,7 +27,7 @@ MassTiles = triton_block_mass.MassTiles
 SPARSE_TILES = Tiles(block_q=64, block_k=64, num_warps=4, num_stages=2, fast_exp2=True,
                      prefetch=True)
 DENSE_TILES = Tiles(block_q=128, block_k=128, num_warps=8, num_stages=3, fast_exp2=True)
-MASS_TILES = MassTiles(block_q=128, block_k=64, num_warps=4, num_stages=3, fast_exp2=True)
+MASS_TILES = Tiles(block_q=128, block_k=64, num_warps=4, num_stages=3, fast_exp2=True)
 
 
 _SMEM_BYTES = 220 * 1024  # a little under the 227 KB an H100/H200 block may use
@@ -110,7 +109,7 @@ def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpr
   Args:
     q, k: [B, S, H, D].
     lse: float32 [B, H, S] (natural log), e.g. cached from an earlier step.
-    tiles: optional ``MassTiles`` (default ``MASS_TILES``).
+    tiles: optional ``Tiles`` (default ``MASS_TILES``).
 
   Returns:
     float32 [B, H, nQ, nK].

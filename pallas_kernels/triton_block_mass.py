@@ -12,7 +12,6 @@ exp2(s - inf) = 0 removes them without a per-element row mask.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -24,25 +23,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels import triton_block_sparse as tbs
 
 _LOG2E = math.log2(math.e)
-
-
-@dataclasses.dataclass(frozen=True)
-class MassTiles:
-  """block_q: query rows per program; block_k: keys per step (powers of two >= 16).
-
-  fast_exp2, prefetch: as in ``triton_block_sparse.Tiles`` (prefetch applies when
-  block_k >= block_size).
-  """
-  block_q: int = 128
-  block_k: int = 64
-  num_warps: int = 4
-  num_stages: int = 3
-  fast_exp2: bool = False
-  prefetch: bool = False
-
-  def check(self):
-    tbs.Tiles(self.block_q, self.block_k, self.num_warps, self.num_stages).check()
-    return self
 
 
 def _mass_kernel(lengths_ref, q_ref, k_ref, lse_ref, mass_ref, *, scale2, block_q, block_k,
@@ -109,7 +89,8 @@ def block_mass(q, k, lse, lengths, *, block_size, sm_scale, tiles, mask_keys,
     q, k: [B, S, H, D].
     lse: float32 [B, H, S], natural log.
     lengths: int32 [B], valid tokens (already clipped to S).
-    tiles: ``MassTiles``.
+    tiles: ``triton_block_sparse.Tiles``; block_q and block_k may be smaller or larger
+      than the selection block, and prefetch applies when block_k >= block_size.
     mask_keys: False only when every key of the sequence is valid.
 
   Returns:

@@ -34,7 +34,8 @@ _INIT_MAX = -1e30
 class Tiles:
   """Tile sizes and Triton launch parameters of one kernel.
 
-  block_q: query rows per program. block_k: keys per loop step. In sparse mode
+  block_q: query rows per program. block_k: keys per loop step. The block-mass
+  kernel takes the same tiles (any power-of-two sizes). In sparse mode
   both must divide the selection block size (they are clamped to it).
   fast_exp2: on GPU, exp2 by ``ex2.approx.ftz.f32`` (one MUFU op) instead of
   libdevice's exp2f, which adds subnormal handling around it; ignored when

@@ -100,8 +100,8 @@ def test_lengths_empty_batch_and_rows_without_valid_keys():
                              rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("tiles,bs", [(tk.MassTiles(block_q=16, block_k=16), 32),
-                                      (tk.MassTiles(block_q=128, block_k=128, prefetch=True), 32)],
+@pytest.mark.parametrize("tiles,bs", [(tk.Tiles(block_q=16, block_k=16), 32),
+                                      (tk.Tiles(block_q=128, block_k=128, prefetch=True), 32)],
                          ids=["tiles_below_block", "tiles_above_block_prefetch"])
 def test_block_mass_tiles(tiles, bs):
   b, s, h, d, lengths = 2, 200, 2, 64, (200, 131)
@@ -185,11 +185,11 @@ def test_kernels_lower_to_triton_at_benchmark_tiles(verify_triton_modules):
       _lower_for_cuda(lambda q, k, v: tk.attention_with_block_mass(q, k, v, block_size=bs),
                       x, x, x),
       _lower_for_cuda(lambda q, k, l: tk.block_mass(q, k, l, block_size=16,
-                                                    tiles=tk.MassTiles(128, 64)), x, x, lse),
+                                                    tiles=tk.Tiles(128, 64)), x, x, lse),
       _lower_for_cuda(lambda q, k, v, i, c: tk.block_sparse_attention(
           q, k, v, i, c, block_size=bs, tiles=tk.Tiles(fast_exp2=True)), x, x, x, idx, cnt),
       _lower_for_cuda(lambda q, k, l: tk.block_mass(
-          q, k, l, block_size=bs, tiles=tk.MassTiles(fast_exp2=True, prefetch=True)), x, x, lse),
+          q, k, l, block_size=bs, tiles=tk.Tiles(128, 64, fast_exp2=True, prefetch=True)), x, x, lse),
       _lower_for_cuda(lambda q, k, v, i, c: tk.block_sparse_attention(
           q, k, v, i, c, block_size=bs, tiles=tk.Tiles(block_k=32, prefetch=True)),
           x, x, x, idx, cnt),
