@@ -120,6 +120,12 @@ def _verify(model, tensors, rules, dtype):
       raise ValueError(f"NNX parameter {path!r} does not survive export and reload.")
 
 
+def diffusers_config(config) -> dict:
+  """A model config as diffusers' constructor takes it: every field but ``RUNTIME_FIELDS``."""
+  return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+          if f.name not in RUNTIME_FIELDS}
+
+
 def save_pretrained(model: nnx.Module, directory, *, class_name: str, rules,
                     dtype=None) -> str:
   """Writes ``config.json`` + ``diffusion_pytorch_model.safetensors``; returns the directory.
@@ -130,8 +136,7 @@ def save_pretrained(model: nnx.Module, directory, *, class_name: str, rules,
   """
   from safetensors.numpy import save_file  # a declared dependency; imported where used
 
-  config = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(model.config)
-            if f.name not in RUNTIME_FIELDS}
+  config = diffusers_config(model.config)
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "config.json"), "w") as f:

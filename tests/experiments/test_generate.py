@@ -1,6 +1,5 @@
 """CLI smoke tests: tiny random presets on CPU, files and report fields."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ from safetensors.numpy import save_file
 
 from adaspa_jax import AdaSpaConfig
 from experiments import generation
-from models import cogvideox, hunyuan_video, wan
+from models import cogvideox, hunyuan_video, saving, wan
 
 STEPS, SEARCH = 5, (1, 3)
 LATENT = ["--latent_frames=3", "--latent_height=8", "--latent_width=10"]
@@ -131,9 +130,7 @@ def test_checkpoint_directory_sets_the_family(tmp_path):
   """A diffusers save_pretrained directory: family from its config, weights not random."""
   cfg = wan.PRESETS["tiny"]
   torch.manual_seed(0)
-  kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-            if f.name not in ("attention", "adaspa", "sequence_parallel")}
-  WanTransformer3DModel(**kwargs).save_pretrained(tmp_path / "ckpt")
+  WanTransformer3DModel(**saving.diffusers_config(cfg)).save_pretrained(tmp_path / "ckpt")
   out = str(tmp_path / "out")
   report = generation.run(family="cogvideox", checkpoint=str(tmp_path / "ckpt"), steps=STEPS,
                         attention="dense", adaspa=ADASPA, latent=(3, 8, 10), text_len=6,

@@ -16,24 +16,18 @@ from flax import nnx
 
 import models
 from adaspa_jax import AdaSpaConfig
-from models import loading, wan
+from models import loading, saving, wan
 
 TINY = wan.PRESETS["tiny"]
 # Patch (2, 2, 2), head_dim 16 (RoPE dims t=8, h=4, w=4), no cross-attention norm.
 ODD = dataclasses.replace(TINY, patch_size=(2, 2, 2), num_attention_heads=3,
                           attention_head_dim=16, in_channels=3, out_channels=5, text_dim=20,
                           freq_dim=10, ffn_dim=40, num_layers=3, cross_attn_norm=False)
-_OURS_ONLY = ("attention", "adaspa", "sequence_parallel")
-
-
-def diffusers_kwargs(config):
-  return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-          if f.name not in _OURS_ONLY}
 
 
 def torch_model(config, seed=0):
   torch.manual_seed(seed)
-  model = WanTransformer3DModel(**diffusers_kwargs(config)).eval()
+  model = WanTransformer3DModel(**saving.diffusers_config(config)).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if p.ndim < 2:
@@ -197,7 +191,7 @@ def test_config_and_input_errors(tiny_pair):
 
 def published_count(config):
   with torch.device("meta"):
-    tm = WanTransformer3DModel(**diffusers_kwargs(config))
+    tm = WanTransformer3DModel(**saving.diffusers_config(config))
   return sum(p.numel() for p in tm.parameters())
 
 
