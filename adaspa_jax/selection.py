@@ -70,6 +70,64 @@ def head_budgets(base_recall, sparsity, num_video_blocks, head_adaptive, recall_
   return jnp.where(rank < n, k_hi, jnp.where(rank >= h - n, k_lo, k_base)).astype(jnp.int32)
 
 
+def block_lists(ids, k_rows, text, k_max):
+  """Index lists in the kernels' format from ranked video blocks.
+
+  Args:
+    ids: int32 [B, H, nQ, top] video key block ids, best first (any leading
+      dims that broadcast to [B, H]).
+    k_rows: int32 [B, H, nQ] how many of them each row keeps (<= top).
+    text: numpy bool [nK]; every row also keeps every text block, and text
+      query rows are dense.
+    k_max: static width of the lists, at least top + the number of text blocks
+      for the rows that keep the most.
+
+  Returns:
+    indices int32 [B, H, nQ, k_max] (ascending, slots past the count repeat the
+    last id) and counts int32 [B, H, nQ] (nK for text query rows).
+  """
+  b, h, n_q = k_rows.shape
+  n_k = text.size
+  text_ids = np.flatnonzero(text)
+  top = ids.shape[-1]
+  ids = jnp.broadcast_to(ids, (b, h, n_q, top))
+  chosen = jnp.where(jnp.arange(top) < k_rows[..., None], ids, n_k)  # n_k sorts last
+  chosen = jnp.concatenate(
+      [chosen, jnp.broadcast_to(jnp.asarray(text_ids, jnp.int32), (b, h, n_q, text_ids.size))],
+      axis=-1)
+  chosen = jnp.sort(chosen, axis=-1)
+  width = chosen.shape[-1]
+  if width < k_max:
+    chosen = jnp.concatenate([chosen, jnp.full((b, h, n_q, k_max - width), n_k, jnp.int32)], -1)
+  chosen = chosen[..., :k_max]
+  counts = k_rows + text_ids.size
+  last = jnp.take_along_axis(chosen, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+  indices = jnp.where(jnp.arange(k_max) < counts[..., None], chosen, last)
+  counts = jnp.where(jnp.asarray(text)[None, None, :], n_k, counts).astype(jnp.int32)
+  return indices.astype(jnp.int32), counts
+
+
+def kept_mass(mass, indices, counts):
+  """float32 [B, H, nQ]: the mass of the blocks each row's list reads.
+
+  mass [B, H, nQ, nK]; indices [B, H, nQ, K_max] distinct within the count;
+  counts [B, H, nQ] (>= nK: the whole row).
+  """
+  read = jnp.arange(indices.shape[-1]) < counts[..., None]
+  listed = jnp.where(read, jnp.take_along_axis(mass, indices, axis=-1), 0.0).sum(-1)
+  return jnp.where(counts >= mass.shape[-1], mass.sum(-1), listed)
+
+
+def recall_of(mass, indices, counts, text):
+  """float32 [B, H]: mass the lists keep over the total, over video query rows
+  (1 where a head has no mass); text numpy bool [nK]."""
+  video_rows = jnp.asarray(~text, jnp.float32)
+  mass = mass.astype(jnp.float32)
+  kept = (kept_mass(mass, indices, counts) * video_rows).sum(-1)
+  total = (mass.sum(-1) * video_rows).sum(-1)
+  return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 1.0).astype(jnp.float32)
+
+
 def select_blocks(mass, *, sparsity, text_blocks=None, head_adaptive=True,
                   recall_threshold=0.8, k_max=None, head_axis=None) -> Selection:
   """Chooses key blocks per (batch, head, query block) from block masses.
@@ -132,21 +190,9 @@ def select_blocks(mass, *, sparsity, text_blocks=None, head_adaptive=True,
   k_head = head_budgets(recall_at(k_base), sparsity, n_video, head_adaptive, recall_threshold,
                         head_axis)
 
-  slot = jnp.arange(top)
-  chosen = jnp.where(slot < k_head[..., None, None], ids, n_k)      # n_k sorts last
-  chosen = jnp.concatenate(
-      [chosen, jnp.broadcast_to(jnp.asarray(text_ids, jnp.int32), (b, h, n_q, text_ids.size))],
-      axis=-1)
-  chosen = jnp.sort(chosen, axis=-1)
-  width = chosen.shape[-1]
-  if width < k_max:
-    chosen = jnp.concatenate([chosen, jnp.full((b, h, n_q, k_max - width), n_k, jnp.int32)], -1)
-  chosen = chosen[..., :k_max]
-  counts = jnp.broadcast_to((k_head + text_ids.size)[..., None], (b, h, n_q))
-  last = jnp.take_along_axis(chosen, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
-  indices = jnp.where(jnp.arange(k_max) < counts[..., None], chosen, last)
-  counts = jnp.where(jnp.asarray(text)[None, None, :], n_k, counts).astype(jnp.int32)
+  indices, counts = block_lists(ids, jnp.broadcast_to(k_head[..., None], (b, h, n_q)), text,
+                                k_max)
   sparsity_h = (1.0 - k_head / n_video) if n_video else jnp.zeros((b, h))
-  return Selection(indices=indices.astype(jnp.int32), counts=counts,
+  return Selection(indices=indices, counts=counts,
                    recall=recall_at(k_head).astype(jnp.float32),
                    sparsity=jnp.asarray(sparsity_h, jnp.float32))
