@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
-from adaspa_jax import blocks, schedule
+from adaspa_jax import blocks, policies, schedule
 from adaspa_jax.config import AdaSpaConfig
-from adaspa_jax.selection import Selection, select_blocks
+from adaspa_jax.selection import Selection
 from adaspa_jax.state import AdaSpaState, check_state
 from pallas_kernels import validation
 
@@ -25,6 +25,11 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
                      text_blocks=None, kv_lengths=None, sm_scale=None,
                      implementation=None, interpret=False, head_axis=None):
   """AdaSpa attention at denoising step ``step``.
+
+  Search steps choose block lists with ``config.policy`` (``adaspa_jax.policies``);
+  every policy shares this schedule and these kernels. "svg" and "minference" run
+  their fused-search step as plain dense attention unless ``measure_recall`` asks
+  for the exact block mass (which also caches the LSE).
 
   Args:
     q, k, v: [B, S, H, D] (one sequence: self or joint text+video attention).
@@ -50,13 +55,21 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
   bs = config.block_size
   check_state(state, b, s, h, bs)
   text = blocks.static_text_blocks(text_blocks, validation.num_blocks(s, bs))
+  policies.check(config, text, state.indices.shape[-1])
   impl = config.implementation if implementation is None else implementation
   kernel_kw = dict(block_size=bs, kv_lengths=kv_lengths, sm_scale=sm_scale,
                    implementation=impl, interpret=interpret)
-  select_kw = dict(sparsity=config.sparsity, text_blocks=text,
-                   head_adaptive=config.head_adaptive,
-                   recall_threshold=config.recall_threshold, k_max=state.indices.shape[-1],
-                   head_axis=head_axis)
+  with_mass = policies.needs_mass(config)
+
+  def choose(mass, exact_mass):
+    sel = policies.select(config, q, k, v, mass=mass, text=text, k_max=state.indices.shape[-1],
+                          kv_lengths=kv_lengths, sm_scale=sm_scale, head_axis=head_axis)
+    if config.measure_recall:
+      sel = policies.with_exact_recall(sel, exact_mass(), text)
+    return sel
+
+  def fresh_mass():  # exact block mass (fresh LSE), for measure_recall at a cached search
+    return pk.attention_with_block_mass(q, k, v, **kernel_kw)[2]
 
   def sparse_with(st):
     return pk.block_sparse_attention(q, k, v, st.indices, st.counts, return_lse=False,
@@ -68,15 +81,18 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
     return out, st
 
   def fused_search(st):
+    if not (with_mass or config.measure_recall):  # svg/minference: no map needed
+      out, _ = dense(st)
+      return out, _with_selection(st, choose(None, None))
     out, lse, mass = pk.attention_with_block_mass(q, k, v, **kernel_kw)
     # Only the first search's LSE is cached (without the cache, later fused
     # searches leave it as it was).
     lse = jnp.where(jnp.asarray(step) == config.first_search, lse, st.lse)
-    return out, _with_selection(st, select_blocks(mass, **select_kw), lse)
+    return out, _with_selection(st, choose(mass, lambda: mass), lse)
 
   def cached_search(st):
-    mass = pk.block_mass(q, k, st.lse, **kernel_kw)
-    new = _with_selection(st, select_blocks(mass, **select_kw))
+    mass = pk.block_mass(q, k, st.lse, **kernel_kw) if with_mass else None
+    new = _with_selection(st, choose(mass, fresh_mass))
     return sparse_with(new), new
 
   def sparse(st):

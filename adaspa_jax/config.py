@@ -7,6 +7,9 @@ import numbers
 
 from pallas_kernels import validation
 
+# Block-selection policies a search step can use (see ``adaspa_jax.policies``).
+POLICIES = ("adaspa", "topp", "svg", "minference")
+
 
 @dataclasses.dataclass(frozen=True)
 class AdaSpaConfig:
@@ -25,6 +28,18 @@ class AdaSpaConfig:
       otherwise every search is a fused dense search.
     implementation: kernel implementation ("reference", "triton", "mosaic") or
       None for the fastest on the device.
+    policy: how a search step chooses the block lists (``adaspa_jax.policies``):
+      "adaspa" (row-wise top-k of exact block mass), "topp" (cumulative mass),
+      "svg" (Sparse VideoGen spatial/temporal) or "minference" (vertical-slash).
+      Every policy shares the schedule, the state and the kernels; the head tiers
+      (``head_adaptive``) apply to "adaspa" only.
+    top_p: share of each video row's video mass that "topp" keeps, in (0, 1].
+      "topp" ignores ``sparsity``; its state is nK ids wide (every block).
+    frame_tokens: tokens per latent frame in the video part of the sequence
+      (frame-major order); "svg" needs it, the other policies ignore it.
+    measure_recall: at search steps the state's recall is the exact share of
+      softmax mass the chosen blocks keep (an extra exact block-mass pass where
+      the policy has none); otherwise each policy reports its own estimate.
   """
 
   sparsity: float = 0.8
@@ -35,6 +50,10 @@ class AdaSpaConfig:
   recall_threshold: float = 0.8
   lse_cache: bool = True
   implementation: str | None = None
+  policy: str = "adaspa"
+  top_p: float = 0.9
+  frame_tokens: int | None = None
+  measure_recall: bool = False
 
   def __post_init__(self):
     s = self.sparsity
@@ -59,6 +78,16 @@ class AdaSpaConfig:
       raise ValueError(
           f"implementation={self.implementation!r}: expected None, 'reference', 'triton' "
           "or 'mosaic'.")
+    if self.policy not in POLICIES:
+      raise ValueError(f"policy={self.policy!r}: expected one of {POLICIES}.")
+    p = self.top_p
+    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 < p <= 1.0:
+      raise ValueError(f"top_p={p!r}: expected a float in (0, 1].")
+    f = self.frame_tokens
+    if f is not None and (not isinstance(f, numbers.Integral) or isinstance(f, bool) or f < 1):
+      raise ValueError(f"frame_tokens={f!r}: expected None or an int >= 1.")
+    if not isinstance(self.measure_recall, bool):
+      raise ValueError(f"measure_recall={self.measure_recall!r}: expected a bool.")
 
   @property
   def first_search(self) -> int:
@@ -75,6 +104,11 @@ PRESETS = {
     "paper-uniform": AdaSpaConfig(head_adaptive=False),
     # Small models and CPU tests: short schedule, small blocks.
     "tiny": AdaSpaConfig(block_size=16, num_steps=8, search_steps=(2, 5)),
+    # Baselines on the paper's schedule and sparsity, through the same kernels.
+    # "svg" needs the model's frame size: get_config("svg", frame_tokens=...).
+    "svg": AdaSpaConfig(policy="svg", head_adaptive=False),
+    "minference": AdaSpaConfig(policy="minference", head_adaptive=False),
+    "topp": AdaSpaConfig(policy="topp", head_adaptive=False),
 }
 
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaspa_jax import blocks
+from adaspa_jax import blocks, policies
 from adaspa_jax.config import AdaSpaConfig
 from pallas_kernels import validation
 
@@ -36,9 +36,10 @@ class AdaSpaState:
 
 
 def k_max_for(config: AdaSpaConfig, seq_len: int, text_blocks=None) -> int:
+  """Width of the index lists for ``config.policy`` (nK for "topp")."""
   n_blk = validation.num_blocks(seq_len, config.block_size)
   text = blocks.static_text_blocks(text_blocks, n_blk)
-  return blocks.required_k_max(config.sparsity, text, config.head_adaptive)
+  return policies.required_k_max(config, text)
 
 
 def state_shapes(config: AdaSpaConfig, batch: int, seq_len: int, heads: int, *,
@@ -61,7 +62,7 @@ def init_state(config: AdaSpaConfig, batch: int, seq_len: int, heads: int, *,
   """A state whose rows are all dense, so a sparse step before any search is exact.
 
   Args:
-    config: the AdaSpa config (block size and sparsity fix K_max).
+    config: the AdaSpa config (block size, sparsity and policy fix K_max).
     batch, seq_len, heads: the attention's B, S, H.
     text_blocks: static bool [nK] or None.
     num_layers: if given, every field gets a leading [num_layers] axis.
