@@ -24,7 +24,7 @@ import sys
 
 from absl import app, flags
 
-from experiments import e2e
+from experiments import e2e, e2e_report
 
 _MODEL = flags.DEFINE_enum("model", "hunyuan_video", sorted(e2e.VIDEOS), "model family")
 _PRESET = flags.DEFINE_string("preset", None, "the family's preset (default: the real model: "
@@ -68,7 +68,7 @@ def main(argv):
   paths = {}
 
   def save(results):
-    paths.update(e2e.write(results, _OUT.value, _TAG.value))
+    paths.update(e2e_report.write(results, _OUT.value, _TAG.value))
 
   results = e2e.run(
       family=_MODEL.value, preset=_PRESET.value, layers=_LAYERS.value, steps=_STEPS.value,
@@ -80,9 +80,9 @@ def main(argv):
       sweep_seconds=[float(s) for s in _SWEEP.value], sweep_layers=_SWEEP_LAYERS.value,
       sweep_reps=_SWEEP_REPS.value,
       mesh=_MESH.value, fsdp=_FSDP.value, seed=_SEED.value,
-      command=e2e.command_line(sys.argv), save=save)
+      command=e2e_report.command_line(sys.argv), save=save)
   save(results)
-  print(e2e.table(results))
+  print(e2e_report.table(results))
   for kind, path in sorted(paths.items()):
     print(f"wrote {kind}: {path}")
 

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from adaspa_jax import AdaSpaConfig
-from experiments import e2e
+from experiments import e2e, e2e_report
 from models import cogvideox, hunyuan_video, wan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -134,7 +134,7 @@ def test_sweep_and_outputs(results, tmp_path):
   assert row["seq_len"] == 66 and row["attention_layers"] == 2 and "error" not in row
   assert row["density_per_layer"] == results["main"]["density_per_layer"]
   assert row["composition"]["speedup"] > 0 and row["ceiling"] >= 1
-  paths = e2e.write(results, str(tmp_path), "_t")
+  paths = e2e_report.write(results, str(tmp_path), "_t")
   with open(paths["json"]) as f:
     saved = json.load(f)
   for field in ("date", "device", "jax_version", "command", "adaspa", "main", "sweep"):
