@@ -132,8 +132,11 @@ class RefinerAttention(nnx.Module):
   def __call__(self, x, lengths):
     b, n, c = x.shape
     split = lambda t: t.reshape(b, n, self.heads, c // self.heads)
+    # XLA, not cuDNN: over <= 256 text tokens the kernel costs nothing, and under a
+    # sequence-parallel mesh the partitioner may hand this call sharded text, which
+    # XLA's attention partitions and cuDNN's custom partitioning rejects.
     out = pk.dense_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)),
-                             kv_lengths=lengths)
+                             kv_lengths=lengths, implementation="xla")
     return self.to_out(out.reshape(b, n, c))
 
 
