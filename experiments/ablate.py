@@ -15,7 +15,7 @@ import sys
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments import ablations
+from experiments import ablation_report, ablations
 from models import tiny_t2v
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "checkpoints/tiny_t2v",
@@ -41,7 +41,7 @@ def main(argv):
                           dtype=jnp.dtype(_DTYPE.value))
   results["command"] = " ".join(["python -m experiments.ablate"]
                                 + [shlex.quote(a) for a in sys.argv[1:]])
-  written = ablations.write_outputs(results, _OUT.value)
+  written = ablation_report.write_outputs(results, _OUT.value)
   print(f"{len(settings)} settings in {results['total_s']:.1f} s; wrote {written} to "
         f"{_OUT.value}", flush=True)
 
