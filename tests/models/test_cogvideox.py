@@ -17,8 +17,8 @@ diffusers = pytest.importorskip("diffusers")
 from adaspa_jax import AdaSpaConfig  # noqa: E402
 from diffusers.models import embeddings as diffusers_embeddings  # noqa: E402
 from models import cogvideox as cv  # noqa: E402
-from models import saving  # noqa: E402
 from models.loading import load_state_dict  # noqa: E402
+from tests.models import param_counts  # noqa: E402
 
 _SMALL = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
               time_embed_dim=16, text_embed_dim=24, num_layers=2, max_text_seq_length=7)
@@ -194,11 +194,10 @@ def test_from_pretrained_sharded_bfloat16(tmp_path):
 @pytest.mark.parametrize("name", ["cogvideox-5b", "cogvideox1.5-5b"])
 def test_preset_parameter_count(name):
   config = cv.PRESETS[name]
-  with torch.device("meta"):
-    reference = diffusers.CogVideoXTransformer3DModel(**saving.diffusers_config(config))
-  want = sum(p.numel() for p in reference.parameters())
-  abstract = nnx.eval_shape(lambda: cv.Model(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
-  got = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  want = param_counts.torch_count(
+      param_counts.diffusers_meta_model(diffusers.CogVideoXTransformer3DModel, config))
+  got = param_counts.nnx_count(
+      nnx.eval_shape(lambda: cv.Model(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)))
   assert got == want
   assert round(got / 1e9) == 6  # "5B" models: 5.57B parameters
 

@@ -18,8 +18,8 @@ diffusers = pytest.importorskip("diffusers")
 import models  # noqa: E402
 from adaspa_jax import AdaSpaConfig  # noqa: E402
 from models import hunyuan_video as hv  # noqa: E402
-from models import saving  # noqa: E402
 from models.loading import load_state_dict, model_params  # noqa: E402
+from tests.models import param_counts  # noqa: E402
 
 # Spatial RoPE dims non-zero; frames, height and width of the patch grid differ.
 TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
@@ -195,11 +195,10 @@ def test_text_blocks_are_the_suffix():
 @pytest.mark.parametrize("name", sorted(hv.PRESETS))
 def test_preset_parameter_count_matches_diffusers(name):
   cfg = hv.PRESETS[name]
-  with torch.device("meta"):
-    tm = diffusers.HunyuanVideoTransformer3DModel(**saving.diffusers_config(cfg))
-  want = sum(p.numel() for p in tm.parameters())
-  abstract = nnx.eval_shape(lambda: hv.Model(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
-  got = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  tm = param_counts.diffusers_meta_model(diffusers.HunyuanVideoTransformer3DModel, cfg)
+  want = param_counts.torch_count(tm)
+  got = param_counts.nnx_count(
+      nnx.eval_shape(lambda: hv.Model(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)))
   assert got == want
   assert hv.Config.from_diffusers(dict(tm.config)) == cfg
   if name == "hunyuan-video-13b":   # published: ~12.8B, 20 dual + 40 single blocks, 24 x 128

@@ -17,6 +17,7 @@ from flax import nnx
 import models
 from adaspa_jax import AdaSpaConfig
 from models import loading, saving, wan
+from tests.models import param_counts
 
 TINY = wan.PRESETS["tiny"]
 # Patch (2, 2, 2), head_dim 16 (RoPE dims t=8, h=4, w=4), no cross-attention norm.
@@ -189,19 +190,14 @@ def test_config_and_input_errors(tiny_pair):
     model(x, t, c, adaspa_state=model.init_adaspa_state(1, 2, 4, 4), adaspa_step=0)
 
 
-def published_count(config):
-  with torch.device("meta"):
-    tm = WanTransformer3DModel(**saving.diffusers_config(config))
-  return sum(p.numel() for p in tm.parameters())
-
-
 @pytest.mark.parametrize("name,low,high", [("wan2.1-t2v-1.3b", 1.3e9, 1.5e9),
                                            ("wan2.1-t2v-14b", 14.0e9, 14.5e9),
                                            ("tiny", 1e4, 1e6)])
 def test_preset_parameter_counts(name, low, high):
   config = wan.PRESETS[name]
   model = nnx.eval_shape(lambda: wan.Model(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
-  ours = sum(int(np.prod(p.get_value().shape)) for p in loading.model_params(model).values())
-  assert ours == published_count(config)
+  ours = param_counts.nnx_count(model)
+  assert ours == param_counts.torch_count(
+      param_counts.diffusers_meta_model(WanTransformer3DModel, config))
   assert low <= ours <= high, ours
   assert model.blocks.attn1.to_q.kernel.get_value().shape[0] == config.num_layers
