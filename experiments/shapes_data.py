@@ -312,6 +312,28 @@ def sample_batch(seed: int, start: int, n: int, *, frames: int = FRAMES, height:
   return Batch(ClipSpec(**arrays), tuple(all_items), tuple(caption(i) for i in all_items))
 
 
+# What a motion looks like played backwards.
+REVERSED_MOTION = {"left": "right", "right": "left", "up": "down", "down": "up",
+                   "bounce": "bounce", "spin": "spin"}
+
+
+def time_reversed(batch: Batch) -> Batch:
+  """The clips played backwards, captioned with each motion reversed.
+
+  A reversed clip is itself a sample of the stream's distribution (a move's
+  start and end are drawn symmetrically, a bounce's phase uniformly and a
+  spin's sense at random), so a batch may hold clips and their reversals
+  without changing what is learned; the pair differs only in the order of
+  its frames and the sign of its captioned motions.
+  """
+  flip = lambda a: np.ascontiguousarray(np.asarray(a)[..., ::-1])
+  spec = dataclasses.replace(batch.spec, x=flip(batch.spec.x), y=flip(batch.spec.y),
+                             angle=flip(batch.spec.angle))
+  items = tuple(tuple(Item(i.colour, i.shape, REVERSED_MOTION[i.motion]) for i in clip)
+                for clip in batch.items)
+  return Batch(spec, items, tuple(caption(i) for i in items))
+
+
 def render(spec: ClipSpec, height: int = HEIGHT, width: int = WIDTH, xp=np):
   """Pixels of the clips: float32 [B, F, H, W, 3] in [0, 1].
 

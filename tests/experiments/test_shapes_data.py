@@ -82,6 +82,23 @@ def test_circle_pixels_against_distance():
 
 
 def test_geometry_matches_caption(batch):
+  _assert_geometry_matches_caption(batch)
+
+
+def test_time_reversed_clips_are_clips_of_the_reversed_caption(batch):
+  """Played backwards, every clip is a valid clip of its caption with motions reversed."""
+  rev = sd.time_reversed(batch)
+  _assert_geometry_matches_caption(rev)
+  np.testing.assert_array_equal(sd.render(rev.spec)[:20], sd.render(batch.spec)[:20, ::-1])
+  for fwd, back in zip(batch.items, rev.items):
+    assert [(i.colour, i.shape) for i in fwd] == [(i.colour, i.shape) for i in back]
+    assert [sd.REVERSED_MOTION[i.motion] for i in fwd] == [i.motion for i in back]
+  assert sd.time_reversed(rev).captions == batch.captions
+  assert "moves right" in sd.time_reversed(sd.sample_batch(
+      0, 0, 1, items=[(sd.Item("red", "square", "left"),)])).captions[0]
+
+
+def _assert_geometry_matches_caption(batch):
   spec = batch.spec
   span = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
   seen = set()
