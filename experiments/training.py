@@ -8,6 +8,15 @@ noise, the transformer (given timestep 1000 sigma) predicts noise - x0, MSE.
 A ``caption_dropout`` share of captions is replaced by the empty caption so
 the model also learns the unconditional branch of classifier-free guidance.
 
+``reversal_pairs``: half of each batch is the other half played backwards
+(``shapes_data.time_reversed``: motions reversed in the caption), noised with
+the same noise at the same sigma. The clips are still draws of the stream's
+distribution; what changes is that every batch holds pairs alike in all but
+the order of their frames and the sign of their captioned motions, so the
+loss cannot fall without the model reading that sign. Without the pairs a
+model trained here learned colour, shape and the axis of motion but not its
+direction (docs/tiny_t2v.md).
+
 Mixed precision: AdamW keeps float32 master weights; the forward pass casts
 them to the model's compute dtype (bfloat16 on the GPU; layer norms and the
 text encoder stay float32). An exponential moving average (EMA) of the master
@@ -71,6 +80,7 @@ class TrainConfig:
   save_reserve_s: float = 45.0
   dtype: str = "bfloat16"
   save_dtype: str = "bfloat16"
+  reversal_pairs: bool = False
 
   def __post_init__(self):
     if self.preset not in tiny_t2v.PRESETS:
@@ -89,6 +99,9 @@ class TrainConfig:
     for name in ("dtype", "save_dtype"):
       if getattr(self, name) not in ("bfloat16", "float32"):
         raise ValueError(f"{name}={getattr(self, name)!r}: expected 'bfloat16' or 'float32'.")
+    if self.reversal_pairs and self.batch_size % 2:
+      raise ValueError(f"batch_size={self.batch_size} with reversal_pairs=True: expected an "
+                       "even batch (clips and their reversals).")
 
 
 def flops_per_sample(config: tiny_t2v.TinyT2VConfig) -> dict[str, float]:
@@ -139,12 +152,22 @@ def noised(x0, noise, sigma, num_train_timesteps: int = 1000):
   return (1 - s) * x0 + s * noise, noise - x0, sigma * num_train_timesteps
 
 
-def make_batch(config: tiny_t2v.TinyT2VConfig, stream: int, start: int, n: int) -> Batch:
-  data = shapes_data.sample_batch(stream, start, n, frames=config.frames, height=config.height,
-                                  width=config.width)
+def make_batch(config: tiny_t2v.TinyT2VConfig, stream: int, start: int, n: int, *,
+               reversal_pairs: bool = False) -> Batch:
+  """Clips ``start ..`` of a stream; with ``reversal_pairs``, n / 2 of them and then the
+  same n / 2 played backwards (see the module docstring)."""
+  if reversal_pairs and n % 2:
+    raise ValueError(f"n={n} with reversal_pairs=True: expected an even count.")
+  data = shapes_data.sample_batch(stream, start, n // 2 if reversal_pairs else n,
+                                  frames=config.frames, height=config.height, width=config.width)
+  spec, captions = data.spec, data.captions
+  if reversal_pairs:
+    rev = shapes_data.time_reversed(data)
+    spec = jax.tree.map(lambda a, b: np.concatenate([a, b]), data.spec, rev.spec)
+    captions = data.captions + rev.captions
   tok = tiny_t2v.Tokenizer(config.text.vocabulary, config.text.max_length)
-  ids, lengths = tok(data.captions)
-  return Batch(data.spec, ids, lengths)
+  ids, lengths = tok(captions)
+  return Batch(spec, ids, lengths)
 
 
 def _same_model(a: tiny_t2v.TinyT2VConfig, b: tiny_t2v.TinyT2VConfig) -> bool:
@@ -201,16 +224,22 @@ class Trainer:
     cast = jax.tree.map(lambda p, d: p.astype(d), self.unravel(params), self.dtypes)
     return nnx.merge(self.graphdef, cast)
 
-  def _loss(self, params, batch: Batch, key, dropout=0.0):
-    """Mean squared velocity error of a batch at sigmas and noise drawn from ``key``."""
+  def _loss(self, params, batch: Batch, key, dropout=0.0, paired=False):
+    """Mean squared velocity error of a batch at sigmas and noise drawn from ``key``;
+    ``paired``: the batch's two halves share them (a ``reversal_pairs`` batch)."""
     c = self.model_config
     model = self._model(params)
     video = shapes_data.render(batch.spec, c.height, c.width, xp=jnp)
     x0 = tiny_t2v.to_latents(video)
     k_sigma, k_noise, k_drop = jax.random.split(key, 3)
     b = x0.shape[0]
-    sigma = jax.nn.sigmoid(jax.random.normal(k_sigma, (b,)))
-    x, target, timestep = noised(x0, jax.random.normal(k_noise, x0.shape), sigma)
+    # A clip and its reversal share their noise and sigma (see reversal_pairs).
+    m = b // 2 if paired else b
+    sigma = jax.nn.sigmoid(jax.random.normal(k_sigma, (m,)))
+    noise = jax.random.normal(k_noise, (m,) + x0.shape[1:])
+    if paired:
+      sigma, noise = jnp.concatenate([sigma, sigma]), jnp.concatenate([noise, noise])
+    x, target, timestep = noised(x0, noise, sigma)
     ids, lengths = jnp.asarray(batch.ids), jnp.asarray(batch.lengths)
     if dropout:
       drop = jax.random.bernoulli(k_drop, dropout, (b,))
@@ -224,7 +253,8 @@ class Trainer:
 
   def _step(self, state: TrainState, batch: Batch, key):
     loss, grads = jax.value_and_grad(self._loss)(state.params, batch, key,
-                                                 self.cfg.caption_dropout)
+                                                 self.cfg.caption_dropout,
+                                                 self.cfg.reversal_pairs)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # EMA with a short warm-up, so early checkpoints are not dominated by the init.
@@ -235,8 +265,10 @@ class Trainer:
         "loss": loss, "grad_norm": jnp.linalg.norm(grads)}
 
   def batch(self, step: int) -> Batch:
-    return make_batch(self.model_config, self.cfg.seed, step * self.cfg.batch_size,
-                      self.cfg.batch_size)
+    # With reversal pairs, a step draws batch_size / 2 new clips.
+    per_step = self.cfg.batch_size // (2 if self.cfg.reversal_pairs else 1)
+    return make_batch(self.model_config, self.cfg.seed, step * per_step, self.cfg.batch_size,
+                      reversal_pairs=self.cfg.reversal_pairs)
 
   def eval_loss(self, params, batch: Batch, seed: int = 0) -> float:
     """Loss at fixed sigmas and noise (``seed``), no caption dropout."""

@@ -113,10 +113,36 @@ def test_make_batch_is_the_stream():
   assert a.ids.shape == (4, cfg.text.max_length) and np.all(a.ids[:, 0] == 1)
 
 
+def test_reversal_pairs_batches_and_shared_noise(trained):
+  """A paired batch is m clips then the same clips backwards; a pair shares its noise and
+  sigma, so a batch of two equal halves has the loss of one half alone."""
+  cfg = tiny_t2v.PRESETS["test"]
+  pairs = training.make_batch(cfg, 5, 8, 6, reversal_pairs=True)
+  plain = training.make_batch(cfg, 5, 8, 3)
+  np.testing.assert_array_equal(pairs.ids[:3], plain.ids)
+  np.testing.assert_array_equal(pairs.spec.x[3:], plain.spec.x[..., ::-1])
+  np.testing.assert_array_equal(pairs.spec.y[3:], plain.spec.y[..., ::-1])
+  trainer, batch, _, _ = trained
+  twice = jax.tree.map(lambda a: np.concatenate([a, a]), batch)
+  key, params = jax.random.key(3), trainer.state.params
+  np.testing.assert_allclose(float(trainer._loss(params, twice, key, paired=True)),
+                             float(trainer._loss(params, batch, key)), rtol=1e-6)
+  assert abs(float(trainer._loss(params, twice, key)) -
+             float(trainer._loss(params, batch, key))) > 1e-6
+  paired = training.Trainer(training.TrainConfig(preset="test", batch_size=4,
+                                                 reversal_pairs=True), init=trainer.model())
+  np.testing.assert_array_equal(paired.batch(1).ids[:2],
+                                training.make_batch(cfg, 0, 2, 2).ids)
+  with pytest.raises(ValueError, match="n=3 with reversal_pairs"):
+    training.make_batch(cfg, 5, 8, 3, reversal_pairs=True)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("preset", "huge", "preset='huge'"), ("steps", 0, "steps=0"),
     ("caption_dropout", 1.0, "caption_dropout=1.0"), ("dtype", "float16", "dtype='float16'"),
-    ("time_budget_s", -1.0, "time_budget_s=-1.0")])
+    ("time_budget_s", -1.0, "time_budget_s=-1.0"),
+    ("batch_size", 5, "batch_size=5 with reversal_pairs")])
 def test_config_is_checked(field, value, match):
+  extra = {"reversal_pairs": True} if field == "batch_size" else {}
   with pytest.raises(ValueError, match=match):
-    training.TrainConfig(**{field: value})
+    training.TrainConfig(**{field: value}, **extra)
