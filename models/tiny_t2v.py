@@ -160,6 +160,45 @@ def build(config: TinyT2VConfig, *, seed: int = 0, dtype=jnp.float32, attention=
                  TextEncoder(config.text, rngs=rngs))
 
 
+def add_learned_positions(model: TinyT2V, *, scale: float = 0.25) -> TinyT2V:
+  """The model with CogVideoX's learned positional embedding switched on.
+
+  Why: with 3D RoPE alone, positions enter attention scores only as offsets,
+  and the text tokens carry none, so what a video token knows about *which*
+  frame it is in must be inferred; a model trained that way learned the axis
+  of each captioned motion but not its sign (docs/tiny_t2v.md). The learned
+  embedding (``use_learned_positional_embeddings``, as in CogVideoX-5B I2V)
+  adds absolute (frame, row, col) features to every video token.
+
+  Every existing weight is kept; the new ``patch_embed.pos_embedding`` starts
+  as diffusers' sin-cos table times ``scale`` (its full size is comparable
+  to a token's norm, too large a jolt for a trained model). A checkpoint saved
+  afterwards is an ordinary diffusers CogVideoX one with that option set.
+
+  Args:
+    model: a model without the learned embedding.
+    scale: factor on the sin-cos initialisation (>= 0).
+  """
+  t = model.config.transformer
+  if t.use_learned_positional_embeddings:
+    raise ValueError("model already has use_learned_positional_embeddings=True.")
+  if not (isinstance(scale, (int, float)) and scale >= 0):
+    raise ValueError(f"scale={scale!r}: expected a float >= 0.")
+  tcfg = dataclasses.replace(t, use_learned_positional_embeddings=True)
+  old = loading.model_params(model.transformer)
+  dtype = next(iter(old.values())).get_value().dtype
+  transformer = nnx.eval_shape(lambda: cogvideox.Model(tcfg, rngs=nnx.Rngs(0), dtype=dtype))
+  for path, var in loading.model_params(transformer).items():
+    if path == "patch_embed/pos_embedding":
+      table = cogvideox.sincos_positional_embedding(tcfg, t.sample_height, t.sample_width,
+                                                    t.sample_frames)
+      var.set_value(jnp.asarray(scale * table, dtype))
+    else:
+      var.set_value(old[path].get_value())
+  config = dataclasses.replace(model.config, transformer=tcfg)
+  return TinyT2V(config, transformer, model.text_encoder)
+
+
 # ---------------------------------------------------------------- pixels <-> latents
 
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 import models
 from experiments import shapes_data
-from models import loading, tiny_t2v
+from models import cogvideox, loading, tiny_t2v
 from models.tiny_t2v_text import TextEncoder, TextEncoderConfig, Tokenizer
 
 TEST = tiny_t2v.PRESETS["test"]
@@ -187,3 +187,32 @@ def test_load_errors(model, tmp_path):
             os.path.join(path, "text_encoder", "model.safetensors"))
   with pytest.raises(ValueError, match="has shape"):
     tiny_t2v.load(path)
+
+
+def test_add_learned_positions(model, tmp_path):
+  """Scale 0 leaves the function unchanged; otherwise the sin-cos table times the scale is
+  added to the video tokens, and the option survives a checkpoint."""
+  noise = jnp.asarray(np.random.default_rng(2).standard_normal((3, 2, 3, 16, 16)), jnp.float32)
+  shared = {"image_rotary_emb": tiny_t2v.rotary_embedding(TEST)}
+  zero = tiny_t2v.add_learned_positions(model, scale=0.0)
+  assert zero.config.transformer.use_learned_positional_embeddings
+  np.testing.assert_array_equal(_outputs(zero, noise, shared)[1],
+                                _outputs(model, noise, shared)[1])
+  half = tiny_t2v.add_learned_positions(model, scale=0.5)
+  table = cogvideox.sincos_positional_embedding(TEST.transformer, 16, 16, 2)
+  pos = np.asarray(half.transformer.patch_embed.pos_embedding.get_value())
+  np.testing.assert_allclose(pos, 0.5 * table, rtol=1e-6, atol=1e-7)
+  assert not np.any(pos[0, :TEST.text.max_length]) and np.any(pos[0, TEST.text.max_length:])
+  text = model.encode(PROMPTS)
+  got = half.transformer.patch_embed(text, noise)
+  want = model.transformer.patch_embed(text, noise) + 0.5 * table
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  path = tiny_t2v.save(half, tmp_path / "ckpt", dtype="float32")
+  loaded = tiny_t2v.load(path)
+  assert loaded.config == half.config
+  np.testing.assert_array_equal(_outputs(loaded, noise, shared)[1],
+                                _outputs(half, noise, shared)[1])
+  with pytest.raises(ValueError, match="already has use_learned_positional_embeddings"):
+    tiny_t2v.add_learned_positions(half)
+  with pytest.raises(ValueError, match="scale=-1"):
+    tiny_t2v.add_learned_positions(model, scale=-1)
