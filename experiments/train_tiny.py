@@ -47,6 +47,11 @@ _SAVE_DTYPE = flags.DEFINE_enum("save_dtype", "bfloat16", ["bfloat16", "float32"
 _OUT = flags.DEFINE_string("output_dir", "checkpoints/tiny_t2v", "checkpoint directory")
 _INIT = flags.DEFINE_string("init_from", None, "start from this tiny_t2v checkpoint's weights "
                             "(fresh optimiser; use another --seed for new clips)")
+_PAIRS = flags.DEFINE_bool("reversal_pairs", False, "half of each batch is the other half "
+                           "played backwards (motions reversed in the caption)")
+_ADD_POS = flags.DEFINE_float("add_learned_positions", None, "with --init_from: switch on the "
+                              "learned positional embedding, initialised to this scale times "
+                              "the sin-cos table (tiny_t2v.add_learned_positions)")
 
 
 def main(argv):
@@ -55,11 +60,17 @@ def main(argv):
       preset=_PRESET.value, steps=_STEPS.value, batch_size=_BATCH.value,
       learning_rate=_LR.value, warmup_steps=_WARMUP.value, caption_dropout=_DROPOUT.value,
       ema_decay=_EMA.value, seed=_SEED.value, log_every=_LOG.value,
-      time_budget_s=_BUDGET.value, dtype=_DTYPE.value, save_dtype=_SAVE_DTYPE.value)
+      time_budget_s=_BUDGET.value, dtype=_DTYPE.value, save_dtype=_SAVE_DTYPE.value,
+      reversal_pairs=_PAIRS.value)
   command = " ".join(["python -m experiments.train_tiny"] + [shlex.quote(a) for a in sys.argv[1:]])
+  if _ADD_POS.value is not None and not _INIT.value:
+    raise app.UsageError("--add_learned_positions needs --init_from (a new model takes the "
+                         "preset's positions).")
   init = None
   if _INIT.value:
     init = tiny_t2v.load(_INIT.value)
+    if _ADD_POS.value is not None:
+      init = tiny_t2v.add_learned_positions(init, scale=_ADD_POS.value)
   training.train(cfg, _OUT.value, command=command, started_at=_STARTED_AT, init=init)
 
 

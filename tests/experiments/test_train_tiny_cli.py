@@ -40,3 +40,24 @@ def test_launcher_stops_on_its_budget_and_saves(tmp_path):
   moved = [not np.array_equal(np.asarray(v.get_value()), np.asarray(before[k].get_value()))
            for k, v in loading.model_params(trained).items()]
   assert all(moved)
+
+
+def test_launcher_adds_learned_positions_and_reversal_pairs(tmp_path):
+  start, model = _start_checkpoint(tmp_path / "start")
+  out = tmp_path / "run"
+  args = ["--preset=test", "--steps=1", "--batch_size=2", "--warmup_steps=1", "--dtype=float32",
+          "--save_dtype=float32", "--reversal_pairs", "--add_learned_positions=0.5",
+          f"--init_from={start}", f"--output_dir={out}"]
+  proc = subprocess.run([sys.executable, "-m", "experiments.train_tiny", *args],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  trained = tiny_t2v.load(out)
+  assert trained.config.transformer.use_learned_positional_embeddings
+  assert not model.config.transformer.use_learned_positional_embeddings
+  assert tiny_t2v.training_record(out)["train_config"]["reversal_pairs"] is True
+  pos = np.asarray(trained.transformer.patch_embed.pos_embedding.get_value())
+  assert np.all(np.isfinite(pos)) and np.any(pos)
+  bad = subprocess.run([sys.executable, "-m", "experiments.train_tiny",
+                        "--add_learned_positions=0.5", f"--output_dir={tmp_path / 'x'}"],
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "--add_learned_positions needs --init_from" in bad.stderr
