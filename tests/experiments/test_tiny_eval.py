@@ -52,3 +52,30 @@ def test_sparse_adaspa_differs_and_arguments_are_checked(checkpoint):
     tiny_eval.evaluate(checkpoint, n=2, num_steps=4, adaspa=adaspa)
   with pytest.raises(ValueError, match="prompts has 1 entries"):
     tiny_eval.evaluate(checkpoint, n=2, num_steps=3, adaspa=adaspa, prompts=["a red circle falls"])
+
+
+def test_swap_directions():
+  assert tiny_eval.swap_directions("a red circle moves left, a blue square rises, "
+                                   "a green triangle spins") == \
+      "a red circle moves right, a blue square falls, a green triangle spins"
+  assert tiny_eval.swap_directions("a cyan square falls, a red circle moves right") == \
+      "a cyan square rises, a red circle moves left"
+
+
+def test_direction_sensitivity(checkpoint):
+  """Held-out directional clips; the swapped captions are different inputs, so a random
+  model's losses differ; the gap is (swapped - true) / true; the run is deterministic."""
+  out = tiny_eval.direction_sensitivity(checkpoint, n=3, sigmas=(0.8, 0.4))
+  assert out["n"] == 3 and len(out["prompts"]) == 3
+  for p in out["prompts"]:
+    assert any(m in p for m in ("left", "right", "rises", "falls"))
+  for key in ("loss_true", "loss_swapped", "relative_gap"):
+    assert len(out[key]) == 2 and np.all(np.isfinite(out[key]))
+  assert out["loss_true"] != out["loss_swapped"]
+  np.testing.assert_allclose(out["relative_gap"],
+                             np.subtract(out["loss_swapped"], out["loss_true"]) /
+                             np.asarray(out["loss_true"]))
+  again = tiny_eval.direction_sensitivity(checkpoint, n=3, sigmas=(0.8, 0.4))
+  assert again["loss_true"] == out["loss_true"]
+  with pytest.raises(ValueError, match="sigmas"):
+    tiny_eval.direction_sensitivity(checkpoint, n=3, sigmas=(0.0,))
