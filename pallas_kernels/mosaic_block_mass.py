@@ -26,10 +26,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_block_sparse import (
-    COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, column_ids, load_row_vector, qk_matmul)
+    COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, column_ids,
+    load_row_vector, qk_matmul, smem_footprint)
 
 GROUP = 64  # key blocks per cross-row reduction; the output is padded to a multiple.
 _SMEM_FOR_K = 96 * 1024
+# This kernel keeps Mosaic's default reduction scratch, so its footprint counts it.
+_REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
 _LOG2E = math.log2(math.e)
 
 
@@ -37,10 +40,26 @@ def padded_num_kv_blocks(num_kv_blocks: int) -> int:
   return -(-num_kv_blocks // GROUP) * GROUP
 
 
+def num_stages(block_size: int, head_dim: int, itemsize: int = 2) -> int:
+  """Depth of the K ring that fits the default budget."""
+  return int(max(2, min(4, _SMEM_FOR_K // (block_size * head_dim * itemsize))))
+
+
+def smem_bytes(block_size: int, head_dim: int, itemsize: int, stages: int) -> int:
+  """Shared memory of ``block_mass_padded`` with ``stages`` K stages, in bytes."""
+  buffers = (COMPUTE_WGS * ROWS_PER_WG * head_dim * itemsize,  # Q
+             stages * block_size * head_dim * itemsize,  # K ring
+             COMPUTE_WGS * ROWS_PER_WG * 4,  # LSE
+             COMPUTE_WGS * GROUP * ROWS_PER_WG * 4,  # row-sum table
+             COMPUTE_WGS * GROUP * 4)  # reduced sums on their way out
+  barriers = stages + 2 * COMPUTE_WGS + stages  # K ready, Q and LSE, K free
+  return smem_footprint(buffers, barriers, _REDUCTION_SCRATCH)
+
+
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "num_kv_blocks",
-                                              "heads_major", "interpret"))
+                                              "heads_major", "stages", "interpret"))
 def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_blocks,
-                      heads_major=True, interpret=None):
+                      heads_major=True, stages=None, interpret=None):
   """Per-64-row-chunk block mass on padded operands.
 
   Args:
@@ -50,6 +69,8 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     lengths: int32 [B], valid keys per batch element.
     num_kv_blocks: nK, key blocks that hold any real key.
     heads_major: launch order, heads fastest (True) or query tiles fastest.
+    stages: K ring depth, an int >= 2 that fits in the shared memory of a CTA
+      (see ``smem_bytes``); None for ``num_stages``.
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
@@ -57,8 +78,10 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
   b, s_pad, h, d = q.shape
   dtype = q.dtype
   bs = block_size
-  per_stage = bs * d * jnp.dtype(dtype).itemsize
-  stages = int(max(2, min(4, _SMEM_FOR_K // per_stage)))
+  itemsize = jnp.dtype(dtype).itemsize
+  stages = check_stages(stages, num_stages(bs, d, itemsize),
+                        lambda n: smem_bytes(bs, d, itemsize, n),
+                        f"block mass at block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
   qk_scale = sm_scale * _LOG2E
   n_groups = padded_num_kv_blocks(num_kv_blocks) // GROUP
   transforms = _smem_transforms(dtype)

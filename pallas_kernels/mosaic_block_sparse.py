@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -30,6 +31,15 @@ CTA_ROWS = ROWS_PER_WG * COMPUTE_WGS
 SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_HEAD_DIMS = (64, 128)
 _SMEM_FOR_KV = 160 * 1024  # bytes of K/V stages; leaves room for Q/O, LSE and barriers.
+SMEM_LIMIT = 232448  # bytes of shared memory one sm90 CTA may opt in to (227 KiB).
+# Mosaic GPU rounds every scoped buffer and the reduction scratch up to 1 KiB and
+# puts the 8-byte mbarriers after them; the footprints below follow that layout.
+_SMEM_ALIGN = 1024
+_BARRIER_BYTES = 8
+# Mosaic reserves 2 KiB for cross-warp reductions by default. This kernel only
+# reduces WGMMA rows, which stay inside a warp, so it asks for none: that 2 KiB is
+# what a third K/V stage at block 64, D 128 lacks.
+_REDUCTION_SCRATCH = 0
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
@@ -98,6 +108,45 @@ def num_stages(block_size: int, head_dim: int, itemsize: int = 2) -> int:
   return int(max(2, min(4, _SMEM_FOR_KV // per_stage)))
 
 
+def smem_footprint(buffer_bytes, num_barriers: int, reduction_scratch: int) -> int:
+  """Dynamic shared memory of one CTA as Mosaic GPU allocates it, in bytes."""
+  aligned = lambda n: -(-n // _SMEM_ALIGN) * _SMEM_ALIGN
+  return (sum(aligned(n) for n in buffer_bytes) + aligned(reduction_scratch)
+          + _BARRIER_BYTES * num_barriers)
+
+
+def smem_bytes(block_size: int, head_dim: int, itemsize: int, stages: int) -> int:
+  """Shared memory of ``block_sparse_attention_padded`` with ``stages`` K/V stages."""
+  pipes = 2 if block_size == ROWS_PER_WG else 1
+  tile = block_size * head_dim * itemsize
+  buffers = (COMPUTE_WGS * ROWS_PER_WG * head_dim * itemsize,  # Q, then O
+             pipes * stages * tile, pipes * stages * tile,  # K ring, V ring
+             COMPUTE_WGS * ROWS_PER_WG * 4)  # LSE
+  # ready/free for K and V per slot, one Q barrier per warpgroup, the ping-pong one.
+  barriers = 4 * pipes * stages + COMPUTE_WGS + 1
+  return smem_footprint(buffers, barriers, _REDUCTION_SCRATCH)
+
+
+def check_stages(stages, default: int, smem_of, what: str) -> int:
+  """The ring depth to use: ``default`` for None, else ``stages`` if it fits.
+
+  ``smem_of(stages)`` is the kernel's shared memory in bytes; a depth over
+  ``SMEM_LIMIT`` is refused here rather than by the GPU compiler.
+  """
+  if stages is None:
+    return default
+  if not isinstance(stages, (int, np.integer)) or isinstance(stages, bool) or stages < 2:
+    raise ValueError(f"stages={stages!r}: expected an int >= 2 (ring depth) or None for "
+                     f"the default {default}.")
+  need = smem_of(int(stages))
+  if need > SMEM_LIMIT:
+    fits = [n for n in range(2, int(stages)) if smem_of(n) <= SMEM_LIMIT]
+    most = f"at most {fits[-1]} stages fit" if fits else "no depth >= 2 fits"
+    raise ValueError(f"stages={stages}: {what} needs {need} bytes of shared memory, over "
+                     f"the {SMEM_LIMIT} (227 KiB) of an sm90 CTA; {most}.")
+  return int(stages)
+
+
 def _smem_transforms(dtype):
   swizzle = 128
   return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
@@ -107,10 +156,11 @@ def _smem_transforms(dtype):
 @functools.partial(
     jax.jit,
     static_argnames=("block_size", "sm_scale", "num_kv_blocks", "schedule_barrier",
-                     "heads_major", "interpret"))
+                     "heads_major", "stages", "interpret"))
 def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, lengths,
                                   *, block_size, sm_scale, num_kv_blocks,
-                                  schedule_barrier=True, heads_major=True, interpret=None):
+                                  schedule_barrier=True, heads_major=True, stages=None,
+                                  interpret=None):
   """Block-sparse attention on padded operands.
 
   Args:
@@ -125,6 +175,8 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       (FA3 ping-pong).
     heads_major: launch order, heads fastest (True) or query tiles fastest.
       Heads fastest ran 1.2-1.7x faster on an H200 (docs/bench/mosaic.md).
+    stages: K/V ring depth per pipeline, an int >= 2 whose rings fit in
+      ``SMEM_LIMIT`` (see ``smem_bytes``); None for ``num_stages``.
     interpret: None to compile, or an ``InterpretGPUParams``.
 
   Returns:
@@ -136,7 +188,10 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
   bs = block_size
   k_max = kv_block_indices.shape[-1]
   pipes = 2 if bs == ROWS_PER_WG else 1
-  stages = num_stages(bs, d, jnp.dtype(dtype).itemsize)
+  itemsize = jnp.dtype(dtype).itemsize
+  stages = check_stages(stages, num_stages(bs, d, itemsize),
+                        lambda n: smem_bytes(bs, d, itemsize, n),
+                        f"block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
   qk_scale = sm_scale * _LOG2E  # scores are kept in log2 units so exp2 is one FMA away.
   n_tiles = s_pad // CTA_ROWS
   transforms = _smem_transforms(dtype)
@@ -322,7 +377,8 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       grid_names=("heads", "q_tile", "batch") if heads_major else ("q_tile", "heads", "batch"),
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(approx_math=True,
+                                           reduction_scratch_bytes=_REDUCTION_SCRATCH),
       interpret=interpret,
   )(q, k, v, kv_block_indices, kv_steps, dense_rows, lengths)
   return out, lse
