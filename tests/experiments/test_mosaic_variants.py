@@ -1,0 +1,101 @@
+"""experiments/mosaic_variants.py on CPU: the ring-depth checks under JAX's GPU
+interpreter, and the ``all`` run end to end with stand-ins for the GPU-only calls
+(so that a slip in the driver shows here, not in the one GPU run)."""
+
+import inspect
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import mosaic_floor
+from experiments import mosaic_variants as mv
+
+
+@pytest.mark.parametrize("check", [mv.check_sparse_stages, mv.check_mass_stages])
+def test_stage_checks_pass_on_the_interpreted_kernels(check):
+  row = check(64, 3, seq=130, h=1, interpret=True)
+  assert row["ok"], row
+
+
+def _stand_in(real, make_out):
+  """Binds the call to the real kernel's signature, then returns ``make_out``'s result."""
+  sig = inspect.signature(real)
+
+  def fake(*args, **kwargs):
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return make_out(**bound.arguments)
+  return fake
+
+
+def _zeros_attention(q, lengths, **_):
+  b, s, h, _ = q.shape
+  return jnp.zeros_like(q), jnp.zeros((b, h, s), jnp.float32)
+
+
+def _zeros_mass(q, num_kv_blocks, **_):
+  b, s, h, _ = q.shape
+  cols = mv.mosaic_block_mass.padded_num_kv_blocks(num_kv_blocks)
+  return jnp.zeros((b, h, s // 64, cols), jnp.float32)
+
+
+def _copying_floor(q, v, kv_block_indices, kv_steps, dense_rows, block_size, num_kv_blocks,
+                   **_):
+  return mosaic_floor.expected_output(q, v, kv_block_indices, kv_steps, dense_rows,
+                                      block_size=block_size, num_kv_blocks=num_kv_blocks)
+
+
+def test_all_writes_every_row(monkeypatch, tmp_path, capsys):
+  monkeypatch.setattr(mv, "block_sparse_attention_padded",
+                      _stand_in(mv.block_sparse_attention_padded, _zeros_attention))
+  monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, _zeros_mass))
+  monkeypatch.setattr(mv, "load_only_padded", _stand_in(mv.load_only_padded, _copying_floor))
+  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: mv.time_fn(
+      jax.jit(jax.nn.dot_product_attention), q, k, v, reps=reps))
+  monkeypatch.setattr(mv, "H", 2)
+  monkeypatch.setattr(mv, "CHECK_SEQ", 130)
+  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", "all", "256"])
+  monkeypatch.setenv("OUT", str(tmp_path))
+  mv.main()
+  res = json.loads((tmp_path / "mosaic_variants_all.json").read_text())
+  assert res["done"] and res["budget_s"] == 210.0
+  rows = res["rows"]
+  assert not [r for r in rows if "error" in r or "skipped" in r]
+  checks = [r for r in rows if r.get("check")]
+  assert {(r["op"], r["bs"], r["stages"]) for r in checks} == {
+      ("sparse", 64, 2), ("sparse", 64, 3), ("sparse", 128, 2), ("sparse", 128, 3),
+      ("mass", 64, 2), ("mass", 64, 3), ("mass", 64, 4), ("mass", 64, 6)}
+  assert not any(r["ok"] for r in checks)  # the stand-ins return zeros
+  timed = [r for r in rows if r["section"] == "stages" and "ms" in r and r["op"] != "cudnn"]
+  assert len(timed) == 2 * 2 * len(mv.STAGE_DENSITIES) + 4
+  assert all(r["checked_ok"] is False for r in timed)
+  floors = [r for r in rows if r["op"] == "floor"]
+  assert len(floors) == 3 * len(mv.FLOOR_DENSITIES)
+  for r in floors:
+    assert r["copy_exact"] and r["real_ms"] > 0 and r["floor_GBps"] > 0
+    count = max(1, round(r["density"] * 256 / r["bs"]))
+    assert r["kv_GB"] * 1e9 == 2 * 256 * count * 128 * 2 * 2  # H rows of S/bs lists
+  assert [r["S"] for r in rows if r["op"] == "cudnn"] == [256]
+  assert "real/floor" in capsys.readouterr().out
+
+
+def test_run_records_errors_and_skips(tmp_path):
+  run = mv.Run("unit", str(tmp_path), budget_s=100.0)
+  assert run.attempt(lambda: 1 / 0, what="boom") is None
+  assert run.attempt(lambda: {"x": 1.0}, deadline=run.elapsed() - 1, what="late") is None
+  assert run.attempt(lambda: {"x": 2.0}, what="fine")["x"] == 2.0
+  run.finish()
+  rows = json.loads((tmp_path / "mosaic_variants_unit.json").read_text())["rows"]
+  assert "ZeroDivisionError" in rows[0]["error"]
+  assert "time budget" in rows[1]["skipped"]
+  assert rows[2]["x"] == 2.0 and "wall_s" in rows[2]
+
+
+def test_parse_args():
+  assert mv.parse_args(["all"]) == ("all", [], 210.0)
+  assert mv.parse_args(["floor", "32768", "--budget=60"]) == ("floor", [32768], 60.0)
+  assert mv.parse_args(["stages", "1024"]) == ("stages", [1024], None)
+  with pytest.raises(ValueError, match="'--reps=3'"):
+    mv.parse_args(["all", "--reps=3"])
