@@ -17,7 +17,8 @@ three objects of recognisable size to move without touching.
 
 The text prefix is padded to 64 tokens, one AdaSpa block, so the text sink is
 exactly block 0 and every frame (256 tokens) is exactly 4 video blocks.
-Positions: 3D RoPE on video (CogVideoX 1.0 style), learned positions in the
+Positions: 3D RoPE on video (CogVideoX 1.0 style) plus CogVideoX's learned
+absolute positional embedding (``add_learned_positions`` says why), learned positions in the
 text encoder.
 
 Latents are the pixels: float [B, F, 3, H, W] in [-1, 1] (CogVideoX layout).
@@ -105,13 +106,14 @@ class TinyT2VConfig:
 
 
 def _config(*, heads, head_dim, layers, time_dim, text_width, text_len, text_layers,
-            text_heads, frames, size, patch):
+            text_heads, frames, size, patch, learned_positions=False):
   transformer = cogvideox.Config(
       num_attention_heads=heads, attention_head_dim=head_dim, in_channels=3, out_channels=3,
       time_embed_dim=time_dim, text_embed_dim=text_width, num_layers=layers,
       sample_width=size, sample_height=size, sample_frames=frames, patch_size=patch,
       temporal_compression_ratio=1, max_text_seq_length=text_len,
-      use_rotary_positional_embeddings=True)
+      use_rotary_positional_embeddings=True,
+      use_learned_positional_embeddings=learned_positions)
   text = TextEncoderConfig(VOCABULARY, max_length=text_len, width=text_width,
                            num_layers=text_layers, num_heads=text_heads)
   return TinyT2VConfig(transformer, text, frames, size, size)
@@ -119,11 +121,13 @@ def _config(*, heads, head_dim, layers, time_dim, text_width, text_len, text_lay
 
 PRESETS = {
     # The shipped model: 4 heads x 64, 6 blocks; 8 x 48 x 48 clips -> 2048 video tokens
-    # + 64 text tokens = 33 blocks of 64. 6.04 M transformer + 0.41 M text-encoder
-    # parameters: a 13 MB bfloat16 checkpoint. On this repo's 2-core CPU (float32, random
+    # + 64 text tokens = 33 blocks of 64. 6.58 M transformer (0.54 M of them the learned
+    # positional embedding, added in run 4: see add_learned_positions) + 0.41 M text-encoder
+    # parameters: a 14 MB bfloat16 checkpoint. On this repo's 2-core CPU (float32, random
     # weights) one guided step (batch 2) takes ~1.15 s dense, ~1.7 s with AdaSpa.
     "embedded": _config(heads=4, head_dim=64, layers=6, time_dim=64, text_width=128,
-                        text_len=64, text_layers=2, text_heads=4, frames=8, size=48, patch=3),
+                        text_len=64, text_layers=2, text_heads=4, frames=8, size=48, patch=3,
+                        learned_positions=True),
     # CPU tests: 2 x 16 x 16 clips, patch 2 -> 128 video tokens + 24 text tokens.
     "test": _config(heads=2, head_dim=16, layers=2, time_dim=16, text_width=32, text_len=24,
                     text_layers=1, text_heads=2, frames=2, size=16, patch=2),
