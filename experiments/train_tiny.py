@@ -49,6 +49,10 @@ _INIT = flags.DEFINE_string("init_from", None, "start from this tiny_t2v checkpo
                             "(fresh optimiser; use another --seed for new clips)")
 _PAIRS = flags.DEFINE_bool("reversal_pairs", False, "half of each batch is the other half "
                            "played backwards (motions reversed in the caption)")
+_SIGMA_MEAN = flags.DEFINE_float("sigma_logit_mean", 0.0, "location of the logit-normal "
+                                  "sigma distribution (> 0: more high-noise steps)")
+_TEXT_LR = flags.DEFINE_float("text_lr_scale", 1.0, "text encoder learning rate relative to "
+                              "the transformer's")
 _ADD_POS = flags.DEFINE_float("add_learned_positions", None, "with --init_from: switch on the "
                               "learned positional embedding, initialised to this scale times "
                               "the sin-cos table (tiny_t2v.add_learned_positions)")
@@ -61,7 +65,8 @@ def main(argv):
       learning_rate=_LR.value, warmup_steps=_WARMUP.value, caption_dropout=_DROPOUT.value,
       ema_decay=_EMA.value, seed=_SEED.value, log_every=_LOG.value,
       time_budget_s=_BUDGET.value, dtype=_DTYPE.value, save_dtype=_SAVE_DTYPE.value,
-      reversal_pairs=_PAIRS.value)
+      reversal_pairs=_PAIRS.value, sigma_logit_mean=_SIGMA_MEAN.value,
+      text_lr_scale=_TEXT_LR.value)
   command = " ".join(["python -m experiments.train_tiny"] + [shlex.quote(a) for a in sys.argv[1:]])
   if _ADD_POS.value is not None and not _INIT.value:
     raise app.UsageError("--add_learned_positions needs --init_from (a new model takes the "

@@ -81,6 +81,11 @@ class TrainConfig:
   dtype: str = "bfloat16"
   save_dtype: str = "bfloat16"
   reversal_pairs: bool = False
+  # Location of the logit-normal sigma distribution (0: SD3's; > 0 favours high noise,
+  # where the caption rather than the noisy input decides the layout).
+  sigma_logit_mean: float = 0.0
+  # The text encoder's learning rate relative to the transformer's.
+  text_lr_scale: float = 1.0
 
   def __post_init__(self):
     if self.preset not in tiny_t2v.PRESETS:
@@ -99,6 +104,10 @@ class TrainConfig:
     for name in ("dtype", "save_dtype"):
       if getattr(self, name) not in ("bfloat16", "float32"):
         raise ValueError(f"{name}={getattr(self, name)!r}: expected 'bfloat16' or 'float32'.")
+    if not self.text_lr_scale > 0:
+      raise ValueError(f"text_lr_scale={self.text_lr_scale!r}: expected > 0.")
+    if not math.isfinite(self.sigma_logit_mean):
+      raise ValueError(f"sigma_logit_mean={self.sigma_logit_mean!r}: expected a finite float.")
     if self.reversal_pairs and self.batch_size % 2:
       raise ValueError(f"batch_size={self.batch_size} with reversal_pairs=True: expected an "
                        "even batch (clips and their reversals).")
@@ -210,6 +219,11 @@ class Trainer:
                           optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay))
     master, self.unravel = jax.flatten_util.ravel_pytree(
         jax.tree.map(lambda x: x.astype(jnp.float32), state))
+    # Per-weight factor on the optimiser's update: text_lr_scale on the text encoder.
+    self.lr_scale = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.full(x.shape, cfg.text_lr_scale if str(
+            getattr(path[0], "key", path[0])) == "text_encoder" else 1.0, jnp.float32),
+        state))[0]
     # The EMA starts as a copy: the step donates its input, and one buffer cannot be donated twice.
     self.state = TrainState(master, self.tx.init(master), jnp.copy(master),
                             jnp.zeros((), jnp.int32))
@@ -235,7 +249,7 @@ class Trainer:
     b = x0.shape[0]
     # A clip and its reversal share their noise and sigma (see reversal_pairs).
     m = b // 2 if paired else b
-    sigma = jax.nn.sigmoid(jax.random.normal(k_sigma, (m,)))
+    sigma = jax.nn.sigmoid(self.cfg.sigma_logit_mean + jax.random.normal(k_sigma, (m,)))
     noise = jax.random.normal(k_noise, (m,) + x0.shape[1:])
     if paired:
       sigma, noise = jnp.concatenate([sigma, sigma]), jnp.concatenate([noise, noise])
@@ -256,6 +270,8 @@ class Trainer:
                                                  self.cfg.caption_dropout,
                                                  self.cfg.reversal_pairs)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    if self.cfg.text_lr_scale != 1.0:
+      updates = updates * self.lr_scale
     params = optax.apply_updates(state.params, updates)
     # EMA with a short warm-up, so early checkpoints are not dominated by the init.
     t = state.step.astype(jnp.float32)

@@ -141,8 +141,29 @@ def test_reversal_pairs_batches_and_shared_noise(trained):
     ("preset", "huge", "preset='huge'"), ("steps", 0, "steps=0"),
     ("caption_dropout", 1.0, "caption_dropout=1.0"), ("dtype", "float16", "dtype='float16'"),
     ("time_budget_s", -1.0, "time_budget_s=-1.0"),
-    ("batch_size", 5, "batch_size=5 with reversal_pairs")])
+    ("batch_size", 5, "batch_size=5 with reversal_pairs"),
+    ("text_lr_scale", 0.0, "text_lr_scale=0.0"),
+    ("sigma_logit_mean", float("nan"), "sigma_logit_mean=nan")])
 def test_config_is_checked(field, value, match):
   extra = {"reversal_pairs": True} if field == "batch_size" else {}
   with pytest.raises(ValueError, match=match):
     training.TrainConfig(**{field: value}, **extra)
+
+
+def test_text_lr_scale_scales_only_the_text_encoders_update(trained):
+  trainer, batch, _, _ = trained
+  init = trainer.model("params")
+  deltas = {}
+  for scale in (1.0, 3.0):
+    t = training.Trainer(training.TrainConfig(preset="test", batch_size=4, warmup_steps=1,
+                                              text_lr_scale=scale, dtype="float32"),
+                         init=init)
+    before = np.asarray(t.state.params)
+    t.state, _ = t.step_fn(t.state, batch, jax.random.key(1))
+    deltas[scale] = t.unravel(np.asarray(t.state.params) - before)
+  leaves = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  text1, text3 = (leaves(deltas[s]["text_encoder"]) for s in (1.0, 3.0))
+  np.testing.assert_allclose(text3, 3 * text1, rtol=1e-4, atol=1e-7)
+  assert np.abs(text1).max() > 0
+  np.testing.assert_allclose(leaves(deltas[3.0]["transformer"]),
+                             leaves(deltas[1.0]["transformer"]), rtol=1e-5, atol=1e-7)
