@@ -51,6 +51,10 @@ _PAIRS = flags.DEFINE_bool("reversal_pairs", False, "half of each batch is the o
                            "played backwards (motions reversed in the caption)")
 _SIGMA_MEAN = flags.DEFINE_float("sigma_logit_mean", 0.0, "location of the logit-normal "
                                   "sigma distribution (> 0: more high-noise steps)")
+_HIGH_SHARE = flags.DEFINE_float("high_sigma_share", 0.0, "share of clips with sigma drawn "
+                                  "uniformly from [high_sigma_min, 1]")
+_HIGH_MIN = flags.DEFINE_float("high_sigma_min", training.TrainConfig.high_sigma_min,
+                               "lower end of those sigmas")
 _TEXT_LR = flags.DEFINE_float("text_lr_scale", 1.0, "text encoder learning rate relative to "
                               "the transformer's")
 _ADD_POS = flags.DEFINE_float("add_learned_positions", None, "with --init_from: switch on the "
@@ -66,7 +70,8 @@ def main(argv):
       ema_decay=_EMA.value, seed=_SEED.value, log_every=_LOG.value,
       time_budget_s=_BUDGET.value, dtype=_DTYPE.value, save_dtype=_SAVE_DTYPE.value,
       reversal_pairs=_PAIRS.value, sigma_logit_mean=_SIGMA_MEAN.value,
-      text_lr_scale=_TEXT_LR.value)
+      text_lr_scale=_TEXT_LR.value, high_sigma_share=_HIGH_SHARE.value,
+      high_sigma_min=_HIGH_MIN.value)
   command = " ".join(["python -m experiments.train_tiny"] + [shlex.quote(a) for a in sys.argv[1:]])
   if _ADD_POS.value is not None and not _INIT.value:
     raise app.UsageError("--add_learned_positions needs --init_from (a new model takes the "

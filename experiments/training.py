@@ -84,6 +84,11 @@ class TrainConfig:
   # Location of the logit-normal sigma distribution (0: SD3's; > 0 favours high noise,
   # where the caption rather than the noisy input decides the layout).
   sigma_logit_mean: float = 0.0
+  # Share of training clips (pairs) whose sigma is drawn uniformly from
+  # [high_sigma_min, 1] instead: logit-normal(0, 1) puts 0.2% of its mass above
+  # 0.95, where nothing but the caption says which way an object goes.
+  high_sigma_share: float = 0.0
+  high_sigma_min: float = 0.9
   # The text encoder's learning rate relative to the transformer's.
   text_lr_scale: float = 1.0
 
@@ -106,6 +111,10 @@ class TrainConfig:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected 'bfloat16' or 'float32'.")
     if not self.text_lr_scale > 0:
       raise ValueError(f"text_lr_scale={self.text_lr_scale!r}: expected > 0.")
+    if not 0 <= self.high_sigma_share <= 1:
+      raise ValueError(f"high_sigma_share={self.high_sigma_share!r}: expected a float in [0, 1].")
+    if not 0 < self.high_sigma_min < 1:
+      raise ValueError(f"high_sigma_min={self.high_sigma_min!r}: expected a float in (0, 1).")
     if not math.isfinite(self.sigma_logit_mean):
       raise ValueError(f"sigma_logit_mean={self.sigma_logit_mean!r}: expected a finite float.")
     if self.reversal_pairs and self.batch_size % 2:
@@ -238,9 +247,26 @@ class Trainer:
     cast = jax.tree.map(lambda p, d: p.astype(d), self.unravel(params), self.dtypes)
     return nnx.merge(self.graphdef, cast)
 
-  def _loss(self, params, batch: Batch, key, dropout=0.0, paired=False):
-    """Mean squared velocity error of a batch at sigmas and noise drawn from ``key``;
-    ``paired``: the batch's two halves share them (a ``reversal_pairs`` batch)."""
+  def sigmas(self, key, n: int, train_sigmas: bool = True):
+    """float32 [n] noise levels: logit-normal(sigma_logit_mean, 1), a high_sigma_share of
+    them uniform in [high_sigma_min, 1]; with ``train_sigmas=False`` logit-normal(0, 1)."""
+    shift = self.cfg.sigma_logit_mean if train_sigmas else 0.0
+    sigma = jax.nn.sigmoid(shift + jax.random.normal(key, (n,)))
+    if train_sigmas and self.cfg.high_sigma_share > 0:
+      k_pick, k_high = jax.random.split(jax.random.fold_in(key, 1))
+      high = jax.random.uniform(k_high, (n,), minval=self.cfg.high_sigma_min, maxval=1.0)
+      sigma = jnp.where(jax.random.bernoulli(k_pick, self.cfg.high_sigma_share, (n,)), high,
+                        sigma)
+    return sigma
+
+  def _loss(self, params, batch: Batch, key, dropout=0.0, paired=False, train_sigmas=False):
+    """Mean squared velocity error of a batch at sigmas and noise drawn from ``key``.
+
+    ``paired``: the batch's two halves share them (a ``reversal_pairs`` batch).
+    ``train_sigmas``: draw sigmas as the run's config says (``sigma_logit_mean``,
+    ``high_sigma_share``); otherwise from logit-normal(0, 1), so evaluation losses
+    of differently trained runs compare.
+    """
     c = self.model_config
     model = self._model(params)
     video = shapes_data.render(batch.spec, c.height, c.width, xp=jnp)
@@ -249,7 +275,7 @@ class Trainer:
     b = x0.shape[0]
     # A clip and its reversal share their noise and sigma (see reversal_pairs).
     m = b // 2 if paired else b
-    sigma = jax.nn.sigmoid(self.cfg.sigma_logit_mean + jax.random.normal(k_sigma, (m,)))
+    sigma = self.sigmas(k_sigma, m, train_sigmas)
     noise = jax.random.normal(k_noise, (m,) + x0.shape[1:])
     if paired:
       sigma, noise = jnp.concatenate([sigma, sigma]), jnp.concatenate([noise, noise])
@@ -268,7 +294,7 @@ class Trainer:
   def _step(self, state: TrainState, batch: Batch, key):
     loss, grads = jax.value_and_grad(self._loss)(state.params, batch, key,
                                                  self.cfg.caption_dropout,
-                                                 self.cfg.reversal_pairs)
+                                                 self.cfg.reversal_pairs, True)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     if self.cfg.text_lr_scale != 1.0:
       updates = updates * self.lr_scale

@@ -143,7 +143,8 @@ def test_reversal_pairs_batches_and_shared_noise(trained):
     ("time_budget_s", -1.0, "time_budget_s=-1.0"),
     ("batch_size", 5, "batch_size=5 with reversal_pairs"),
     ("text_lr_scale", 0.0, "text_lr_scale=0.0"),
-    ("sigma_logit_mean", float("nan"), "sigma_logit_mean=nan")])
+    ("sigma_logit_mean", float("nan"), "sigma_logit_mean=nan"),
+    ("high_sigma_share", 1.5, "high_sigma_share=1.5"), ("high_sigma_min", 1.0, "high_sigma_min=1.0")])
 def test_config_is_checked(field, value, match):
   extra = {"reversal_pairs": True} if field == "batch_size" else {}
   with pytest.raises(ValueError, match=match):
@@ -167,3 +168,23 @@ def test_text_lr_scale_scales_only_the_text_encoders_update(trained):
   assert np.abs(text1).max() > 0
   np.testing.assert_allclose(leaves(deltas[3.0]["transformer"]),
                              leaves(deltas[1.0]["transformer"]), rtol=1e-5, atol=1e-7)
+
+
+def test_training_sigmas(trained):
+  """logit-normal(mean, 1) with a share replaced by U(high_sigma_min, 1); evaluation always
+  draws logit-normal(0, 1)."""
+  init = trained[0].model("params")
+  make = lambda **kw: training.Trainer(training.TrainConfig(preset="test", batch_size=2, **kw),
+                                       init=init)
+  key, n = jax.random.key(0), 4000
+  logit = lambda x: np.log(x / (1 - x))
+  base = np.asarray(make().sigmas(key, n))
+  assert abs(logit(base).mean()) < 0.1 and abs(logit(base).std() - 1) < 0.05
+  shifted = make(sigma_logit_mean=1.5)
+  assert abs(logit(np.asarray(shifted.sigmas(key, n))).mean() - 1.5) < 0.1
+  np.testing.assert_array_equal(np.asarray(shifted.sigmas(key, n, train_sigmas=False)), base)
+  mixed = np.asarray(make(high_sigma_share=0.5, high_sigma_min=0.95).sigmas(key, n))
+  high = mixed >= 0.95
+  assert 0.45 < high.mean() < 0.56 and mixed.max() <= 1.0
+  np.testing.assert_array_equal(mixed[~high & (base < 0.95)], base[~high & (base < 0.95)])
+  assert np.all(np.asarray(make(high_sigma_share=1.0).sigmas(key, n)) >= 0.9)
