@@ -126,7 +126,7 @@ def swap_directions(prompt: str) -> str:
       [shapes_data.Item(i.colour, i.shape, swap.get(i.motion, i.motion)) for i in items])
 
 
-def direction_sensitivity(checkpoint, *, n: int = 64, sigmas=(0.9, 0.7, 0.5), seed: int = 0,
+def direction_sensitivity(checkpoint, *, n: int = 64, sigmas=(1.0, 0.97, 0.9, 0.7), seed: int = 0,
                           dtype=jnp.float32, stream: int = HELD_OUT_STREAM) -> dict:
   """Denoising loss with the true captions and with every direction swapped.
 

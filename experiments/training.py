@@ -13,9 +13,10 @@ the model also learns the unconditional branch of classifier-free guidance.
 the same noise at the same sigma. The clips are still draws of the stream's
 distribution; what changes is that every batch holds pairs alike in all but
 the order of their frames and the sign of their captioned motions, so the
-loss cannot fall without the model reading that sign. Without the pairs a
-model trained here learned colour, shape and the axis of motion but not its
-direction (docs/tiny_t2v.md).
+loss cannot fall without the model reading that sign. It did read it only
+once half of the clips also had sigma in [0.9, 1] (``high_sigma_share``),
+where the noisy clip no longer shows the motion and only the caption can
+(docs/tiny_t2v.md: runs 4-6).
 
 Mixed precision: AdamW keeps float32 master weights; the forward pass casts
 them to the model's compute dtype (bfloat16 on the GPU; layer norms and the
@@ -85,7 +86,7 @@ class TrainConfig:
   # where the caption rather than the noisy input decides the layout).
   sigma_logit_mean: float = 0.0
   # Share of training clips (pairs) whose sigma is drawn uniformly from
-  # [high_sigma_min, 1] instead: logit-normal(0, 1) puts 0.2% of its mass above
+  # [high_sigma_min, 1] instead: logit-normal(0, 1) puts 0.16% of its mass above
   # 0.95, where nothing but the caption says which way an object goes.
   high_sigma_share: float = 0.0
   high_sigma_min: float = 0.9
