@@ -11,13 +11,14 @@ so the numbers do not depend on the defaults of the day.
   python3 experiments/mosaic_variants.py stages [S ...]     # K/V ring depth (below)
   python3 experiments/mosaic_variants.py floor [S ...]      # load-only floor (below)
   python3 experiments/mosaic_variants.py all [S ...] [--budget=210]  # stages, then floor
+  python3 experiments/mosaic_variants.py keytile [S ...]    # block-mass K tile 128 vs 64
 
 (from the repository root with PYTHONPATH=.; S defaults to 32768 118784.)
 
 ``stages``: block-sparse bs 64 with rings of 2 (default) and 3 stages, bs 128
 with its default (2) and 3, densities 0.05/0.2/0.5/1.0; block mass bs 64 with
-2, 3, 4 (default) and 6 stages (a constant LSE: its time does not depend on the
-values). Depths that do not fit in shared memory get a row saying so. Each
+2, 3 (default) and 4 stages of 128 keys (a constant LSE: its time does not depend
+on the values; the 2026-11-29 run had 64-key stages, 2/3/4/6). Depths that do not fit in shared memory get a row saying so. Each
 depth is first checked against ``implementation="reference"`` at S=1000, B=2,
 H=2 (as ``check``), then timed.
 
@@ -26,6 +27,12 @@ rings and barriers, no math) at bs 64 and 128, densities 0.05/0.2/1.0, next to
 the real kernel on the same lists and cuDNN dense; K+V GB/s = bytes the lists
 name / time, and real/floor. Its output is compared with what it must copy.
 Then the floor of a 3-stage ring at bs 64, if time is left.
+
+``keytile``: block mass at bs 64 with 128-key K tiles (two key blocks per
+wgmma, the default) and with 64-key tiles (one block, the earlier kernel),
+each checked at S=1000 first, then timed; then the fused search
+(``mosaic.attention_with_block_mass``, bs 64) through the public API; cuDNN in
+the same run.
 
 ``all`` writes one JSON, rewritten after every row; a row whose measurement
 raises records the error and the run goes on. ``--budget`` (seconds from the
@@ -66,7 +73,7 @@ SEQS = (32768, 118784)
 STAGE_DENSITIES = (0.05, 0.2, 0.5, 1.0)
 FLOOR_DENSITIES = (0.05, 0.2, 1.0)
 SPARSE_STAGES = (None, 3)  # None: the kernel's default (2 at D=128 for both block sizes)
-MASS_STAGES = (2, 3, None, 6)  # None: the default, 4 at bs 64, D=128
+MASS_STAGES = (2, None, 4)  # None: the default, 3 at D=128 (128-key K stages)
 CHECK_SEQ = 1000  # sequence length of the ring-depth checks (as ``check``)
 HANG_S = 90  # one measurement (compile included) taking longer than this is a hang
 
@@ -302,15 +309,17 @@ def kv_bytes(cnt, bs):
 
 
 def stage_label(kind, bs, stages):
-  default = (mosaic_block_mass.num_stages(bs, D) if kind == "mass" else
+  default = (mosaic_block_mass.num_stages(mosaic_block_mass.KEY_TILE, D) if kind == "mass" else
              mosaic_block_sparse.num_stages(bs, D))
   return {"stages": default if stages is None else stages, "stages_arg": stages}
 
 
 def fits(kind, bs, stages):
   """None if ``stages`` fits in shared memory at D=128 bf16, else why not."""
-  mod = mosaic_block_mass if kind == "mass" else mosaic_block_sparse
-  need = mod.smem_bytes(bs, D, 2, stages)
+  if kind == "mass":
+    need = mosaic_block_mass.smem_bytes(mosaic_block_mass.KEY_TILE, D, 2, stages)
+  else:
+    need = mosaic_block_sparse.smem_bytes(bs, D, 2, stages)
   limit = mosaic_block_sparse.SMEM_LIMIT
   return None if need <= limit else f"needs {need} bytes of shared memory > {limit}"
 
@@ -338,8 +347,9 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False):
   return r
 
 
-def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False):
-  """The padded block-mass kernel at a ring depth vs the reference, from a stale LSE."""
+def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None):
+  """The padded block-mass kernel at a ring depth (and K tile) vs the reference, from a
+  stale LSE."""
   key, q, k, v, lengths, n_blk, _, _ = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
   _, lse, _ = pk.attention_with_block_mass(q, k, v, block_size=bs, kv_lengths=lengths,
                                            implementation="reference")
@@ -354,7 +364,7 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False):
   pad = lambda x: jnp.pad(x, ((0, 0), (0, s_pad - seq), (0, 0), (0, 0)))
   with mosaic_interpret.device_context(interpret):
     chunks = block_mass_padded(pad(q), pad(k), lse2, lengths, block_size=bs, sm_scale=SM_SCALE,
-                               num_kv_blocks=n_blk, stages=stages,
+                               num_kv_blocks=n_blk, stages=stages, key_tile=key_tile,
                                interpret=mosaic_interpret.params(interpret))
   b = q.shape[0]
   got = chunks.reshape(b, h, s_pad // bs, bs // 64, -1).sum(3)[:, :, :n_blk, :n_blk]
@@ -379,11 +389,11 @@ def sparse_row(inp, seq, bs, density, stages):
   return row
 
 
-def mass_row(inp, seq, stages, bs=64):
+def mass_row(inp, seq, stages, bs=64, key_tile=None):
   _, (q, k, _) = inp.qkv(seq)
   lse2 = jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=SM_SCALE,
-                         num_kv_blocks=seq // bs, stages=stages)
+                         num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile)
   t = time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps)
   k_bytes = B * H * (seq // 128) * seq * D * 2  # every CTA streams every K block once
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq), "k_GBps": k_bytes / t / 1e9}
@@ -453,6 +463,28 @@ def run_stages(run, inp, seqs, deadline):
           run.attempt(fn, deadline=deadline, est_s=(inp.reps + 1) * default_ms / 1e3, **label)
 
 
+def run_keytile(run, inp, seqs, deadline):
+  """Block mass at block 64 with 128-key K tiles (default) and 64-key ones (the kernel of
+  2026-11-29), each checked first; then the fused search through the public API."""
+  cudnn_rows(run, inp, seqs, "keytile", deadline)
+  ok = {}
+  for kt in (None, 64):
+    row = run.attempt(lambda kt=kt: check_mass_stages(64, None, seq=CHECK_SEQ, key_tile=kt),
+                      deadline=deadline, check=True, section="keytile", op="mass", bs=64,
+                      key_tile=kt)
+    ok[kt] = bool(row and row["ok"])
+  for seq in seqs:
+    for kt in (None, 64):
+      run.attempt(lambda kt=kt: mass_row(inp, seq, None, 64, kt), deadline=deadline,
+                  section="keytile", op="mass", S=seq, bs=64, key_tile=kt, checked_ok=ok[kt])
+    def fused():
+      _, (q, k, v) = inp.qkv(seq)
+      fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
+      t = time_fn(fn, q, k, v, reps=inp.reps)
+      return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
+    run.attempt(fused, deadline=deadline, section="keytile", op="fused", S=seq, bs=64)
+
+
 def run_floor(run, inp, seqs, deadline):
   """Load-only floor vs the real kernel and cuDNN, then the floor of a 3-stage ring."""
   cudnn_rows(run, inp, seqs, "floor", deadline)
@@ -492,10 +524,10 @@ def parse_args(argv):
 
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
-  modes = ("check", "time", "tune", "stages", "floor", "all")
+  modes = ("check", "time", "tune", "stages", "floor", "all", "keytile")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
-  tuning = mode in ("stages", "floor", "all")
+  tuning = mode in ("stages", "floor", "all", "keytile")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -542,6 +574,8 @@ def main():
       run_stages(run, inp, seqs, run.deadline(0.55 if mode == "all" else 1.0))
     if mode in ("floor", "all"):
       run_floor(run, inp, seqs, run.deadline())
+    if mode == "keytile":
+      run_keytile(run, inp, seqs, run.deadline())
   run.finish()
 
 

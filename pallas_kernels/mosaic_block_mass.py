@@ -3,12 +3,17 @@
 ``mass[b, h, p, c] = sum_{i in query block p, j in key block c} exp(s_ij - lse_i)``.
 
 One CTA holds two compute warpgroups (64 query rows each) and a memory
-warpgroup that streams every K block through a ring of TMA stages shared by
-both. Per key block a warpgroup runs QK^T on wgmma, exponentiates against its
-rows' LSE and sums each row over the block (warp shuffles only). The per-row
-sums of ``GROUP`` consecutive key blocks go to a small shared-memory table that
-is then reduced across rows once, so the cross-warp reduction is paid once per
-``GROUP`` blocks, not once per block.
+warpgroup that streams K through a ring of TMA stages shared by both, in tiles
+of ``KEY_TILE`` = 128 keys (two key blocks at block_size 64). Per tile a
+warpgroup runs one 64 x 128 QK^T on wgmma, exponentiates against its rows' LSE
+and sums each row over each key block of the tile (warp shuffles only). The
+per-row sums of ``GROUP`` consecutive key blocks go to a small shared-memory
+table that is then reduced across rows once, so the cross-warp reduction is
+paid once per ``GROUP`` blocks, not once per block.
+
+Why 128-key tiles at block 64: the kernel runs only on dense key ranges, so
+two adjacent blocks are one TMA copy, and a 64 x 128 wgmma does the work of two
+64 x 64 ones for one barrier round trip.
 
 Each warpgroup writes the mass of its own 64 rows; the caller adds the 64-row
 chunks of a query block together (block_size = 128 has two).
@@ -30,6 +35,7 @@ from pallas_kernels.mosaic_block_sparse import (
     load_row_vector, qk_matmul, smem_footprint)
 
 GROUP = 64  # key blocks per cross-row reduction; the output is padded to a multiple.
+KEY_TILE = 128  # keys per K stage and per QK^T wgmma (default).
 _SMEM_FOR_K = 96 * 1024
 # This kernel keeps Mosaic's default reduction scratch, so its footprint counts it.
 _REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
@@ -40,15 +46,15 @@ def padded_num_kv_blocks(num_kv_blocks: int) -> int:
   return -(-num_kv_blocks // GROUP) * GROUP
 
 
-def num_stages(block_size: int, head_dim: int, itemsize: int = 2) -> int:
-  """Depth of the K ring that fits the default budget."""
-  return int(max(2, min(4, _SMEM_FOR_K // (block_size * head_dim * itemsize))))
+def num_stages(key_tile: int, head_dim: int, itemsize: int = 2) -> int:
+  """Depth of the K ring (tiles of ``key_tile`` keys) that fits the default budget."""
+  return int(max(2, min(4, _SMEM_FOR_K // (key_tile * head_dim * itemsize))))
 
 
-def smem_bytes(block_size: int, head_dim: int, itemsize: int, stages: int) -> int:
+def smem_bytes(key_tile: int, head_dim: int, itemsize: int, stages: int) -> int:
   """Shared memory of ``block_mass_padded`` with ``stages`` K stages, in bytes."""
   buffers = (COMPUTE_WGS * ROWS_PER_WG * head_dim * itemsize,  # Q
-             stages * block_size * head_dim * itemsize,  # K ring
+             stages * key_tile * head_dim * itemsize,  # K ring
              COMPUTE_WGS * ROWS_PER_WG * 4,  # LSE
              COMPUTE_WGS * GROUP * ROWS_PER_WG * 4,  # row-sum table
              COMPUTE_WGS * GROUP * 4)  # reduced sums on their way out
@@ -57,9 +63,10 @@ def smem_bytes(block_size: int, head_dim: int, itemsize: int, stages: int) -> in
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "num_kv_blocks",
-                                              "heads_major", "stages", "interpret"))
+                                              "heads_major", "stages", "key_tile",
+                                              "interpret"))
 def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_blocks,
-                      heads_major=True, stages=None, interpret=None):
+                      heads_major=True, stages=None, key_tile=None, interpret=None):
   """Per-64-row-chunk block mass on padded operands.
 
   Args:
@@ -71,6 +78,9 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     heads_major: launch order, heads fastest (True) or query tiles fastest.
     stages: K ring depth, an int >= 2 that fits in the shared memory of a CTA
       (see ``smem_bytes``); None for ``num_stages``.
+    key_tile: keys per stage and wgmma, a multiple of block_size up to
+      ``KEY_TILE``; None for ``KEY_TILE`` (block_size 64 with key_tile=64 is the
+      one-block-per-tile kernel of 2026-11-29, kept for comparison).
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
@@ -78,9 +88,14 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
   b, s_pad, h, d = q.shape
   dtype = q.dtype
   bs = block_size
+  kt = KEY_TILE if key_tile is None else key_tile
+  if kt not in (bs, KEY_TILE) or kt < bs:
+    raise ValueError(f"key_tile={key_tile!r}: expected None, {KEY_TILE} or block_size={bs}.")
+  per_tile = kt // bs
+  n_tiles = -(-num_kv_blocks // per_tile)   # the last may end past nK: junk columns
   itemsize = jnp.dtype(dtype).itemsize
-  stages = check_stages(stages, num_stages(bs, d, itemsize),
-                        lambda n: smem_bytes(bs, d, itemsize, n),
+  stages = check_stages(stages, num_stages(kt, d, itemsize),
+                        lambda n: smem_bytes(kt, d, itemsize, n),
                         f"block mass at block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
   qk_scale = sm_scale * _LOG2E
   n_groups = padded_num_kv_blocks(num_kv_blocks) // GROUP
@@ -112,29 +127,37 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       plgpu.barrier_wait(q_ready.at[wg])
       plgpu.barrier_wait(q_ready.at[COMPUTE_WGS + wg])
       lse_row = load_row_vector(lse_smem, emulate)
-      lse_b = lax.broadcast_in_dim(lse_row, (ROWS_PER_WG, bs), [0])
+      lse_b = lax.broadcast_in_dim(lse_row, (ROWS_PER_WG, kt), [0])
 
       @pl.loop(0, n_groups)
       def _(g):
         first = g * GROUP
-        last = jnp.minimum(first + GROUP, num_kv_blocks)
+        first_tile = first // per_tile
+        last_tile = jnp.minimum(first_tile + GROUP // per_tile, n_tiles)
 
-        @pl.loop(first, last)
-        def _(blk):
-          slot = lax.rem(blk, stages)
+        @pl.loop(first_tile, last_tile)
+        def _(t):
+          slot = lax.rem(t, stages)
           plgpu.barrier_wait(k_ready.at[slot])
 
           qk = qk_matmul(q_smem, k_smem.at[slot], emulate=emulate)
           plgpu.barrier_arrive(k_free.at[slot])
           p = jnp.exp2(qk * qk_scale - lse_b)
-          n_valid = length - blk * bs
+          n_valid = length - t * kt
 
           def mask_tail(x):
-            cols = column_ids((ROWS_PER_WG, bs), emulate)
+            cols = column_ids((ROWS_PER_WG, kt), emulate)
             return jnp.where(cols < n_valid, x, 0.0)
 
-          p = lax.cond(n_valid < bs, mask_tail, lambda x: x, p)
-          rows_smem.at[blk - first][...] = p.sum(axis=1)
+          p = lax.cond(n_valid < kt, mask_tail, lambda x: x, p)
+          row = (t - first_tile) * per_tile
+          if per_tile == 1:
+            rows_smem.at[row][...] = p.sum(axis=1)
+          else:
+            cols = column_ids((ROWS_PER_WG, kt), emulate)
+            for j in range(per_tile):
+              inside = (cols >= j * bs) & (cols < (j + 1) * bs)
+              rows_smem.at[row + j][...] = jnp.where(inside, p, 0.0).sum(axis=1)
 
         if emulate:
           table = rows_smem[...]
@@ -152,27 +175,27 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
 
-      @pl.loop(0, num_kv_blocks)
-      def _(blk):
-        slot = lax.rem(blk, stages)
+      @pl.loop(0, n_tiles)
+      def _(t):
+        slot = lax.rem(t, stages)
 
-        @pl.when(blk >= stages)
+        @pl.when(t >= stages)
         def _():
           plgpu.barrier_wait(k_free.at[slot])
 
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(blk * bs, bs), hi], k_smem.at[slot],
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(t * kt, kt), hi], k_smem.at[slot],
                                 k_ready.at[slot])
 
       # Observe the last consumptions too (see mosaic_block_sparse).
-      @pl.loop(max(num_kv_blocks - stages, 0), num_kv_blocks)
-      def _(blk):
-        plgpu.barrier_wait(k_free.at[lax.rem(blk, stages)])
+      @pl.loop(max(n_tiles - stages, 0), n_tiles)
+      def _(t):
+        plgpu.barrier_wait(k_free.at[lax.rem(t, stages)])
 
   def entry(*refs):
     pl.run_scoped(
         lambda *scratch: kernel(*refs, *scratch),
         plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), dtype, transforms=transforms),
-        plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
+        plgpu.SMEM((stages, kt, d), dtype, transforms=transforms),
         plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
         plgpu.SMEM((COMPUTE_WGS, GROUP, ROWS_PER_WG), jnp.float32),
         plgpu.SMEM((COMPUTE_WGS, GROUP), jnp.float32),

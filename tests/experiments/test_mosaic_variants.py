@@ -66,10 +66,10 @@ def test_all_writes_every_row(monkeypatch, tmp_path, capsys):
   checks = [r for r in rows if r.get("check")]
   assert {(r["op"], r["bs"], r["stages"]) for r in checks} == {
       ("sparse", 64, 2), ("sparse", 64, 3), ("sparse", 128, 2), ("sparse", 128, 3),
-      ("mass", 64, 2), ("mass", 64, 3), ("mass", 64, 4), ("mass", 64, 6)}
+      ("mass", 64, 2), ("mass", 64, 3), ("mass", 64, 4)}
   assert not any(r["ok"] for r in checks)  # the stand-ins return zeros
   timed = [r for r in rows if r["section"] == "stages" and "ms" in r and r["op"] != "cudnn"]
-  assert len(timed) == 2 * 2 * len(mv.STAGE_DENSITIES) + 4
+  assert len(timed) == 2 * 2 * len(mv.STAGE_DENSITIES) + 3
   assert all(r["checked_ok"] is False for r in timed)
   floors = [r for r in rows if r["op"] == "floor"]
   assert len(floors) == 3 * len(mv.FLOOR_DENSITIES)
@@ -99,3 +99,28 @@ def test_parse_args():
   assert mv.parse_args(["stages", "1024"]) == ("stages", [1024], None)
   with pytest.raises(ValueError, match="'--reps=3'"):
     mv.parse_args(["all", "--reps=3"])
+
+
+def test_keytile_checks_then_times_both_tiles(monkeypatch, tmp_path):
+  seen = []
+
+  def zeros_mass(q, num_kv_blocks, key_tile, **_):
+    seen.append(key_tile)
+    return _zeros_mass(q, num_kv_blocks)
+  monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
+  monkeypatch.setattr(mv.mosaic, "attention_with_block_mass",
+                      lambda q, k, v, block_size: (q, jnp.zeros(q.shape[:1] + q.shape[2:3] +
+                                                                q.shape[1:2]), None))
+  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: 1.0)
+  monkeypatch.setattr(mv, "H", 2)
+  monkeypatch.setattr(mv, "CHECK_SEQ", 130)
+  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", "keytile", "256"])
+  monkeypatch.setenv("OUT", str(tmp_path))
+  mv.main()
+  rows = json.loads((tmp_path / "mosaic_variants_keytile.json").read_text())["rows"]
+  assert not [r for r in rows if "error" in r]
+  assert [(r["op"], r.get("key_tile"), bool(r.get("check"))) for r in rows
+          if r["op"] != "cudnn"] == [("mass", None, True), ("mass", 64, True),
+                                     ("mass", None, False), ("mass", 64, False),
+                                     ("fused", None, False)]
+  assert set(seen) == {None, 64}

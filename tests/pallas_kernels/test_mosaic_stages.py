@@ -70,7 +70,10 @@ def test_block_sparse_stages_match_reference(case):
   np.testing.assert_allclose(lse[finite], want_lse[finite], atol=2e-2, rtol=0)
 
 
-def test_block_mass_stages_match_reference():
+@pytest.mark.parametrize("key_tile", [None, 64])
+def test_block_mass_stages_match_reference(key_tile):
+  """Five key blocks of 64: with 128-key tiles (default) the last tile holds one real
+  block and one past the keys; key_tile=64 is the one-block-per-tile kernel."""
   seq, d, bs, dtype, stages, length = 300, 64, 64, jnp.bfloat16, 3, 270
   q, k, _ = make_qkv(33, 1, seq, 1, d, dtype)
   _, lse = numpy_ref.attention(q, k, k, (length,))
@@ -84,7 +87,8 @@ def test_block_mass_stages_match_reference():
     chunks = block_mass_padded(
         jnp.asarray(_pad_rows(q, s_pad)), jnp.asarray(_pad_rows(k, s_pad)), jnp.asarray(lse2),
         jnp.array([length], jnp.int32), block_size=bs, sm_scale=1 / math.sqrt(d),
-        num_kv_blocks=n_blk, stages=stages, interpret=mosaic_interpret.params(True))
+        num_kv_blocks=n_blk, stages=stages, key_tile=key_tile,
+        interpret=mosaic_interpret.params(True))
   mass = np.asarray(chunks)[:, :, :n_blk, :n_blk]  # bs 64: one 64-row chunk per block
   want = numpy_ref.block_mass(q, k, lse, bs, (length,))
   np.testing.assert_allclose(mass, want, rtol=TOL[dtype], atol=TOL[dtype] * 1e-2)
@@ -101,10 +105,10 @@ def _sparse_call(bs, d, stages, s=256, dtype=jnp.bfloat16):
   return fn, (qkv, qkv, qkv, idx, rows, rows, jax.ShapeDtypeStruct((1,), jnp.int32))
 
 
-def _mass_call(bs, d, stages, s=256, dtype=jnp.bfloat16):
+def _mass_call(bs, d, stages, s=256, dtype=jnp.bfloat16, key_tile=None):
   qk = jax.ShapeDtypeStruct((1, s, 1, d), dtype)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=0.125,
-                         num_kv_blocks=s // bs, stages=stages)
+                         num_kv_blocks=s // bs, stages=stages, key_tile=key_tile)
   return fn, (qk, qk, jax.ShapeDtypeStruct((1, 1, s), jnp.float32),
               jax.ShapeDtypeStruct((1,), jnp.int32))
 
@@ -117,7 +121,8 @@ def test_bad_stages_raise(stages):
 
 
 @pytest.mark.parametrize("make,bs,stages,most", [
-    (_sparse_call, 64, 4, 3), (_sparse_call, 128, 4, 3), (_mass_call, 64, 10, 9)])
+    (_sparse_call, 64, 4, 3), (_sparse_call, 128, 4, 3), (_mass_call, 64, 5, 4),
+    (functools.partial(_mass_call, key_tile=64), 64, 10, 9)])
 def test_stages_over_shared_memory_raise(make, bs, stages, most):
   fn, args = make(bs, 128, stages)
   with pytest.raises(ValueError, match=rf"stages={stages}: .* 232448 .* at most {most} stages"):
@@ -131,12 +136,17 @@ def _lower_for_cuda(fn, args):
 # (kernel, footprint, block_size, head_dim, stages): the deepest rings that fit at
 # D=128 (three K/V stages at block 64 rely on the kernel asking for no reduction
 # scratch), and one past each.
-FITS = [("sparse", 64, 128, 3), ("sparse", 128, 128, 3), ("mass", 64, 128, 9),
-        ("mass", 128, 128, 4)]
+FITS = [("sparse", 64, 128, 3), ("sparse", 128, 128, 3), ("mass", 64, 128, 4),
+        ("mass", 128, 128, 4), ("mass_kt64", 64, 128, 9)]
 OVER = [("sparse", 64, 128, 4), ("sparse", 128, 128, 4), ("sparse", 64, 64, 7),
-        ("mass", 64, 128, 10), ("mass", 128, 128, 5)]
-KERNELS = {"sparse": (_sparse_call, mosaic_block_sparse.smem_bytes),
-           "mass": (_mass_call, mosaic_block_mass.smem_bytes)}
+        ("mass", 64, 128, 5), ("mass", 128, 128, 5), ("mass_kt64", 64, 128, 10)]
+# The mass kernel's K stages hold KEY_TILE keys whatever the block size, unless key_tile=64.
+KERNELS = {
+    "sparse": (_sparse_call, mosaic_block_sparse.smem_bytes),
+    "mass": (_mass_call, lambda bs, d, item, n: mosaic_block_mass.smem_bytes(
+        mosaic_block_mass.KEY_TILE, d, item, n)),
+    "mass_kt64": (functools.partial(_mass_call, key_tile=64),
+                  lambda bs, d, item, n: mosaic_block_mass.smem_bytes(64, d, item, n))}
 
 
 @pytest.mark.parametrize("kind,bs,d,stages", FITS, ids=lambda x: str(x))
