@@ -17,8 +17,8 @@ so the numbers do not depend on the defaults of the day.
 
 ``stages``: block-sparse bs 64 with rings of 2 (default) and 3 stages, bs 128
 with its default (2) and 3, densities 0.05/0.2/0.5/1.0; block mass bs 64 with
-2, 3 (default) and 4 stages of 128 keys (a constant LSE: its time does not depend
-on the values; the 2026-11-29 run had 64-key stages, 2/3/4/6). Depths that do not fit in shared memory get a row saying so. Each
+2, 3, 4 (default) and 6 stages (a constant LSE: its time does not depend on the
+values). Depths that do not fit in shared memory get a row saying so. Each
 depth is first checked against ``implementation="reference"`` at S=1000, B=2,
 H=2 (as ``check``), then timed.
 
@@ -28,8 +28,8 @@ the real kernel on the same lists and cuDNN dense; K+V GB/s = bytes the lists
 name / time, and real/floor. Its output is compared with what it must copy.
 Then the floor of a 3-stage ring at bs 64, if time is left.
 
-``keytile``: block mass at bs 64 with 128-key K tiles (two key blocks per
-wgmma, the default) and with 64-key tiles (one block, the earlier kernel),
+``keytile``: block mass at bs 64 with 64-key K tiles (one key block per
+wgmma, the default) and with 128-key tiles (two blocks, ``key_tile=128``),
 each checked at S=1000 first, then timed; then the fused search
 (``mosaic.attention_with_block_mass``, bs 64) through the public API; cuDNN in
 the same run.
@@ -73,7 +73,7 @@ SEQS = (32768, 118784)
 STAGE_DENSITIES = (0.05, 0.2, 0.5, 1.0)
 FLOOR_DENSITIES = (0.05, 0.2, 1.0)
 SPARSE_STAGES = (None, 3)  # None: the kernel's default (2 at D=128 for both block sizes)
-MASS_STAGES = (2, None, 4)  # None: the default, 3 at D=128 (128-key K stages)
+MASS_STAGES = (2, 3, None, 6)  # None: the default, 4 at bs 64, D=128
 CHECK_SEQ = 1000  # sequence length of the ring-depth checks (as ``check``)
 HANG_S = 90  # one measurement (compile included) taking longer than this is a hang
 
@@ -309,17 +309,15 @@ def kv_bytes(cnt, bs):
 
 
 def stage_label(kind, bs, stages):
-  default = (mosaic_block_mass.num_stages(mosaic_block_mass.KEY_TILE, D) if kind == "mass" else
+  default = (mosaic_block_mass.num_stages(bs, D) if kind == "mass" else
              mosaic_block_sparse.num_stages(bs, D))
   return {"stages": default if stages is None else stages, "stages_arg": stages}
 
 
 def fits(kind, bs, stages):
   """None if ``stages`` fits in shared memory at D=128 bf16, else why not."""
-  if kind == "mass":
-    need = mosaic_block_mass.smem_bytes(mosaic_block_mass.KEY_TILE, D, 2, stages)
-  else:
-    need = mosaic_block_sparse.smem_bytes(bs, D, 2, stages)
+  mod = mosaic_block_mass if kind == "mass" else mosaic_block_sparse
+  need = mod.smem_bytes(bs, D, 2, stages)
   limit = mosaic_block_sparse.SMEM_LIMIT
   return None if need <= limit else f"needs {need} bytes of shared memory > {limit}"
 
@@ -464,17 +462,17 @@ def run_stages(run, inp, seqs, deadline):
 
 
 def run_keytile(run, inp, seqs, deadline):
-  """Block mass at block 64 with 128-key K tiles (default) and 64-key ones (the kernel of
-  2026-11-29), each checked first; then the fused search through the public API."""
+  """Block mass at block 64 with 64-key K tiles (default) and 128-key ones, each checked
+  first; then the fused search through the public API."""
   cudnn_rows(run, inp, seqs, "keytile", deadline)
   ok = {}
-  for kt in (None, 64):
+  for kt in (None, 128):
     row = run.attempt(lambda kt=kt: check_mass_stages(64, None, seq=CHECK_SEQ, key_tile=kt),
                       deadline=deadline, check=True, section="keytile", op="mass", bs=64,
                       key_tile=kt)
     ok[kt] = bool(row and row["ok"])
   for seq in seqs:
-    for kt in (None, 64):
+    for kt in (None, 128):
       run.attempt(lambda kt=kt: mass_row(inp, seq, None, 64, kt), deadline=deadline,
                   section="keytile", op="mass", S=seq, bs=64, key_tile=kt, checked_ok=ok[kt])
     def fused():

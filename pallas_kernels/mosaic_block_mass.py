@@ -3,17 +3,19 @@
 ``mass[b, h, p, c] = sum_{i in query block p, j in key block c} exp(s_ij - lse_i)``.
 
 One CTA holds two compute warpgroups (64 query rows each) and a memory
-warpgroup that streams K through a ring of TMA stages shared by both, in tiles
-of ``KEY_TILE`` = 128 keys (two key blocks at block_size 64). Per tile a
-warpgroup runs one 64 x 128 QK^T on wgmma, exponentiates against its rows' LSE
-and sums each row over each key block of the tile (warp shuffles only). The
-per-row sums of ``GROUP`` consecutive key blocks go to a small shared-memory
-table that is then reduced across rows once, so the cross-warp reduction is
-paid once per ``GROUP`` blocks, not once per block.
+warpgroup that streams K through a ring of TMA stages shared by both, one key
+block per stage (``key_tile=128`` at block_size 64: two blocks). Per tile a
+warpgroup runs one QK^T on wgmma, exponentiates against its rows' LSE and sums
+each row over each key block of the tile (warp shuffles only). The per-row sums
+of ``GROUP`` consecutive key blocks go to a small shared-memory table that is
+then reduced across rows once, so the cross-warp reduction is paid once per
+``GROUP`` blocks, not once per block.
 
-Why 128-key tiles at block 64: the kernel runs only on dense key ranges, so
-two adjacent blocks are one TMA copy, and a 64 x 128 wgmma does the work of two
-64 x 64 ones for one barrier round trip.
+Why ``key_tile=128`` at block 64 might pay: the kernel runs only on dense key
+ranges, so two adjacent blocks are one TMA copy, and a 64 x 128 wgmma does the
+work of two 64 x 64 ones for one barrier round trip. It passes the interpreter
+tests and lowers for CUDA, but has not run on a GPU yet
+(``experiments/mosaic_variants.py keytile`` measures it), so it is not the default.
 
 Each warpgroup writes the mass of its own 64 rows; the caller adds the 64-row
 chunks of a query block together (block_size = 128 has two).
@@ -35,7 +37,7 @@ from pallas_kernels.mosaic_block_sparse import (
     load_row_vector, qk_matmul, smem_footprint)
 
 GROUP = 64  # key blocks per cross-row reduction; the output is padded to a multiple.
-KEY_TILE = 128  # keys per K stage and per QK^T wgmma (default).
+KEY_TILE = 128  # the largest K tile (keys per stage and per QK^T wgmma).
 _SMEM_FOR_K = 96 * 1024
 # This kernel keeps Mosaic's default reduction scratch, so its footprint counts it.
 _REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
@@ -78,9 +80,9 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     heads_major: launch order, heads fastest (True) or query tiles fastest.
     stages: K ring depth, an int >= 2 that fits in the shared memory of a CTA
       (see ``smem_bytes``); None for ``num_stages``.
-    key_tile: keys per stage and wgmma, a multiple of block_size up to
-      ``KEY_TILE``; None for ``KEY_TILE`` (block_size 64 with key_tile=64 is the
-      one-block-per-tile kernel of 2026-11-29, kept for comparison).
+    key_tile: keys per stage and wgmma: None or block_size (one key block per
+      tile, the kernel measured in docs/bench/mosaic.md) or ``KEY_TILE`` (two
+      blocks per tile at block_size 64; see the module docstring).
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
@@ -88,7 +90,7 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
   b, s_pad, h, d = q.shape
   dtype = q.dtype
   bs = block_size
-  kt = KEY_TILE if key_tile is None else key_tile
+  kt = bs if key_tile is None else key_tile
   if kt not in (bs, KEY_TILE) or kt < bs:
     raise ValueError(f"key_tile={key_tile!r}: expected None, {KEY_TILE} or block_size={bs}.")
   per_tile = kt // bs
@@ -132,7 +134,7 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       @pl.loop(0, n_groups)
       def _(g):
         first = g * GROUP
-        first_tile = first // per_tile
+        first_tile = first if per_tile == 1 else first // per_tile
         last_tile = jnp.minimum(first_tile + GROUP // per_tile, n_tiles)
 
         @pl.loop(first_tile, last_tile)

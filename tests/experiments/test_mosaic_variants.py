@@ -66,10 +66,10 @@ def test_all_writes_every_row(monkeypatch, tmp_path, capsys):
   checks = [r for r in rows if r.get("check")]
   assert {(r["op"], r["bs"], r["stages"]) for r in checks} == {
       ("sparse", 64, 2), ("sparse", 64, 3), ("sparse", 128, 2), ("sparse", 128, 3),
-      ("mass", 64, 2), ("mass", 64, 3), ("mass", 64, 4)}
+      ("mass", 64, 2), ("mass", 64, 3), ("mass", 64, 4), ("mass", 64, 6)}
   assert not any(r["ok"] for r in checks)  # the stand-ins return zeros
   timed = [r for r in rows if r["section"] == "stages" and "ms" in r and r["op"] != "cudnn"]
-  assert len(timed) == 2 * 2 * len(mv.STAGE_DENSITIES) + 3
+  assert len(timed) == 2 * 2 * len(mv.STAGE_DENSITIES) + 4
   assert all(r["checked_ok"] is False for r in timed)
   floors = [r for r in rows if r["op"] == "floor"]
   assert len(floors) == 3 * len(mv.FLOOR_DENSITIES)
@@ -120,7 +120,7 @@ def test_keytile_checks_then_times_both_tiles(monkeypatch, tmp_path):
   rows = json.loads((tmp_path / "mosaic_variants_keytile.json").read_text())["rows"]
   assert not [r for r in rows if "error" in r]
   assert [(r["op"], r.get("key_tile"), bool(r.get("check"))) for r in rows
-          if r["op"] != "cudnn"] == [("mass", None, True), ("mass", 64, True),
-                                     ("mass", None, False), ("mass", 64, False),
+          if r["op"] != "cudnn"] == [("mass", None, True), ("mass", 128, True),
+                                     ("mass", None, False), ("mass", 128, False),
                                      ("fused", None, False)]
-  assert set(seen) == {None, 64}
+  assert set(seen) == {None, 128}

@@ -70,10 +70,10 @@ def test_block_sparse_stages_match_reference(case):
   np.testing.assert_allclose(lse[finite], want_lse[finite], atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("key_tile", [None, 64])
+@pytest.mark.parametrize("key_tile", [None, 128])
 def test_block_mass_stages_match_reference(key_tile):
-  """Five key blocks of 64: with 128-key tiles (default) the last tile holds one real
-  block and one past the keys; key_tile=64 is the one-block-per-tile kernel."""
+  """Five key blocks of 64: one per K tile (default), or two per 128-key tile, where the
+  last tile holds one real block and one past the keys."""
   seq, d, bs, dtype, stages, length = 300, 64, 64, jnp.bfloat16, 3, 270
   q, k, _ = make_qkv(33, 1, seq, 1, d, dtype)
   _, lse = numpy_ref.attention(q, k, k, (length,))
@@ -121,8 +121,8 @@ def test_bad_stages_raise(stages):
 
 
 @pytest.mark.parametrize("make,bs,stages,most", [
-    (_sparse_call, 64, 4, 3), (_sparse_call, 128, 4, 3), (_mass_call, 64, 5, 4),
-    (functools.partial(_mass_call, key_tile=64), 64, 10, 9)])
+    (_sparse_call, 64, 4, 3), (_sparse_call, 128, 4, 3), (_mass_call, 64, 10, 9),
+    (functools.partial(_mass_call, key_tile=128), 64, 5, 4)])
 def test_stages_over_shared_memory_raise(make, bs, stages, most):
   fn, args = make(bs, 128, stages)
   with pytest.raises(ValueError, match=rf"stages={stages}: .* 232448 .* at most {most} stages"):
@@ -136,17 +136,16 @@ def _lower_for_cuda(fn, args):
 # (kernel, footprint, block_size, head_dim, stages): the deepest rings that fit at
 # D=128 (three K/V stages at block 64 rely on the kernel asking for no reduction
 # scratch), and one past each.
-FITS = [("sparse", 64, 128, 3), ("sparse", 128, 128, 3), ("mass", 64, 128, 4),
-        ("mass", 128, 128, 4), ("mass_kt64", 64, 128, 9)]
+FITS = [("sparse", 64, 128, 3), ("sparse", 128, 128, 3), ("mass", 64, 128, 9),
+        ("mass", 128, 128, 4), ("mass_kt128", 64, 128, 4)]
 OVER = [("sparse", 64, 128, 4), ("sparse", 128, 128, 4), ("sparse", 64, 64, 7),
-        ("mass", 64, 128, 5), ("mass", 128, 128, 5), ("mass_kt64", 64, 128, 10)]
-# The mass kernel's K stages hold KEY_TILE keys whatever the block size, unless key_tile=64.
+        ("mass", 64, 128, 10), ("mass", 128, 128, 5), ("mass_kt128", 64, 128, 5)]
+# With key_tile=128 the mass kernel's K stages hold 128 keys at block 64 too.
 KERNELS = {
     "sparse": (_sparse_call, mosaic_block_sparse.smem_bytes),
-    "mass": (_mass_call, lambda bs, d, item, n: mosaic_block_mass.smem_bytes(
-        mosaic_block_mass.KEY_TILE, d, item, n)),
-    "mass_kt64": (functools.partial(_mass_call, key_tile=64),
-                  lambda bs, d, item, n: mosaic_block_mass.smem_bytes(64, d, item, n))}
+    "mass": (_mass_call, mosaic_block_mass.smem_bytes),
+    "mass_kt128": (functools.partial(_mass_call, key_tile=128),
+                   lambda bs, d, item, n: mosaic_block_mass.smem_bytes(128, d, item, n))}
 
 
 @pytest.mark.parametrize("kind,bs,d,stages", FITS, ids=lambda x: str(x))
