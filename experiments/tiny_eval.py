@@ -6,7 +6,9 @@ checkpoint twice from the same noise, dense and with AdaSpa, and scores every
 clip with ``caption_check``. Reports the pass rates (the issue's targets: dense
 >= 80% of 50 pairs, AdaSpa at sparsity 0.8 within 5 points), mean scores,
 AdaSpa's mean recall and sparsity after its last search, and PSNR / SSIM of the
-AdaSpa clips against the dense ones (pixels in [0, 1]).
+AdaSpa clips against the dense ones (pixels in [0, 1]), and per mode how many
+captioned objects were found with the right colour, shape and motion
+(``attribute_counts``).
 
   from experiments import tiny_eval
   report = tiny_eval.evaluate("checkpoints/tiny_t2v", n=50)
@@ -38,6 +40,27 @@ HELD_OUT_STREAM = 2_000_003
 def held_out_prompts(n: int, stream: int = HELD_OUT_STREAM) -> list[str]:
   """The captions of clips 0 .. n - 1 of a stream the training never draws from."""
   return list(shapes_data.sample_batch(stream, 0, n).captions)
+
+
+def attribute_counts(results) -> dict:
+  """Per-attribute tally of ``caption_check.CheckResult``s: captioned objects, colours
+  found, shapes and motions right, and motions read with the opposite direction."""
+  out = dict(objects=0, colour_found=0, shape_right=0, motion_right=0,
+             reversed_horizontal=0, reversed_vertical=0)
+  opposite = {("left", "right"): "horizontal", ("right", "left"): "horizontal",
+              ("up", "down"): "vertical", ("down", "up"): "vertical"}
+  for r in results:
+    bad = {(colour, attr) for colour, attr, _, _ in r.wrong}
+    for item in r.expected:
+      found = item.colour not in r.missing
+      out["objects"] += 1
+      out["colour_found"] += found
+      out["shape_right"] += found and (item.colour, "shape") not in bad
+      out["motion_right"] += found and (item.colour, "motion") not in bad
+    for _, attr, want, got in r.wrong:
+      if attr == "motion" and (want, got) in opposite:
+        out["reversed_" + opposite[want, got]] += 1
+  return out
 
 
 def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=None,
@@ -92,8 +115,11 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
             "guidance_scale": guidance, "adaspa": dataclasses.asdict(adaspa),
             "seconds_incl_compile": seconds, "clips": []}
   dense, sparse = (np.concatenate(videos[m]) for m in ("dense", "adaspa"))
+  checks = {"dense": [], "adaspa": []}
   for i, prompt in enumerate(prompts):
     d, a = caption_check.check(dense[i], prompt), caption_check.check(sparse[i], prompt)
+    checks["dense"].append(d)
+    checks["adaspa"].append(a)
     report["clips"].append({"prompt": prompt, "seed": seed + i, "dense_passed": d.passed,
                             "adaspa_passed": a.passed, "dense_score": d.score,
                             "adaspa_score": a.score})
@@ -103,6 +129,7 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
       adaspa_pass_rate=float(np.mean([c["adaspa_passed"] for c in clips])),
       dense_mean_score=float(np.mean([c["dense_score"] for c in clips])),
       adaspa_mean_score=float(np.mean([c["adaspa_score"] for c in clips])),
+      attributes={m: attribute_counts(c) for m, c in checks.items()},
       mean_recall=float(np.mean(np.concatenate(recall, axis=1))),
       mean_sparsity=float(np.mean(np.concatenate(sparsity, axis=1))),
       psnr_db=metrics.psnr(sparse, dense, data_range=1.0),
@@ -126,8 +153,13 @@ def swap_directions(prompt: str) -> str:
       [shapes_data.Item(i.colour, i.shape, swap.get(i.motion, i.motion)) for i in items])
 
 
+_AXES = {None: {"left", "right", "up", "down"}, "horizontal": {"left", "right"},
+         "vertical": {"up", "down"}}
+
+
 def direction_sensitivity(checkpoint, *, n: int = 64, sigmas=(1.0, 0.97, 0.9, 0.7), seed: int = 0,
-                          dtype=jnp.float32, stream: int = HELD_OUT_STREAM) -> dict:
+                          dtype=jnp.float32, stream: int = HELD_OUT_STREAM,
+                          axis: str | None = None) -> dict:
   """Denoising loss with the true captions and with every direction swapped.
 
   Takes the first n held-out clips whose caption has a directional motion
@@ -139,6 +171,9 @@ def direction_sensitivity(checkpoint, *, n: int = 64, sigmas=(1.0, 0.97, 0.9, 0.
   Args:
     checkpoint: a ``models.tiny_t2v`` checkpoint directory, or a loaded model.
     sigmas: noise levels (0 < sigma <= 1).
+    axis: None for any directional clip; "horizontal" (moves left / right) or
+      "vertical" (rises / falls) for clips whose directional motions are all
+      along that axis, to tell which direction words the model reads.
 
   Returns:
     {"sigmas", "loss_true", "loss_swapped", "relative_gap"} (lists, one per
@@ -148,17 +183,21 @@ def direction_sensitivity(checkpoint, *, n: int = 64, sigmas=(1.0, 0.97, 0.9, 0.
     raise ValueError(f"n={n!r}: expected an int >= 1.")
   if not sigmas or not all(0 < float(s) <= 1 for s in sigmas):
     raise ValueError(f"sigmas={sigmas!r}: expected values in (0, 1].")
+  if axis not in _AXES:
+    raise ValueError(f"axis={axis!r}: expected None, 'horizontal' or 'vertical'.")
   model = (tiny_t2v.load(checkpoint, dtype=dtype) if isinstance(checkpoint, (str, os.PathLike))
            else checkpoint)
   cfg = model.config
-  batch = shapes_data.sample_batch(stream, 0, 4 * n, frames=cfg.frames, height=cfg.height,
+  pool = 4 * n if axis is None else 12 * n
+  batch = shapes_data.sample_batch(stream, 0, pool, frames=cfg.frames, height=cfg.height,
                                    width=cfg.width)
-  directional = {"left", "right", "up", "down"}
+  wanted, others = _AXES[axis], _AXES[None] - _AXES[axis]
   keep = [i for i, items in enumerate(batch.items)
-          if any(it.motion in directional for it in items)][:n]
+          if any(it.motion in wanted for it in items)
+          and not any(it.motion in others for it in items)][:n]
   if len(keep) < n:
-    raise ValueError(f"n={n}: only {len(keep)} of the first {4 * n} held-out clips have a "
-                     "directional motion.")
+    raise ValueError(f"n={n}: only {len(keep)} of the first {pool} held-out clips have a "
+                     f"directional motion{'' if axis is None else ' along ' + axis} only.")
   spec = jax.tree.map(lambda a: np.asarray(a)[keep], batch.spec)
   prompts = [batch.captions[i] for i in keep]
   x0 = tiny_t2v.to_latents(shapes_data.render(spec, cfg.height, cfg.width))
@@ -169,8 +208,8 @@ def direction_sensitivity(checkpoint, *, n: int = 64, sigmas=(1.0, 0.97, 0.9, 0.
   forward = jax.jit(lambda x, text, t: model.transformer(
       x.astype(param_dtype), text.astype(param_dtype), t, image_rotary_emb=rope))
   noise = jax.random.normal(jax.random.key(seed), x0.shape)
-  out = {"n": n, "sigmas": [float(s) for s in sigmas], "loss_true": [], "loss_swapped": [],
-         "prompts": prompts}
+  out = {"n": n, "axis": axis, "sigmas": [float(s) for s in sigmas], "loss_true": [],
+         "loss_swapped": [], "prompts": prompts}
   for sigma in sigmas:
     x, target, timestep = noised(x0, noise, jnp.full((n,), float(sigma)))
     for name, text in texts.items():

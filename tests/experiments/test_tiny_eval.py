@@ -40,6 +40,9 @@ def test_report_matches_the_written_clips(checkpoint, tmp_path):
     assert clip["dense_passed"] == caption_check.check(dense[i], prompts[i]).passed
     assert clip["adaspa_passed"] == caption_check.check(sparse[i], prompts[i]).passed
   assert report["dense_pass_rate"] == np.mean([c["dense_passed"] for c in report["clips"]])
+  checks = [caption_check.check(dense[i], p) for i, p in enumerate(prompts)]
+  assert report["attributes"]["dense"] == tiny_eval.attribute_counts(checks)
+  assert report["attributes"]["dense"]["objects"] == sum(len(c.expected) for c in checks)
   assert os.path.exists(os.path.join(tmp_path, "report.json"))
 
 
@@ -79,3 +82,29 @@ def test_direction_sensitivity(checkpoint):
   assert again["loss_true"] == out["loss_true"]
   with pytest.raises(ValueError, match="sigmas"):
     tiny_eval.direction_sensitivity(checkpoint, n=3, sigmas=(0.0,))
+  with pytest.raises(ValueError, match="axis='diagonal'"):
+    tiny_eval.direction_sensitivity(checkpoint, n=3, axis="diagonal")
+  for axis, words, not_words in (("horizontal", ("left", "right"), ("rises", "falls")),
+                                 ("vertical", ("rises", "falls"), ("left", "right"))):
+    one = tiny_eval.direction_sensitivity(checkpoint, n=2, sigmas=(0.8,), axis=axis)
+    assert one["axis"] == axis
+    for p in one["prompts"]:
+      assert any(w in p for w in words) and not any(w in p for w in not_words)
+
+
+def test_attribute_counts_on_clips_of_known_content():
+  """Clips rendered from their captions are right in every attribute; the same clips
+  played backwards have every directional motion reversed, along its axis."""
+  batch = shapes_data.sample_batch(5, 0, 12)
+  videos = shapes_data.render(batch.spec)
+  fwd = [caption_check.check(v, p) for v, p in zip(videos, batch.captions)]
+  counts = tiny_eval.attribute_counts(fwd)
+  n = sum(len(i) for i in batch.items)
+  assert counts == dict(objects=n, colour_found=n, shape_right=n, motion_right=n,
+                        reversed_horizontal=0, reversed_vertical=0)
+  back = [caption_check.check(v[::-1], p) for v, p in zip(videos, batch.captions)]
+  counts = tiny_eval.attribute_counts(back)
+  motions = [i.motion for items in batch.items for i in items]
+  assert counts["reversed_horizontal"] == sum(m in ("left", "right") for m in motions)
+  assert counts["reversed_vertical"] == sum(m in ("up", "down") for m in motions)
+  assert counts["colour_found"] == n and counts["shape_right"] == n
