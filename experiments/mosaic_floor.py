@@ -25,7 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_block_sparse import (
-    COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, num_stages, smem_bytes)
+    COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, num_stages, smem_bytes,
+    stream_kv_blocks)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "num_kv_blocks", "heads_major",
@@ -118,40 +119,15 @@ def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_s
 
       plgpu.wait_smem_to_gmem(0)
 
-    # The memory warpgroup of block_sparse_attention_padded, unchanged.
+    # The memory warpgroup of block_sparse_attention_padded: the same function.
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
-      counts = [pipe_steps(p) for p in range(pipes)]
-      total = functools.reduce(jnp.maximum, counts)
-
-      @pl.loop(0, total)
-      def _(step):
-        for p in range(pipes):
-          @pl.when(step < counts[p])
-          def _():
-            slot = p * stages + lax.rem(step, stages)
-            key0 = block_of(idx_ref, dense_ref, bi, hi, query_block(p), step) * bs
-            src = (bi, pl.ds(key0, bs), hi)
-
-            @pl.when(step >= stages)
-            def _():
-              plgpu.barrier_wait(k_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
-
-            @pl.when(step >= stages)
-            def _():
-              plgpu.barrier_wait(v_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
-
-      for p in range(pipes):
-        @pl.loop(jnp.maximum(counts[p] - stages, 0), counts[p])
-        def _(step):
-          slot = p * stages + lax.rem(step, stages)
-          plgpu.barrier_wait(k_free.at[slot])
-          plgpu.barrier_wait(v_free.at[slot])
+      stream_kv_blocks(
+          k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free),
+          counts=[pipe_steps(p) for p in range(pipes)],
+          key_block=lambda p, step: block_of(idx_ref, dense_ref, bi, hi, query_block(p), step),
+          batch=bi, head=hi, block_size=bs, stages=stages)
 
   def entry(*refs):
     consumers = 1 if pipes == 2 else COMPUTE_WGS

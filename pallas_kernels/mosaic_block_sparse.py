@@ -153,6 +153,51 @@ def _smem_transforms(dtype):
           plgpu.SwizzleTransform(swizzle))
 
 
+def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, key_block, batch,
+                     head, block_size, stages):
+  """The memory warpgroup's loop: TMA copies of the listed K/V blocks into the rings.
+
+  Pipeline p (one per compute warpgroup at block 64, one shared at 128) reads
+  ``counts[p]`` blocks, ``key_block(p, step)`` in turn, into slots
+  ``p * stages + step % stages``, waiting for a slot's release before refilling
+  it. ``barriers`` = (k_ready, v_ready, k_free, v_free). Shared with the
+  load-only twin in ``experiments/mosaic_floor.py``, so the floor it measures is
+  this loop's.
+  """
+  k_ready, v_ready, k_free, v_free = barriers
+  bs = block_size
+  total = functools.reduce(jnp.maximum, counts)
+
+  @pl.loop(0, total)
+  def _(step):
+    for p, count in enumerate(counts):
+      @pl.when(step < count)
+      def _():
+        slot = p * stages + lax.rem(step, stages)
+        src = (batch, pl.ds(key_block(p, step) * bs, bs), head)
+
+        @pl.when(step >= stages)
+        def _():
+          plgpu.barrier_wait(k_free.at[slot])
+
+        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
+
+        @pl.when(step >= stages)
+        def _():
+          plgpu.barrier_wait(v_free.at[slot])
+
+        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
+
+  # Observe the last consumptions too, so that every barrier phase is waited
+  # on before the CTA exits (the interpreter checks this).
+  for p, count in enumerate(counts):
+    @pl.loop(jnp.maximum(count - stages, 0), count)
+    def _(step):
+      slot = p * stages + lax.rem(step, stages)
+      plgpu.barrier_wait(k_free.at[slot])
+      plgpu.barrier_wait(v_free.at[slot])
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("block_size", "sm_scale", "num_kv_blocks", "schedule_barrier",
@@ -319,38 +364,11 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
-      counts = [pipe_steps(p) for p in range(pipes)]
-      total = functools.reduce(jnp.maximum, counts)
-
-      @pl.loop(0, total)
-      def _(step):
-        for p in range(pipes):
-          @pl.when(step < counts[p])
-          def _():
-            slot = p * stages + lax.rem(step, stages)
-            key0 = block_of(idx_ref, dense_ref, bi, hi, query_block(p), step) * bs
-            src = (bi, pl.ds(key0, bs), hi)
-
-            @pl.when(step >= stages)
-            def _():
-              plgpu.barrier_wait(k_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
-
-            @pl.when(step >= stages)
-            def _():
-              plgpu.barrier_wait(v_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
-
-      # Observe the last consumptions too, so that every barrier phase is waited
-      # on before the CTA exits (the interpreter checks this).
-      for p in range(pipes):
-        @pl.loop(jnp.maximum(counts[p] - stages, 0), counts[p])
-        def _(step):
-          slot = p * stages + lax.rem(step, stages)
-          plgpu.barrier_wait(k_free.at[slot])
-          plgpu.barrier_wait(v_free.at[slot])
+      stream_kv_blocks(
+          k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free),
+          counts=[pipe_steps(p) for p in range(pipes)],
+          key_block=lambda p, step: block_of(idx_ref, dense_ref, bi, hi, query_block(p), step),
+          batch=bi, head=hi, block_size=bs, stages=stages)
 
   def entry(*refs):
     consumers = 1 if pipes == 2 else COMPUTE_WGS
