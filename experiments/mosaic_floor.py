@@ -26,7 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_block_sparse import (
     COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, num_stages, smem_bytes,
-    stream_kv_blocks)
+    listed_block, stream_kv_blocks)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "num_kv_blocks", "heads_major",
@@ -49,7 +49,6 @@ def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_s
   b, s_pad, h, d = q.shape
   dtype = q.dtype
   bs = block_size
-  k_max = kv_block_indices.shape[-1]
   pipes = 2 if bs == ROWS_PER_WG else 1
   itemsize = jnp.dtype(dtype).itemsize
   stages = check_stages(stages, num_stages(bs, d, itemsize),
@@ -57,10 +56,7 @@ def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_s
                         f"block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
   transforms = _smem_transforms(dtype)
 
-  def block_of(idx_ref, dense_ref, bi, hi, qb, step):
-    listed = idx_ref[bi, hi, qb, jnp.minimum(step, k_max - 1)]
-    listed = jnp.clip(listed, 0, num_kv_blocks - 1)
-    return jnp.where(dense_ref[bi, hi, qb] != 0, step, listed)
+  block_of = functools.partial(listed_block, num_kv_blocks=num_kv_blocks)
 
   def kernel(q_ref, k_ref, v_ref, idx_ref, steps_ref, dense_ref, out_ref,
              q_smem2, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free):

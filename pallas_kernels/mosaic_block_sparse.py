@@ -153,6 +153,14 @@ def _smem_transforms(dtype):
           plgpu.SwizzleTransform(swizzle))
 
 
+def listed_block(idx_ref, dense_ref, bi, hi, qb, step, *, num_kv_blocks):
+  """Key block read at ``step`` by query block ``qb``: the list's entry (clipped, the
+  last one past the list's end), or ``step`` itself for a dense row."""
+  listed = idx_ref[bi, hi, qb, jnp.minimum(step, idx_ref.shape[-1] - 1)]
+  listed = jnp.clip(listed, 0, num_kv_blocks - 1)
+  return jnp.where(dense_ref[bi, hi, qb] != 0, step, listed)
+
+
 def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, key_block, batch,
                      head, block_size, stages):
   """The memory warpgroup's loop: TMA copies of the listed K/V blocks into the rings.
@@ -231,7 +239,6 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
   b, s_pad, h, d = q.shape
   dtype = q.dtype
   bs = block_size
-  k_max = kv_block_indices.shape[-1]
   pipes = 2 if bs == ROWS_PER_WG else 1
   itemsize = jnp.dtype(dtype).itemsize
   stages = check_stages(stages, num_stages(bs, d, itemsize),
@@ -242,10 +249,7 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
   transforms = _smem_transforms(dtype)
   emulate = interpret is not None
 
-  def block_of(idx_ref, dense_ref, bi, hi, qb, step):
-    listed = idx_ref[bi, hi, qb, jnp.minimum(step, k_max - 1)]
-    listed = jnp.clip(listed, 0, num_kv_blocks - 1)
-    return jnp.where(dense_ref[bi, hi, qb] != 0, step, listed)
+  block_of = functools.partial(listed_block, num_kv_blocks=num_kv_blocks)
 
   def kernel(q_ref, k_ref, v_ref, idx_ref, steps_ref, dense_ref, len_ref, out_ref, lse_ref,
              qo_smem2, k_smem, v_smem, lse_smem2, k_ready, v_ready, q_ready, k_free, v_free,
