@@ -140,6 +140,10 @@ class ClipSpec:
     bg_amplitude: float32 [B] texture contrast (+-).
     bg_vertical: float32 [B], 1 for vertical stripes.
     bg_offset: float32 [B] texture phase, pixels.
+    bg_flip_x: float32 [B], 1 for a texture drawn mirrored left-right (x -> width - x):
+      0 for sampled clips, toggled by ``mirrored``. A checker's one phase serves both
+      axes, so no phase mirrors it along x alone; a reflected texture coordinate does,
+      exactly.
   """
   present: np.ndarray
   rgb: np.ndarray
@@ -154,6 +158,7 @@ class ClipSpec:
   bg_amplitude: np.ndarray
   bg_vertical: np.ndarray
   bg_offset: np.ndarray
+  bg_flip_x: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +260,7 @@ def _sample_clip(rng, items, frames, height, width):
   background = dict(
       bg_level=rng.uniform(0.2, 0.6), bg_kind=kind, bg_period=rng.uniform(0.12, 0.25) * scale,
       bg_amplitude=0.0 if kind == 0 else rng.uniform(0.05, 0.12),
-      bg_vertical=float(rng.integers(2)), bg_offset=rng.uniform(0, scale))
+      bg_vertical=float(rng.integers(2)), bg_offset=rng.uniform(0, scale), bg_flip_x=0.0)
   return best, background
 
 
@@ -290,7 +295,7 @@ def sample_batch(seed: int, start: int, n: int, *, frames: int = FRAMES, height:
              size=np.ones((n, k)), x=np.zeros((n, k, frames)), y=np.zeros((n, k, frames)),
              angle=np.zeros((n, k, frames)))
   bg = {name: np.zeros(n) for name in ("bg_level", "bg_kind", "bg_period", "bg_amplitude",
-                                       "bg_vertical", "bg_offset")}
+                                       "bg_vertical", "bg_offset", "bg_flip_x")}
   all_items = []
   for b in range(n):
     rng = np.random.default_rng((int(seed), int(start) + b))
@@ -334,6 +339,43 @@ def time_reversed(batch: Batch) -> Batch:
   return Batch(spec, items, tuple(caption(i) for i in items))
 
 
+# What a motion looks like in a mirror (x -> width - x); a spin turns the other way, which
+# the caption does not say.
+MIRRORED_MOTION = {"left": "right", "right": "left", "up": "up", "down": "down",
+                   "bounce": "bounce", "spin": "spin"}
+
+
+def mirrored(batch: Batch, width: int = WIDTH) -> Batch:
+  """The clips mirrored left-right, captioned with left and right swapped.
+
+  Centres go to x -> width - x (pixel edges 0 and ``width`` swap, so pixel
+  column j lands on column width - 1 - j), angles to -angle, and the background
+  texture is drawn mirrored (``bg_flip_x``): rendered at this ``width``, the
+  result is the clips' frames flipped along the width axis, exactly but for the
+  float32 rounding of width - x (a few 1e-6 of a pixel). Every shape is
+  symmetric about its vertical axis when upright, so a mirrored object is the
+  same shape turned by -angle.
+
+  Like ``time_reversed``, a mirrored clip is a draw of the stream's
+  distribution for its new caption (a move's start and end, and every other
+  x, are drawn symmetrically in [0, width]; a spin's sense at random), with
+  one exception the caption never sees: a mirrored checker's x and y phases
+  differ, where the sampler draws them equal.
+
+  Args:
+    batch: clips of width ``width`` (``sample_batch``'s ``width``).
+    width: the clips' width in pixels.
+  """
+  _check_size(1, 16, width)
+  x, flip = np.asarray(batch.spec.x), np.asarray(batch.spec.bg_flip_x)
+  spec = dataclasses.replace(batch.spec, x=(width - x).astype(x.dtype),
+                             angle=-np.asarray(batch.spec.angle), bg_flip_x=(1 - flip).astype(
+                                 flip.dtype))
+  items = tuple(tuple(Item(i.colour, i.shape, MIRRORED_MOTION[i.motion]) for i in clip)
+                for clip in batch.items)
+  return Batch(spec, items, tuple(caption(i) for i in items))
+
+
 def render(spec: ClipSpec, height: int = HEIGHT, width: int = WIDTH, xp=np):
   """Pixels of the clips: float32 [B, F, H, W, 3] in [0, 1].
 
@@ -345,9 +387,11 @@ def render(spec: ClipSpec, height: int = HEIGHT, width: int = WIDTH, xp=np):
   ys = (f32(xp.arange(height)) + 0.5)[:, None]                       # [H, 1]
   xs = (f32(xp.arange(width)) + 0.5)[None, :]                        # [1, W]
   col = lambda a: f32(a)[:, None, None]                              # [B] -> [B, 1, 1]
-  along = xp.where(col(spec.bg_vertical) > 0.5, xs + 0 * ys, ys + 0 * xs)
+  # width - xs is exact for pixel centres, so a flipped texture is the texture's pixels flipped.
+  tex_x = xp.where(col(spec.bg_flip_x) > 0.5, width - xs + 0 * ys, xs + 0 * ys)   # [B, H, W]
+  along = xp.where(col(spec.bg_vertical) > 0.5, tex_x, ys + 0 * xs)
   u = xp.floor(2 * (along + col(spec.bg_offset)) / col(spec.bg_period))
-  v = xp.floor(2 * (xs + col(spec.bg_offset)) / col(spec.bg_period)) + xp.floor(
+  v = xp.floor(2 * (tex_x + col(spec.bg_offset)) / col(spec.bg_period)) + xp.floor(
       2 * (ys + col(spec.bg_offset)) / col(spec.bg_period))
   kind = xp.asarray(spec.bg_kind)[:, None, None]
   tex = xp.where(kind == 1, xp.mod(u, 2.0), xp.where(kind == 2, xp.mod(v, 2.0), 0.5))

@@ -98,6 +98,77 @@ def test_time_reversed_clips_are_clips_of_the_reversed_caption(batch):
       0, 0, 1, items=[(sd.Item("red", "square", "left"),)])).captions[0]
 
 
+def test_mirrored_clips_are_clips_of_the_mirrored_caption(batch):
+  """Mirrored, every clip is a valid clip of its caption with left and right swapped."""
+  mir = sd.mirrored(batch)
+  _assert_geometry_matches_caption(mir)
+  for clip, image in zip(batch.items, mir.items):
+    assert [(i.colour, i.shape) for i in clip] == [(i.colour, i.shape) for i in image]
+    swap = {"left": "right", "right": "left"}
+    assert [swap.get(i.motion, i.motion) for i in clip] == [i.motion for i in image]
+  caption = sd.mirrored(sd.sample_batch(0, 0, 1, items=[(
+      sd.Item("red", "square", "left"), sd.Item("blue", "triangle", "right"),
+      sd.Item("green", "circle", "up"))])).captions[0]
+  assert caption == "a red square moves right, a blue triangle moves left, a green circle rises"
+  twice = sd.mirrored(mir)
+  assert twice.items == batch.items and twice.captions == batch.captions
+  for name, x in _arrays(twice.spec).items():
+    assert x.dtype == _arrays(batch.spec)[name].dtype, name
+    if name == "x":     # width - (width - x) in float32: x to within one rounding of width - x
+      np.testing.assert_allclose(x, batch.spec.x, rtol=0, atol=2.0 ** -18)
+    else:
+      np.testing.assert_array_equal(x, _arrays(batch.spec)[name], err_msg=name)
+  with pytest.raises(ValueError, match="width=8"):
+    sd.mirrored(batch, width=8)
+
+
+def _mirror_cases(batch, n=40):
+  """The first n clips, checked to hold every shape spinning and every textured background."""
+  spec = jax.tree.map(lambda x: x[:n], batch.spec)
+  spinning = {sd.SHAPES[s] for s, a, on in zip(spec.shape.ravel(), np.ptp(spec.angle, -1).ravel(),
+                                              spec.present.ravel()) if on and a > 0}
+  assert spinning == {"square", "triangle"}
+  backgrounds = set(zip(spec.bg_kind.tolist(), spec.bg_vertical.tolist()))
+  assert {(1, 0.0), (1, 1.0), (2, 0.0), (2, 1.0), (0, 0.0)} <= backgrounds
+  return sd.Batch(spec, batch.items[:n], batch.captions[:n])
+
+
+def test_rendered_mirror_is_the_flipped_render(batch):
+  """Shapes and textures are symmetric in the renderer: exactly so where width - x is exact in
+  float32 (centres on a 1/64 pixel grid), within that rounding otherwise."""
+  clips = _mirror_cases(batch)
+  np.testing.assert_allclose(sd.render(sd.mirrored(clips).spec),
+                             sd.render(clips.spec)[:, :, :, ::-1], rtol=0, atol=1e-5)
+  on_grid = dataclasses.replace(clips.spec, x=np.round(clips.spec.x * 64) / 64)
+  on_grid = sd.Batch(on_grid, clips.items, clips.captions)
+  flipped = sd.render(on_grid.spec)[:, :, :, ::-1]
+  mirrored = sd.render(sd.mirrored(on_grid).spec)
+  np.testing.assert_array_equal(mirrored, flipped)
+  got = jax.jit(lambda s: sd.render(s, xp=jnp))(sd.mirrored(on_grid).spec)
+  np.testing.assert_allclose(np.asarray(got), mirrored, atol=1e-5)
+  small = sd.sample_batch(2, 0, 12, frames=3, height=16, width=24)
+  np.testing.assert_allclose(sd.render(sd.mirrored(small, 24).spec, 16, 24),
+                             sd.render(small.spec, 16, 24)[:, :, :, ::-1], rtol=0, atol=1e-5)
+
+
+def test_caption_check_passes_mirrored_clips_with_their_captions(batch):
+  """The analytic checker reads the mirrored clips as their new captions say, and rejects
+  them with the old captions wherever an object moves sideways."""
+  from experiments import caption_check
+  clips = sd.Batch(jax.tree.map(lambda x: x[:12], batch.spec), batch.items[:12],
+                   batch.captions[:12])
+  mir = sd.mirrored(clips)
+  videos = sd.render(mir.spec)
+  sideways = 0
+  for video, old, new, items in zip(videos, clips.captions, mir.captions, clips.items):
+    result = caption_check.check(video, new)
+    assert result.passed, (new, result.wrong, result.missing, result.extra)
+    if any(i.motion in ("left", "right") for i in items):
+      sideways += 1
+      assert not caption_check.check(video, old).passed, old
+  assert sideways >= 3
+
+
 def _assert_geometry_matches_caption(batch):
   spec = batch.spec
   span = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
