@@ -49,6 +49,9 @@ _INIT = flags.DEFINE_string("init_from", None, "start from this tiny_t2v checkpo
                             "(fresh optimiser; use another --seed for new clips)")
 _PAIRS = flags.DEFINE_bool("reversal_pairs", False, "half of each batch is the other half "
                            "played backwards (motions reversed in the caption)")
+_MIRROR = flags.DEFINE_bool("mirror_pairs", False, "half of each batch is the other half "
+                            "mirrored left-right (left and right swapped in the caption); with "
+                            "--reversal_pairs, partners alternate reversed / mirrored")
 _SIGMA_MEAN = flags.DEFINE_float("sigma_logit_mean", 0.0, "location of the logit-normal "
                                   "sigma distribution (> 0: more high-noise steps)")
 _HIGH_SHARE = flags.DEFINE_float("high_sigma_share", 0.0, "share of clips with sigma drawn "
@@ -69,7 +72,7 @@ def main(argv):
       learning_rate=_LR.value, warmup_steps=_WARMUP.value, caption_dropout=_DROPOUT.value,
       ema_decay=_EMA.value, seed=_SEED.value, log_every=_LOG.value,
       time_budget_s=_BUDGET.value, dtype=_DTYPE.value, save_dtype=_SAVE_DTYPE.value,
-      reversal_pairs=_PAIRS.value, sigma_logit_mean=_SIGMA_MEAN.value,
+      reversal_pairs=_PAIRS.value, mirror_pairs=_MIRROR.value, sigma_logit_mean=_SIGMA_MEAN.value,
       text_lr_scale=_TEXT_LR.value, high_sigma_share=_HIGH_SHARE.value,
       high_sigma_min=_HIGH_MIN.value)
   command = " ".join(["python -m experiments.train_tiny"] + [shlex.quote(a) for a in sys.argv[1:]])

@@ -18,6 +18,14 @@ once half of the clips also had sigma in [0.9, 1] (``high_sigma_share``),
 where the noisy clip no longer shows the motion and only the caption can
 (docs/tiny_t2v.md: runs 4-6).
 
+``mirror_pairs``: the same with the other half mirrored left-right
+(``shapes_data.mirrored``: "moves left" and "moves right" swapped, same noise
+and sigma). A pair's captions then differ in "left" <-> "right" only (and not at
+all where nothing moves sideways): the words run 6 did not learn from reversal
+pairs, while it learned "rises" / "falls".
+With both set, the paired half alternates: partner i (the clip at n / 2 + i)
+is clip i reversed for even i and mirrored for odd i.
+
 Mixed precision: AdamW keeps float32 master weights; the forward pass casts
 them to the model's compute dtype (bfloat16 on the GPU; layer norms and the
 text encoder stay float32). An exponential moving average (EMA) of the master
@@ -82,6 +90,7 @@ class TrainConfig:
   dtype: str = "bfloat16"
   save_dtype: str = "bfloat16"
   reversal_pairs: bool = False
+  mirror_pairs: bool = False
   # Location of the logit-normal sigma distribution (0: SD3's; > 0 favours high noise,
   # where the caption rather than the noisy input decides the layout).
   sigma_logit_mean: float = 0.0
@@ -118,9 +127,21 @@ class TrainConfig:
       raise ValueError(f"high_sigma_min={self.high_sigma_min!r}: expected a float in (0, 1).")
     if not math.isfinite(self.sigma_logit_mean):
       raise ValueError(f"sigma_logit_mean={self.sigma_logit_mean!r}: expected a finite float.")
-    if self.reversal_pairs and self.batch_size % 2:
-      raise ValueError(f"batch_size={self.batch_size} with reversal_pairs=True: expected an "
-                       "even batch (clips and their reversals).")
+    if self.paired and self.batch_size % 2:
+      pairing = _pairing(self.reversal_pairs, self.mirror_pairs)
+      raise ValueError(f"batch_size={self.batch_size} with {pairing}: expected an even batch "
+                       "(clips and their partners).")
+
+  @property
+  def paired(self) -> bool:
+    """Whether half of each batch is partners of the other half (see the module docstring)."""
+    return self.reversal_pairs or self.mirror_pairs
+
+
+def _pairing(reversal_pairs: bool, mirror_pairs: bool) -> str:
+  """The pairing flags that are set, for error messages."""
+  return " and ".join(f"{name}=True" for name, on in (("reversal_pairs", reversal_pairs),
+                                                       ("mirror_pairs", mirror_pairs)) if on)
 
 
 def flops_per_sample(config: tiny_t2v.TinyT2VConfig) -> dict[str, float]:
@@ -172,18 +193,29 @@ def noised(x0, noise, sigma, num_train_timesteps: int = 1000):
 
 
 def make_batch(config: tiny_t2v.TinyT2VConfig, stream: int, start: int, n: int, *,
-               reversal_pairs: bool = False) -> Batch:
-  """Clips ``start ..`` of a stream; with ``reversal_pairs``, n / 2 of them and then the
-  same n / 2 played backwards (see the module docstring)."""
-  if reversal_pairs and n % 2:
-    raise ValueError(f"n={n} with reversal_pairs=True: expected an even count.")
-  data = shapes_data.sample_batch(stream, start, n // 2 if reversal_pairs else n,
+               reversal_pairs: bool = False, mirror_pairs: bool = False) -> Batch:
+  """Clips ``start ..`` of a stream; with a pairing, n / 2 of them and then their
+  partners: played backwards (``reversal_pairs``), mirrored (``mirror_pairs``) or,
+  with both, clip i reversed for even i and mirrored for odd i."""
+  paired = reversal_pairs or mirror_pairs
+  if paired and n % 2:
+    raise ValueError(f"n={n} with {_pairing(reversal_pairs, mirror_pairs)}: expected an even "
+                     "count.")
+  data = shapes_data.sample_batch(stream, start, n // 2 if paired else n,
                                   frames=config.frames, height=config.height, width=config.width)
   spec, captions = data.spec, data.captions
-  if reversal_pairs:
+  if paired:
+    m = n // 2
+    reverse = np.full(m, reversal_pairs)
+    if reversal_pairs and mirror_pairs:
+      reverse = np.arange(m) % 2 == 0
     rev = shapes_data.time_reversed(data)
-    spec = jax.tree.map(lambda a, b: np.concatenate([a, b]), data.spec, rev.spec)
-    captions = data.captions + rev.captions
+    mir = shapes_data.mirrored(data, config.width)
+    pick = lambda r, f: np.where(reverse.reshape((m,) + (1,) * (r.ndim - 1)), r, f)
+    partner = jax.tree.map(pick, rev.spec, mir.spec)
+    spec = jax.tree.map(lambda a, b: np.concatenate([a, b]), data.spec, partner)
+    captions = data.captions + tuple(r if on else f for r, f, on in
+                                     zip(rev.captions, mir.captions, reverse))
   tok = tiny_t2v.Tokenizer(config.text.vocabulary, config.text.max_length)
   ids, lengths = tok(captions)
   return Batch(spec, ids, lengths)
@@ -263,7 +295,8 @@ class Trainer:
   def _loss(self, params, batch: Batch, key, dropout=0.0, paired=False, train_sigmas=False):
     """Mean squared velocity error of a batch at sigmas and noise drawn from ``key``.
 
-    ``paired``: the batch's two halves share them (a ``reversal_pairs`` batch).
+    ``paired``: the batch's two halves share them (a ``reversal_pairs`` or
+    ``mirror_pairs`` batch).
     ``train_sigmas``: draw sigmas as the run's config says (``sigma_logit_mean``,
     ``high_sigma_share``); otherwise from logit-normal(0, 1), so evaluation losses
     of differently trained runs compare.
@@ -274,7 +307,7 @@ class Trainer:
     x0 = tiny_t2v.to_latents(video)
     k_sigma, k_noise, k_drop = jax.random.split(key, 3)
     b = x0.shape[0]
-    # A clip and its reversal share their noise and sigma (see reversal_pairs).
+    # A clip and its partner share their noise and sigma (see reversal_pairs).
     m = b // 2 if paired else b
     sigma = self.sigmas(k_sigma, m, train_sigmas)
     noise = jax.random.normal(k_noise, (m,) + x0.shape[1:])
@@ -295,7 +328,7 @@ class Trainer:
   def _step(self, state: TrainState, batch: Batch, key):
     loss, grads = jax.value_and_grad(self._loss)(state.params, batch, key,
                                                  self.cfg.caption_dropout,
-                                                 self.cfg.reversal_pairs, True)
+                                                 self.cfg.paired, True)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     if self.cfg.text_lr_scale != 1.0:
       updates = updates * self.lr_scale
@@ -308,10 +341,10 @@ class Trainer:
         "loss": loss, "grad_norm": jnp.linalg.norm(grads)}
 
   def batch(self, step: int) -> Batch:
-    # With reversal pairs, a step draws batch_size / 2 new clips.
-    per_step = self.cfg.batch_size // (2 if self.cfg.reversal_pairs else 1)
+    # With pairs, a step draws batch_size / 2 new clips.
+    per_step = self.cfg.batch_size // (2 if self.cfg.paired else 1)
     return make_batch(self.model_config, self.cfg.seed, step * per_step, self.cfg.batch_size,
-                      reversal_pairs=self.cfg.reversal_pairs)
+                      reversal_pairs=self.cfg.reversal_pairs, mirror_pairs=self.cfg.mirror_pairs)
 
   def eval_loss(self, params, batch: Batch, seed: int = 0) -> float:
     """Loss at fixed sigmas and noise (``seed``), no caption dropout."""

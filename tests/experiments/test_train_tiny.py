@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import training
+from experiments import shapes_data, training
 from models import loading, sampler, tiny_t2v
 
 STEPS = 30
@@ -137,16 +137,61 @@ def test_reversal_pairs_batches_and_shared_noise(trained):
     training.make_batch(cfg, 5, 8, 3, reversal_pairs=True)
 
 
+def test_mirror_pairs_batches(trained):
+  """A mirror-paired batch is m clips then the same clips mirrored, left and right swapped in
+  their captions; with both pairings, partner i is reversed for even i and mirrored for odd i.
+  A mirror-paired run shares noise and sigma within pairs and draws m new clips a step."""
+  cfg = tiny_t2v.PRESETS["test"]
+  data = shapes_data.sample_batch(5, 8, 3, frames=cfg.frames, height=cfg.height,
+                                  width=cfg.width)
+  tok = tiny_t2v.Tokenizer(cfg.text.vocabulary, cfg.text.max_length)
+  pairs = training.make_batch(cfg, 5, 8, 6, mirror_pairs=True)
+  np.testing.assert_array_equal(pairs.ids, tok(data.captions + shapes_data.mirrored(
+      data, cfg.width).captions)[0])
+  np.testing.assert_array_equal(pairs.spec.x[:3], data.spec.x)
+  np.testing.assert_allclose(pairs.spec.x[3:], cfg.width - data.spec.x, rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(pairs.spec.y[3:], data.spec.y)
+  np.testing.assert_array_equal(pairs.spec.angle[3:], -data.spec.angle)
+  np.testing.assert_array_equal(pairs.spec.bg_flip_x, [0, 0, 0, 1, 1, 1])
+  both = training.make_batch(cfg, 5, 8, 6, reversal_pairs=True, mirror_pairs=True)
+  rev = shapes_data.time_reversed(data)
+  np.testing.assert_array_equal(both.spec.x[3:],
+                                np.stack([rev.spec.x[0], pairs.spec.x[4], rev.spec.x[2]]))
+  np.testing.assert_array_equal(both.spec.bg_flip_x, [0, 0, 0, 0, 1, 0])
+  partners = (rev.captions[0], shapes_data.mirrored(data, cfg.width).captions[1],
+              rev.captions[2])
+  np.testing.assert_array_equal(both.ids, tok(data.captions + partners)[0])
+  with pytest.raises(ValueError, match="n=3 with mirror_pairs=True"):
+    training.make_batch(cfg, 5, 8, 3, mirror_pairs=True)
+
+  trainer = training.Trainer(training.TrainConfig(preset="test", batch_size=4, mirror_pairs=True,
+                                                  caption_dropout=0.0, high_sigma_share=0.5,
+                                                  dtype="float32"),
+                             init=trained[0].model())
+  batch = trainer.batch(1)
+  np.testing.assert_array_equal(batch.ids, training.make_batch(cfg, 0, 2, 4,
+                                                               mirror_pairs=True).ids)
+  # The step asks for the paired loss at the training sigmas (one noise and sigma per pair,
+  # high_sigma_share per pair), whose numbers test_reversal_pairs_batches_and_shared_noise checks.
+  calls, loss = [], trainer._loss
+  trainer._loss = lambda *args: calls.append(args[3:]) or loss(*args)
+  jax.eval_shape(trainer._step, trainer.state, batch, jax.random.key(4))
+  assert calls == [(0.0, True, True)]
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("preset", "huge", "preset='huge'"), ("steps", 0, "steps=0"),
     ("caption_dropout", 1.0, "caption_dropout=1.0"), ("dtype", "float16", "dtype='float16'"),
     ("time_budget_s", -1.0, "time_budget_s=-1.0"),
-    ("batch_size", 5, "batch_size=5 with reversal_pairs"),
+    ("batch_size", 5, "batch_size=5 with reversal_pairs=True:"),
+    ("batch_size", 3, "batch_size=3 with mirror_pairs=True:"),
+    ("batch_size", 7, "batch_size=7 with reversal_pairs=True and mirror_pairs=True:"),
     ("text_lr_scale", 0.0, "text_lr_scale=0.0"),
     ("sigma_logit_mean", float("nan"), "sigma_logit_mean=nan"),
     ("high_sigma_share", 1.5, "high_sigma_share=1.5"), ("high_sigma_min", 1.0, "high_sigma_min=1.0")])
 def test_config_is_checked(field, value, match):
-  extra = {"reversal_pairs": True} if field == "batch_size" else {}
+  extra = {name: True for name in ("reversal_pairs", "mirror_pairs")
+           if field == "batch_size" and name in match}
   with pytest.raises(ValueError, match=match):
     training.TrainConfig(**{field: value}, **extra)
 

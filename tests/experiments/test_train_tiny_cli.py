@@ -42,11 +42,13 @@ def test_launcher_stops_on_its_budget_and_saves(tmp_path):
   assert all(moved)
 
 
-def test_launcher_adds_learned_positions_and_reversal_pairs(tmp_path):
+def test_launcher_adds_learned_positions_and_reversal_and_mirror_pairs(tmp_path):
   start, model = _start_checkpoint(tmp_path / "start")
   out = tmp_path / "run"
-  args = ["--preset=test", "--steps=1", "--batch_size=2", "--warmup_steps=1", "--dtype=float32",
-          "--save_dtype=float32", "--reversal_pairs", "--add_learned_positions=0.5",
+  # Batch 4 with both pairings: one reversed and one mirrored pair.
+  args = ["--preset=test", "--steps=1", "--batch_size=4", "--warmup_steps=1", "--dtype=float32",
+          "--save_dtype=float32", "--reversal_pairs", "--mirror_pairs",
+          "--add_learned_positions=0.5",
           "--text_lr_scale=2", "--sigma_logit_mean=0.5", "--high_sigma_share=0.25",
           f"--init_from={start}", f"--output_dir={out}"]
   proc = subprocess.run([sys.executable, "-m", "experiments.train_tiny", *args],
@@ -56,7 +58,9 @@ def test_launcher_adds_learned_positions_and_reversal_pairs(tmp_path):
   assert trained.config.transformer.use_learned_positional_embeddings
   assert not model.config.transformer.use_learned_positional_embeddings
   record = tiny_t2v.training_record(out)["train_config"]
-  assert record["reversal_pairs"] is True and record["text_lr_scale"] == 2.0
+  assert record["reversal_pairs"] is True and record["mirror_pairs"] is True
+  assert record["text_lr_scale"] == 2.0 and np.isfinite(tiny_t2v.training_record(out)[
+      "final_loss"])
   assert record["sigma_logit_mean"] == 0.5 and record["high_sigma_share"] == 0.25
   pos = np.asarray(trained.transformer.patch_embed.pos_embedding.get_value())
   assert np.all(np.isfinite(pos)) and np.any(pos)
