@@ -17,6 +17,17 @@ work of two 64 x 64 ones for one barrier round trip. It passes the interpreter
 tests and lowers for CUDA, but has not run on a GPU yet
 (``experiments/mosaic_variants.py keytile`` measures it), so it is not the default.
 
+Why ``pipeline=True``: per score, one QK^T at D=128 costs the tensor cores about
+as many SM cycles as one exp costs the MUFU units, so the kernel can only reach
+half of dense attention's time if the exponentials of one tile run while the
+wgmma of the next is in flight. By default each warpgroup waits for its QK^T and
+then exponentiates (only the two warpgroups interleave). With ``pipeline=True``
+a warpgroup issues tile t + 1's wgmma, does tile t's exp, mask and row sums while
+it runs (the scores of tile t stay in registers as the loop's carry), then reads
+the new accumulator; the pipeline restarts at each ``GROUP`` of key blocks. It
+passes the interpreter tests and lowers for CUDA but is unmeasured on a GPU
+(``experiments/mosaic_variants.py keytile`` times it), so it is off by default.
+
 Each warpgroup writes the mass of its own 64 rows; the caller adds the 64-row
 chunks of a query block together (block_size = 128 has two).
 """
@@ -66,9 +77,10 @@ def smem_bytes(key_tile: int, head_dim: int, itemsize: int, stages: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "num_kv_blocks",
                                               "heads_major", "stages", "key_tile",
-                                              "interpret"))
+                                              "pipeline", "interpret"))
 def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_blocks,
-                      heads_major=True, stages=None, key_tile=None, interpret=None):
+                      heads_major=True, stages=None, key_tile=None, pipeline=False,
+                      interpret=None):
   """Per-64-row-chunk block mass on padded operands.
 
   Args:
@@ -83,6 +95,8 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     key_tile: keys per stage and wgmma: None or block_size (one key block per
       tile, the kernel measured in docs/bench/mosaic.md) or ``KEY_TILE`` (two
       blocks per tile at block_size 64; see the module docstring).
+    pipeline: False (the measured kernel) or True to overlap each tile's exp with
+      the next tile's QK^T wgmma (unmeasured; see the module docstring).
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
@@ -93,6 +107,8 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
   kt = bs if key_tile is None else key_tile
   if kt not in (bs, KEY_TILE) or kt < bs:
     raise ValueError(f"key_tile={key_tile!r}: expected None, {KEY_TILE} or block_size={bs}.")
+  if not isinstance(pipeline, bool):
+    raise ValueError(f"pipeline={pipeline!r}: expected True or False.")
   per_tile = kt // bs
   n_tiles = -(-num_kv_blocks // per_tile)   # the last may end past nK: junk columns
   itemsize = jnp.dtype(dtype).itemsize
@@ -137,13 +153,9 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         first_tile = first if per_tile == 1 else first // per_tile
         last_tile = jnp.minimum(first_tile + GROUP // per_tile, n_tiles)
 
-        @pl.loop(first_tile, last_tile)
-        def _(t):
-          slot = lax.rem(t, stages)
-          plgpu.barrier_wait(k_ready.at[slot])
-
-          qk = qk_matmul(q_smem, k_smem.at[slot], emulate=emulate)
-          plgpu.barrier_arrive(k_free.at[slot])
+        def row_sums(t, qk):
+          """Tile t's exponentials, masked past the keys, summed per key block into the
+          group's table."""
           p = jnp.exp2(qk * qk_scale - lse_b)
           n_valid = length - t * kt
 
@@ -160,6 +172,28 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
             for j in range(per_tile):
               inside = (cols >= j * bs) & (cols < (j + 1) * bs)
               rows_smem.at[row + j][...] = jnp.where(inside, p, 0.0).sum(axis=1)
+
+        def tile_scores(t, after_issue=None):
+          slot = lax.rem(t, stages)
+          plgpu.barrier_wait(k_ready.at[slot])
+
+          qk = qk_matmul(q_smem, k_smem.at[slot], after_issue=after_issue, emulate=emulate)
+          # The slot may be refilled only once its scores are out of the accumulator.
+          plgpu.barrier_arrive(k_free.at[slot])
+          return qk
+
+        if pipeline:
+          # Tile t's exponentials run while tile t + 1's QK^T is in flight; the scores
+          # of the tile in hand are the loop's carry.
+          def step(t, qk_prev):
+            return tile_scores(t, after_issue=lambda: row_sums(t - 1, qk_prev))
+
+          qk_last = lax.fori_loop(first_tile + 1, last_tile, step, tile_scores(first_tile))
+          row_sums(last_tile - 1, qk_last)
+        else:
+          @pl.loop(first_tile, last_tile)
+          def _(t):
+            row_sums(t, tile_scores(t))
 
         if emulate:
           table = rows_smem[...]

@@ -1,0 +1,98 @@
+"""``pipeline=True`` of the Mosaic block-mass kernel: each tile's exp overlaps the next
+tile's QK^T, restarting at every ``GROUP`` of key blocks.
+
+Results run under JAX's GPU interpreter (CPU) against the numpy reference, from a
+stale cached LSE, on ragged lengths with an odd number of key blocks. A few cases
+shrink ``GROUP`` so that one short sequence spans several groups, including a
+group of a single tile (prologue and epilogue only). Lowering for CUDA runs on
+a CPU-only machine and covers the shapes the interpreter does not.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import mosaic_block_mass, mosaic_interpret
+from pallas_kernels.mosaic_block_mass import block_mass_padded
+from tests import numpy_ref
+from tests.pallas_kernels.kernel_suite import make_qkv
+
+TOL = 3e-2  # bf16 inputs
+
+
+def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile):
+  """block mass [B, H, nK, nK] of the pipelined kernel, from a natural-log LSE."""
+  b, seq, h, d = q.shape
+  s_pad = -(-seq // 128) * 128
+  pad = lambda x, axis, value: np.pad(
+      np.asarray(x), [(0, s_pad - seq) if a == axis else (0, 0) for a in range(x.ndim)],
+      constant_values=value)
+  # As mosaic._mass: log2 units, +inf on rows that must add nothing.
+  lse2 = np.where(np.arange(seq) < length, lse / math.log(2), np.inf)
+  n_blk = -(-seq // bs)
+  with mosaic_interpret.device_context(True):
+    chunks = block_mass_padded(
+        jnp.asarray(pad(q, 1, 0)), jnp.asarray(pad(k, 1, 0)),
+        jnp.asarray(pad(lse2, 2, np.inf).astype(np.float32)), jnp.array([length], jnp.int32),
+        block_size=bs, sm_scale=1 / math.sqrt(d), num_kv_blocks=n_blk, stages=stages,
+        key_tile=key_tile, pipeline=True, interpret=mosaic_interpret.params(True))
+  chunks = np.asarray(chunks)
+  assert not np.isnan(chunks[:, :, :, :n_blk]).any()
+  # The 64-row chunks of a query block add up to its mass.
+  return chunks.reshape(b, h, s_pad // bs, bs // 64, -1).sum(3)[:, :, :n_blk, :n_blk]
+
+
+# (seq, length, head_dim, block_size, key_tile, stages, group): S_pad = 384, three
+# CTAs. Group None keeps GROUP = 64 (one group).
+CASES = [
+    (300, 270, 64, 64, None, 3, None),  # 5 blocks, the ring wraps
+    (300, 270, 128, 64, 128, 2, 4),  # 3 tiles of 2 blocks: groups of 2 tiles and 1
+    (300, 290, 128, 64, None, 3, 2),  # groups of 2, 2 and 1 tiles
+    (300, 290, 64, 128, None, 2, 2),  # 3 blocks of 128: groups of 2 tiles and 1
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"bs{c[3]}d{c[2]}kt{c[4]}g{c[6]}")
+def test_pipelined_mass_matches_reference(case, monkeypatch):
+  seq, length, d, bs, key_tile, stages, group = case
+  q, k, _ = make_qkv(41 + d + bs, 1, seq, 1, d, jnp.bfloat16)
+  _, lse = numpy_ref.attention(q, k, k, (length,))
+  lse = lse + np.random.default_rng(42).normal(0, 0.3, lse.shape)  # a cached, stale LSE
+  if group is not None:
+    monkeypatch.setattr(mosaic_block_mass, "GROUP", group)
+  # GROUP is read when the kernel is traced: no trace may outlive the patch.
+  block_mass_padded.clear_cache()
+  try:
+    mass = _interpreted_mass(q, k, lse, length, bs=bs, stages=stages, key_tile=key_tile)
+  finally:
+    block_mass_padded.clear_cache()
+  want = numpy_ref.block_mass(q, k, lse, bs, (length,))
+  np.testing.assert_allclose(mass, want, rtol=TOL, atol=TOL * 1e-2)
+
+
+def _mass_call(bs, d, stages, key_tile, s=512):
+  qk = jax.ShapeDtypeStruct((1, s, 2, d), jnp.bfloat16)
+  fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=0.125,
+                         num_kv_blocks=s // bs - 1, stages=stages, key_tile=key_tile,
+                         pipeline=True)
+  return fn, (qk, qk, jax.ShapeDtypeStruct((1, 2, s), jnp.float32),
+              jax.ShapeDtypeStruct((1,), jnp.int32))
+
+
+@pytest.mark.parametrize("bs", [64, 128])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("key_tile,stages", [(None, None), (None, 2), (128, None), (128, 3)])
+def test_pipelined_mass_lowers_for_cuda(bs, d, key_tile, stages):
+  fn, args = _mass_call(bs, d, stages, key_tile)
+  jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("pipeline", [1, "True", None])
+def test_bad_pipeline_raises(pipeline):
+  fn, args = _mass_call(64, 128, None, None)
+  with pytest.raises(ValueError, match=f"pipeline={pipeline!r}"):
+    jax.eval_shape(functools.partial(fn, pipeline=pipeline), *args)
