@@ -11,7 +11,7 @@ so the numbers do not depend on the defaults of the day.
   python3 experiments/mosaic_variants.py stages [S ...]     # K/V ring depth (below)
   python3 experiments/mosaic_variants.py floor [S ...]      # load-only floor (below)
   python3 experiments/mosaic_variants.py all [S ...] [--budget=210]  # stages, then floor
-  python3 experiments/mosaic_variants.py keytile [S ...]    # block-mass K tile 128 vs 64
+  python3 experiments/mosaic_variants.py keytile [S ...]    # block-mass K tile, pipelining
 
 (from the repository root with PYTHONPATH=.; S defaults to 32768 118784.)
 
@@ -29,8 +29,9 @@ name / time, and real/floor. Its output is compared with what it must copy.
 Then the floor of a 3-stage ring at bs 64, if time is left.
 
 ``keytile``: block mass at bs 64 with 64-key K tiles (one key block per
-wgmma, the default) and with 128-key tiles (two blocks, ``key_tile=128``),
-each checked at S=1000 first, then timed; then the fused search
+wgmma, the default) and with 128-key tiles (two blocks, ``key_tile=128``), each
+without and with ``pipeline`` (tile t's exp while tile t + 1's QK^T runs): four
+variants, each checked at S=1000 first, then timed; then the fused search
 (``mosaic.attention_with_block_mass``, bs 64) through the public API; cuDNN in
 the same run.
 
@@ -345,9 +346,10 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False):
   return r
 
 
-def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None):
-  """The padded block-mass kernel at a ring depth (and K tile) vs the reference, from a
-  stale LSE."""
+def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
+                      pipeline=False):
+  """The padded block-mass kernel at a ring depth (K tile, pipelining) vs the reference,
+  from a stale LSE."""
   key, q, k, v, lengths, n_blk, _, _ = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
   _, lse, _ = pk.attention_with_block_mass(q, k, v, block_size=bs, kv_lengths=lengths,
                                            implementation="reference")
@@ -363,7 +365,7 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None)
   with mosaic_interpret.device_context(interpret):
     chunks = block_mass_padded(pad(q), pad(k), lse2, lengths, block_size=bs, sm_scale=SM_SCALE,
                                num_kv_blocks=n_blk, stages=stages, key_tile=key_tile,
-                               interpret=mosaic_interpret.params(interpret))
+                               pipeline=pipeline, interpret=mosaic_interpret.params(interpret))
   b = q.shape[0]
   got = chunks.reshape(b, h, s_pad // bs, bs // 64, -1).sum(3)[:, :, :n_blk, :n_blk]
   r = {"mass_rel": rel(got, want), "nan": bool(np.isnan(np.asarray(got)).any())}
@@ -387,11 +389,12 @@ def sparse_row(inp, seq, bs, density, stages):
   return row
 
 
-def mass_row(inp, seq, stages, bs=64, key_tile=None):
+def mass_row(inp, seq, stages, bs=64, key_tile=None, pipeline=False):
   _, (q, k, _) = inp.qkv(seq)
   lse2 = jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=SM_SCALE,
-                         num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile)
+                         num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile,
+                         pipeline=pipeline)
   t = time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps)
   k_bytes = B * H * (seq // 128) * seq * D * 2  # every CTA streams every K block once
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq), "k_GBps": k_bytes / t / 1e9}
@@ -462,19 +465,23 @@ def run_stages(run, inp, seqs, deadline):
 
 
 def run_keytile(run, inp, seqs, deadline):
-  """Block mass at block 64 with 64-key K tiles (default) and 128-key ones, each checked
-  first; then the fused search through the public API."""
+  """Block mass at block 64 with 64-key K tiles (default) and 128-key ones, each without
+  and with ``pipeline``, each checked first; then the fused search through the public API."""
   cudnn_rows(run, inp, seqs, "keytile", deadline)
+  variants = [(kt, pipe) for kt in (None, 128) for pipe in (False, True)]
   ok = {}
-  for kt in (None, 128):
-    row = run.attempt(lambda kt=kt: check_mass_stages(64, None, seq=CHECK_SEQ, key_tile=kt),
-                      deadline=deadline, check=True, section="keytile", op="mass", bs=64,
-                      key_tile=kt)
-    ok[kt] = bool(row and row["ok"])
+  for kt, pipe in variants:
+    row = run.attempt(
+        lambda kt=kt, pipe=pipe: check_mass_stages(64, None, seq=CHECK_SEQ, key_tile=kt,
+                                                   pipeline=pipe),
+        deadline=deadline, check=True, section="keytile", op="mass", bs=64, key_tile=kt,
+        pipeline=pipe)
+    ok[kt, pipe] = bool(row and row["ok"])
   for seq in seqs:
-    for kt in (None, 128):
-      run.attempt(lambda kt=kt: mass_row(inp, seq, None, 64, kt), deadline=deadline,
-                  section="keytile", op="mass", S=seq, bs=64, key_tile=kt, checked_ok=ok[kt])
+    for kt, pipe in variants:
+      run.attempt(lambda kt=kt, pipe=pipe: mass_row(inp, seq, None, 64, kt, pipe),
+                  deadline=deadline, section="keytile", op="mass", S=seq, bs=64, key_tile=kt,
+                  pipeline=pipe, checked_ok=ok[kt, pipe])
     def fused():
       _, (q, k, v) = inp.qkv(seq)
       fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
