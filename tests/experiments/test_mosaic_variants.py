@@ -101,11 +101,11 @@ def test_parse_args():
     mv.parse_args(["all", "--reps=3"])
 
 
-def test_keytile_checks_then_times_both_tiles(monkeypatch, tmp_path):
+def test_keytile_checks_then_times_every_variant(monkeypatch, tmp_path):
   seen = []
 
-  def zeros_mass(q, num_kv_blocks, key_tile, **_):
-    seen.append(key_tile)
+  def zeros_mass(q, num_kv_blocks, key_tile, pipeline=False, **_):
+    seen.append((key_tile, pipeline))
     return _zeros_mass(q, num_kv_blocks)
   monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
   monkeypatch.setattr(mv.mosaic, "attention_with_block_mass",
@@ -119,8 +119,10 @@ def test_keytile_checks_then_times_both_tiles(monkeypatch, tmp_path):
   mv.main()
   rows = json.loads((tmp_path / "mosaic_variants_keytile.json").read_text())["rows"]
   assert not [r for r in rows if "error" in r]
-  assert [(r["op"], r.get("key_tile"), bool(r.get("check"))) for r in rows
-          if r["op"] != "cudnn"] == [("mass", None, True), ("mass", 128, True),
-                                     ("mass", None, False), ("mass", 128, False),
-                                     ("fused", None, False)]
-  assert set(seen) == {None, 128}
+  variants = [(kt, p) for kt in (None, 128) for p in (False, True)]
+  got = [(r["op"], r.get("key_tile"), r.get("pipeline"), bool(r.get("check"))) for r in rows
+         if r["op"] != "cudnn"]
+  assert got == ([("mass", kt, p, True) for kt, p in variants]
+                 + [("mass", kt, p, False) for kt, p in variants]
+                 + [("fused", None, None, False)])
+  assert set(seen) == set(variants)
