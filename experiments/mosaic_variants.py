@@ -29,7 +29,8 @@ name / time, and real/floor. Its output is compared with what it must copy.
 Then the floor of a 3-stage ring at bs 64, if time is left.
 
 ``keytile``: block mass at bs 64 with 64-key K tiles (one key block per
-wgmma, the default) and with 128-key tiles (two blocks, ``key_tile=128``), each
+wgmma) and with 128-key tiles (two blocks, ``key_tile=128``, the default since
+this mode measured it), each
 without and with ``pipeline`` (tile t's exp while tile t + 1's QK^T runs): four
 variants, each checked at S=1000 first, then timed; then the fused search
 (``mosaic.attention_with_block_mass``, bs 64) through the public API; cuDNN in
@@ -465,7 +466,7 @@ def run_stages(run, inp, seqs, deadline):
 
 
 def run_keytile(run, inp, seqs, deadline):
-  """Block mass at block 64 with 64-key K tiles (default) and 128-key ones, each without
+  """Block mass at block 64 with 64-key K tiles and 128-key ones (the default), each without
   and with ``pipeline``, each checked first; then the fused search through the public API."""
   cudnn_rows(run, inp, seqs, "keytile", deadline)
   variants = [(kt, pipe) for kt in (None, 128) for pipe in (False, True)]

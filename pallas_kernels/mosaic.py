@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import mosaic_interpret, validation
-from pallas_kernels.mosaic_block_mass import block_mass_padded
+from pallas_kernels.mosaic_block_mass import DEFAULT_KEY_TILE, block_mass_padded
 from pallas_kernels.mosaic_block_sparse import (
     CTA_ROWS, ROWS_PER_WG, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS,
     block_sparse_attention_padded)
@@ -109,7 +109,7 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
   lse2 = _pad_seq(lse2, s_pad, 2, jnp.inf)
   with mosaic_interpret.device_context(interpret):
     chunks = block_mass_padded(qp, kp, lse2, lengths, block_size=block_size, sm_scale=scale,
-                               num_kv_blocks=n_blk,
+                               num_kv_blocks=n_blk, key_tile=DEFAULT_KEY_TILE,
                                interpret=mosaic_interpret.params(interpret))
   per_block = block_size // ROWS_PER_WG
   mass = chunks.reshape(b, h, s_pad // block_size, per_block, chunks.shape[-1]).sum(3)

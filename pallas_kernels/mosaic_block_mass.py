@@ -3,30 +3,32 @@
 ``mass[b, h, p, c] = sum_{i in query block p, j in key block c} exp(s_ij - lse_i)``.
 
 One CTA holds two compute warpgroups (64 query rows each) and a memory
-warpgroup that streams K through a ring of TMA stages shared by both, one key
-block per stage (``key_tile=128`` at block_size 64: two blocks). Per tile a
-warpgroup runs one QK^T on wgmma, exponentiates against its rows' LSE and sums
-each row over each key block of the tile (warp shuffles only). The per-row sums
-of ``GROUP`` consecutive key blocks go to a small shared-memory table that is
-then reduced across rows once, so the cross-warp reduction is paid once per
-``GROUP`` blocks, not once per block.
+warpgroup that streams K through a ring of TMA stages shared by both, ``key_tile``
+keys per stage: one key block, or two at block_size 64 with ``key_tile=128``.
+Per tile a warpgroup runs one QK^T on wgmma, exponentiates against its rows' LSE
+and sums each row over each key block of the tile (warp shuffles only). The
+per-row sums of ``GROUP`` consecutive key blocks go to a small shared-memory
+table that is then reduced across rows once, so the cross-warp reduction is paid
+once per ``GROUP`` blocks, not once per block.
 
-Why ``key_tile=128`` at block 64 might pay: the kernel runs only on dense key
-ranges, so two adjacent blocks are one TMA copy, and a 64 x 128 wgmma does the
-work of two 64 x 64 ones for one barrier round trip. It passes the interpreter
-tests and lowers for CUDA, but has not run on a GPU yet
-(``experiments/mosaic_variants.py keytile`` measures it), so it is not the default.
+Why ``key_tile=128`` at block 64 (``DEFAULT_KEY_TILE``, what ``pallas_kernels.mosaic``
+passes): the kernel runs only on dense key ranges, so two adjacent blocks are one
+TMA copy, and a 64 x 128 wgmma does the work of two 64 x 64 ones for one barrier
+round trip. On an H200 (jax 0.11.2, 2026-11-30, ``experiments/mosaic_variants.py
+keytile``) it took 0.637x / 0.621x of cuDNN dense time at S = 32,768 / 118,784
+against 0.700x / 0.665x with one block per tile (docs/bench/mosaic.md).
 
-Why ``pipeline=True``: per score, one QK^T at D=128 costs the tensor cores about
-as many SM cycles as one exp costs the MUFU units, so the kernel can only reach
-half of dense attention's time if the exponentials of one tile run while the
-wgmma of the next is in flight. By default each warpgroup waits for its QK^T and
-then exponentiates (only the two warpgroups interleave). With ``pipeline=True``
-a warpgroup issues tile t + 1's wgmma, does tile t's exp, mask and row sums while
-it runs (the scores of tile t stay in registers as the loop's carry), then reads
-the new accumulator; the pipeline restarts at each ``GROUP`` of key blocks. It
-passes the interpreter tests and lowers for CUDA but is unmeasured on a GPU
-(``experiments/mosaic_variants.py keytile`` times it), so it is off by default.
+Why ``pipeline=True`` exists: per score, one QK^T at D=128 costs the tensor
+cores about as many SM cycles as one exp costs the MUFU units, so the kernel can
+only reach half of dense attention's time if the exponentials of one tile run
+while the wgmma of the next is in flight. By default each warpgroup waits for
+its QK^T and then exponentiates (only the two warpgroups interleave). With
+``pipeline=True`` a warpgroup issues tile t + 1's wgmma, does tile t's exp, mask
+and row sums while it runs (the scores of tile t stay in registers as the loop's
+carry), then reads the new accumulator; the pipeline restarts at each ``GROUP``
+of key blocks. Measured in the same run it did not pay: 0.689x / 0.670x with one
+block per tile, 0.679x / 0.669x with 128-key tiles, so it stays off: the two
+warpgroups' interleaving already hides what this overlap would.
 
 Each warpgroup writes the mass of its own 64 rows; the caller adds the 64-row
 chunks of a query block together (block_size = 128 has two).
@@ -49,6 +51,7 @@ from pallas_kernels.mosaic_block_sparse import (
 
 GROUP = 64  # key blocks per cross-row reduction; the output is padded to a multiple.
 KEY_TILE = 128  # the largest K tile (keys per stage and per QK^T wgmma).
+DEFAULT_KEY_TILE = KEY_TILE  # what pallas_kernels.mosaic asks for (module docstring).
 _SMEM_FOR_K = 96 * 1024
 # This kernel keeps Mosaic's default reduction scratch, so its footprint counts it.
 _REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
@@ -93,10 +96,10 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     stages: K ring depth, an int >= 2 that fits in the shared memory of a CTA
       (see ``smem_bytes``); None for ``num_stages``.
     key_tile: keys per stage and wgmma: None or block_size (one key block per
-      tile, the kernel measured in docs/bench/mosaic.md) or ``KEY_TILE`` (two
-      blocks per tile at block_size 64; see the module docstring).
-    pipeline: False (the measured kernel) or True to overlap each tile's exp with
-      the next tile's QK^T wgmma (unmeasured; see the module docstring).
+      tile) or ``KEY_TILE`` (two blocks per tile at block_size 64, faster there:
+      see the module docstring; ``pallas_kernels.mosaic`` passes ``DEFAULT_KEY_TILE``).
+    pipeline: False, or True to overlap each tile's exp with the next tile's
+      QK^T wgmma (measured slower or equal; see the module docstring).
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
