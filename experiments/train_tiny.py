@@ -63,6 +63,9 @@ _TEXT_LR = flags.DEFINE_float("text_lr_scale", 1.0, "text encoder learning rate 
 _ADD_POS = flags.DEFINE_float("add_learned_positions", None, "with --init_from: switch on the "
                               "learned positional embedding, initialised to this scale times "
                               "the sin-cos table (tiny_t2v.add_learned_positions)")
+_SEPARATE = flags.DEFINE_list("separate_words", None, "with --init_from: two words whose "
+                              "token embeddings start pushed apart (tiny_t2v.separate_words), "
+                              "e.g. left,right")
 
 
 def main(argv):
@@ -79,11 +82,16 @@ def main(argv):
   if _ADD_POS.value is not None and not _INIT.value:
     raise app.UsageError("--add_learned_positions needs --init_from (a new model takes the "
                          "preset's positions).")
+  if _SEPARATE.value and (not _INIT.value or len(_SEPARATE.value) != 2):
+    raise app.UsageError(f"--separate_words={','.join(_SEPARATE.value)}: expected two words "
+                         "and --init_from (a new model starts with unrelated embeddings).")
   init = None
   if _INIT.value:
     init = tiny_t2v.load(_INIT.value)
     if _ADD_POS.value is not None:
       init = tiny_t2v.add_learned_positions(init, scale=_ADD_POS.value)
+    if _SEPARATE.value:
+      init = tiny_t2v.separate_words(init, *_SEPARATE.value)
   training.train(cfg, _OUT.value, command=command, started_at=_STARTED_AT, init=init)
 
 

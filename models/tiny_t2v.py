@@ -203,6 +203,43 @@ def add_learned_positions(model: TinyT2V, *, scale: float = 0.25) -> TinyT2V:
   return TinyT2V(config, transformer, model.text_encoder)
 
 
+def separate_words(model: TinyT2V, first: str, second: str, *, norm=None) -> TinyT2V:
+  """A copy of the model whose two words' token embeddings are pushed apart.
+
+  The pair keeps its mean; its half-difference is rescaled to length ``norm``,
+  so the words start as far apart as two unrelated tokens. Why: runs 7 and 8
+  of the embedded model left "moves left" and "moves right" unread (swapping
+  them changed its output by 1e-4 of its norm) while for horizontal captions the
+  transformer stayed almost symmetric under playing its input backwards; a model
+  with that symmetry gets the same expected gradient for both words, so their
+  small initial difference never grows (docs/tiny_t2v.md).
+
+  Args:
+    model: the model; it is not modified.
+    first, second: two distinct words of the vocabulary.
+    norm: length of the new half-difference (> 0); None: the mean norm of the
+      vocabulary's token embeddings.
+  """
+  vocab = model.config.text.vocabulary
+  for name, word in (("first", first), ("second", second)):
+    if word not in vocab[2:]:
+      raise ValueError(f"{name}={word!r}: expected a word of the vocabulary {vocab[2:]}.")
+  if first == second:
+    raise ValueError(f"first=second={first!r}: expected two different words.")
+  if norm is not None and not (isinstance(norm, (int, float)) and norm > 0):
+    raise ValueError(f"norm={norm!r}: expected a float > 0 or None.")
+  out = nnx.clone(model)
+  table = out.text_encoder.token_embedding.embedding
+  e = np.asarray(table.get_value(), np.float64)
+  i, j = vocab.index(first), vocab.index(second)
+  mean, half = (e[i] + e[j]) / 2, (e[i] - e[j]) / 2
+  length = float(np.linalg.norm(e, axis=1).mean()) if norm is None else float(norm)
+  half = half * (length / max(np.linalg.norm(half), 1e-12))
+  e[i], e[j] = mean + half, mean - half
+  table.set_value(jnp.asarray(e, table.get_value().dtype))
+  return out
+
+
 # ---------------------------------------------------------------- pixels <-> latents
 
 

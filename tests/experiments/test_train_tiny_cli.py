@@ -48,7 +48,7 @@ def test_launcher_adds_learned_positions_and_reversal_and_mirror_pairs(tmp_path)
   # Batch 4 with both pairings: one reversed and one mirrored pair.
   args = ["--preset=test", "--steps=1", "--batch_size=4", "--warmup_steps=1", "--dtype=float32",
           "--save_dtype=float32", "--reversal_pairs", "--mirror_pairs",
-          "--add_learned_positions=0.5",
+          "--add_learned_positions=0.5", "--separate_words=left,right",
           "--text_lr_scale=2", "--sigma_logit_mean=0.5", "--high_sigma_share=0.25",
           f"--init_from={start}", f"--output_dir={out}"]
   proc = subprocess.run([sys.executable, "-m", "experiments.train_tiny", *args],
@@ -62,9 +62,20 @@ def test_launcher_adds_learned_positions_and_reversal_and_mirror_pairs(tmp_path)
   assert record["text_lr_scale"] == 2.0 and np.isfinite(tiny_t2v.training_record(out)[
       "final_loss"])
   assert record["sigma_logit_mean"] == 0.5 and record["high_sigma_share"] == 0.25
+  # The pair starts 2 x (mean embedding norm) apart; one small step keeps that within 10%.
+  vocab, table = trained.config.text.vocabulary, trained.text_encoder.token_embedding.embedding
+  e = np.asarray(table.get_value())
+  start_e = np.asarray(model.text_encoder.token_embedding.embedding.get_value())
+  gap = np.linalg.norm(e[vocab.index("left")] - e[vocab.index("right")])
+  want = 2 * np.linalg.norm(start_e, axis=1).mean()
+  assert abs(gap - want) < 0.1 * want, (gap, want)
   pos = np.asarray(trained.transformer.patch_embed.pos_embedding.get_value())
   assert np.all(np.isfinite(pos)) and np.any(pos)
   bad = subprocess.run([sys.executable, "-m", "experiments.train_tiny",
                         "--add_learned_positions=0.5", f"--output_dir={tmp_path / 'x'}"],
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--add_learned_positions needs --init_from" in bad.stderr
+  bad = subprocess.run([sys.executable, "-m", "experiments.train_tiny", f"--init_from={start}",
+                        "--separate_words=left", f"--output_dir={tmp_path / 'x'}"],
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "--separate_words=left: expected two words" in bad.stderr

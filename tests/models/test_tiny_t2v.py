@@ -216,3 +216,38 @@ def test_add_learned_positions(model, tmp_path):
     tiny_t2v.add_learned_positions(half)
   with pytest.raises(ValueError, match="scale=-1"):
     tiny_t2v.add_learned_positions(model, scale=-1)
+
+
+def test_separate_words(model):
+  """The pair keeps its mean, its half-difference gets the asked length, nothing else
+  changes, and the original model is untouched."""
+  vocab = TEST.text.vocabulary
+  i, j = vocab.index("left"), vocab.index("right")
+  before = np.asarray(model.text_encoder.token_embedding.embedding.get_value(), np.float64)
+  out = tiny_t2v.separate_words(model, "left", "right", norm=2.5)
+  after = np.asarray(out.text_encoder.token_embedding.embedding.get_value(), np.float64)
+  np.testing.assert_array_equal(
+      np.asarray(model.text_encoder.token_embedding.embedding.get_value(), np.float64), before)
+  np.testing.assert_allclose((after[i] + after[j]) / 2, (before[i] + before[j]) / 2, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(after[i] - after[j]) / 2, 2.5, rtol=1e-5)
+  half = after[i] - after[j]
+  np.testing.assert_allclose(half / np.linalg.norm(half),
+                             (before[i] - before[j]) / np.linalg.norm(before[i] - before[j]),
+                             atol=1e-6)
+  others = [k for k in range(len(vocab)) if k not in (i, j)]
+  np.testing.assert_array_equal(after[others], before[others])
+  default = tiny_t2v.separate_words(model, "left", "right")
+  e = np.asarray(default.text_encoder.token_embedding.embedding.get_value(), np.float64)
+  np.testing.assert_allclose(np.linalg.norm(e[i] - e[j]) / 2,
+                             np.linalg.norm(before, axis=1).mean(), rtol=1e-5)
+  ids, lengths = out.tokenizer(["a red circle moves left", "a red circle moves right"])
+  text = np.asarray(out.text_encoder(ids, lengths))
+  assert np.linalg.norm(text[0] - text[1]) > 0
+  with pytest.raises(ValueError, match="first='up'"):
+    tiny_t2v.separate_words(model, "up", "right")
+  with pytest.raises(ValueError, match="second='<pad>'"):
+    tiny_t2v.separate_words(model, "left", "<pad>")
+  with pytest.raises(ValueError, match="first=second='left'"):
+    tiny_t2v.separate_words(model, "left", "left")
+  with pytest.raises(ValueError, match="norm=0"):
+    tiny_t2v.separate_words(model, "left", "right", norm=0)
