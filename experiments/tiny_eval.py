@@ -15,6 +15,8 @@ captioned objects were found with the right colour, shape and motion
 
 ``direction_sensitivity`` asks a narrower question without sampling: does the
 denoiser's error grow when every captioned direction is swapped?
+``symmetry_errors`` asks why not: how nearly does the denoiser commute with
+mirroring its input or playing it backwards, for a fixed caption?
 """
 
 from __future__ import annotations
@@ -217,3 +219,51 @@ def direction_sensitivity(checkpoint, *, n: int = 64, sigmas=(1.0, 0.97, 0.9, 0.
       out[f"loss_{name}"].append(float(jnp.mean(jnp.square(pred - target))))
   out["relative_gap"] = [(s - t) / t for t, s in zip(out["loss_true"], out["loss_swapped"])]
   return out
+
+
+_FLIPS = {"hflip": -1, "vflip": -2, "time": 1}  # axes of latents [B, F, C, H, W]
+
+
+def symmetry_errors(checkpoint, captions, *, timesteps=(950.0, 500.0), n: int = 2,
+                    seed: int = 0, dtype=jnp.float32) -> list[dict]:
+  """How far the denoiser is from commuting with flips of its input, per caption.
+
+  For noise x [n, F, C, H, W] (standard normal, ``seed``) and each caption and
+  timestep, ``error[T] = |T f(T x) - f(x)| / |f(x)|`` (Frobenius norms) for T a
+  left-right mirror ("hflip"), an upside-down mirror ("vflip") or frame
+  reversal ("time"). A model with error 0 for T cannot tell a caption's motion
+  from its T-image: with "time" or "hflip" near 0 for a caption that says
+  "moves left", the clips it samples move left or right as the noise decides.
+
+  Args:
+    checkpoint: a ``models.tiny_t2v`` checkpoint directory, or a loaded model.
+    captions: prompts of the caption grammar.
+    timesteps: denoiser timesteps in [0, 1000].
+
+  Returns:
+    one dict per (caption, timestep): "caption", "timestep", "hflip", "vflip", "time".
+  """
+  if isinstance(captions, str) or not captions:
+    raise ValueError(f"captions={captions!r}: expected a non-empty list of prompts.")
+  if not (isinstance(n, int) and n >= 1):
+    raise ValueError(f"n={n!r}: expected an int >= 1.")
+  if not timesteps or not all(0 <= float(t) <= 1000 for t in timesteps):
+    raise ValueError(f"timesteps={timesteps!r}: expected values in [0, 1000].")
+  model = (tiny_t2v.load(checkpoint, dtype=dtype) if isinstance(checkpoint, (str, os.PathLike))
+           else checkpoint)
+  cfg = model.config
+  rope = tiny_t2v.rotary_embedding(cfg)
+  forward = jax.jit(lambda x, text, t: model.transformer(x, text, t, image_rotary_emb=rope))
+  x = jax.random.normal(jax.random.key(seed), (n, cfg.frames, 3, cfg.height, cfg.width), dtype)
+  rows = []
+  for caption in captions:
+    text = jnp.repeat(model.encode([caption]), n, axis=0).astype(dtype)
+    for t in timesteps:
+      ts = jnp.full((n,), float(t), jnp.float32)
+      out = np.asarray(forward(x, text, ts), np.float64)
+      row = {"caption": caption, "timestep": float(t)}
+      for name, axis in _FLIPS.items():
+        back = np.flip(np.asarray(forward(jnp.flip(x, axis), text, ts), np.float64), axis)
+        row[name] = float(np.linalg.norm(back - out) / np.linalg.norm(out))
+      rows.append(row)
+  return rows

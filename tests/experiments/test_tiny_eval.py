@@ -108,3 +108,43 @@ def test_attribute_counts_on_clips_of_known_content():
   assert counts["reversed_horizontal"] == sum(m in ("left", "right") for m in motions)
   assert counts["reversed_vertical"] == sum(m in ("up", "down") for m in motions)
   assert counts["colour_found"] == n and counts["shape_right"] == n
+
+
+class _StandIn:
+  """A denoiser with a known symmetry: out = x + ramp along one axis (or none)."""
+
+  def __init__(self, config, axis):
+    self.config, self.axis = config, axis
+
+  def encode(self, prompts):
+    return np.zeros((len(prompts), 4, 8), np.float32)
+
+  def transformer(self, x, text, t, image_rotary_emb=None):
+    if self.axis is None:
+      return 2.0 * x
+    shape = [1] * x.ndim
+    shape[self.axis] = x.shape[self.axis]
+    return x + np.arange(x.shape[self.axis], dtype=np.float32).reshape(shape)
+
+
+def test_symmetry_errors_find_the_broken_symmetry(checkpoint):
+  """A pointwise denoiser commutes with every flip; adding a ramp along one axis breaks
+  exactly that axis's flip; a real (random) model breaks all three."""
+  cfg = tiny_eval.tiny_t2v.load(checkpoint).config
+  rows = tiny_eval.symmetry_errors(_StandIn(cfg, None), ["a red circle rises"], timesteps=(500,))
+  assert rows[0]["caption"] == "a red circle rises" and rows[0]["timestep"] == 500.0
+  assert rows[0]["hflip"] == rows[0]["vflip"] == rows[0]["time"] == 0.0
+  for axis, broken in ((-1, "hflip"), (-2, "vflip"), (1, "time")):
+    row = tiny_eval.symmetry_errors(_StandIn(cfg, axis), ["a red circle rises"],
+                                    timesteps=(500,))[0]
+    assert row[broken] > 0.1
+    assert all(row[k] == 0.0 for k in ("hflip", "vflip", "time") if k != broken)
+  real = tiny_eval.symmetry_errors(checkpoint, ["a red circle moves left", "a blue square falls"],
+                                   timesteps=(900, 100))
+  assert [(r["caption"][:5], r["timestep"]) for r in real] == [
+      ("a red", 900.0), ("a red", 100.0), ("a blu", 900.0), ("a blu", 100.0)]
+  assert all(np.isfinite(r[k]) and r[k] > 0 for r in real for k in ("hflip", "vflip", "time"))
+  with pytest.raises(ValueError, match="captions='a red circle rises'"):
+    tiny_eval.symmetry_errors(checkpoint, "a red circle rises")
+  with pytest.raises(ValueError, match="timesteps"):
+    tiny_eval.symmetry_errors(checkpoint, ["a red circle rises"], timesteps=(1001,))
