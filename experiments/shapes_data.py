@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import jax
 import numpy as np
+
+from models.tiny_t2v_text import words  # the tokenizer's split, re-exported for the grammar
 
 # Saturated colours far apart in RGB; backgrounds are neutral grey, so a pixel's
 # saturation alone tells object from background.
@@ -115,11 +116,6 @@ def parse_caption(text: str) -> tuple[Item, ...]:
     raise ValueError(f"caption={text!r}: expected at most {MAX_OBJECTS} objects of distinct "
                      "colours.")
   return tuple(items)
-
-
-def words(text: str) -> list[str]:
-  """The caption's words as the tokenizer sees them (commas are words)."""
-  return re.findall(r"[a-z]+|,", text.lower())
 
 
 @jax.tree_util.register_dataclass

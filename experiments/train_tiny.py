@@ -66,6 +66,9 @@ _ADD_POS = flags.DEFINE_float("add_learned_positions", None, "with --init_from: 
 _SEPARATE = flags.DEFINE_list("separate_words", None, "with --init_from: two words whose "
                               "token embeddings start pushed apart (tiny_t2v.separate_words), "
                               "e.g. left,right")
+_MERGE = flags.DEFINE_list("merge_phrases", None, "with --init_from: phrases the tokenizer "
+                           "reads as one new token each (tiny_t2v.merge_phrases), e.g. "
+                           "'moves left,moves right'")
 
 
 def main(argv):
@@ -85,6 +88,9 @@ def main(argv):
   if _SEPARATE.value and (not _INIT.value or len(_SEPARATE.value) != 2):
     raise app.UsageError(f"--separate_words={','.join(_SEPARATE.value)}: expected two words "
                          "and --init_from (a new model starts with unrelated embeddings).")
+  if _MERGE.value and not _INIT.value:
+    raise app.UsageError(f"--merge_phrases={','.join(_MERGE.value)}: needs --init_from (a new "
+                         "model takes the preset's vocabulary).")
   init = None
   if _INIT.value:
     init = tiny_t2v.load(_INIT.value)
@@ -92,6 +98,8 @@ def main(argv):
       init = tiny_t2v.add_learned_positions(init, scale=_ADD_POS.value)
     if _SEPARATE.value:
       init = tiny_t2v.separate_words(init, *_SEPARATE.value)
+    if _MERGE.value:
+      init = tiny_t2v.merge_phrases(init, _MERGE.value)
   training.train(cfg, _OUT.value, command=command, started_at=_STARTED_AT, init=init)
 
 

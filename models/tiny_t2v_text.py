@@ -4,7 +4,9 @@ The caption grammar is closed (``experiments.shapes_data.VOCABULARY``), so the
 tokenizer is a word list: ids are positions in it, every caption starts with
 the start token ``<s>`` (the empty caption, used for classifier-free guidance,
 is ``<s>`` alone, so no row is ever all padding) and is padded with ``<pad>``
-(id 0) to ``max_length``.
+(id 0) to ``max_length``. A vocabulary entry may be a phrase of several words
+("moves left"): the tokenizer then reads those words as one token, longest
+phrase first, the way a BPE merge does (see ``tiny_t2v.merge_phrases`` for why).
 
 The encoder is token + learned position embeddings, ``num_layers`` pre-norm
 transformer layers (self-attention over the caption's valid tokens, GELU MLP),
@@ -46,6 +48,10 @@ class TextEncoderConfig:
     if len(v) < 3 or v[:2] != (PAD, START) or len(set(v)) != len(v):
       raise ValueError(f"vocabulary={v!r}: expected distinct words starting with "
                        f"({PAD!r}, {START!r}).")
+    bad = [w for w in v[2:] if not isinstance(w, str) or " ".join(words(w)) != w]
+    if bad:
+      raise ValueError(f"vocabulary has entries {bad!r}: expected lower-case words or commas, "
+                       "a phrase's words separated by single spaces.")
     for name in ("max_length", "width", "num_layers", "num_heads"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -57,13 +63,32 @@ class TextEncoderConfig:
       raise ValueError(f"max_length={self.max_length}: expected at least 2 (<s> and a word).")
 
 
+def words(text: str) -> list[str]:
+  """The caption's words as the tokenizer sees them (commas are words)."""
+  return re.findall(r"[a-z]+|,", text.lower())
+
+
 class Tokenizer:
-  """Words (and commas) of a caption -> ids int32 [B, max_length] and lengths int32 [B]."""
+  """Words (and commas) of a caption -> ids int32 [B, max_length] and lengths int32 [B].
+
+  Phrase entries of the vocabulary win over their words: at each position the
+  longest phrase that matches the next words is one token.
+  """
 
   def __init__(self, vocabulary, max_length: int):
     self.vocabulary = tuple(vocabulary)
     self.max_length = int(max_length)
     self._ids = {w: i for i, w in enumerate(self.vocabulary)}
+    self._longest = max(len(w.split(" ")) for w in self.vocabulary)
+
+  def _tokens(self, text: str) -> list[str]:
+    ws, out, i = words(text), [START], 0
+    while i < len(ws):
+      n = next((n for n in range(min(self._longest, len(ws) - i), 1, -1)
+                if " ".join(ws[i:i + n]) in self._ids), 1)
+      out.append(" ".join(ws[i:i + n]))
+      i += n
+    return out
 
   def __call__(self, texts):
     """Returns (ids, lengths); raises ValueError on an unknown word or a long caption."""
@@ -72,16 +97,16 @@ class Tokenizer:
     ids = np.zeros((len(texts), self.max_length), np.int32)
     lengths = np.zeros(len(texts), np.int32)
     for b, text in enumerate(texts):
-      words = [START] + re.findall(r"[a-z]+|,", text.lower())
-      unknown = [w for w in words if w not in self._ids]
+      tokens = self._tokens(text)
+      unknown = [w for w in tokens if w not in self._ids]
       if unknown:
         raise ValueError(f"caption {text!r} has words {unknown} outside the vocabulary "
                          f"{self.vocabulary[2:]}.")
-      if len(words) > self.max_length:
-        raise ValueError(f"caption {text!r} has {len(words)} tokens with <s>: expected at most "
-                         f"max_length={self.max_length}.")
-      ids[b, :len(words)] = [self._ids[w] for w in words]
-      lengths[b] = len(words)
+      if len(tokens) > self.max_length:
+        raise ValueError(f"caption {text!r} has {len(tokens)} tokens with <s>: expected at "
+                         f"most max_length={self.max_length}.")
+      ids[b, :len(tokens)] = [self._ids[w] for w in tokens]
+      lengths[b] = len(tokens)
     return ids, lengths
 
   def decode(self, ids, lengths) -> list[str]:

@@ -49,6 +49,7 @@ def test_launcher_adds_learned_positions_and_reversal_and_mirror_pairs(tmp_path)
   args = ["--preset=test", "--steps=1", "--batch_size=4", "--warmup_steps=1", "--dtype=float32",
           "--save_dtype=float32", "--reversal_pairs", "--mirror_pairs",
           "--add_learned_positions=0.5", "--separate_words=left,right",
+          "--merge_phrases=moves left,moves right",
           "--text_lr_scale=2", "--sigma_logit_mean=0.5", "--high_sigma_share=0.25",
           f"--init_from={start}", f"--output_dir={out}"]
   proc = subprocess.run([sys.executable, "-m", "experiments.train_tiny", *args],
@@ -69,6 +70,12 @@ def test_launcher_adds_learned_positions_and_reversal_and_mirror_pairs(tmp_path)
   gap = np.linalg.norm(e[vocab.index("left")] - e[vocab.index("right")])
   want = 2 * np.linalg.norm(start_e, axis=1).mean()
   assert abs(gap - want) < 0.1 * want, (gap, want)
+  # The merged phrases are tokens of the saved model, and the step trained their rows.
+  assert vocab[-2:] == ("moves left", "moves right") and len(vocab) == len(start_e) + 2
+  merged = tiny_t2v.merge_phrases(tiny_t2v.separate_words(model, "left", "right"),
+                                  ["moves left", "moves right"])
+  first = np.asarray(merged.text_encoder.token_embedding.embedding.get_value())
+  assert np.all(np.abs(e[-2:] - first[-2:]).max(-1) > 0)
   pos = np.asarray(trained.transformer.patch_embed.pos_embedding.get_value())
   assert np.all(np.isfinite(pos)) and np.any(pos)
   bad = subprocess.run([sys.executable, "-m", "experiments.train_tiny",
@@ -79,3 +86,7 @@ def test_launcher_adds_learned_positions_and_reversal_and_mirror_pairs(tmp_path)
                         "--separate_words=left", f"--output_dir={tmp_path / 'x'}"],
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--separate_words=left: expected two words" in bad.stderr
+  bad = subprocess.run([sys.executable, "-m", "experiments.train_tiny",
+                        "--merge_phrases=moves left,moves right", f"--output_dir={tmp_path / 'x'}"],
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "needs --init_from" in bad.stderr

@@ -53,6 +53,67 @@ def test_tokenizer_round_trip_and_errors():
     TextEncoderConfig(("a", "<pad>", "<s>"))
 
 
+def test_tokenizer_reads_phrases_as_one_token():
+  """Phrase entries win over their words, longest first; words outside a phrase and a
+  phrase's first word alone keep their own ids."""
+  vocab = tiny_t2v.VOCABULARY + ("moves left", "a red", "a red circle")
+  tok = Tokenizer(vocab, 24)
+  ids, lengths = tok(["a red circle moves left, a red square moves right", "a red",
+                      "a blue circle moves"])
+  want = [["<s>", "a red circle", "moves left", ",", "a red", "square", "moves", "right"],
+          ["<s>", "a red"], ["<s>", "a", "blue", "circle", "moves"]]
+  for row, n, words in zip(ids, lengths, want):
+    assert n == len(words) and [vocab[i] for i in row[:n]] == words
+  assert tok.decode(ids, lengths) == ["a red circle moves left, a red square moves right",
+                                      "a red", "a blue circle moves"]
+  with pytest.raises(ValueError, match="single spaces"):
+    TextEncoderConfig(tiny_t2v.VOCABULARY + ("moves  left",))
+  with pytest.raises(ValueError, match="single spaces"):
+    TextEncoderConfig(tiny_t2v.VOCABULARY + ("Moves",))
+
+
+def test_merge_phrases(model, tmp_path):
+  """New rows = first word + last word's offset from the phrases' mean last word, rescaled;
+  captions without the phrases encode as before; the merged model saves and loads."""
+  vocab = TEST.text.vocabulary
+  e = np.asarray(model.text_encoder.token_embedding.embedding.get_value(), np.float64)
+  out = tiny_t2v.merge_phrases(model, ["moves left", "moves right"], norm=1.5)
+  assert out.config.text.vocabulary == vocab + ("moves left", "moves right")
+  assert model.config.text.vocabulary == vocab           # the input is untouched
+  after = np.asarray(out.text_encoder.token_embedding.embedding.get_value(), np.float64)
+  np.testing.assert_array_equal(after[:len(vocab)], e)
+  left, right, moves = (e[vocab.index(w)] for w in ("left", "right", "moves"))
+  unit = (left - right) / np.linalg.norm(left - right)
+  np.testing.assert_allclose(after[-2], moves + 1.5 * unit, atol=1e-5)
+  np.testing.assert_allclose(after[-1], moves - 1.5 * unit, atol=1e-5)
+  default = tiny_t2v.merge_phrases(model, ["moves left", "moves right"])
+  d = np.asarray(default.text_encoder.token_embedding.embedding.get_value(), np.float64)
+  np.testing.assert_allclose(np.linalg.norm(d[-2] - moves), np.linalg.norm(e, axis=1).mean(),
+                             rtol=1e-5)
+  ids, lengths = out.tokenizer(["a red circle moves left"])
+  assert lengths.tolist() == [5] and ids[0, 4] == len(vocab)
+  same = ["a blue square rises, a red circle moves"]
+  np.testing.assert_array_equal(np.asarray(out.encode(same)), np.asarray(model.encode(same)))
+  pair = np.asarray(out.encode(["a red circle moves left", "a red circle moves right"]))
+  assert np.linalg.norm(pair[0] - pair[1]) > 0
+  tiny_t2v.save(out, tmp_path / "m", dtype="float32")
+  back = tiny_t2v.load(tmp_path / "m")
+  assert back.config.text.vocabulary == out.config.text.vocabulary
+  np.testing.assert_array_equal(np.asarray(back.encode(["a red circle moves right"])),
+                                np.asarray(out.encode(["a red circle moves right"])))
+  for bad, match in ((["moves left"], "two or more phrases"),
+                     (["moves left", "falls left"], "distinct last"),
+                     (["moves up", "moves right"], "'moves up'"),
+                     (["left", "moves right"], "'left'"),
+                     (["moves left", "moves left"], "distinct last")):
+    with pytest.raises(ValueError, match=match):
+      tiny_t2v.merge_phrases(model, bad)
+  with pytest.raises(ValueError, match="already|'moves left'"):
+    tiny_t2v.merge_phrases(out, ["moves left", "moves right"])
+  with pytest.raises(ValueError, match="norm=-1"):
+    tiny_t2v.merge_phrases(model, ["moves left", "moves right"], norm=-1)
+
+
 def _layer_norm(x, scale, bias, eps=1e-5):
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
