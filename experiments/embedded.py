@@ -21,10 +21,19 @@ CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 DEFAULT_PROMPT = "a red circle moves left, a blue square falls"
 
 
+def _meta(checkpoint):
+  with open(os.path.join(checkpoint or CHECKPOINT, "tiny_t2v.json")) as f:
+    return json.load(f)
+
+
 def default_steps(checkpoint=None) -> int:
   """Denoising steps the checkpoint was made for."""
-  with open(os.path.join(checkpoint or CHECKPOINT, "tiny_t2v.json")) as f:
-    return int(json.load(f)["num_steps"])
+  return int(_meta(checkpoint)["num_steps"])
+
+
+def default_block_size(checkpoint=None) -> int:
+  """AdaSpa block size the checkpoint is sampled with (``TinyT2VConfig.adaspa_block_size``)."""
+  return int(_meta(checkpoint).get("adaspa_block_size", 64))
 
 
 def write_gif(path, video, *, scale=4, fps=8):
@@ -53,8 +62,8 @@ def run(*, prompt=DEFAULT_PROMPT, checkpoint=None, seed=0, adaspa: AdaSpaConfig,
   clip = report["clips"][0]
   seconds = report["seconds_incl_compile"]
   print(f'prompt: "{prompt}" (seed {seed}, {report["num_steps"]} steps, guidance '
-        f'{report["guidance_scale"]}, AdaSpa sparsity {adaspa.sparsity}, '
-        f"searches at {list(adaspa.search_steps)})")
+        f'{report["guidance_scale"]}, AdaSpa sparsity {adaspa.sparsity}, block '
+        f"{adaspa.block_size}, searches at {list(adaspa.search_steps)})")
   for mode in ("dense", "adaspa"):
     verdict = "PASS" if clip[f"{mode}_passed"] else "fail"
     print(f"  {mode:<6} {seconds[mode]:6.1f} s (incl. compile)  caption check: {verdict} "

@@ -50,7 +50,8 @@ _STEPS = flags.DEFINE_integer("steps", None, "denoising steps (default: 50; the 
                               "model: its checkpoint's)")
 _ATTENTION = flags.DEFINE_enum("attention", "both", ["dense", "adaspa", "both"], "what to run")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.8, "AdaSpa base sparsity")
-_BLOCK = flags.DEFINE_integer("block_size", 64, "AdaSpa block size")
+_BLOCK = flags.DEFINE_integer("block_size", None, "AdaSpa block size (default: 64; the embedded "
+                             "model: its checkpoint's, 32)")
 _SEARCH = flags.DEFINE_list("search_steps", None, "0-indexed search steps; default the paper's "
                             "10th and 30th of 50 steps, scaled to --steps")
 _HEAD_ADAPTIVE = flags.DEFINE_bool("head_adaptive", True, "AdaSpa head hierarchy")
@@ -83,7 +84,9 @@ def main(argv):
   steps = _STEPS.value or (embedded.default_steps(_CHECKPOINT.value) if is_embedded else 50)
   search = (tuple(int(s) for s in _SEARCH.value) if _SEARCH.value
             else default_search_steps(steps))
-  adaspa = AdaSpaConfig(sparsity=_SPARSITY.value, block_size=_BLOCK.value,
+  block = _BLOCK.value or (embedded.default_block_size(_CHECKPOINT.value) if is_embedded
+                           else 64)
+  adaspa = AdaSpaConfig(sparsity=_SPARSITY.value, block_size=block,
                         num_steps=steps, search_steps=search,
                         head_adaptive=_HEAD_ADAPTIVE.value, lse_cache=_LSE_CACHE.value,
                         implementation=_IMPL.value)

@@ -75,7 +75,7 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
     prompts: n prompts instead of ``held_out_prompts(n)``.
     num_steps, guidance_scale: default: the checkpoint's.
     adaspa: AdaSpa settings; default sparsity 0.8 with the paper's search steps
-      scaled to ``num_steps``.
+      scaled to ``num_steps`` and the checkpoint's ``adaspa_block_size``.
     batch: prompts sampled together.
     output_dir: if set, writes report.json and the clips, videos_dense.npy and
       videos_adaspa.npy (float32 [n, F, H, W, 3] in [0, 1]).
@@ -84,7 +84,8 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
   steps = num_steps or probe.config.num_steps
   guidance = probe.config.guidance_scale if guidance_scale is None else guidance_scale
   if adaspa is None:
-    adaspa = AdaSpaConfig(num_steps=steps, search_steps=default_search_steps(steps))
+    adaspa = AdaSpaConfig(num_steps=steps, search_steps=default_search_steps(steps),
+                          block_size=probe.config.adaspa_block_size)
   if adaspa.num_steps != steps:
     raise ValueError(f"adaspa.num_steps={adaspa.num_steps}: expected num_steps={steps}.")
   model = tiny_t2v.load(checkpoint, dtype=dtype, attention="adaspa", adaspa=adaspa)

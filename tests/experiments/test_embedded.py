@@ -16,6 +16,7 @@ def test_shipped_checkpoint_is_complete():
   record = tiny_t2v.training_record(embedded.CHECKPOINT)
   assert record["steps"] > 0 and record["final_loss"] > 0
   assert embedded.default_steps() == 25
+  assert embedded.default_block_size() == 32
   size = sum(os.path.getsize(os.path.join(d, f))
              for d, _, files in os.walk(embedded.CHECKPOINT) for f in files)
   assert size < 15 * 2**20

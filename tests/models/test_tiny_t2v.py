@@ -183,6 +183,24 @@ def test_config_checks():
     dataclasses.replace(TEST, text=dataclasses.replace(TEST.text, width=64))
   with pytest.raises(ValueError, match="channels"):
     dataclasses.replace(TEST, transformer=dataclasses.replace(TEST.transformer, in_channels=4))
+  for bad in (48, 8, True):
+    with pytest.raises(ValueError, match=f"adaspa_block_size={bad!r}"):
+      dataclasses.replace(TEST, adaspa_block_size=bad)
+  assert tiny_t2v.PRESETS["embedded"].adaspa_block_size == 32
+
+
+def test_adaspa_block_size_is_saved(model, tmp_path):
+  """A checkpoint keeps its sampling block size; one written before the key existed
+  reads as the library default, 64."""
+  m = tiny_t2v.TinyT2V(dataclasses.replace(model.config, adaspa_block_size=16),
+                       model.transformer, model.text_encoder)
+  tiny_t2v.save(m, tmp_path / "m", dtype="float32")
+  assert tiny_t2v.load(tmp_path / "m").config.adaspa_block_size == 16
+  meta_path = tmp_path / "m" / "tiny_t2v.json"
+  meta = json.loads(meta_path.read_text())
+  del meta["adaspa_block_size"]
+  meta_path.write_text(json.dumps(meta))
+  assert tiny_t2v.load(tmp_path / "m").config.adaspa_block_size == 64
 
 
 def test_latents_and_sampler_inputs(model):
