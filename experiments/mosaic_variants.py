@@ -12,6 +12,7 @@ so the numbers do not depend on the defaults of the day.
   python3 experiments/mosaic_variants.py floor [S ...]      # load-only floor (below)
   python3 experiments/mosaic_variants.py all [S ...] [--budget=210]  # stages, then floor
   python3 experiments/mosaic_variants.py keytile [S ...]    # block-mass K tile, pipelining
+  python3 experiments/mosaic_variants.py pingpong [S ...]   # block-mass warpgroup ping-pong
 
 (from the repository root with PYTHONPATH=.; S defaults to 32768 118784.)
 
@@ -35,6 +36,10 @@ without and with ``pipeline`` (tile t's exp while tile t + 1's QK^T runs): four
 variants, each checked at S=1000 first, then timed; then the fused search
 (``mosaic.attention_with_block_mass``, bs 64) through the public API; cuDNN in
 the same run.
+
+``pingpong``: block mass at bs 64 (128-key tiles) and bs 128 without and with
+``schedule_barrier`` (the two compute warpgroups take turns on the tensor cores),
+each checked at S=1000 first, then timed; cuDNN in the same run.
 
 ``all`` writes one JSON, rewritten after every row; a row whose measurement
 raises records the error and the run goes on. ``--budget`` (seconds from the
@@ -348,7 +353,7 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False):
 
 
 def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
-                      pipeline=False):
+                      pipeline=False, schedule_barrier=False):
   """The padded block-mass kernel at a ring depth (K tile, pipelining) vs the reference,
   from a stale LSE."""
   key, q, k, v, lengths, n_blk, _, _ = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
@@ -366,7 +371,8 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
   with mosaic_interpret.device_context(interpret):
     chunks = block_mass_padded(pad(q), pad(k), lse2, lengths, block_size=bs, sm_scale=SM_SCALE,
                                num_kv_blocks=n_blk, stages=stages, key_tile=key_tile,
-                               pipeline=pipeline, interpret=mosaic_interpret.params(interpret))
+                               pipeline=pipeline, schedule_barrier=schedule_barrier,
+                               interpret=mosaic_interpret.params(interpret))
   b = q.shape[0]
   got = chunks.reshape(b, h, s_pad // bs, bs // 64, -1).sum(3)[:, :, :n_blk, :n_blk]
   r = {"mass_rel": rel(got, want), "nan": bool(np.isnan(np.asarray(got)).any())}
@@ -390,12 +396,12 @@ def sparse_row(inp, seq, bs, density, stages):
   return row
 
 
-def mass_row(inp, seq, stages, bs=64, key_tile=None, pipeline=False):
+def mass_row(inp, seq, stages, bs=64, key_tile=None, pipeline=False, schedule_barrier=False):
   _, (q, k, _) = inp.qkv(seq)
   lse2 = jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=SM_SCALE,
                          num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile,
-                         pipeline=pipeline)
+                         pipeline=pipeline, schedule_barrier=schedule_barrier)
   t = time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps)
   k_bytes = B * H * (seq // 128) * seq * D * 2  # every CTA streams every K block once
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq), "k_GBps": k_bytes / t / 1e9}
@@ -491,6 +497,26 @@ def run_keytile(run, inp, seqs, deadline):
     run.attempt(fused, deadline=deadline, section="keytile", op="fused", S=seq, bs=64)
 
 
+def run_pingpong(run, inp, seqs, deadline):
+  """Block mass without and with the warpgroup ping-pong at bs 64 (128-key tiles) and 128."""
+  cudnn_rows(run, inp, seqs, "pingpong", deadline)
+  variants = [(bs, kt, pp) for bs, kt in ((64, 128), (128, None)) for pp in (False, True)]
+  ok = {}
+  for bs, kt, pp in variants:
+    row = run.attempt(
+        lambda bs=bs, kt=kt, pp=pp: check_mass_stages(bs, None, seq=CHECK_SEQ, key_tile=kt,
+                                                      schedule_barrier=pp),
+        deadline=deadline, check=True, section="pingpong", op="mass", bs=bs, key_tile=kt,
+        schedule_barrier=pp)
+    ok[bs, pp] = bool(row and row["ok"])
+  for seq in seqs:
+    for bs, kt, pp in variants:
+      run.attempt(lambda bs=bs, kt=kt, pp=pp: mass_row(inp, seq, None, bs, kt,
+                                                       schedule_barrier=pp),
+                  deadline=deadline, section="pingpong", op="mass", S=seq, bs=bs, key_tile=kt,
+                  schedule_barrier=pp, checked_ok=ok[bs, pp])
+
+
 def run_floor(run, inp, seqs, deadline):
   """Load-only floor vs the real kernel and cuDNN, then the floor of a 3-stage ring."""
   cudnn_rows(run, inp, seqs, "floor", deadline)
@@ -530,10 +556,10 @@ def parse_args(argv):
 
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
-  modes = ("check", "time", "tune", "stages", "floor", "all", "keytile")
+  modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "pingpong")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
-  tuning = mode in ("stages", "floor", "all", "keytile")
+  tuning = mode in ("stages", "floor", "all", "keytile", "pingpong")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -582,6 +608,8 @@ def main():
       run_floor(run, inp, seqs, run.deadline())
     if mode == "keytile":
       run_keytile(run, inp, seqs, run.deadline())
+    if mode == "pingpong":
+      run_pingpong(run, inp, seqs, run.deadline())
   run.finish()
 
 

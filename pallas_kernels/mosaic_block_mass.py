@@ -30,6 +30,11 @@ of key blocks. Measured in the same run it did not pay: 0.689x / 0.670x with one
 block per tile, 0.679x / 0.669x with 128-key tiles, so it stays off: the two
 warpgroups' interleaving already hides what this overlap would.
 
+Why ``schedule_barrier=True`` exists: FA3 makes its two warpgroups take turns so one's
+wgmma runs while the other's softmax does. Here it cost 4-8% (0.683x / 0.643x of cuDNN
+at block 64, against 0.631x / 0.611x without; docs/bench/mosaic.md), so it stays off:
+the kernel is bound by streaming K, which every CTA of 128 rows reads in full.
+
 Each warpgroup writes the mass of its own 64 rows; the caller adds the 64-row
 chunks of a query block together (block_size = 128 has two).
 """
@@ -74,16 +79,17 @@ def smem_bytes(key_tile: int, head_dim: int, itemsize: int, stages: int) -> int:
              COMPUTE_WGS * ROWS_PER_WG * 4,  # LSE
              COMPUTE_WGS * GROUP * ROWS_PER_WG * 4,  # row-sum table
              COMPUTE_WGS * GROUP * 4)  # reduced sums on their way out
-  barriers = stages + 2 * COMPUTE_WGS + stages  # K ready, Q and LSE, K free
+  barriers = stages + 2 * COMPUTE_WGS + stages + 1  # K ready, Q and LSE, K free, ping-pong
   return smem_footprint(buffers, barriers, _REDUCTION_SCRATCH)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "num_kv_blocks",
                                               "heads_major", "stages", "key_tile",
-                                              "pipeline", "interpret"))
+                                              "pipeline", "schedule_barrier",
+                                              "interpret"))
 def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_blocks,
                       heads_major=True, stages=None, key_tile=None, pipeline=False,
-                      interpret=None):
+                      schedule_barrier=False, interpret=None):
   """Per-64-row-chunk block mass on padded operands.
 
   Args:
@@ -100,6 +106,9 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       see the module docstring; ``pallas_kernels.mosaic`` passes ``DEFAULT_KEY_TILE``).
     pipeline: False, or True to overlap each tile's exp with the next tile's
       QK^T wgmma (measured slower or equal; see the module docstring).
+    schedule_barrier: False, or True to make the two compute warpgroups take
+      turns (FA3 ping-pong): one runs its QK^T while the other exponentiates.
+      Not with ``pipeline``.
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
@@ -112,6 +121,9 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     raise ValueError(f"key_tile={key_tile!r}: expected None, {KEY_TILE} or block_size={bs}.")
   if not isinstance(pipeline, bool):
     raise ValueError(f"pipeline={pipeline!r}: expected True or False.")
+  if not isinstance(schedule_barrier, bool) or (schedule_barrier and pipeline):
+    raise ValueError(f"schedule_barrier={schedule_barrier!r} with pipeline={pipeline}: "
+                     "expected True or False, and not True with pipeline=True.")
   per_tile = kt // bs
   n_tiles = -(-num_kv_blocks // per_tile)   # the last may end past nK: junk columns
   itemsize = jnp.dtype(dtype).itemsize
@@ -125,12 +137,20 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
 
   def kernel(q_ref, k_ref, lse_ref, len_ref, mass_ref,
              q_smem2, k_smem, lse_smem2, rows_smem2, out_smem2,
-             k_ready, q_ready, k_free):
+             k_ready, q_ready, k_free, sched):
     tile = lax.axis_index("q_tile")
     hi = lax.axis_index("heads")
     bi = lax.axis_index("batch")
     wg = lax.axis_index("wg")
     length = len_ref[bi]
+
+    def ping_pong():
+      # A rendezvous of the two compute warpgroups; warpgroup 1 runs one extra
+      # at the start and warpgroup 0 one at the end, so between two of them one
+      # warpgroup's QK^T runs while the other exponentiates.
+      if schedule_barrier:
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
@@ -149,6 +169,7 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       plgpu.barrier_wait(q_ready.at[COMPUTE_WGS + wg])
       lse_row = load_row_vector(lse_smem, emulate)
       lse_b = lax.broadcast_in_dim(lse_row, (ROWS_PER_WG, kt), [0])
+      pl.when(wg == 1)(ping_pong)
 
       @pl.loop(0, n_groups)
       def _(g):
@@ -171,10 +192,8 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
           if per_tile == 1:
             rows_smem.at[row][...] = p.sum(axis=1)
           else:
-            cols = column_ids((ROWS_PER_WG, kt), emulate)
             for j in range(per_tile):
-              inside = (cols >= j * bs) & (cols < (j + 1) * bs)
-              rows_smem.at[row + j][...] = jnp.where(inside, p, 0.0).sum(axis=1)
+              rows_smem.at[row + j][...] = p[:, j * bs:(j + 1) * bs].sum(axis=1)
 
         def tile_scores(t, after_issue=None):
           slot = lax.rem(t, stages)
@@ -196,7 +215,10 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         else:
           @pl.loop(first_tile, last_tile)
           def _(t):
-            row_sums(t, tile_scores(t))
+            qk = tile_scores(t)
+            ping_pong()
+            row_sums(t, qk)
+            ping_pong()
 
         if emulate:
           table = rows_smem[...]
@@ -208,6 +230,7 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem, mass_ref.at[bi, hi, chunk, pl.ds(first, GROUP)])
 
+      pl.when(wg == 0)(ping_pong)
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -241,6 +264,7 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=2 * COMPUTE_WGS),  # Q and LSE of each warpgroup.
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # ping-pong (schedule_barrier)
         collective_axes="wg",
     )
 

@@ -1,5 +1,6 @@
-"""``pipeline=True`` of the Mosaic block-mass kernel: each tile's exp overlaps the next
-tile's QK^T, restarting at every ``GROUP`` of key blocks.
+"""The Mosaic block-mass kernel's scheduling variants: ``pipeline=True`` (each tile's exp
+overlaps the next tile's QK^T, restarting at every ``GROUP`` of key blocks) and
+``schedule_barrier=True`` (the two compute warpgroups take turns on the tensor cores).
 
 Results run under JAX's GPU interpreter (CPU) against the numpy reference, from a
 stale cached LSE, on ragged lengths with an odd number of key blocks. A few cases
@@ -24,8 +25,12 @@ from tests.pallas_kernels.kernel_suite import make_qkv
 TOL = 3e-2  # bf16 inputs
 
 
-def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile):
-  """block mass [B, H, nK, nK] of the pipelined kernel, from a natural-log LSE."""
+VARIANTS = [{"pipeline": True}, {"schedule_barrier": True}]
+VARIANT_IDS = ["pipeline", "ping_pong"]
+
+
+def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile, variant):
+  """block mass [B, H, nK, nK] of the kernel variant, from a natural-log LSE."""
   b, seq, h, d = q.shape
   s_pad = -(-seq // 128) * 128
   pad = lambda x, axis, value: np.pad(
@@ -39,7 +44,7 @@ def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile):
         jnp.asarray(pad(q, 1, 0)), jnp.asarray(pad(k, 1, 0)),
         jnp.asarray(pad(lse2, 2, np.inf).astype(np.float32)), jnp.array([length], jnp.int32),
         block_size=bs, sm_scale=1 / math.sqrt(d), num_kv_blocks=n_blk, stages=stages,
-        key_tile=key_tile, pipeline=True, interpret=mosaic_interpret.params(True))
+        key_tile=key_tile, interpret=mosaic_interpret.params(True), **variant)
   chunks = np.asarray(chunks)
   assert not np.isnan(chunks[:, :, :, :n_blk]).any()
   # The 64-row chunks of a query block add up to its mass.
@@ -56,8 +61,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"bs{c[3]}d{c[2]}kt{c[4]}g{c[6]}")
-def test_pipelined_mass_matches_reference(case, monkeypatch):
+def test_mass_variant_matches_reference(case, variant, monkeypatch):
   seq, length, d, bs, key_tile, stages, group = case
   q, k, _ = make_qkv(41 + d + bs, 1, seq, 1, d, jnp.bfloat16)
   _, lse = numpy_ref.attention(q, k, k, (length,))
@@ -67,18 +73,19 @@ def test_pipelined_mass_matches_reference(case, monkeypatch):
   # GROUP is read when the kernel is traced: no trace may outlive the patch.
   block_mass_padded.clear_cache()
   try:
-    mass = _interpreted_mass(q, k, lse, length, bs=bs, stages=stages, key_tile=key_tile)
+    mass = _interpreted_mass(q, k, lse, length, bs=bs, stages=stages, key_tile=key_tile,
+                             variant=variant)
   finally:
     block_mass_padded.clear_cache()
   want = numpy_ref.block_mass(q, k, lse, bs, (length,))
   np.testing.assert_allclose(mass, want, rtol=TOL, atol=TOL * 1e-2)
 
 
-def _mass_call(bs, d, stages, key_tile, s=512):
+def _mass_call(bs, d, stages, key_tile, s=512, variant=VARIANTS[0]):
   qk = jax.ShapeDtypeStruct((1, s, 2, d), jnp.bfloat16)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=0.125,
                          num_kv_blocks=s // bs - 1, stages=stages, key_tile=key_tile,
-                         pipeline=True)
+                         **variant)
   return fn, (qk, qk, jax.ShapeDtypeStruct((1, 2, s), jnp.float32),
               jax.ShapeDtypeStruct((1,), jnp.int32))
 
@@ -86,8 +93,9 @@ def _mass_call(bs, d, stages, key_tile, s=512):
 @pytest.mark.parametrize("bs", [64, 128])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("key_tile,stages", [(None, None), (None, 2), (128, None), (128, 3)])
-def test_pipelined_mass_lowers_for_cuda(bs, d, key_tile, stages):
-  fn, args = _mass_call(bs, d, stages, key_tile)
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_mass_variant_lowers_for_cuda(bs, d, key_tile, stages, variant):
+  fn, args = _mass_call(bs, d, stages, key_tile, variant=variant)
   jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
@@ -96,3 +104,12 @@ def test_bad_pipeline_raises(pipeline):
   fn, args = _mass_call(64, 128, None, None)
   with pytest.raises(ValueError, match=f"pipeline={pipeline!r}"):
     jax.eval_shape(functools.partial(fn, pipeline=pipeline), *args)
+
+
+@pytest.mark.parametrize("flag", [1, None])
+def test_bad_schedule_barrier_raises(flag):
+  fn, args = _mass_call(64, 128, None, None, variant={})
+  with pytest.raises(ValueError, match=f"schedule_barrier={flag!r}"):
+    jax.eval_shape(functools.partial(fn, schedule_barrier=flag), *args)
+  with pytest.raises(ValueError, match="not True with pipeline=True"):
+    jax.eval_shape(functools.partial(fn, schedule_barrier=True, pipeline=True), *args)
