@@ -126,3 +126,25 @@ def test_keytile_checks_then_times_every_variant(monkeypatch, tmp_path):
                  + [("mass", kt, p, False) for kt, p in variants]
                  + [("fused", None, None, False)])
   assert set(seen) == set(variants)
+
+
+def test_pingpong_checks_then_times_every_variant(monkeypatch, tmp_path):
+  seen = []
+
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, schedule_barrier=False, **_):
+    seen.append((block_size, key_tile, schedule_barrier))
+    return _zeros_mass(q, num_kv_blocks)
+  monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
+  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: 1.0)
+  monkeypatch.setattr(mv, "H", 2)
+  monkeypatch.setattr(mv, "CHECK_SEQ", 130)
+  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", "pingpong", "256"])
+  monkeypatch.setenv("OUT", str(tmp_path))
+  mv.main()
+  rows = json.loads((tmp_path / "mosaic_variants_pingpong.json").read_text())["rows"]
+  assert not [r for r in rows if "error" in r]
+  variants = [(bs, kt, pp) for bs, kt in ((64, 128), (128, None)) for pp in (False, True)]
+  got = [(r["bs"], r.get("key_tile"), r["schedule_barrier"], bool(r.get("check")))
+         for r in rows if r["op"] != "cudnn"]
+  assert got == ([v + (True,) for v in variants] + [v + (False,) for v in variants])
+  assert set(seen) == set(variants)
