@@ -13,6 +13,8 @@ so the numbers do not depend on the defaults of the day.
   python3 experiments/mosaic_variants.py all [S ...] [--budget=210]  # stages, then floor
   python3 experiments/mosaic_variants.py keytile [S ...]    # block-mass K tile, pipelining
   python3 experiments/mosaic_variants.py pingpong [S ...]   # block-mass warpgroup ping-pong
+  python3 experiments/mosaic_variants.py rows [S ...]       # block-mass query rows per CTA
+  python3 experiments/mosaic_variants.py anatomy [S ...]    # block-mass time without its parts
 
 (from the repository root with PYTHONPATH=.; S defaults to 32768 118784.)
 
@@ -41,6 +43,15 @@ the same run.
 ``schedule_barrier`` (the two compute warpgroups take turns on the tensor cores),
 each checked at S=1000 first, then timed; cuDNN in the same run.
 
+``rows``: block mass at bs 64 (128-key tiles) and bs 128 with 128 and 256 query
+rows per CTA (``row_tiles`` 1 and 2), each checked at S=1000 first, then timed;
+then the fused search through the public API with each; cuDNN in the same run.
+
+``anatomy``: block mass at bs 64 (128-key tiles) as it is, with its exponentials
+replaced by a multiply, with its QK^T wgmma replaced by a constant tile, and with
+both (stand-ins for timing only: the masses are wrong); then K rings of 2, 3
+and 4 stages and query tiles fastest in the grid. cuDNN in the same run.
+
 ``all`` writes one JSON, rewritten after every row; a row whose measurement
 raises records the error and the run goes on. ``--budget`` (seconds from the
 start) skips what would start too late: ``stages`` gets 55% of it; a watchdog
@@ -54,8 +65,10 @@ serves every density). Timing: one warm-up call, then the median of 3-5 calls
 each blocked on (host wall clock). JSON goes to $OUT (default /tmp).
 """
 
+import contextlib
 import functools
 import json
+import types
 import math
 import os
 import statistics
@@ -353,7 +366,7 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False):
 
 
 def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
-                      pipeline=False, schedule_barrier=False):
+                      pipeline=False, schedule_barrier=False, row_tiles=1):
   """The padded block-mass kernel at a ring depth (K tile, pipelining) vs the reference,
   from a stale LSE."""
   key, q, k, v, lengths, n_blk, _, _ = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
@@ -365,14 +378,14 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
   # As mosaic._mass: log2 units, +inf on rows that must add nothing.
   rows_ok = jnp.arange(seq)[None, None, :] < lengths[:, None, None]
   lse2 = jnp.where(rows_ok, cached / math.log(2), jnp.inf)
-  s_pad = -(-seq // 128) * 128
+  s_pad = -(-seq // (128 * row_tiles)) * 128 * row_tiles
   lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, s_pad - seq)), constant_values=jnp.inf)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, s_pad - seq), (0, 0), (0, 0)))
   with mosaic_interpret.device_context(interpret):
     chunks = block_mass_padded(pad(q), pad(k), lse2, lengths, block_size=bs, sm_scale=SM_SCALE,
                                num_kv_blocks=n_blk, stages=stages, key_tile=key_tile,
                                pipeline=pipeline, schedule_barrier=schedule_barrier,
-                               interpret=mosaic_interpret.params(interpret))
+                               row_tiles=row_tiles, interpret=mosaic_interpret.params(interpret))
   b = q.shape[0]
   got = chunks.reshape(b, h, s_pad // bs, bs // 64, -1).sum(3)[:, :, :n_blk, :n_blk]
   r = {"mass_rel": rel(got, want), "nan": bool(np.isnan(np.asarray(got)).any())}
@@ -396,12 +409,14 @@ def sparse_row(inp, seq, bs, density, stages):
   return row
 
 
-def mass_row(inp, seq, stages, bs=64, key_tile=None, pipeline=False, schedule_barrier=False):
+def mass_row(inp, seq, stages, bs=64, key_tile=None, pipeline=False, schedule_barrier=False,
+             row_tiles=1, heads_major=True):
   _, (q, k, _) = inp.qkv(seq)
   lse2 = jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=SM_SCALE,
                          num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile,
-                         pipeline=pipeline, schedule_barrier=schedule_barrier)
+                         pipeline=pipeline, schedule_barrier=schedule_barrier,
+                         row_tiles=row_tiles, heads_major=heads_major)
   t = time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps)
   k_bytes = B * H * (seq // 128) * seq * D * 2  # every CTA streams every K block once
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq), "k_GBps": k_bytes / t / 1e9}
@@ -517,6 +532,83 @@ def run_pingpong(run, inp, seqs, deadline):
                   schedule_barrier=pp, checked_ok=ok[bs, pp])
 
 
+def run_rows(run, inp, seqs, deadline):
+  """Block mass with 128 and 256 query rows per CTA at bs 64 (128-key tiles) and 128, then
+  the fused search through the public API with each (``DEFAULT_ROW_TILES`` set for it)."""
+  cudnn_rows(run, inp, seqs, "rows", deadline)
+  variants = [(bs, kt, r) for bs, kt in ((64, 128), (128, None)) for r in (1, 2)]
+  ok = {}
+  for bs, kt, r in variants:
+    row = run.attempt(
+        lambda bs=bs, kt=kt, r=r: check_mass_stages(bs, None, seq=CHECK_SEQ, key_tile=kt,
+                                                    row_tiles=r),
+        deadline=deadline, check=True, section="rows", op="mass", bs=bs, key_tile=kt,
+        row_tiles=r)
+    ok[bs, r] = bool(row and row["ok"])
+  for seq in seqs:
+    for bs, kt, r in variants:
+      run.attempt(lambda bs=bs, kt=kt, r=r: mass_row(inp, seq, None, bs, kt, row_tiles=r),
+                  deadline=deadline, section="rows", op="mass", S=seq, bs=bs, key_tile=kt,
+                  row_tiles=r, checked_ok=ok[bs, r])
+    for r in (1, 2):
+      def fused(r=r):
+        default = mosaic_block_mass.DEFAULT_ROW_TILES
+        mosaic_block_mass.DEFAULT_ROW_TILES = r
+        try:
+          _, (q, k, v) = inp.qkv(seq)
+          fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
+          t = time_fn(fn, q, k, v, reps=inp.reps)
+        finally:
+          mosaic_block_mass.DEFAULT_ROW_TILES = default
+        return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
+      run.attempt(fused, deadline=deadline, section="rows", op="fused", S=seq, bs=64,
+                  row_tiles=r)
+
+
+@contextlib.contextmanager
+def mass_without(exp=False, qk=False):
+  """The block-mass kernel with its exp2 (a multiply instead) and/or its QK^T wgmma (a
+  constant tile instead) taken out: wrong masses, for timing what is left."""
+  mbm = mosaic_block_mass
+  real_jnp, real_qk = mbm.jnp, mbm.qk_matmul
+  if exp:
+    mbm.jnp = types.SimpleNamespace(**{n: getattr(real_jnp, n) for n in dir(real_jnp)
+                                       if not n.startswith("__")})
+    mbm.jnp.exp2 = lambda x: x * 1.0001
+
+  def constant_tile(q_smem, k_smem, *, after_issue=None, emulate=False):
+    del emulate
+    if after_issue is not None:
+      after_issue()
+    tile = jnp.full((q_smem.shape[0], k_smem.shape[0]), 0.5, jnp.float32)
+    return mbm.plgpu.layout_cast(tile, mbm.plgpu.Layout.WGMMA)
+  if qk:
+    mbm.qk_matmul = constant_tile
+  mbm.block_mass_padded.clear_cache()
+  try:
+    yield
+  finally:
+    mbm.jnp, mbm.qk_matmul = real_jnp, real_qk
+    mbm.block_mass_padded.clear_cache()
+
+
+def run_anatomy(run, inp, seqs, deadline):
+  """Block mass at bs 64 without its parts, then ring depths and launch order."""
+  cudnn_rows(run, inp, seqs, "anatomy", deadline)
+  for seq in seqs:
+    for exp, qk in ((False, False), (True, False), (False, True), (True, True)):
+      def parts(exp=exp, qk=qk):
+        with mass_without(exp=exp, qk=qk):
+          return mass_row(inp, seq, None, 64, 128)
+      run.attempt(parts, deadline=deadline, section="anatomy", op="mass", S=seq, bs=64,
+                  key_tile=128, without_exp=exp, without_qk=qk)
+    for stages, hm in ((2, True), (3, True), (4, True), (3, False)):
+      run.attempt(lambda stages=stages, hm=hm: mass_row(inp, seq, stages, 64, 128,
+                                                        heads_major=hm),
+                  deadline=deadline, section="anatomy", op="mass", S=seq, bs=64, key_tile=128,
+                  stages=stages, heads_major=hm)
+
+
 def run_floor(run, inp, seqs, deadline):
   """Load-only floor vs the real kernel and cuDNN, then the floor of a 3-stage ring."""
   cudnn_rows(run, inp, seqs, "floor", deadline)
@@ -556,10 +648,11 @@ def parse_args(argv):
 
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
-  modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "pingpong")
+  modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "pingpong", "rows",
+           "anatomy")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
-  tuning = mode in ("stages", "floor", "all", "keytile", "pingpong")
+  tuning = mode in ("stages", "floor", "all", "keytile", "pingpong", "rows", "anatomy")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -610,6 +703,10 @@ def main():
       run_keytile(run, inp, seqs, run.deadline())
     if mode == "pingpong":
       run_pingpong(run, inp, seqs, run.deadline())
+    if mode == "rows":
+      run_rows(run, inp, seqs, run.deadline())
+    if mode == "anatomy":
+      run_anatomy(run, inp, seqs, run.deadline())
   run.finish()
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import mosaic_interpret, validation
+from pallas_kernels import mosaic_block_mass
 from pallas_kernels.mosaic_block_mass import DEFAULT_KEY_TILE, block_mass_padded
 from pallas_kernels.mosaic_block_sparse import (
     CTA_ROWS, ROWS_PER_WG, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS,
@@ -102,14 +103,19 @@ def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, interpr
 
 def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
   """Block mass from padded q/k and an unpadded [B, H, S] LSE."""
-  b, s_pad, h, _ = qp.shape
+  b, _, h, _ = qp.shape
   n_blk = validation.num_blocks(seq, block_size)
+  # Read at trace time, so a benchmark can set it (module docstring of mosaic_block_mass).
+  row_tiles = mosaic_block_mass.DEFAULT_ROW_TILES
+  s_pad = -(-qp.shape[1] // (CTA_ROWS * row_tiles)) * CTA_ROWS * row_tiles
+  qp = _pad_seq(qp, s_pad, 1)
   rows_ok = jnp.arange(seq)[None, None, :] < lengths[:, None, None]
   lse2 = jnp.where(rows_ok, lse * _LOG2E, jnp.inf)  # +inf rows add exp2(-inf) = 0.
   lse2 = _pad_seq(lse2, s_pad, 2, jnp.inf)
   with mosaic_interpret.device_context(interpret):
     chunks = block_mass_padded(qp, kp, lse2, lengths, block_size=block_size, sm_scale=scale,
                                num_kv_blocks=n_blk, key_tile=DEFAULT_KEY_TILE,
+                               row_tiles=row_tiles,
                                interpret=mosaic_interpret.params(interpret))
   per_block = block_size // ROWS_PER_WG
   mass = chunks.reshape(b, h, s_pad // block_size, per_block, chunks.shape[-1]).sum(3)

@@ -33,7 +33,12 @@ warpgroups' interleaving already hides what this overlap would.
 Why ``schedule_barrier=True`` exists: FA3 makes its two warpgroups take turns so one's
 wgmma runs while the other's softmax does. Here it cost 4-8% (0.683x / 0.643x of cuDNN
 at block 64, against 0.631x / 0.611x without; docs/bench/mosaic.md), so it stays off:
-the kernel is bound by streaming K, which every CTA of 128 rows reads in full.
+the exponentials are not what it waits on (see ``row_tiles`` below).
+
+Why ``row_tiles=2`` exists: with 256 query rows per CTA each K tile is streamed half as
+often. It was 4-12% slower (docs/bench/mosaic.md), so ``DEFAULT_ROW_TILES`` is 1: the
+kernel's time is its QK^T plus the per-block row sums, their shared-memory stores and
+barriers, which do not overlap it; the exponentials are hidden.
 
 Each warpgroup writes the mass of its own 64 rows; the caller adds the 64-row
 chunks of a query block together (block_size = 128 has two).
@@ -57,6 +62,7 @@ from pallas_kernels.mosaic_block_sparse import (
 GROUP = 64  # key blocks per cross-row reduction; the output is padded to a multiple.
 KEY_TILE = 128  # the largest K tile (keys per stage and per QK^T wgmma).
 DEFAULT_KEY_TILE = KEY_TILE  # what pallas_kernels.mosaic asks for (module docstring).
+DEFAULT_ROW_TILES = 1  # what pallas_kernels.mosaic asks for (module docstring).
 _SMEM_FOR_K = 96 * 1024
 # This kernel keeps Mosaic's default reduction scratch, so its footprint counts it.
 _REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
@@ -67,33 +73,39 @@ def padded_num_kv_blocks(num_kv_blocks: int) -> int:
   return -(-num_kv_blocks // GROUP) * GROUP
 
 
-def num_stages(key_tile: int, head_dim: int, itemsize: int = 2) -> int:
-  """Depth of the K ring (tiles of ``key_tile`` keys) that fits the default budget."""
-  return int(max(2, min(4, _SMEM_FOR_K // (key_tile * head_dim * itemsize))))
+def num_stages(key_tile: int, head_dim: int, itemsize: int = 2, row_tiles: int = 1) -> int:
+  """Depth of the K ring (tiles of ``key_tile`` keys) that fits the default budget; a
+  second row tile's Q and table take 32 KB of it."""
+  budget = _SMEM_FOR_K - (row_tiles - 1) * 32 * 1024
+  return int(max(2, min(4, budget // (key_tile * head_dim * itemsize))))
 
 
-def smem_bytes(key_tile: int, head_dim: int, itemsize: int, stages: int) -> int:
+def smem_bytes(key_tile: int, head_dim: int, itemsize: int, stages: int,
+               row_tiles: int = 1) -> int:
   """Shared memory of ``block_mass_padded`` with ``stages`` K stages, in bytes."""
-  buffers = (COMPUTE_WGS * ROWS_PER_WG * head_dim * itemsize,  # Q
+  chunks = COMPUTE_WGS * row_tiles  # 64-row chunks of Q per CTA
+  buffers = (chunks * ROWS_PER_WG * head_dim * itemsize,  # Q
              stages * key_tile * head_dim * itemsize,  # K ring
-             COMPUTE_WGS * ROWS_PER_WG * 4,  # LSE
-             COMPUTE_WGS * GROUP * ROWS_PER_WG * 4,  # row-sum table
-             COMPUTE_WGS * GROUP * 4)  # reduced sums on their way out
-  barriers = stages + 2 * COMPUTE_WGS + stages + 1  # K ready, Q and LSE, K free, ping-pong
+             chunks * ROWS_PER_WG * 4,  # LSE
+             chunks * GROUP * ROWS_PER_WG * 4,  # row-sum tables
+             chunks * GROUP * 4)  # reduced sums on their way out
+  # K ready, Q and LSE per chunk, K free, ping-pong
+  barriers = stages + 2 * chunks + stages + 1
   return smem_footprint(buffers, barriers, _REDUCTION_SCRATCH)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "num_kv_blocks",
                                               "heads_major", "stages", "key_tile",
                                               "pipeline", "schedule_barrier",
-                                              "interpret"))
+                                              "row_tiles", "interpret"))
 def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_blocks,
                       heads_major=True, stages=None, key_tile=None, pipeline=False,
-                      schedule_barrier=False, interpret=None):
+                      schedule_barrier=False, row_tiles=1, interpret=None):
   """Per-64-row-chunk block mass on padded operands.
 
   Args:
-    q, k: [B, S_pad, H, D] bf16/f16, S_pad a multiple of 128.
+    q, k: [B, S_pad, H, D] bf16/f16, S_pad a multiple of 128 (of 256 for q with
+      ``row_tiles=2``; k only needs the keys the tiles read).
     lse2: float32 [B, H, S_pad], the row LSE in log2 units; +inf on rows that
       must add nothing (padding, rows past ``lengths``).
     lengths: int32 [B], valid keys per batch element.
@@ -109,6 +121,11 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     schedule_barrier: False, or True to make the two compute warpgroups take
       turns (FA3 ping-pong): one runs its QK^T while the other exponentiates.
       Not with ``pipeline``.
+    row_tiles: 64-row chunks of Q per compute warpgroup, 1 or 2. With 2 a CTA
+      covers 256 query rows and each warpgroup runs both its chunks against
+      every K tile it holds (the second chunk's QK^T in flight while the first
+      exponentiates), so K is streamed half as often. Not with ``pipeline`` or
+      ``schedule_barrier``.
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
@@ -124,11 +141,20 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
   if not isinstance(schedule_barrier, bool) or (schedule_barrier and pipeline):
     raise ValueError(f"schedule_barrier={schedule_barrier!r} with pipeline={pipeline}: "
                      "expected True or False, and not True with pipeline=True.")
+  if row_tiles not in (1, 2) or isinstance(row_tiles, bool):
+    raise ValueError(f"row_tiles={row_tiles!r}: expected 1 or 2.")
+  if row_tiles == 2 and (pipeline or schedule_barrier):
+    raise ValueError(f"row_tiles=2 with pipeline={pipeline}, schedule_barrier="
+                     f"{schedule_barrier}: expected neither.")
+  cta_rows = CTA_ROWS * row_tiles
+  if s_pad % cta_rows:
+    raise ValueError(f"q has {s_pad} rows: expected a multiple of {cta_rows} with "
+                     f"row_tiles={row_tiles}.")
   per_tile = kt // bs
   n_tiles = -(-num_kv_blocks // per_tile)   # the last may end past nK: junk columns
   itemsize = jnp.dtype(dtype).itemsize
-  stages = check_stages(stages, num_stages(kt, d, itemsize),
-                        lambda n: smem_bytes(kt, d, itemsize, n),
+  stages = check_stages(stages, num_stages(kt, d, itemsize, row_tiles),
+                        lambda n: smem_bytes(kt, d, itemsize, n, row_tiles),
                         f"block mass at block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
   qk_scale = sm_scale * _LOG2E
   n_groups = padded_num_kv_blocks(num_kv_blocks) // GROUP
@@ -155,20 +181,24 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      q_smem = q_smem2.at[wg]
-      lse_smem = lse_smem2.at[wg]
-      rows_smem = rows_smem2.at[wg]
-      out_smem = out_smem2.at[wg]
-      row0 = tile * CTA_ROWS + wg * ROWS_PER_WG
-      chunk = row0 // ROWS_PER_WG
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi], q_smem,
-                              q_ready.at[wg])
-      plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, pl.ds(row0, ROWS_PER_WG)], lse_smem,
-                              q_ready.at[COMPUTE_WGS + wg])
-      plgpu.barrier_wait(q_ready.at[wg])
-      plgpu.barrier_wait(q_ready.at[COMPUTE_WGS + wg])
-      lse_row = load_row_vector(lse_smem, emulate)
-      lse_b = lax.broadcast_in_dim(lse_row, (ROWS_PER_WG, kt), [0])
+      # Chunk c of this warpgroup: rows (c * COMPUTE_WGS + wg) * 64 of the CTA's.
+      chunks = [(tile * cta_rows + (c * COMPUTE_WGS + wg) * ROWS_PER_WG) // ROWS_PER_WG
+                for c in range(row_tiles)]
+      for c, chunk in enumerate(chunks):
+        row0 = chunk * ROWS_PER_WG
+        bar = 2 * COMPUTE_WGS * c + wg
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi],
+                                q_smem2.at[wg, c], q_ready.at[bar])
+        plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, pl.ds(row0, ROWS_PER_WG)],
+                                lse_smem2.at[wg, c], q_ready.at[bar + COMPUTE_WGS])
+      for c in range(row_tiles):
+        plgpu.barrier_wait(q_ready.at[2 * COMPUTE_WGS * c + wg])
+        plgpu.barrier_wait(q_ready.at[2 * COMPUTE_WGS * c + COMPUTE_WGS + wg])
+      lse_rows = [load_row_vector(lse_smem2.at[wg, c], emulate) for c in range(row_tiles)]
+      # One chunk keeps its LSE broadcast across the loop; two would not fit in registers
+      # next to two tiles of scores, so they broadcast per tile.
+      lse_b = (lax.broadcast_in_dim(lse_rows[0], (ROWS_PER_WG, kt), [0])
+               if row_tiles == 1 else None)
       pl.when(wg == 1)(ping_pong)
 
       @pl.loop(0, n_groups)
@@ -177,10 +207,13 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         first_tile = first if per_tile == 1 else first // per_tile
         last_tile = jnp.minimum(first_tile + GROUP // per_tile, n_tiles)
 
-        def row_sums(t, qk):
-          """Tile t's exponentials, masked past the keys, summed per key block into the
-          group's table."""
-          p = jnp.exp2(qk * qk_scale - lse_b)
+        def row_sums(t, qk, c=0):
+          """Tile t's exponentials for chunk c, masked past the keys, summed per key block
+          into the chunk's table for the group."""
+          rows_smem = rows_smem2.at[wg, c]
+          lse = (lse_b if lse_b is not None
+                 else lax.broadcast_in_dim(lse_rows[c], (ROWS_PER_WG, kt), [0]))
+          p = jnp.exp2(qk * qk_scale - lse)
           n_valid = length - t * kt
 
           def mask_tail(x):
@@ -199,12 +232,22 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
           slot = lax.rem(t, stages)
           plgpu.barrier_wait(k_ready.at[slot])
 
-          qk = qk_matmul(q_smem, k_smem.at[slot], after_issue=after_issue, emulate=emulate)
+          qk = qk_matmul(q_smem2.at[wg, 0], k_smem.at[slot], after_issue=after_issue,
+                         emulate=emulate)
+          if row_tiles == 2:
+            # Chunk 1's QK^T runs while chunk 0 exponentiates; chunk 1's scores return.
+            qk0 = qk
+            qk = qk_matmul(q_smem2.at[wg, 1], k_smem.at[slot],
+                           after_issue=lambda: row_sums(t, qk0, 0), emulate=emulate)
           # The slot may be refilled only once its scores are out of the accumulator.
           plgpu.barrier_arrive(k_free.at[slot])
           return qk
 
-        if pipeline:
+        if row_tiles == 2:
+          @pl.loop(first_tile, last_tile)
+          def _(t):
+            row_sums(t, tile_scores(t), 1)
+        elif pipeline:
           # Tile t's exponentials run while tile t + 1's QK^T is in flight; the scores
           # of the tile in hand are the loop's carry.
           def step(t, qk_prev):
@@ -220,15 +263,19 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
             row_sums(t, qk)
             ping_pong()
 
-        if emulate:
-          table = rows_smem[...]
-        else:
-          table = plgpu.load(rows_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
-        # The previous group's TMA store must have read out_smem before it is reused.
+        # The previous group's TMA stores must have read out_smem before it is reused.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        out_smem[...] = table.sum(axis=1)
+        for c, chunk in enumerate(chunks):
+          rows_smem, out_smem = rows_smem2.at[wg, c], out_smem2.at[wg, c]
+          if emulate:
+            table = rows_smem[...]
+          else:
+            table = plgpu.load(rows_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
+          out_smem[...] = table.sum(axis=1)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, mass_ref.at[bi, hi, chunk, pl.ds(first, GROUP)])
+        for c, chunk in enumerate(chunks):
+          plgpu.copy_smem_to_gmem(out_smem2.at[wg, c],
+                                  mass_ref.at[bi, hi, chunk, pl.ds(first, GROUP)])
 
       pl.when(wg == 0)(ping_pong)
       plgpu.wait_smem_to_gmem(0)
@@ -256,13 +303,13 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
   def entry(*refs):
     pl.run_scoped(
         lambda *scratch: kernel(*refs, *scratch),
-        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), dtype, transforms=transforms),
+        plgpu.SMEM((COMPUTE_WGS, row_tiles, ROWS_PER_WG, d), dtype, transforms=transforms),
         plgpu.SMEM((stages, kt, d), dtype, transforms=transforms),
-        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
-        plgpu.SMEM((COMPUTE_WGS, GROUP, ROWS_PER_WG), jnp.float32),
-        plgpu.SMEM((COMPUTE_WGS, GROUP), jnp.float32),
+        plgpu.SMEM((COMPUTE_WGS, row_tiles, ROWS_PER_WG), jnp.float32),
+        plgpu.SMEM((COMPUTE_WGS, row_tiles, GROUP, ROWS_PER_WG), jnp.float32),
+        plgpu.SMEM((COMPUTE_WGS, row_tiles, GROUP), jnp.float32),
         plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=2 * COMPUTE_WGS),  # Q and LSE of each warpgroup.
+        plgpu.Barrier(num_barriers=2 * COMPUTE_WGS * row_tiles),  # Q and LSE of each chunk.
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # ping-pong (schedule_barrier)
         collective_axes="wg",
@@ -272,7 +319,7 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       entry,
       out_type=jax.ShapeDtypeStruct((b, h, s_pad // ROWS_PER_WG, n_groups * GROUP),
                                     jnp.float32),
-      grid=(h, s_pad // CTA_ROWS, b) if heads_major else (s_pad // CTA_ROWS, h, b),
+      grid=(h, s_pad // cta_rows, b) if heads_major else (s_pad // cta_rows, h, b),
       grid_names=("heads", "q_tile", "batch") if heads_major else ("q_tile", "heads", "batch"),
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",

@@ -148,3 +148,60 @@ def test_pingpong_checks_then_times_every_variant(monkeypatch, tmp_path):
          for r in rows if r["op"] != "cudnn"]
   assert got == ([v + (True,) for v in variants] + [v + (False,) for v in variants])
   assert set(seen) == set(variants)
+
+
+def test_rows_checks_then_times_every_variant_and_the_fused_search(monkeypatch, tmp_path):
+  seen, fused_rows = [], []
+
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, row_tiles=1, **_):
+    seen.append((block_size, key_tile, row_tiles))
+    return _zeros_mass(q, num_kv_blocks)
+
+  def fused(q, k, v, block_size):
+    fused_rows.append(mv.mosaic_block_mass.DEFAULT_ROW_TILES)
+    return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
+  monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
+  monkeypatch.setattr(mv.mosaic, "attention_with_block_mass", fused)
+  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: 1.0)
+  monkeypatch.setattr(mv, "H", 2)
+  monkeypatch.setattr(mv, "CHECK_SEQ", 130)
+  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", "rows", "256"])
+  monkeypatch.setenv("OUT", str(tmp_path))
+  mv.main()
+  rows = json.loads((tmp_path / "mosaic_variants_rows.json").read_text())["rows"]
+  assert not [r for r in rows if "error" in r]
+  variants = [(bs, kt, r) for bs, kt in ((64, 128), (128, None)) for r in (1, 2)]
+  got = [(r["bs"], r.get("key_tile"), r["row_tiles"], bool(r.get("check"))) for r in rows
+         if r["op"] == "mass"]
+  assert got == ([v + (True,) for v in variants] + [v + (False,) for v in variants])
+  assert [r["row_tiles"] for r in rows if r["op"] == "fused"] == [1, 2]
+  assert set(seen) == set(variants)
+  # Each fused call traced with its own setting, and the default is restored after.
+  assert set(fused_rows) == {1, 2} and mv.mosaic_block_mass.DEFAULT_ROW_TILES == 1
+
+
+def test_anatomy_times_the_kernel_without_its_parts(monkeypatch, tmp_path):
+  mbm = mv.mosaic_block_mass
+  real_jnp, real_qk = mbm.jnp, mbm.qk_matmul
+  seen = []
+
+  def zeros_mass(q, num_kv_blocks, stages, heads_major, **_):
+    # What the kernel module would trace with right now.
+    seen.append((mbm.jnp.exp2 is real_jnp.exp2, mbm.qk_matmul is real_qk, stages, heads_major))
+    return _zeros_mass(q, num_kv_blocks)
+  monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
+  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: 1.0)
+  monkeypatch.setattr(mv, "H", 2)
+  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", "anatomy", "256"])
+  monkeypatch.setenv("OUT", str(tmp_path))
+  mv.main()
+  rows = json.loads((tmp_path / "mosaic_variants_anatomy.json").read_text())["rows"]
+  assert not [r for r in rows if "error" in r]
+  parts = [(r["without_exp"], r["without_qk"]) for r in rows if "without_exp" in r]
+  assert parts == [(False, False), (True, False), (False, True), (True, True)]
+  # Each call saw its parts replaced or not: (exp real?, QK^T real?, stages, heads_major).
+  calls = set(seen)
+  assert (True, True, None, True) in calls and (False, True, None, True) in calls
+  assert (True, False, None, True) in calls and (False, False, None, True) in calls
+  assert {(s, hm) for e, q, s, hm in calls if s} == {(2, True), (3, True), (4, True), (3, False)}
+  assert mbm.jnp is real_jnp and mbm.qk_matmul is real_qk

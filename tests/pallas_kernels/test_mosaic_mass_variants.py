@@ -1,6 +1,7 @@
 """The Mosaic block-mass kernel's scheduling variants: ``pipeline=True`` (each tile's exp
-overlaps the next tile's QK^T, restarting at every ``GROUP`` of key blocks) and
-``schedule_barrier=True`` (the two compute warpgroups take turns on the tensor cores).
+overlaps the next tile's QK^T, restarting at every ``GROUP`` of key blocks),
+``schedule_barrier=True`` (the two compute warpgroups take turns on the tensor cores)
+and ``row_tiles=2`` (256 query rows per CTA, two 64-row chunks per warpgroup).
 
 Results run under JAX's GPU interpreter (CPU) against the numpy reference, from a
 stale cached LSE, on ragged lengths with an odd number of key blocks. A few cases
@@ -25,14 +26,15 @@ from tests.pallas_kernels.kernel_suite import make_qkv
 TOL = 3e-2  # bf16 inputs
 
 
-VARIANTS = [{"pipeline": True}, {"schedule_barrier": True}]
-VARIANT_IDS = ["pipeline", "ping_pong"]
+VARIANTS = [{"pipeline": True}, {"schedule_barrier": True}, {"row_tiles": 2}]
+VARIANT_IDS = ["pipeline", "ping_pong", "rows256"]
 
 
 def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile, variant):
   """block mass [B, H, nK, nK] of the kernel variant, from a natural-log LSE."""
   b, seq, h, d = q.shape
-  s_pad = -(-seq // 128) * 128
+  cta = 128 * variant.get("row_tiles", 1)
+  s_pad = -(-seq // cta) * cta
   pad = lambda x, axis, value: np.pad(
       np.asarray(x), [(0, s_pad - seq) if a == axis else (0, 0) for a in range(x.ndim)],
       constant_values=value)
@@ -95,6 +97,8 @@ def _mass_call(bs, d, stages, key_tile, s=512, variant=VARIANTS[0]):
 @pytest.mark.parametrize("key_tile,stages", [(None, None), (None, 2), (128, None), (128, 3)])
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 def test_mass_variant_lowers_for_cuda(bs, d, key_tile, stages, variant):
+  if variant.get("row_tiles") == 2 and stages == 3 and d == 128:
+    stages = 2  # the second row tile's Q and table leave room for two 128-key stages
   fn, args = _mass_call(bs, d, stages, key_tile, variant=variant)
   jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
@@ -113,3 +117,30 @@ def test_bad_schedule_barrier_raises(flag):
     jax.eval_shape(functools.partial(fn, schedule_barrier=flag), *args)
   with pytest.raises(ValueError, match="not True with pipeline=True"):
     jax.eval_shape(functools.partial(fn, schedule_barrier=True, pipeline=True), *args)
+
+
+def test_bad_row_tiles_raise():
+  fn, args = _mass_call(64, 128, None, None, variant={})
+  for bad, match in (({"row_tiles": 3}, "row_tiles=3"), ({"row_tiles": True}, "row_tiles=True"),
+                     ({"row_tiles": 2, "pipeline": True}, "expected neither")):
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(functools.partial(fn, **bad), *args)
+  fn, args = _mass_call(64, 128, None, None, s=384, variant={"row_tiles": 2})
+  with pytest.raises(ValueError, match="384 rows: expected a multiple of 256"):
+    jax.eval_shape(fn, *args)
+
+
+def test_public_block_mass_with_256_row_ctas(monkeypatch):
+  """``pallas_kernels.mosaic`` pads Q and the LSE to 256 rows when the default asks for two
+  row tiles; the masses do not change."""
+  import pallas_kernels as pk
+  monkeypatch.setattr(mosaic_block_mass, "DEFAULT_ROW_TILES", 2)
+  q, k, _ = make_qkv(7, 2, 200, 2, 64, jnp.bfloat16)
+  lengths = (200, 131)
+  _, lse = numpy_ref.attention(q, k, k, lengths)
+  lse = lse + np.random.default_rng(3).normal(0, 0.3, lse.shape)
+  got = pk.block_mass(q, k, jnp.asarray(lse, jnp.float32), block_size=64,
+                      kv_lengths=jnp.array(lengths, jnp.int32), implementation="mosaic",
+                      interpret=True)
+  want = numpy_ref.block_mass(q, k, lse, 64, lengths)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=TOL, atol=TOL * 1e-2)
