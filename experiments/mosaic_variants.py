@@ -15,6 +15,7 @@ so the numbers do not depend on the defaults of the day.
   python3 experiments/mosaic_variants.py pingpong [S ...]   # block-mass warpgroup ping-pong
   python3 experiments/mosaic_variants.py rows [S ...]       # block-mass query rows per CTA
   python3 experiments/mosaic_variants.py anatomy [S ...]    # block-mass time without its parts
+  python3 experiments/mosaic_variants.py barriers [S ...]   # block mass, hand-placed barriers
 
 (from the repository root with PYTHONPATH=.; S defaults to 32768 118784.)
 
@@ -51,6 +52,11 @@ then the fused search through the public API with each; cuDNN in the same run.
 replaced by a multiply, with its QK^T wgmma replaced by a constant tile, and with
 both (stand-ins for timing only: the masses are wrong); then K rings of 2, 3
 and 4 stages and query tiles fastest in the grid. cuDNN in the same run.
+
+``barriers``: block mass at bs 64 (128-key tiles) and bs 128 with Pallas' automatic
+barriers and with ``explicit_barriers``, each checked at S=1000 and at S=9000 (several
+groups of key blocks, so a missing barrier between groups would show), then timed; then
+the fused search through the public API with each. cuDNN in the same run.
 
 ``all`` writes one JSON, rewritten after every row; a row whose measurement
 raises records the error and the run goes on. ``--budget`` (seconds from the
@@ -366,7 +372,8 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False):
 
 
 def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
-                      pipeline=False, schedule_barrier=False, row_tiles=1):
+                      pipeline=False, schedule_barrier=False, row_tiles=1,
+                      explicit_barriers=False):
   """The padded block-mass kernel at a ring depth (K tile, pipelining) vs the reference,
   from a stale LSE."""
   key, q, k, v, lengths, n_blk, _, _ = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
@@ -385,7 +392,8 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
     chunks = block_mass_padded(pad(q), pad(k), lse2, lengths, block_size=bs, sm_scale=SM_SCALE,
                                num_kv_blocks=n_blk, stages=stages, key_tile=key_tile,
                                pipeline=pipeline, schedule_barrier=schedule_barrier,
-                               row_tiles=row_tiles, interpret=mosaic_interpret.params(interpret))
+                               row_tiles=row_tiles, explicit_barriers=explicit_barriers,
+                               interpret=mosaic_interpret.params(interpret))
   b = q.shape[0]
   got = chunks.reshape(b, h, s_pad // bs, bs // 64, -1).sum(3)[:, :, :n_blk, :n_blk]
   r = {"mass_rel": rel(got, want), "nan": bool(np.isnan(np.asarray(got)).any())}
@@ -410,13 +418,14 @@ def sparse_row(inp, seq, bs, density, stages):
 
 
 def mass_row(inp, seq, stages, bs=64, key_tile=None, pipeline=False, schedule_barrier=False,
-             row_tiles=1, heads_major=True):
+             row_tiles=1, heads_major=True, explicit_barriers=False):
   _, (q, k, _) = inp.qkv(seq)
   lse2 = jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=SM_SCALE,
                          num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile,
                          pipeline=pipeline, schedule_barrier=schedule_barrier,
-                         row_tiles=row_tiles, heads_major=heads_major)
+                         row_tiles=row_tiles, heads_major=heads_major,
+                         explicit_barriers=explicit_barriers)
   t = time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps)
   k_bytes = B * H * (seq // 128) * seq * D * 2  # every CTA streams every K block once
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq), "k_GBps": k_bytes / t / 1e9}
@@ -609,6 +618,43 @@ def run_anatomy(run, inp, seqs, deadline):
                   stages=stages, heads_major=hm)
 
 
+def run_barriers(run, inp, seqs, deadline):
+  """Block mass with automatic and with hand-placed barriers, checked on one and on several
+  groups, timed; then the fused search through the public API with each."""
+  cudnn_rows(run, inp, seqs, "barriers", deadline)
+  variants = [(bs, kt, e) for bs, kt in ((64, 128), (128, None)) for e in (False, True)]
+  ok = {}
+  for bs, kt, e in variants:
+    good = True
+    for seq in (CHECK_SEQ, 9 * CHECK_SEQ):
+      row = run.attempt(
+          lambda bs=bs, kt=kt, e=e, seq=seq: check_mass_stages(bs, None, seq=seq, key_tile=kt,
+                                                               explicit_barriers=e),
+          deadline=deadline, check=True, section="barriers", op="mass", S=seq, bs=bs,
+          key_tile=kt, explicit_barriers=e)
+      good = good and bool(row and row["ok"])
+    ok[bs, e] = good
+  for seq in seqs:
+    for bs, kt, e in variants:
+      run.attempt(lambda bs=bs, kt=kt, e=e: mass_row(inp, seq, None, bs, kt,
+                                                     explicit_barriers=e),
+                  deadline=deadline, section="barriers", op="mass", S=seq, bs=bs, key_tile=kt,
+                  explicit_barriers=e, checked_ok=ok[bs, e])
+    for e in (False, True):
+      def fused(e=e):
+        default = mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS
+        mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS = e
+        try:
+          _, (q, k, v) = inp.qkv(seq)
+          fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
+          t = time_fn(fn, q, k, v, reps=inp.reps)
+        finally:
+          mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS = default
+        return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
+      run.attempt(fused, deadline=deadline, section="barriers", op="fused", S=seq, bs=64,
+                  explicit_barriers=e)
+
+
 def run_floor(run, inp, seqs, deadline):
   """Load-only floor vs the real kernel and cuDNN, then the floor of a 3-stage ring."""
   cudnn_rows(run, inp, seqs, "floor", deadline)
@@ -649,10 +695,11 @@ def parse_args(argv):
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
   modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "pingpong", "rows",
-           "anatomy")
+           "anatomy", "barriers")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
-  tuning = mode in ("stages", "floor", "all", "keytile", "pingpong", "rows", "anatomy")
+  tuning = mode in ("stages", "floor", "all", "keytile", "pingpong", "rows", "anatomy",
+                    "barriers")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -707,6 +754,8 @@ def main():
       run_rows(run, inp, seqs, run.deadline())
     if mode == "anatomy":
       run_anatomy(run, inp, seqs, run.deadline())
+    if mode == "barriers":
+      run_barriers(run, inp, seqs, run.deadline())
   run.finish()
 
 

@@ -105,7 +105,7 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
   """Block mass from padded q/k and an unpadded [B, H, S] LSE."""
   b, _, h, _ = qp.shape
   n_blk = validation.num_blocks(seq, block_size)
-  # Read at trace time, so a benchmark can set it (module docstring of mosaic_block_mass).
+  # Read at trace time, so a benchmark can set them (module docstring of mosaic_block_mass).
   row_tiles = mosaic_block_mass.DEFAULT_ROW_TILES
   s_pad = -(-qp.shape[1] // (CTA_ROWS * row_tiles)) * CTA_ROWS * row_tiles
   qp = _pad_seq(qp, s_pad, 1)
@@ -116,6 +116,7 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
     chunks = block_mass_padded(qp, kp, lse2, lengths, block_size=block_size, sm_scale=scale,
                                num_kv_blocks=n_blk, key_tile=DEFAULT_KEY_TILE,
                                row_tiles=row_tiles,
+                               explicit_barriers=mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS,
                                interpret=mosaic_interpret.params(interpret))
   per_block = block_size // ROWS_PER_WG
   mass = chunks.reshape(b, h, s_pad // block_size, per_block, chunks.shape[-1]).sum(3)

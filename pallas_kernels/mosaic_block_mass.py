@@ -40,6 +40,12 @@ often. It was 4-12% slower (docs/bench/mosaic.md), so ``DEFAULT_ROW_TILES`` is 1
 kernel's time is its QK^T plus the per-block row sums, their shared-memory stores and
 barriers, which do not overlap it; the exponentials are hidden.
 
+Why ``explicit_barriers=True`` (``DEFAULT_EXPLICIT_BARRIERS``, what ``pallas_kernels.mosaic``
+passes): Pallas puts a warpgroup barrier before and after every shared-memory store, so
+each 64-key block's row sums cost two; the kernel needs one per group of 64 blocks, before
+the table is read back. Without the others it took 4.4-4.5% less time at block 64 and
+1.6-3.1% at block 128, with the same masses at S = 1000 and 9000 (docs/bench/mosaic.md).
+
 Each warpgroup writes the mass of its own 64 rows; the caller adds the 64-row
 chunks of a query block together (block_size = 128 has two).
 """
@@ -63,6 +69,7 @@ GROUP = 64  # key blocks per cross-row reduction; the output is padded to a mult
 KEY_TILE = 128  # the largest K tile (keys per stage and per QK^T wgmma).
 DEFAULT_KEY_TILE = KEY_TILE  # what pallas_kernels.mosaic asks for (module docstring).
 DEFAULT_ROW_TILES = 1  # what pallas_kernels.mosaic asks for (module docstring).
+DEFAULT_EXPLICIT_BARRIERS = True  # likewise
 _SMEM_FOR_K = 96 * 1024
 # This kernel keeps Mosaic's default reduction scratch, so its footprint counts it.
 _REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
@@ -97,10 +104,12 @@ def smem_bytes(key_tile: int, head_dim: int, itemsize: int, stages: int,
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "num_kv_blocks",
                                               "heads_major", "stages", "key_tile",
                                               "pipeline", "schedule_barrier",
-                                              "row_tiles", "interpret"))
+                                              "row_tiles", "explicit_barriers",
+                                              "interpret"))
 def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_blocks,
                       heads_major=True, stages=None, key_tile=None, pipeline=False,
-                      schedule_barrier=False, row_tiles=1, interpret=None):
+                      schedule_barrier=False, row_tiles=1, explicit_barriers=False,
+                      interpret=None):
   """Per-64-row-chunk block mass on padded operands.
 
   Args:
@@ -126,6 +135,10 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       every K tile it holds (the second chunk's QK^T in flight while the first
       exponentiates), so K is streamed half as often. Not with ``pipeline`` or
       ``schedule_barrier``.
+    explicit_barriers: False, or True to compile without Pallas' automatic
+      warpgroup barriers around every shared-memory load and store (two per
+      row-sum store, four per tile at 128-key tiles) and to place the ones the
+      kernel needs by hand: one before each group's table is read back.
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
@@ -141,6 +154,8 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
   if not isinstance(schedule_barrier, bool) or (schedule_barrier and pipeline):
     raise ValueError(f"schedule_barrier={schedule_barrier!r} with pipeline={pipeline}: "
                      "expected True or False, and not True with pipeline=True.")
+  if not isinstance(explicit_barriers, bool):
+    raise ValueError(f"explicit_barriers={explicit_barriers!r}: expected True or False.")
   if row_tiles not in (1, 2) or isinstance(row_tiles, bool):
     raise ValueError(f"row_tiles={row_tiles!r}: expected 1 or 2.")
   if row_tiles == 2 and (pipeline or schedule_barrier):
@@ -263,6 +278,11 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
             row_sums(t, qk)
             ping_pong()
 
+        if explicit_barriers:
+          # Every thread's row sums must be in the tables before any thread reads them.
+          # (wait_smem_to_gmem below ends in a warpgroup barrier, so the tables are read
+          # out before the next group writes them; commit_smem fences and syncs again.)
+          plgpu.commit_smem()
         # The previous group's TMA stores must have read out_smem before it is reused.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         for c, chunk in enumerate(chunks):
@@ -323,6 +343,7 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       grid_names=("heads", "q_tile", "batch") if heads_major else ("q_tile", "heads", "batch"),
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(approx_math=True,
+                                           unsafe_no_auto_barriers=explicit_barriers),
       interpret=interpret,
   )(q, k, lse2, lengths)

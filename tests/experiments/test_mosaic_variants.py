@@ -205,3 +205,32 @@ def test_anatomy_times_the_kernel_without_its_parts(monkeypatch, tmp_path):
   assert (True, False, None, True) in calls and (False, False, None, True) in calls
   assert {(s, hm) for e, q, s, hm in calls if s} == {(2, True), (3, True), (4, True), (3, False)}
   assert mbm.jnp is real_jnp and mbm.qk_matmul is real_qk
+
+
+def test_barriers_checks_two_lengths_then_times(monkeypatch, tmp_path):
+  seen, fused_flags = [], []
+  assert mv.mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS  # what pallas_kernels.mosaic passes
+
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers=False, **_):
+    seen.append((block_size, key_tile, explicit_barriers))
+    return _zeros_mass(q, num_kv_blocks)
+
+  def fused(q, k, v, block_size):
+    fused_flags.append(mv.mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS)
+    return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
+  monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
+  monkeypatch.setattr(mv.mosaic, "attention_with_block_mass", fused)
+  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: 1.0)
+  monkeypatch.setattr(mv, "H", 2)
+  monkeypatch.setattr(mv, "CHECK_SEQ", 130)
+  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", "barriers", "256"])
+  monkeypatch.setenv("OUT", str(tmp_path))
+  mv.main()
+  rows = json.loads((tmp_path / "mosaic_variants_barriers.json").read_text())["rows"]
+  assert not [r for r in rows if "error" in r]
+  checks = [(r["S"], r["bs"], r["explicit_barriers"]) for r in rows if r.get("check")]
+  assert checks == [(s, bs, e) for bs in (64, 128) for e in (False, True) for s in (130, 1170)]
+  assert [r["explicit_barriers"] for r in rows if r["op"] == "fused"] == [False, True]
+  assert set(seen) == {(64, 128, False), (64, 128, True), (128, None, False), (128, None, True)}
+  # Each fused call traced with its own setting, and the default is restored after.
+  assert set(fused_flags) == {False, True} and mv.mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS

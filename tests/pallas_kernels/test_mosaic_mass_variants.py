@@ -26,8 +26,9 @@ from tests.pallas_kernels.kernel_suite import make_qkv
 TOL = 3e-2  # bf16 inputs
 
 
-VARIANTS = [{"pipeline": True}, {"schedule_barrier": True}, {"row_tiles": 2}]
-VARIANT_IDS = ["pipeline", "ping_pong", "rows256"]
+VARIANTS = [{"pipeline": True}, {"schedule_barrier": True}, {"row_tiles": 2},
+            {"explicit_barriers": True}]
+VARIANT_IDS = ["pipeline", "ping_pong", "rows256", "explicit_barriers"]
 
 
 def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile, variant):
@@ -144,3 +145,22 @@ def test_public_block_mass_with_256_row_ctas(monkeypatch):
                       interpret=True)
   want = numpy_ref.block_mass(q, k, lse, 64, lengths)
   np.testing.assert_allclose(np.asarray(got), want, rtol=TOL, atol=TOL * 1e-2)
+
+
+def test_public_block_mass_asks_for_the_module_defaults(monkeypatch):
+  """``pallas_kernels.mosaic`` passes the measured defaults (128-key tiles, hand-placed
+  barriers, one row tile) to the kernel, read when it traces."""
+  import pallas_kernels as pk
+  from pallas_kernels import mosaic
+  asked = {}
+
+  def spy(q, k, lse2, lengths, **kw):
+    asked.update(kw)
+    return jnp.zeros((q.shape[0], q.shape[2], q.shape[1] // 64, 64), jnp.float32)
+  monkeypatch.setattr(mosaic, "block_mass_padded", spy)
+  q, k, _ = make_qkv(5, 1, 130, 1, 64, jnp.bfloat16)
+  pk.block_mass(q, k, jnp.zeros((1, 1, 130), jnp.float32), block_size=64,
+                implementation="mosaic", interpret=True)
+  assert asked["key_tile"] == mosaic_block_mass.DEFAULT_KEY_TILE == 128
+  assert asked["explicit_barriers"] is mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS is True
+  assert asked["row_tiles"] == mosaic_block_mass.DEFAULT_ROW_TILES == 1
