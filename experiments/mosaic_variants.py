@@ -541,6 +541,22 @@ def run_pingpong(run, inp, seqs, deadline):
                   schedule_barrier=pp, checked_ok=ok[bs, pp])
 
 
+def fused_with(inp, seq, **defaults):
+  """The fused search (bs 64) through the public API, traced with ``mosaic_block_mass``
+  module defaults set to ``defaults`` (restored after)."""
+  saved = {name: getattr(mosaic_block_mass, name) for name in defaults}
+  for name, value in defaults.items():
+    setattr(mosaic_block_mass, name, value)
+  try:
+    _, (q, k, v) = inp.qkv(seq)
+    fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
+    t = time_fn(fn, q, k, v, reps=inp.reps)
+  finally:
+    for name, value in saved.items():
+      setattr(mosaic_block_mass, name, value)
+  return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
+
+
 def run_rows(run, inp, seqs, deadline):
   """Block mass with 128 and 256 query rows per CTA at bs 64 (128-key tiles) and 128, then
   the fused search through the public API with each (``DEFAULT_ROW_TILES`` set for it)."""
@@ -560,18 +576,8 @@ def run_rows(run, inp, seqs, deadline):
                   deadline=deadline, section="rows", op="mass", S=seq, bs=bs, key_tile=kt,
                   row_tiles=r, checked_ok=ok[bs, r])
     for r in (1, 2):
-      def fused(r=r):
-        default = mosaic_block_mass.DEFAULT_ROW_TILES
-        mosaic_block_mass.DEFAULT_ROW_TILES = r
-        try:
-          _, (q, k, v) = inp.qkv(seq)
-          fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
-          t = time_fn(fn, q, k, v, reps=inp.reps)
-        finally:
-          mosaic_block_mass.DEFAULT_ROW_TILES = default
-        return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
-      run.attempt(fused, deadline=deadline, section="rows", op="fused", S=seq, bs=64,
-                  row_tiles=r)
+      run.attempt(lambda r=r: fused_with(inp, seq, DEFAULT_ROW_TILES=r), deadline=deadline,
+                  section="rows", op="fused", S=seq, bs=64, row_tiles=r)
 
 
 @contextlib.contextmanager
@@ -641,17 +647,8 @@ def run_barriers(run, inp, seqs, deadline):
                   deadline=deadline, section="barriers", op="mass", S=seq, bs=bs, key_tile=kt,
                   explicit_barriers=e, checked_ok=ok[bs, e])
     for e in (False, True):
-      def fused(e=e):
-        default = mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS
-        mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS = e
-        try:
-          _, (q, k, v) = inp.qkv(seq)
-          fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
-          t = time_fn(fn, q, k, v, reps=inp.reps)
-        finally:
-          mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS = default
-        return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
-      run.attempt(fused, deadline=deadline, section="barriers", op="fused", S=seq, bs=64,
+      run.attempt(lambda e=e: fused_with(inp, seq, DEFAULT_EXPLICIT_BARRIERS=e),
+                  deadline=deadline, section="barriers", op="fused", S=seq, bs=64,
                   explicit_barriers=e)
 
 
