@@ -521,24 +521,38 @@ def run_keytile(run, inp, seqs, deadline):
     run.attempt(fused, deadline=deadline, section="keytile", op="fused", S=seq, bs=64)
 
 
-def run_pingpong(run, inp, seqs, deadline):
-  """Block mass without and with the warpgroup ping-pong at bs 64 (128-key tiles) and 128."""
-  cudnn_rows(run, inp, seqs, "pingpong", deadline)
-  variants = [(bs, kt, pp) for bs, kt in ((64, 128), (128, None)) for pp in (False, True)]
+def run_flag(run, inp, seqs, deadline, section, flag, values, check_seqs=None,
+             fused_default=None):
+  """Block mass at bs 64 (128-key tiles) and bs 128 for each value of the kernel keyword
+  ``flag``, each checked at every length of ``check_seqs``, then timed; then, when
+  ``fused_default`` names the ``mosaic_block_mass`` default that carries the flag through
+  the public API, the fused search with each value. ``check_seqs`` defaults to
+  (CHECK_SEQ,)."""
+  check_seqs = (CHECK_SEQ,) if check_seqs is None else check_seqs
+  cudnn_rows(run, inp, seqs, section, deadline)
+  variants = [(bs, kt, value) for bs, kt in ((64, 128), (128, None)) for value in values]
   ok = {}
-  for bs, kt, pp in variants:
-    row = run.attempt(
-        lambda bs=bs, kt=kt, pp=pp: check_mass_stages(bs, None, seq=CHECK_SEQ, key_tile=kt,
-                                                      schedule_barrier=pp),
-        deadline=deadline, check=True, section="pingpong", op="mass", bs=bs, key_tile=kt,
-        schedule_barrier=pp)
-    ok[bs, pp] = bool(row and row["ok"])
+  for bs, kt, value in variants:
+    good = True
+    for seq in check_seqs:
+      row = run.attempt(
+          lambda bs=bs, kt=kt, value=value, seq=seq: check_mass_stages(
+              bs, None, seq=seq, key_tile=kt, **{flag: value}),
+          deadline=deadline, check=True, section=section, op="mass", S=seq, bs=bs,
+          key_tile=kt, **{flag: value})
+      good = good and bool(row and row["ok"])
+    ok[bs, value] = good
   for seq in seqs:
-    for bs, kt, pp in variants:
-      run.attempt(lambda bs=bs, kt=kt, pp=pp: mass_row(inp, seq, None, bs, kt,
-                                                       schedule_barrier=pp),
-                  deadline=deadline, section="pingpong", op="mass", S=seq, bs=bs, key_tile=kt,
-                  schedule_barrier=pp, checked_ok=ok[bs, pp])
+    for bs, kt, value in variants:
+      run.attempt(lambda bs=bs, kt=kt, value=value: mass_row(inp, seq, None, bs, kt,
+                                                             **{flag: value}),
+                  deadline=deadline, section=section, op="mass", S=seq, bs=bs, key_tile=kt,
+                  checked_ok=ok[bs, value], **{flag: value})
+    if fused_default is not None:
+      for value in values:
+        run.attempt(lambda value=value: fused_with(inp, seq, **{fused_default: value}),
+                    deadline=deadline, section=section, op="fused", S=seq, bs=64,
+                    **{flag: value})
 
 
 def fused_with(inp, seq, **defaults):
@@ -555,29 +569,6 @@ def fused_with(inp, seq, **defaults):
     for name, value in saved.items():
       setattr(mosaic_block_mass, name, value)
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
-
-
-def run_rows(run, inp, seqs, deadline):
-  """Block mass with 128 and 256 query rows per CTA at bs 64 (128-key tiles) and 128, then
-  the fused search through the public API with each (``DEFAULT_ROW_TILES`` set for it)."""
-  cudnn_rows(run, inp, seqs, "rows", deadline)
-  variants = [(bs, kt, r) for bs, kt in ((64, 128), (128, None)) for r in (1, 2)]
-  ok = {}
-  for bs, kt, r in variants:
-    row = run.attempt(
-        lambda bs=bs, kt=kt, r=r: check_mass_stages(bs, None, seq=CHECK_SEQ, key_tile=kt,
-                                                    row_tiles=r),
-        deadline=deadline, check=True, section="rows", op="mass", bs=bs, key_tile=kt,
-        row_tiles=r)
-    ok[bs, r] = bool(row and row["ok"])
-  for seq in seqs:
-    for bs, kt, r in variants:
-      run.attempt(lambda bs=bs, kt=kt, r=r: mass_row(inp, seq, None, bs, kt, row_tiles=r),
-                  deadline=deadline, section="rows", op="mass", S=seq, bs=bs, key_tile=kt,
-                  row_tiles=r, checked_ok=ok[bs, r])
-    for r in (1, 2):
-      run.attempt(lambda r=r: fused_with(inp, seq, DEFAULT_ROW_TILES=r), deadline=deadline,
-                  section="rows", op="fused", S=seq, bs=64, row_tiles=r)
 
 
 @contextlib.contextmanager
@@ -622,34 +613,6 @@ def run_anatomy(run, inp, seqs, deadline):
                                                         heads_major=hm),
                   deadline=deadline, section="anatomy", op="mass", S=seq, bs=64, key_tile=128,
                   stages=stages, heads_major=hm)
-
-
-def run_barriers(run, inp, seqs, deadline):
-  """Block mass with automatic and with hand-placed barriers, checked on one and on several
-  groups, timed; then the fused search through the public API with each."""
-  cudnn_rows(run, inp, seqs, "barriers", deadline)
-  variants = [(bs, kt, e) for bs, kt in ((64, 128), (128, None)) for e in (False, True)]
-  ok = {}
-  for bs, kt, e in variants:
-    good = True
-    for seq in (CHECK_SEQ, 9 * CHECK_SEQ):
-      row = run.attempt(
-          lambda bs=bs, kt=kt, e=e, seq=seq: check_mass_stages(bs, None, seq=seq, key_tile=kt,
-                                                               explicit_barriers=e),
-          deadline=deadline, check=True, section="barriers", op="mass", S=seq, bs=bs,
-          key_tile=kt, explicit_barriers=e)
-      good = good and bool(row and row["ok"])
-    ok[bs, e] = good
-  for seq in seqs:
-    for bs, kt, e in variants:
-      run.attempt(lambda bs=bs, kt=kt, e=e: mass_row(inp, seq, None, bs, kt,
-                                                     explicit_barriers=e),
-                  deadline=deadline, section="barriers", op="mass", S=seq, bs=bs, key_tile=kt,
-                  explicit_barriers=e, checked_ok=ok[bs, e])
-    for e in (False, True):
-      run.attempt(lambda e=e: fused_with(inp, seq, DEFAULT_EXPLICIT_BARRIERS=e),
-                  deadline=deadline, section="barriers", op="fused", S=seq, bs=64,
-                  explicit_barriers=e)
 
 
 def run_floor(run, inp, seqs, deadline):
@@ -746,13 +709,16 @@ def main():
     if mode == "keytile":
       run_keytile(run, inp, seqs, run.deadline())
     if mode == "pingpong":
-      run_pingpong(run, inp, seqs, run.deadline())
+      run_flag(run, inp, seqs, run.deadline(), "pingpong", "schedule_barrier", (False, True))
     if mode == "rows":
-      run_rows(run, inp, seqs, run.deadline())
+      run_flag(run, inp, seqs, run.deadline(), "rows", "row_tiles", (1, 2),
+               fused_default="DEFAULT_ROW_TILES")
     if mode == "anatomy":
       run_anatomy(run, inp, seqs, run.deadline())
     if mode == "barriers":
-      run_barriers(run, inp, seqs, run.deadline())
+      # Also at 9x the length: several groups of key blocks, where a missing barrier shows.
+      run_flag(run, inp, seqs, run.deadline(), "barriers", "explicit_barriers", (False, True),
+               check_seqs=(CHECK_SEQ, 9 * CHECK_SEQ), fused_default="DEFAULT_EXPLICIT_BARRIERS")
   run.finish()
 
 

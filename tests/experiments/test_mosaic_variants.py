@@ -128,56 +128,52 @@ def test_keytile_checks_then_times_every_variant(monkeypatch, tmp_path):
   assert set(seen) == set(variants)
 
 
-def test_pingpong_checks_then_times_every_variant(monkeypatch, tmp_path):
-  seen = []
-
-  def zeros_mass(q, num_kv_blocks, key_tile, block_size, schedule_barrier=False, **_):
-    seen.append((block_size, key_tile, schedule_barrier))
-    return _zeros_mass(q, num_kv_blocks)
-  monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
-  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: 1.0)
-  monkeypatch.setattr(mv, "H", 2)
-  monkeypatch.setattr(mv, "CHECK_SEQ", 130)
-  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", "pingpong", "256"])
-  monkeypatch.setenv("OUT", str(tmp_path))
-  mv.main()
-  rows = json.loads((tmp_path / "mosaic_variants_pingpong.json").read_text())["rows"]
-  assert not [r for r in rows if "error" in r]
-  variants = [(bs, kt, pp) for bs, kt in ((64, 128), (128, None)) for pp in (False, True)]
-  got = [(r["bs"], r.get("key_tile"), r["schedule_barrier"], bool(r.get("check")))
-         for r in rows if r["op"] != "cudnn"]
-  assert got == ([v + (True,) for v in variants] + [v + (False,) for v in variants])
-  assert set(seen) == set(variants)
+# mode, kernel keyword, its values, check lengths (CHECK_SEQ = 130), default it travels in.
+FLAG_MODES = [
+    ("pingpong", "schedule_barrier", (False, True), (130,), None),
+    ("rows", "row_tiles", (1, 2), (130,), "DEFAULT_ROW_TILES"),
+    ("barriers", "explicit_barriers", (False, True), (130, 1170), "DEFAULT_EXPLICIT_BARRIERS"),
+]
 
 
-def test_rows_checks_then_times_every_variant_and_the_fused_search(monkeypatch, tmp_path):
-  seen, fused_rows = [], []
+@pytest.mark.parametrize("mode,flag,values,check_seqs,default", FLAG_MODES,
+                         ids=[m[0] for m in FLAG_MODES])
+def test_flag_modes_check_then_time_every_variant(mode, flag, values, check_seqs, default,
+                                                  monkeypatch, tmp_path):
+  seen, fused_values = [], []
+  before = None if default is None else getattr(mv.mosaic_block_mass, default)
 
-  def zeros_mass(q, num_kv_blocks, key_tile, block_size, row_tiles=1, **_):
-    seen.append((block_size, key_tile, row_tiles))
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, **kw):
+    seen.append((block_size, key_tile, kw[flag]))
     return _zeros_mass(q, num_kv_blocks)
 
   def fused(q, k, v, block_size):
-    fused_rows.append(mv.mosaic_block_mass.DEFAULT_ROW_TILES)
+    fused_values.append(getattr(mv.mosaic_block_mass, default))
     return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
   monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
   monkeypatch.setattr(mv.mosaic, "attention_with_block_mass", fused)
   monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: 1.0)
   monkeypatch.setattr(mv, "H", 2)
   monkeypatch.setattr(mv, "CHECK_SEQ", 130)
-  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", "rows", "256"])
+  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", mode, "256"])
   monkeypatch.setenv("OUT", str(tmp_path))
   mv.main()
-  rows = json.loads((tmp_path / "mosaic_variants_rows.json").read_text())["rows"]
+  rows = json.loads((tmp_path / f"mosaic_variants_{mode}.json").read_text())["rows"]
   assert not [r for r in rows if "error" in r]
-  variants = [(bs, kt, r) for bs, kt in ((64, 128), (128, None)) for r in (1, 2)]
-  got = [(r["bs"], r.get("key_tile"), r["row_tiles"], bool(r.get("check"))) for r in rows
-         if r["op"] == "mass"]
-  assert got == ([v + (True,) for v in variants] + [v + (False,) for v in variants])
-  assert [r["row_tiles"] for r in rows if r["op"] == "fused"] == [1, 2]
+  variants = [(bs, kt, v) for bs, kt in ((64, 128), (128, None)) for v in values]
+  checks = [(r["S"], r["bs"], r.get("key_tile"), r[flag]) for r in rows if r.get("check")]
+  assert checks == [(s, bs, kt, v) for bs, kt, v in variants for s in check_seqs]
+  timed = [(r["bs"], r.get("key_tile"), r[flag]) for r in rows
+           if r["op"] == "mass" and not r.get("check")]
+  assert timed == variants
   assert set(seen) == set(variants)
-  # Each fused call traced with its own setting, and the default is restored after.
-  assert set(fused_rows) == {1, 2} and mv.mosaic_block_mass.DEFAULT_ROW_TILES == 1
+  fused_rows = [r[flag] for r in rows if r["op"] == "fused"]
+  if default is None:
+    assert not fused_rows and not fused_values
+  else:
+    # Each fused call traced with its own setting, and the default is restored after.
+    assert fused_rows == list(values) and set(fused_values) == set(values)
+    assert getattr(mv.mosaic_block_mass, default) == before
 
 
 def test_anatomy_times_the_kernel_without_its_parts(monkeypatch, tmp_path):
@@ -205,32 +201,3 @@ def test_anatomy_times_the_kernel_without_its_parts(monkeypatch, tmp_path):
   assert (True, False, None, True) in calls and (False, False, None, True) in calls
   assert {(s, hm) for e, q, s, hm in calls if s} == {(2, True), (3, True), (4, True), (3, False)}
   assert mbm.jnp is real_jnp and mbm.qk_matmul is real_qk
-
-
-def test_barriers_checks_two_lengths_then_times(monkeypatch, tmp_path):
-  seen, fused_flags = [], []
-  assert mv.mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS  # what pallas_kernels.mosaic passes
-
-  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers=False, **_):
-    seen.append((block_size, key_tile, explicit_barriers))
-    return _zeros_mass(q, num_kv_blocks)
-
-  def fused(q, k, v, block_size):
-    fused_flags.append(mv.mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS)
-    return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
-  monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
-  monkeypatch.setattr(mv.mosaic, "attention_with_block_mass", fused)
-  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: 1.0)
-  monkeypatch.setattr(mv, "H", 2)
-  monkeypatch.setattr(mv, "CHECK_SEQ", 130)
-  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", "barriers", "256"])
-  monkeypatch.setenv("OUT", str(tmp_path))
-  mv.main()
-  rows = json.loads((tmp_path / "mosaic_variants_barriers.json").read_text())["rows"]
-  assert not [r for r in rows if "error" in r]
-  checks = [(r["S"], r["bs"], r["explicit_barriers"]) for r in rows if r.get("check")]
-  assert checks == [(s, bs, e) for bs in (64, 128) for e in (False, True) for s in (130, 1170)]
-  assert [r["explicit_barriers"] for r in rows if r["op"] == "fused"] == [False, True]
-  assert set(seen) == {(64, 128, False), (64, 128, True), (128, None, False), (128, None, True)}
-  # Each fused call traced with its own setting, and the default is restored after.
-  assert set(fused_flags) == {False, True} and mv.mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS
