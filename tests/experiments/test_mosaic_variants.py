@@ -101,24 +101,33 @@ def test_parse_args():
     mv.parse_args(["all", "--reps=3"])
 
 
+def _run_mode(monkeypatch, tmp_path, mode, zeros_mass, fused=None):
+  """Runs ``mosaic_variants.py MODE 256`` (H=2, checks at S=130) with stand-ins for the
+  block-mass kernel, the fused search and cuDNN; returns its JSON rows, none an error."""
+  if fused is None:
+    def fused(q, k, v, block_size):
+      del k, v, block_size
+      return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
+  monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
+  monkeypatch.setattr(mv.mosaic, "attention_with_block_mass", fused)
+  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: 1.0)
+  monkeypatch.setattr(mv, "H", 2)
+  monkeypatch.setattr(mv, "CHECK_SEQ", 130)
+  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", mode, "256"])
+  monkeypatch.setenv("OUT", str(tmp_path))
+  mv.main()
+  rows = json.loads((tmp_path / f"mosaic_variants_{mode}.json").read_text())["rows"]
+  assert not [r for r in rows if "error" in r]
+  return rows
+
+
 def test_keytile_checks_then_times_every_variant(monkeypatch, tmp_path):
   seen = []
 
   def zeros_mass(q, num_kv_blocks, key_tile, pipeline=False, **_):
     seen.append((key_tile, pipeline))
     return _zeros_mass(q, num_kv_blocks)
-  monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
-  monkeypatch.setattr(mv.mosaic, "attention_with_block_mass",
-                      lambda q, k, v, block_size: (q, jnp.zeros(q.shape[:1] + q.shape[2:3] +
-                                                                q.shape[1:2]), None))
-  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: 1.0)
-  monkeypatch.setattr(mv, "H", 2)
-  monkeypatch.setattr(mv, "CHECK_SEQ", 130)
-  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", "keytile", "256"])
-  monkeypatch.setenv("OUT", str(tmp_path))
-  mv.main()
-  rows = json.loads((tmp_path / "mosaic_variants_keytile.json").read_text())["rows"]
-  assert not [r for r in rows if "error" in r]
+  rows = _run_mode(monkeypatch, tmp_path, "keytile", zeros_mass)
   variants = [(kt, p) for kt in (None, 128) for p in (False, True)]
   got = [(r["op"], r.get("key_tile"), r.get("pipeline"), bool(r.get("check"))) for r in rows
          if r["op"] != "cudnn"]
@@ -150,16 +159,7 @@ def test_flag_modes_check_then_time_every_variant(mode, flag, values, check_seqs
   def fused(q, k, v, block_size):
     fused_values.append(getattr(mv.mosaic_block_mass, default))
     return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
-  monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
-  monkeypatch.setattr(mv.mosaic, "attention_with_block_mass", fused)
-  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: 1.0)
-  monkeypatch.setattr(mv, "H", 2)
-  monkeypatch.setattr(mv, "CHECK_SEQ", 130)
-  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", mode, "256"])
-  monkeypatch.setenv("OUT", str(tmp_path))
-  mv.main()
-  rows = json.loads((tmp_path / f"mosaic_variants_{mode}.json").read_text())["rows"]
-  assert not [r for r in rows if "error" in r]
+  rows = _run_mode(monkeypatch, tmp_path, mode, zeros_mass, fused)
   variants = [(bs, kt, v) for bs, kt in ((64, 128), (128, None)) for v in values]
   checks = [(r["S"], r["bs"], r.get("key_tile"), r[flag]) for r in rows if r.get("check")]
   assert checks == [(s, bs, kt, v) for bs, kt, v in variants for s in check_seqs]
@@ -185,14 +185,7 @@ def test_anatomy_times_the_kernel_without_its_parts(monkeypatch, tmp_path):
     # What the kernel module would trace with right now.
     seen.append((mbm.jnp.exp2 is real_jnp.exp2, mbm.qk_matmul is real_qk, stages, heads_major))
     return _zeros_mass(q, num_kv_blocks)
-  monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
-  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: 1.0)
-  monkeypatch.setattr(mv, "H", 2)
-  monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", "anatomy", "256"])
-  monkeypatch.setenv("OUT", str(tmp_path))
-  mv.main()
-  rows = json.loads((tmp_path / "mosaic_variants_anatomy.json").read_text())["rows"]
-  assert not [r for r in rows if "error" in r]
+  rows = _run_mode(monkeypatch, tmp_path, "anatomy", zeros_mass)
   parts = [(r["without_exp"], r["without_qk"]) for r in rows if "without_exp" in r]
   assert parts == [(False, False), (True, False), (False, True), (True, True)]
   # Each call saw its parts replaced or not: (exp real?, QK^T real?, stages, heads_major).
