@@ -8,32 +8,27 @@ check, compares them (PSNR / SSIM), and writes the clips as GIFs.
 
 from __future__ import annotations
 
-import json
 import os
 
 import imageio.v3 as iio
 import numpy as np
 
 from adaspa_jax import AdaSpaConfig
+from models import tiny_t2v
 
 CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "checkpoints", "tiny_t2v")
 DEFAULT_PROMPT = "a red circle moves left, a blue square falls"
 
 
-def _meta(checkpoint):
-  with open(os.path.join(checkpoint or CHECKPOINT, "tiny_t2v.json")) as f:
-    return json.load(f)
-
-
 def default_steps(checkpoint=None) -> int:
   """Denoising steps the checkpoint was made for."""
-  return int(_meta(checkpoint)["num_steps"])
+  return int(tiny_t2v.read_meta(checkpoint or CHECKPOINT)["num_steps"])
 
 
 def default_block_size(checkpoint=None) -> int:
   """AdaSpa block size the checkpoint is sampled with (``TinyT2VConfig.adaspa_block_size``)."""
-  return int(_meta(checkpoint).get("adaspa_block_size", 64))
+  return int(tiny_t2v.read_meta(checkpoint or CHECKPOINT)["adaspa_block_size"])
 
 
 def write_gif(path, video, *, scale=4, fps=8):

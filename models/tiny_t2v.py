@@ -423,21 +423,29 @@ def load(directory, *, dtype=jnp.float32, attention: str = "dense",
     attention, adaspa: as in ``models.from_pretrained``.
   """
   directory = os.fspath(directory)
-  meta_path = os.path.join(directory, _META)
-  if not os.path.isfile(meta_path):
-    raise ValueError(f"directory={directory!r}: expected a tiny_t2v checkpoint with {_META}.")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = read_meta(directory)
   transformer = loading.from_pretrained(os.path.join(directory, _TRANSFORMER), dtype=dtype,
                                         attention=attention, adaspa=adaspa)
   text_config, encoder = _load_text_encoder(os.path.join(directory, _TEXT))
   config = TinyT2VConfig(transformer.config, text_config, meta["frames"], meta["height"],
                          meta["width"], meta["flow_shift"], meta["guidance_scale"],
-                         meta["num_steps"], meta.get("adaspa_block_size", 64))
+                         meta["num_steps"], meta["adaspa_block_size"])
   return TinyT2V(config, transformer, encoder)
+
+
+def read_meta(directory) -> dict:
+  """A checkpoint's tiny_t2v.json without loading weights; ``adaspa_block_size`` is
+  filled in for checkpoints written before it existed (the field's default, 64)."""
+  meta_path = os.path.join(os.fspath(directory), _META)
+  if not os.path.isfile(meta_path):
+    raise ValueError(f"directory={os.fspath(directory)!r}: expected a tiny_t2v checkpoint "
+                     f"with {_META}.")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  default = TinyT2VConfig.__dataclass_fields__["adaspa_block_size"].default
+  return {"adaspa_block_size": default, **meta}
 
 
 def training_record(directory) -> dict:
   """The "training" entry of a checkpoint's tiny_t2v.json."""
-  with open(os.path.join(os.fspath(directory), _META)) as f:
-    return json.load(f)["training"]
+  return read_meta(directory)["training"]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import mosaic_interpret, validation
 from pallas_kernels import mosaic_block_mass
-from pallas_kernels.mosaic_block_mass import DEFAULT_KEY_TILE, block_mass_padded
+from pallas_kernels.mosaic_block_mass import block_mass_padded
 from pallas_kernels.mosaic_block_sparse import (
     CTA_ROWS, ROWS_PER_WG, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS,
     block_sparse_attention_padded)
@@ -75,8 +75,8 @@ def _check_device(interpret: bool):
         "(sm90) only; pass interpret=True to run them on the CPU.")
 
 
-def _padded_len(seq: int) -> int:
-  return -(-seq // CTA_ROWS) * CTA_ROWS
+def _padded_len(seq: int, multiple: int = CTA_ROWS) -> int:
+  return -(-seq // multiple) * multiple
 
 
 def _pad_seq(x, s_pad, axis, value=0):
@@ -107,14 +107,15 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
   n_blk = validation.num_blocks(seq, block_size)
   # Read at trace time, so a benchmark can set them (module docstring of mosaic_block_mass).
   row_tiles = mosaic_block_mass.DEFAULT_ROW_TILES
-  s_pad = -(-qp.shape[1] // (CTA_ROWS * row_tiles)) * CTA_ROWS * row_tiles
+  s_pad = _padded_len(qp.shape[1], CTA_ROWS * row_tiles)
   qp = _pad_seq(qp, s_pad, 1)
   rows_ok = jnp.arange(seq)[None, None, :] < lengths[:, None, None]
   lse2 = jnp.where(rows_ok, lse * _LOG2E, jnp.inf)  # +inf rows add exp2(-inf) = 0.
   lse2 = _pad_seq(lse2, s_pad, 2, jnp.inf)
   with mosaic_interpret.device_context(interpret):
     chunks = block_mass_padded(qp, kp, lse2, lengths, block_size=block_size, sm_scale=scale,
-                               num_kv_blocks=n_blk, key_tile=DEFAULT_KEY_TILE,
+                               num_kv_blocks=n_blk,
+                               key_tile=mosaic_block_mass.DEFAULT_KEY_TILE,
                                row_tiles=row_tiles,
                                explicit_barriers=mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS,
                                interpret=mosaic_interpret.params(interpret))
