@@ -16,6 +16,7 @@ so the numbers do not depend on the defaults of the day.
   python3 experiments/mosaic_variants.py rows [S ...]       # block-mass query rows per CTA
   python3 experiments/mosaic_variants.py anatomy [S ...]    # block-mass time without its parts
   python3 experiments/mosaic_variants.py barriers [S ...]   # block mass, hand-placed barriers
+  python3 experiments/mosaic_variants.py qregs [S ...]      # both kernels, Q in registers
 
 (from the repository root with PYTHONPATH=.; S defaults to 32768 118784.)
 
@@ -57,6 +58,13 @@ and 4 stages and query tiles fastest in the grid. cuDNN in the same run.
 barriers and with ``explicit_barriers``, each checked at S=1000 and at S=9000 (several
 groups of key blocks, so a missing barrier between groups would show), then timed; then
 the fused search through the public API with each. cuDNN in the same run.
+
+``qregs``: each QK^T wgmma reading Q from registers (``q_in_registers``) instead of
+shared memory. Block mass (hand-placed barriers) at bs 64 with 128- and 256-key tiles
+and at bs 128 with 128 and 256, without and with, each checked at S=1000 and 9000;
+block-sparse attention at bs 128 (density 1.0, 0.2) and bs 64 (0.2, 1.0), without and
+with, checked at S=1000; then the fused search through the public API with the
+settings of ``QREGS_FUSED``. cuDNN in the same run.
 
 ``all`` writes one JSON, rewritten after every row; a row whose measurement
 raises records the error and the run goes on. ``--budget`` (seconds from the
@@ -348,14 +356,16 @@ def fits(kind, bs, stages):
   return None if need <= limit else f"needs {need} bytes of shared memory > {limit}"
 
 
-def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False):
-  """The padded block-sparse kernel at a ring depth vs the reference (``check``'s case,
-  bf16); ``interpret`` runs it under the GPU interpreter (CPU)."""
+def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False, **variant):
+  """The padded block-sparse kernel at a ring depth (and other kernel keywords,
+  ``variant``) vs the reference (``check``'s case, bf16); ``interpret`` runs it under
+  the GPU interpreter (CPU)."""
   _, q, k, v, lengths, n_blk, idx, cnt = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
   with mosaic_interpret.device_context(interpret):
     out, lse = block_sparse_attention_padded(
         *padded_args(q, k, v, idx, cnt, n_blk, bs), lengths, block_size=bs, sm_scale=SM_SCALE,
-        num_kv_blocks=n_blk, stages=stages, interpret=mosaic_interpret.params(interpret))
+        num_kv_blocks=n_blk, stages=stages, interpret=mosaic_interpret.params(interpret),
+        **variant)
   wo, wl = pk.block_sparse_attention(q, k, v, idx, cnt, block_size=bs, kv_lengths=lengths,
                                      implementation="reference")
   # The padded kernel does not zero rows past kv_lengths (mosaic._finish does).
@@ -371,11 +381,10 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False):
   return r
 
 
-def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
-                      pipeline=False, schedule_barrier=False, row_tiles=1,
-                      explicit_barriers=False):
-  """The padded block-mass kernel at a ring depth (K tile, pipelining) vs the reference,
-  from a stale LSE."""
+def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None, **variant):
+  """The padded block-mass kernel at a ring depth (K tile, other kernel keywords:
+  ``variant``) vs the reference, from a stale LSE."""
+  row_tiles = variant.get("row_tiles", 1)
   key, q, k, v, lengths, n_blk, _, _ = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
   _, lse, _ = pk.attention_with_block_mass(q, k, v, block_size=bs, kv_lengths=lengths,
                                            implementation="reference")
@@ -387,13 +396,13 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
   lse2 = jnp.where(rows_ok, cached / math.log(2), jnp.inf)
   s_pad = -(-seq // (128 * row_tiles)) * 128 * row_tiles
   lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, s_pad - seq)), constant_values=jnp.inf)
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, s_pad - seq), (0, 0), (0, 0)))
+  k_pad = -(-seq // max(bs, key_tile or bs)) * max(bs, key_tile or bs)  # whole K tiles
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - seq), (0, 0), (0, 0)))
   with mosaic_interpret.device_context(interpret):
-    chunks = block_mass_padded(pad(q), pad(k), lse2, lengths, block_size=bs, sm_scale=SM_SCALE,
-                               num_kv_blocks=n_blk, stages=stages, key_tile=key_tile,
-                               pipeline=pipeline, schedule_barrier=schedule_barrier,
-                               row_tiles=row_tiles, explicit_barriers=explicit_barriers,
-                               interpret=mosaic_interpret.params(interpret))
+    chunks = block_mass_padded(pad(q, s_pad), pad(k, k_pad), lse2, lengths, block_size=bs,
+                               sm_scale=SM_SCALE, num_kv_blocks=n_blk, stages=stages,
+                               key_tile=key_tile, interpret=mosaic_interpret.params(interpret),
+                               **variant)
   b = q.shape[0]
   got = chunks.reshape(b, h, s_pad // bs, bs // 64, -1).sum(3)[:, :, :n_blk, :n_blk]
   r = {"mass_rel": rel(got, want), "nan": bool(np.isnan(np.asarray(got)).any())}
@@ -401,31 +410,31 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
   return r
 
 
-def sparse_row(inp, seq, bs, density, stages):
-  """The real block-sparse kernel on ``Inputs`` lists; memoised for the floor."""
+def sparse_row(inp, seq, bs, density, stages, **variant):
+  """The real block-sparse kernel on ``Inputs`` lists, with kernel keywords ``variant``;
+  memoised for the floor when there are none."""
   _, (q, k, v) = inp.qkv(seq)
   idx, cnt, count = inp.lists(seq, bs, density)
   fn = functools.partial(block_sparse_attention_padded, block_size=bs, sm_scale=SM_SCALE,
-                         num_kv_blocks=seq // bs, stages=stages)
+                         num_kv_blocks=seq // bs, stages=stages, **variant)
   t = time_fn(fn, q, k, v, idx, cnt, jnp.zeros_like(cnt), jnp.full((B,), seq, jnp.int32),
               reps=inp.reps)
   td = inp.cudnn_ms(seq) / 1e3
   flops = 4.0 * B * H * D * count * bs * seq
   row = {"ms": t * 1e3, "tflops": flops / t / 1e12,
          "pct_cudnn": 100 * td / (t / (count * bs / seq)), "kv_GBps": kv_bytes(cnt, bs) / t / 1e9}
-  inp.real[seq, bs, density, stages] = row["ms"]
+  if not variant:
+    inp.real[seq, bs, density, stages] = row["ms"]
   return row
 
 
-def mass_row(inp, seq, stages, bs=64, key_tile=None, pipeline=False, schedule_barrier=False,
-             row_tiles=1, heads_major=True, explicit_barriers=False):
+def mass_row(inp, seq, stages, bs=64, key_tile=None, **variant):
+  """The block-mass kernel timed at ``seq`` with kernel keywords ``variant`` (Pallas'
+  automatic barriers unless it says otherwise)."""
   _, (q, k, _) = inp.qkv(seq)
   lse2 = jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=SM_SCALE,
-                         num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile,
-                         pipeline=pipeline, schedule_barrier=schedule_barrier,
-                         row_tiles=row_tiles, heads_major=heads_major,
-                         explicit_barriers=explicit_barriers)
+                         num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile, **variant)
   t = time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps)
   k_bytes = B * H * (seq // 128) * seq * D * 2  # every CTA streams every K block once
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq), "k_GBps": k_bytes / t / 1e9}
@@ -510,7 +519,7 @@ def run_keytile(run, inp, seqs, deadline):
     ok[kt, pipe] = bool(row and row["ok"])
   for seq in seqs:
     for kt, pipe in variants:
-      run.attempt(lambda kt=kt, pipe=pipe: mass_row(inp, seq, None, 64, kt, pipe),
+      run.attempt(lambda kt=kt, pipe=pipe: mass_row(inp, seq, None, 64, kt, pipeline=pipe),
                   deadline=deadline, section="keytile", op="mass", S=seq, bs=64, key_tile=kt,
                   pipeline=pipe, checked_ok=ok[kt, pipe])
     def fused():
@@ -522,52 +531,54 @@ def run_keytile(run, inp, seqs, deadline):
 
 
 def run_flag(run, inp, seqs, deadline, section, flag, values, check_seqs=None,
-             fused_default=None):
-  """Block mass at bs 64 (128-key tiles) and bs 128 for each value of the kernel keyword
-  ``flag``, each checked at every length of ``check_seqs``, then timed; then, when
-  ``fused_default`` names the ``mosaic_block_mass`` default that carries the flag through
-  the public API, the fused search with each value. ``check_seqs`` defaults to
-  (CHECK_SEQ,)."""
+             fused_default=None, tiles=((64, 128), (128, None)), base=None):
+  """Block mass at each (block size, key tile) of ``tiles`` for each value of the kernel
+  keyword ``flag`` (with the keywords ``base``), each checked at every length of
+  ``check_seqs``, then timed; then, when ``fused_default`` names the ``mosaic_block_mass``
+  default that carries the flag through the public API, the fused search with each value.
+  ``check_seqs`` defaults to (CHECK_SEQ,)."""
   check_seqs = (CHECK_SEQ,) if check_seqs is None else check_seqs
+  base = base or {}
   cudnn_rows(run, inp, seqs, section, deadline)
-  variants = [(bs, kt, value) for bs, kt in ((64, 128), (128, None)) for value in values]
+  variants = [(bs, kt, value) for bs, kt in tiles for value in values]
   ok = {}
   for bs, kt, value in variants:
     good = True
     for seq in check_seqs:
       row = run.attempt(
           lambda bs=bs, kt=kt, value=value, seq=seq: check_mass_stages(
-              bs, None, seq=seq, key_tile=kt, **{flag: value}),
+              bs, None, seq=seq, key_tile=kt, **base, **{flag: value}),
           deadline=deadline, check=True, section=section, op="mass", S=seq, bs=bs,
           key_tile=kt, **{flag: value})
       good = good and bool(row and row["ok"])
     ok[bs, value] = good
   for seq in seqs:
     for bs, kt, value in variants:
-      run.attempt(lambda bs=bs, kt=kt, value=value: mass_row(inp, seq, None, bs, kt,
+      run.attempt(lambda bs=bs, kt=kt, value=value: mass_row(inp, seq, None, bs, kt, **base,
                                                              **{flag: value}),
                   deadline=deadline, section=section, op="mass", S=seq, bs=bs, key_tile=kt,
                   checked_ok=ok[bs, value], **{flag: value})
     if fused_default is not None:
       for value in values:
-        run.attempt(lambda value=value: fused_with(inp, seq, **{fused_default: value}),
+        run.attempt(lambda value=value: fused_with(
+            inp, seq, {(mosaic_block_mass, fused_default): value}),
                     deadline=deadline, section=section, op="fused", S=seq, bs=64,
                     **{flag: value})
 
 
-def fused_with(inp, seq, **defaults):
-  """The fused search (bs 64) through the public API, traced with ``mosaic_block_mass``
-  module defaults set to ``defaults`` (restored after)."""
-  saved = {name: getattr(mosaic_block_mass, name) for name in defaults}
-  for name, value in defaults.items():
-    setattr(mosaic_block_mass, name, value)
+def fused_with(inp, seq, defaults):
+  """The fused search (bs 64) through the public API, traced with the kernel modules'
+  defaults ``{(module, name): value}`` set (restored after)."""
+  saved = {key: getattr(*key) for key in defaults}
+  for (module, name), value in defaults.items():
+    setattr(module, name, value)
   try:
     _, (q, k, v) = inp.qkv(seq)
     fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
     t = time_fn(fn, q, k, v, reps=inp.reps)
   finally:
-    for name, value in saved.items():
-      setattr(mosaic_block_mass, name, value)
+    for (module, name), value in saved.items():
+      setattr(module, name, value)
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
 
 
@@ -596,6 +607,44 @@ def mass_without(exp=False, qk=False):
   finally:
     mbm.jnp, mbm.qk_matmul = real_jnp, real_qk
     mbm.block_mass_padded.clear_cache()
+
+
+QREGS_TILES = ((64, 128), (64, 256), (128, None), (128, 256))  # (block size, key tile)
+QREGS_SPARSE = ((128, 1.0), (128, 0.2), (64, 0.2), (64, 1.0))  # (block size, density)
+# The fused search's settings: (mass Q in registers, mass key tile, dense pass Q in registers).
+QREGS_FUSED = ((False, 128, False), (True, 128, False), (True, 256, False), (True, 128, True),
+               (False, 128, True))
+
+
+def run_qregs(run, inp, seqs, deadline):
+  """Q held in registers (``q_in_registers``): block mass at each of ``QREGS_TILES`` with
+  hand-placed barriers, then block-sparse attention at ``QREGS_SPARSE``, each checked
+  first, then timed; then the fused search through the public API at ``QREGS_FUSED``."""
+  values = (False, True)
+  run_flag(run, inp, seqs, deadline, "qregs", "q_in_registers", values,
+           check_seqs=(CHECK_SEQ, 9 * CHECK_SEQ), tiles=QREGS_TILES,
+           base={"explicit_barriers": True})
+  ok = {}
+  for bs in sorted({bs for bs, _ in QREGS_SPARSE}):
+    for value in values:
+      row = run.attempt(lambda bs=bs, value=value: check_sparse_stages(
+          bs, None, seq=CHECK_SEQ, q_in_registers=value), deadline=deadline, check=True,
+          section="qregs", op="sparse", bs=bs, q_in_registers=value)
+      ok[bs, value] = bool(row and row["ok"])
+  for seq in seqs:
+    for bs, density in QREGS_SPARSE:
+      for value in values:
+        run.attempt(lambda bs=bs, density=density, value=value: sparse_row(
+            inp, seq, bs, density, None, q_in_registers=value), deadline=deadline,
+            section="qregs", op="sparse", S=seq, bs=bs, density=density, q_in_registers=value,
+            checked_ok=ok[bs, value])
+    for mass_q, key_tile, sparse_q in QREGS_FUSED:
+      setting = {(mosaic_block_mass, "DEFAULT_Q_IN_REGISTERS"): mass_q,
+                 (mosaic_block_mass, "DEFAULT_KEY_TILE"): key_tile,
+                 (mosaic_block_sparse, "DEFAULT_Q_IN_REGISTERS"): sparse_q}
+      run.attempt(lambda setting=setting: fused_with(inp, seq, setting), deadline=deadline,
+                  section="qregs", op="fused", S=seq, bs=64, mass_q_in_registers=mass_q,
+                  key_tile=key_tile, sparse_q_in_registers=sparse_q)
 
 
 def run_anatomy(run, inp, seqs, deadline):
@@ -655,11 +704,11 @@ def parse_args(argv):
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
   modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "pingpong", "rows",
-           "anatomy", "barriers")
+           "anatomy", "barriers", "qregs")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
   tuning = mode in ("stages", "floor", "all", "keytile", "pingpong", "rows", "anatomy",
-                    "barriers")
+                    "barriers", "qregs")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -719,6 +768,8 @@ def main():
       # Also at 9x the length: several groups of key blocks, where a missing barrier shows.
       run_flag(run, inp, seqs, run.deadline(), "barriers", "explicit_barriers", (False, True),
                check_seqs=(CHECK_SEQ, 9 * CHECK_SEQ), fused_default="DEFAULT_EXPLICIT_BARRIERS")
+    if mode == "qregs":
+      run_qregs(run, inp, seqs, run.deadline())
   run.finish()
 
 

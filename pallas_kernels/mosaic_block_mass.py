@@ -63,13 +63,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_block_sparse import (
     COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, column_ids,
-    load_row_vector, qk_matmul, smem_footprint)
+    load_row_vector, load_tile, qk_matmul, smem_footprint)
 
 GROUP = 64  # key blocks per cross-row reduction; the output is padded to a multiple.
-KEY_TILE = 128  # the largest K tile (keys per stage and per QK^T wgmma).
+KEY_TILE = 128  # keys per stage and per QK^T wgmma, beside block_size itself
+WIDE_KEY_TILE = 256  # the widest a wgmma takes (N <= 256)
 DEFAULT_KEY_TILE = KEY_TILE  # what pallas_kernels.mosaic asks for (module docstring).
 DEFAULT_ROW_TILES = 1  # what pallas_kernels.mosaic asks for (module docstring).
 DEFAULT_EXPLICIT_BARRIERS = True  # likewise
+DEFAULT_Q_IN_REGISTERS = False  # likewise
 _SMEM_FOR_K = 96 * 1024
 # This kernel keeps Mosaic's default reduction scratch, so its footprint counts it.
 _REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
@@ -105,11 +107,11 @@ def smem_bytes(key_tile: int, head_dim: int, itemsize: int, stages: int,
                                               "heads_major", "stages", "key_tile",
                                               "pipeline", "schedule_barrier",
                                               "row_tiles", "explicit_barriers",
-                                              "interpret"))
+                                              "q_in_registers", "interpret"))
 def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_blocks,
                       heads_major=True, stages=None, key_tile=None, pipeline=False,
                       schedule_barrier=False, row_tiles=1, explicit_barriers=False,
-                      interpret=None):
+                      q_in_registers=False, interpret=None):
   """Per-64-row-chunk block mass on padded operands.
 
   Args:
@@ -123,8 +125,9 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     stages: K ring depth, an int >= 2 that fits in the shared memory of a CTA
       (see ``smem_bytes``); None for ``num_stages``.
     key_tile: keys per stage and wgmma: None or block_size (one key block per
-      tile) or ``KEY_TILE`` (two blocks per tile at block_size 64, faster there:
-      see the module docstring; ``pallas_kernels.mosaic`` passes ``DEFAULT_KEY_TILE``).
+      tile), ``KEY_TILE`` (two blocks per tile at block_size 64, faster there:
+      see the module docstring; ``pallas_kernels.mosaic`` passes ``DEFAULT_KEY_TILE``)
+      or ``WIDE_KEY_TILE`` (a 64 x 256 accumulator per warpgroup).
     pipeline: False, or True to overlap each tile's exp with the next tile's
       QK^T wgmma (measured slower or equal; see the module docstring).
     schedule_barrier: False, or True to make the two compute warpgroups take
@@ -139,6 +142,9 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       warpgroup barriers around every shared-memory load and store (two per
       row-sum store, four per tile at 128-key tiles) and to place the ones the
       kernel needs by hand: one before each group's table is read back.
+    q_in_registers: False, or True to hold each 64-row chunk of Q in registers
+      for the whole loop, so each QK^T wgmma reads only K from shared memory
+      (see ``mosaic_block_sparse.load_tile``).
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
@@ -147,8 +153,10 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
   dtype = q.dtype
   bs = block_size
   kt = bs if key_tile is None else key_tile
-  if kt not in (bs, KEY_TILE) or kt < bs:
-    raise ValueError(f"key_tile={key_tile!r}: expected None, {KEY_TILE} or block_size={bs}.")
+  if kt not in (bs, KEY_TILE, WIDE_KEY_TILE) or kt < bs or GROUP % (kt // bs):
+    raise ValueError(f"key_tile={key_tile!r}: expected None, {KEY_TILE}, {WIDE_KEY_TILE} or "
+                     f"block_size={bs}, at least block_size and a divisor of {GROUP} key "
+                     "blocks.")
   if not isinstance(pipeline, bool):
     raise ValueError(f"pipeline={pipeline!r}: expected True or False.")
   if not isinstance(schedule_barrier, bool) or (schedule_barrier and pipeline):
@@ -156,6 +164,8 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
                      "expected True or False, and not True with pipeline=True.")
   if not isinstance(explicit_barriers, bool):
     raise ValueError(f"explicit_barriers={explicit_barriers!r}: expected True or False.")
+  if not isinstance(q_in_registers, bool):
+    raise ValueError(f"q_in_registers={q_in_registers!r}: expected True or False.")
   if row_tiles not in (1, 2) or isinstance(row_tiles, bool):
     raise ValueError(f"row_tiles={row_tiles!r}: expected 1 or 2.")
   if row_tiles == 2 and (pipeline or schedule_barrier):
@@ -167,6 +177,9 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
                      f"row_tiles={row_tiles}.")
   per_tile = kt // bs
   n_tiles = -(-num_kv_blocks // per_tile)   # the last may end past nK: junk columns
+  if k.shape[1] < n_tiles * kt:
+    raise ValueError(f"k has {k.shape[1]} keys: expected at least {n_tiles * kt}, the "
+                     f"{n_tiles} tiles of key_tile={kt} that cover {num_kv_blocks} key blocks.")
   itemsize = jnp.dtype(dtype).itemsize
   stages = check_stages(stages, num_stages(kt, d, itemsize, row_tiles),
                         lambda n: smem_bytes(kt, d, itemsize, n, row_tiles),
@@ -210,6 +223,8 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         plgpu.barrier_wait(q_ready.at[2 * COMPUTE_WGS * c + wg])
         plgpu.barrier_wait(q_ready.at[2 * COMPUTE_WGS * c + COMPUTE_WGS + wg])
       lse_rows = [load_row_vector(lse_smem2.at[wg, c], emulate) for c in range(row_tiles)]
+      q_regs = [load_tile(q_smem2.at[wg, c], emulate) if q_in_registers else None
+                for c in range(row_tiles)]
       # One chunk keeps its LSE broadcast across the loop; two would not fit in registers
       # next to two tiles of scores, so they broadcast per tile.
       lse_b = (lax.broadcast_in_dim(lse_rows[0], (ROWS_PER_WG, kt), [0])
@@ -247,12 +262,12 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
           slot = lax.rem(t, stages)
           plgpu.barrier_wait(k_ready.at[slot])
 
-          qk = qk_matmul(q_smem2.at[wg, 0], k_smem.at[slot], after_issue=after_issue,
-                         emulate=emulate)
+          qk = qk_matmul(q_smem2.at[wg, 0], k_smem.at[slot], q_regs=q_regs[0],
+                         after_issue=after_issue, emulate=emulate)
           if row_tiles == 2:
             # Chunk 1's QK^T runs while chunk 0 exponentiates; chunk 1's scores return.
             qk0 = qk
-            qk = qk_matmul(q_smem2.at[wg, 1], k_smem.at[slot],
+            qk = qk_matmul(q_smem2.at[wg, 1], k_smem.at[slot], q_regs=q_regs[1],
                            after_issue=lambda: row_sums(t, qk0, 0), emulate=emulate)
           # The slot may be refilled only once its scores are out of the accumulator.
           plgpu.barrier_arrive(k_free.at[slot])

@@ -194,3 +194,47 @@ def test_anatomy_times_the_kernel_without_its_parts(monkeypatch, tmp_path):
   assert (True, False, None, True) in calls and (False, False, None, True) in calls
   assert {(s, hm) for e, q, s, hm in calls if s} == {(2, True), (3, True), (4, True), (3, False)}
   assert mbm.jnp is real_jnp and mbm.qk_matmul is real_qk
+
+
+def test_qregs_checks_then_times_both_kernels_and_the_fused_settings(monkeypatch, tmp_path):
+  mbm, mbs = mv.mosaic_block_mass, mv.mosaic_block_sparse
+  before = (mbm.DEFAULT_Q_IN_REGISTERS, mbm.DEFAULT_KEY_TILE, mbs.DEFAULT_Q_IN_REGISTERS)
+  mass_seen, sparse_seen, fused_seen = [], [], []
+
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, q_in_registers, explicit_barriers,
+                 **_):
+    assert explicit_barriers
+    mass_seen.append((block_size, key_tile, q_in_registers))
+    return _zeros_mass(q, num_kv_blocks)
+
+  def zeros_attention(q, lengths, block_size, q_in_registers, **_):
+    sparse_seen.append((block_size, q_in_registers))
+    return _zeros_attention(q, lengths)
+
+  def fused(q, k, v, block_size):
+    fused_seen.append((mbm.DEFAULT_Q_IN_REGISTERS, mbm.DEFAULT_KEY_TILE,
+                       mbs.DEFAULT_Q_IN_REGISTERS))
+    return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
+  monkeypatch.setattr(mv, "block_sparse_attention_padded",
+                      _stand_in(mv.block_sparse_attention_padded, zeros_attention))
+  rows = _run_mode(monkeypatch, tmp_path, "qregs", zeros_mass, fused)
+  mass_variants = [(bs, kt, v) for bs, kt in mv.QREGS_TILES for v in (False, True)]
+  checks = [(r["op"], r["S"], r["bs"], r.get("key_tile"), r["q_in_registers"])
+            for r in rows if r.get("check") and r["op"] == "mass"]
+  assert checks == [("mass", s, bs, kt, v) for bs, kt, v in mass_variants for s in (130, 1170)]
+  timed = [(r["bs"], r.get("key_tile"), r["q_in_registers"]) for r in rows
+           if r["op"] == "mass" and not r.get("check")]
+  assert timed == mass_variants and set(mass_seen) == set(mass_variants)
+  sparse_checks = [(r["bs"], r["q_in_registers"]) for r in rows
+                   if r.get("check") and r["op"] == "sparse"]
+  assert sparse_checks == [(bs, v) for bs in (64, 128) for v in (False, True)]
+  sparse_timed = [(r["bs"], r["density"], r["q_in_registers"]) for r in rows
+                  if r["op"] == "sparse" and not r.get("check")]
+  assert sparse_timed == [(bs, d, v) for bs, d in mv.QREGS_SPARSE for v in (False, True)]
+  assert {(bs, v) for bs, v in sparse_seen} == {(bs, v) for bs in (64, 128)
+                                                 for v in (False, True)}
+  fused_rows = [(r["mass_q_in_registers"], r["key_tile"], r["sparse_q_in_registers"])
+                for r in rows if r["op"] == "fused"]
+  assert fused_rows == list(mv.QREGS_FUSED) and set(fused_seen) == set(mv.QREGS_FUSED)
+  assert (mbm.DEFAULT_Q_IN_REGISTERS, mbm.DEFAULT_KEY_TILE,
+          mbs.DEFAULT_Q_IN_REGISTERS) == before

@@ -1,7 +1,9 @@
 """The Mosaic block-mass kernel's scheduling variants: ``pipeline=True`` (each tile's exp
 overlaps the next tile's QK^T, restarting at every ``GROUP`` of key blocks),
-``schedule_barrier=True`` (the two compute warpgroups take turns on the tensor cores)
-and ``row_tiles=2`` (256 query rows per CTA, two 64-row chunks per warpgroup).
+``schedule_barrier=True`` (the two compute warpgroups take turns on the tensor cores),
+``row_tiles=2`` (256 query rows per CTA, two 64-row chunks per warpgroup),
+``explicit_barriers=True`` and ``q_in_registers=True`` (the QK^T wgmma reads Q from
+registers), each with 64-, 128- and 256-key tiles.
 
 Results run under JAX's GPU interpreter (CPU) against the numpy reference, from a
 stale cached LSE, on ragged lengths with an odd number of key blocks. A few cases
@@ -27,8 +29,8 @@ TOL = 3e-2  # bf16 inputs
 
 
 VARIANTS = [{"pipeline": True}, {"schedule_barrier": True}, {"row_tiles": 2},
-            {"explicit_barriers": True}]
-VARIANT_IDS = ["pipeline", "ping_pong", "rows256", "explicit_barriers"]
+            {"explicit_barriers": True}, {"q_in_registers": True, "explicit_barriers": True}]
+VARIANT_IDS = ["pipeline", "ping_pong", "rows256", "explicit_barriers", "q_registers"]
 
 
 def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile, variant):
@@ -36,15 +38,16 @@ def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile, variant):
   b, seq, h, d = q.shape
   cta = 128 * variant.get("row_tiles", 1)
   s_pad = -(-seq // cta) * cta
-  pad = lambda x, axis, value: np.pad(
-      np.asarray(x), [(0, s_pad - seq) if a == axis else (0, 0) for a in range(x.ndim)],
+  k_pad = -(-seq // (key_tile or bs)) * (key_tile or bs)  # whole K tiles
+  pad = lambda x, axis, value, n=s_pad: np.pad(
+      np.asarray(x), [(0, n - seq) if a == axis else (0, 0) for a in range(x.ndim)],
       constant_values=value)
   # As mosaic._mass: log2 units, +inf on rows that must add nothing.
   lse2 = np.where(np.arange(seq) < length, lse / math.log(2), np.inf)
   n_blk = -(-seq // bs)
   with mosaic_interpret.device_context(True):
     chunks = block_mass_padded(
-        jnp.asarray(pad(q, 1, 0)), jnp.asarray(pad(k, 1, 0)),
+        jnp.asarray(pad(q, 1, 0)), jnp.asarray(pad(k, 1, 0, k_pad)),
         jnp.asarray(pad(lse2, 2, np.inf).astype(np.float32)), jnp.array([length], jnp.int32),
         block_size=bs, sm_scale=1 / math.sqrt(d), num_kv_blocks=n_blk, stages=stages,
         key_tile=key_tile, interpret=mosaic_interpret.params(True), **variant)
@@ -61,6 +64,8 @@ CASES = [
     (300, 270, 128, 64, 128, 2, 4),  # 3 tiles of 2 blocks: groups of 2 tiles and 1
     (300, 290, 128, 64, None, 3, 2),  # groups of 2, 2 and 1 tiles
     (300, 290, 64, 128, None, 2, 2),  # 3 blocks of 128: groups of 2 tiles and 1
+    (300, 280, 128, 64, 256, 2, 4),  # 5 blocks in 2 tiles of 4, one group per tile
+    (300, 300, 64, 128, 256, None, None),  # 3 blocks of 128 in 2 tiles of 2
 ]
 
 
@@ -68,6 +73,8 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"bs{c[3]}d{c[2]}kt{c[4]}g{c[6]}")
 def test_mass_variant_matches_reference(case, variant, monkeypatch):
   seq, length, d, bs, key_tile, stages, group = case
+  if variant.get("row_tiles") == 2 and key_tile == 256 and d == 128:
+    pytest.skip("two 256-key stages and a second row tile need more than 227 KiB")
   q, k, _ = make_qkv(41 + d + bs, 1, seq, 1, d, jnp.bfloat16)
   _, lse = numpy_ref.attention(q, k, k, (length,))
   lse = lse + np.random.default_rng(42).normal(0, 0.3, lse.shape)  # a cached, stale LSE
@@ -95,11 +102,14 @@ def _mass_call(bs, d, stages, key_tile, s=512, variant=VARIANTS[0]):
 
 @pytest.mark.parametrize("bs", [64, 128])
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("key_tile,stages", [(None, None), (None, 2), (128, None), (128, 3)])
+@pytest.mark.parametrize("key_tile,stages", [(None, None), (None, 2), (128, None), (128, 3),
+                                             (256, None)])
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 def test_mass_variant_lowers_for_cuda(bs, d, key_tile, stages, variant):
   if variant.get("row_tiles") == 2 and stages == 3 and d == 128:
     stages = 2  # the second row tile's Q and table leave room for two 128-key stages
+  if variant.get("row_tiles") == 2 and key_tile == 256 and d == 128:
+    pytest.skip("two 256-key stages and a second row tile need more than 227 KiB")
   fn, args = _mass_call(bs, d, stages, key_tile, variant=variant)
   jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
@@ -118,6 +128,25 @@ def test_bad_schedule_barrier_raises(flag):
     jax.eval_shape(functools.partial(fn, schedule_barrier=flag), *args)
   with pytest.raises(ValueError, match="not True with pipeline=True"):
     jax.eval_shape(functools.partial(fn, schedule_barrier=True, pipeline=True), *args)
+
+
+@pytest.mark.parametrize("flag", [1, None, "True"])
+def test_bad_q_in_registers_raises(flag):
+  fn, args = _mass_call(64, 128, None, None, variant={})
+  with pytest.raises(ValueError, match=f"q_in_registers={flag!r}"):
+    jax.eval_shape(functools.partial(fn, q_in_registers=flag), *args)
+
+
+def test_bad_key_tile_and_short_k_raise():
+  fn, args = _mass_call(128, 128, None, None, variant={})
+  for bad in (64, 192, 512):
+    with pytest.raises(ValueError, match=f"key_tile={bad}"):
+      jax.eval_shape(functools.partial(fn, key_tile=bad), *args)
+  # 3 key blocks of 128 in tiles of 256 read 512 keys; k holds 384.
+  q, k, lse, lengths = args
+  short = jax.ShapeDtypeStruct((1, 384, 2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="k has 384 keys: expected at least 512"):
+    jax.eval_shape(functools.partial(fn, key_tile=256), q, short, lse, lengths)
 
 
 def test_bad_row_tiles_raise():
@@ -164,3 +193,19 @@ def test_public_block_mass_asks_for_the_module_defaults(monkeypatch):
   assert asked["key_tile"] == mosaic_block_mass.DEFAULT_KEY_TILE == 128
   assert asked["explicit_barriers"] is mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS is True
   assert asked["row_tiles"] == mosaic_block_mass.DEFAULT_ROW_TILES == 1
+  assert asked["q_in_registers"] is mosaic_block_mass.DEFAULT_Q_IN_REGISTERS
+
+
+def test_public_block_mass_pads_k_to_whole_wide_tiles(monkeypatch):
+  """With 256-key tiles as the default, ``pallas_kernels.mosaic`` pads K to whole tiles;
+  the masses do not change."""
+  import pallas_kernels as pk
+  monkeypatch.setattr(mosaic_block_mass, "DEFAULT_KEY_TILE", 256)
+  monkeypatch.setattr(mosaic_block_mass, "DEFAULT_Q_IN_REGISTERS", True)
+  q, k, _ = make_qkv(9, 1, 330, 2, 64, jnp.bfloat16)
+  lengths = (330,)
+  _, lse = numpy_ref.attention(q, k, k, lengths)
+  got = pk.block_mass(q, k, jnp.asarray(lse, jnp.float32), block_size=64,
+                      implementation="mosaic", interpret=True)
+  want = numpy_ref.block_mass(q, k, lse, 64, lengths)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=TOL, atol=TOL * 1e-2)
