@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import mosaic_interpret, validation
-from pallas_kernels import mosaic_block_mass, mosaic_block_sparse
+from pallas_kernels import mosaic_block_mass
 from pallas_kernels.mosaic_block_mass import block_mass_padded
 from pallas_kernels.mosaic_block_sparse import (
     CTA_ROWS, ROWS_PER_WG, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS,
@@ -98,8 +98,7 @@ def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, interpr
   with mosaic_interpret.device_context(interpret):
     return block_sparse_attention_padded(
         qp, kp, vp, idx, steps, dense, lengths, block_size=block_size, sm_scale=scale,
-        num_kv_blocks=n_blk, q_in_registers=mosaic_block_sparse.DEFAULT_Q_IN_REGISTERS,
-        interpret=mosaic_interpret.params(interpret))
+        num_kv_blocks=n_blk, interpret=mosaic_interpret.params(interpret))
 
 
 def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
@@ -120,7 +119,6 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
                                num_kv_blocks=n_blk,
                                key_tile=key_tile, row_tiles=row_tiles,
                                explicit_barriers=mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS,
-                               q_in_registers=mosaic_block_mass.DEFAULT_Q_IN_REGISTERS,
                                interpret=mosaic_interpret.params(interpret))
   per_block = block_size // ROWS_PER_WG
   mass = chunks.reshape(b, h, s_pad // block_size, per_block, chunks.shape[-1]).sum(3)

@@ -4,7 +4,7 @@
 
 One CTA holds two compute warpgroups (64 query rows each) and a memory
 warpgroup that streams K through a ring of TMA stages shared by both, ``key_tile``
-keys per stage: one key block, or two at block_size 64 with ``key_tile=128``.
+keys per stage: one key block, or several (``key_tile`` 128 or 256).
 Per tile a warpgroup runs one QK^T on wgmma, exponentiates against its rows' LSE
 and sums each row over each key block of the tile (warp shuffles only). The
 per-row sums of ``GROUP`` consecutive key blocks go to a small shared-memory
@@ -17,6 +17,16 @@ TMA copy, and a 64 x 128 wgmma does the work of two 64 x 64 ones for one barrier
 round trip. On an H200 (jax 0.11.2, 2026-11-30, ``experiments/mosaic_variants.py
 keytile``) it took 0.637x / 0.621x of cuDNN dense time at S = 32,768 / 118,784
 against 0.700x / 0.665x with one block per tile (docs/bench/mosaic.md).
+
+Why ``key_tile=256`` (``DEFAULT_KEY_TILE`` since 2026-11-30): one 64 x 256 wgmma per
+warpgroup and stage halves the barrier round trips again. On an H200 (jax 0.11.2,
+``mosaic_variants.py widetile``, hand-placed barriers) block mass took 0.579x / 0.560x
+of cuDNN dense time at block 64 (S = 32,768 / 118,784) against 0.589x / 0.581x with
+128-key tiles, and 0.552x / 0.553x at block 128 against 0.597x / 0.571x. Each stage is
+loaded by two TMA copies of 128 keys: loaded by one copy of 256 keys, the same kernel
+gave wrong masses at S = 9000 in 9 of 16 runs (and in every run with the ping-pong
+barrier or query tiles fastest), with no failure in 40 checks since the split
+(docs/bench/mosaic.md).
 
 Why ``pipeline=True`` exists: per score, one QK^T at D=128 costs the tensor
 cores about as many SM cycles as one exp costs the MUFU units, so the kernel can
@@ -63,15 +73,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_block_sparse import (
     COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, column_ids,
-    load_row_vector, load_tile, qk_matmul, smem_footprint)
+    load_row_vector, qk_matmul, smem_footprint)
 
 GROUP = 64  # key blocks per cross-row reduction; the output is padded to a multiple.
 KEY_TILE = 128  # keys per stage and per QK^T wgmma, beside block_size itself
 WIDE_KEY_TILE = 256  # the widest a wgmma takes (N <= 256)
-DEFAULT_KEY_TILE = KEY_TILE  # what pallas_kernels.mosaic asks for (module docstring).
+DEFAULT_KEY_TILE = WIDE_KEY_TILE  # what pallas_kernels.mosaic asks for (module docstring).
 DEFAULT_ROW_TILES = 1  # what pallas_kernels.mosaic asks for (module docstring).
 DEFAULT_EXPLICIT_BARRIERS = True  # likewise
-DEFAULT_Q_IN_REGISTERS = False  # likewise
 _SMEM_FOR_K = 96 * 1024
 # This kernel keeps Mosaic's default reduction scratch, so its footprint counts it.
 _REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
@@ -107,11 +116,11 @@ def smem_bytes(key_tile: int, head_dim: int, itemsize: int, stages: int,
                                               "heads_major", "stages", "key_tile",
                                               "pipeline", "schedule_barrier",
                                               "row_tiles", "explicit_barriers",
-                                              "q_in_registers", "interpret"))
+                                              "interpret"))
 def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_blocks,
                       heads_major=True, stages=None, key_tile=None, pipeline=False,
                       schedule_barrier=False, row_tiles=1, explicit_barriers=False,
-                      q_in_registers=False, interpret=None):
+                      interpret=None):
   """Per-64-row-chunk block mass on padded operands.
 
   Args:
@@ -142,9 +151,6 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       warpgroup barriers around every shared-memory load and store (two per
       row-sum store, four per tile at 128-key tiles) and to place the ones the
       kernel needs by hand: one before each group's table is read back.
-    q_in_registers: False, or True to hold each 64-row chunk of Q in registers
-      for the whole loop, so each QK^T wgmma reads only K from shared memory
-      (see ``mosaic_block_sparse.load_tile``).
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
@@ -164,8 +170,6 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
                      "expected True or False, and not True with pipeline=True.")
   if not isinstance(explicit_barriers, bool):
     raise ValueError(f"explicit_barriers={explicit_barriers!r}: expected True or False.")
-  if not isinstance(q_in_registers, bool):
-    raise ValueError(f"q_in_registers={q_in_registers!r}: expected True or False.")
   if row_tiles not in (1, 2) or isinstance(row_tiles, bool):
     raise ValueError(f"row_tiles={row_tiles!r}: expected 1 or 2.")
   if row_tiles == 2 and (pipeline or schedule_barrier):
@@ -176,6 +180,8 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     raise ValueError(f"q has {s_pad} rows: expected a multiple of {cta_rows} with "
                      f"row_tiles={row_tiles}.")
   per_tile = kt // bs
+  copy_keys = min(kt, KEY_TILE)
+  copies = kt // copy_keys
   n_tiles = -(-num_kv_blocks // per_tile)   # the last may end past nK: junk columns
   if k.shape[1] < n_tiles * kt:
     raise ValueError(f"k has {k.shape[1]} keys: expected at least {n_tiles * kt}, the "
@@ -223,8 +229,6 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         plgpu.barrier_wait(q_ready.at[2 * COMPUTE_WGS * c + wg])
         plgpu.barrier_wait(q_ready.at[2 * COMPUTE_WGS * c + COMPUTE_WGS + wg])
       lse_rows = [load_row_vector(lse_smem2.at[wg, c], emulate) for c in range(row_tiles)]
-      q_regs = [load_tile(q_smem2.at[wg, c], emulate) if q_in_registers else None
-                for c in range(row_tiles)]
       # One chunk keeps its LSE broadcast across the loop; two would not fit in registers
       # next to two tiles of scores, so they broadcast per tile.
       lse_b = (lax.broadcast_in_dim(lse_rows[0], (ROWS_PER_WG, kt), [0])
@@ -262,12 +266,12 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
           slot = lax.rem(t, stages)
           plgpu.barrier_wait(k_ready.at[slot])
 
-          qk = qk_matmul(q_smem2.at[wg, 0], k_smem.at[slot], q_regs=q_regs[0],
-                         after_issue=after_issue, emulate=emulate)
+          qk = qk_matmul(q_smem2.at[wg, 0], k_smem.at[slot], after_issue=after_issue,
+                         emulate=emulate)
           if row_tiles == 2:
             # Chunk 1's QK^T runs while chunk 0 exponentiates; chunk 1's scores return.
             qk0 = qk
-            qk = qk_matmul(q_smem2.at[wg, 1], k_smem.at[slot], q_regs=q_regs[1],
+            qk = qk_matmul(q_smem2.at[wg, 1], k_smem.at[slot],
                            after_issue=lambda: row_sums(t, qk0, 0), emulate=emulate)
           # The slot may be refilled only once its scores are out of the accumulator.
           plgpu.barrier_arrive(k_free.at[slot])
@@ -327,8 +331,12 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         def _():
           plgpu.barrier_wait(k_free.at[slot])
 
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(t * kt, kt), hi], k_smem.at[slot],
-                                k_ready.at[slot])
+        # A 256-key tile is two copies of 128 keys on one barrier (two arrivals): as one
+        # copy the H200 gave wrong masses in some runs (docs/bench/mosaic.md).
+        for part in range(copies):
+          keys = pl.ds(part * copy_keys, copy_keys)
+          plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(t * kt + part * copy_keys, copy_keys), hi],
+                                  k_smem.at[slot, keys], k_ready.at[slot])
 
       # Observe the last consumptions too (see mosaic_block_sparse).
       @pl.loop(max(n_tiles - stages, 0), n_tiles)
@@ -343,7 +351,7 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         plgpu.SMEM((COMPUTE_WGS, row_tiles, ROWS_PER_WG), jnp.float32),
         plgpu.SMEM((COMPUTE_WGS, row_tiles, GROUP, ROWS_PER_WG), jnp.float32),
         plgpu.SMEM((COMPUTE_WGS, row_tiles, GROUP), jnp.float32),
-        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
         plgpu.Barrier(num_barriers=2 * COMPUTE_WGS * row_tiles),  # Q and LSE of each chunk.
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # ping-pong (schedule_barrier)

@@ -30,7 +30,6 @@ COMPUTE_WGS = 2
 CTA_ROWS = ROWS_PER_WG * COMPUTE_WGS
 SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_HEAD_DIMS = (64, 128)
-DEFAULT_Q_IN_REGISTERS = False  # what pallas_kernels.mosaic asks for, read when it traces
 _SMEM_FOR_KV = 160 * 1024  # bytes of K/V stages; leaves room for Q/O, LSE and barriers.
 SMEM_LIMIT = 232448  # bytes of shared memory one sm90 CTA may opt in to (227 KiB).
 # Mosaic GPU rounds every scoped buffer and the reduction scratch up to 1 KiB and
@@ -45,42 +44,26 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
 
-def qk_matmul(q_smem, k_smem, *, q_regs=None, after_issue=None, emulate=False):
+def qk_matmul(q_smem, k_smem, *, after_issue=None, emulate=False):
   """q_smem [M, D] @ k_smem[N, D]^T -> float32 [M, N] in the WGMMA layout.
 
-  ``q_regs``: the Q tile already in registers (``load_tile``), read by the
-  wgmma instead of ``q_smem``. ``after_issue`` runs while the wgmma is in
-  flight. ``emulate`` (the GPU interpreter, whose wgmma takes neither
-  transposed operands nor register operands) multiplies with ``jnp.dot``.
+  ``after_issue`` runs while the wgmma is in flight. ``emulate`` (the GPU
+  interpreter, whose wgmma takes neither transposed operands nor register
+  operands) reads both tiles and multiplies with ``jnp.dot`` instead.
   """
   if emulate:
-    q = q_smem[...] if q_regs is None else q_regs
-    qk = jnp.dot(q, k_smem[...].T, preferred_element_type=jnp.float32)
+    qk = jnp.dot(q_smem[...], k_smem[...].T, preferred_element_type=jnp.float32)
     if after_issue is not None:
       after_issue()
     return qk
 
   def scope(acc_ref):
-    q = q_smem if q_regs is None else q_regs
-    plgpu.wgmma(acc_ref, q, plgpu.transpose_ref(k_smem, (1, 0)))
+    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
     if after_issue is not None:
       after_issue()
     return acc_ref[...]
 
   return pl.run_scoped(scope, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
-
-
-def load_tile(ref, emulate=False):
-  """A [64, D] 16-bit shared-memory tile in registers, in the layout a wgmma takes
-  its A operand from.
-
-  Why: a wgmma with both operands in shared memory reads A and B for every
-  16-wide slice of D. Per 64 x 128 x 128 QK^T that is 48 KB, against 32 KB with
-  Q in registers, and the shared-memory port is also what the TMA copies fill.
-  """
-  if emulate:
-    return ref[...]
-  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
 
 
 def pv_matmul(acc, p, v_smem, *, after_issue=None, emulate=False):
@@ -226,11 +209,11 @@ def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, key_bloc
 @functools.partial(
     jax.jit,
     static_argnames=("block_size", "sm_scale", "num_kv_blocks", "schedule_barrier",
-                     "heads_major", "stages", "q_in_registers", "interpret"))
+                     "heads_major", "stages", "interpret"))
 def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, lengths,
                                   *, block_size, sm_scale, num_kv_blocks,
                                   schedule_barrier=True, heads_major=True, stages=None,
-                                  q_in_registers=False, interpret=None):
+                                  interpret=None):
   """Block-sparse attention on padded operands.
 
   Args:
@@ -247,9 +230,6 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       Heads fastest ran 1.2-1.7x faster on an H200 (docs/bench/mosaic.md).
     stages: K/V ring depth per pipeline, an int >= 2 whose rings fit in
       ``SMEM_LIMIT`` (see ``smem_bytes``); None for ``num_stages``.
-    q_in_registers: False, or True to hold each warpgroup's Q tile in registers
-      for the whole loop, so each QK^T wgmma reads only K from shared memory
-      (see ``load_tile``).
     interpret: None to compile, or an ``InterpretGPUParams``.
 
   Returns:
@@ -259,8 +239,6 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
   b, s_pad, h, d = q.shape
   dtype = q.dtype
   bs = block_size
-  if not isinstance(q_in_registers, bool):
-    raise ValueError(f"q_in_registers={q_in_registers!r}: expected True or False.")
   pipes = 2 if bs == ROWS_PER_WG else 1
   itemsize = jnp.dtype(dtype).itemsize
   stages = check_stages(stages, num_stages(bs, d, itemsize),
@@ -310,7 +288,6 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi], qo_smem,
                               q_ready.at[wg])
       plgpu.barrier_wait(q_ready.at[wg])
-      q_regs = load_tile(qo_smem, emulate) if q_in_registers else None
 
       row_layout = plgpu.Layout.WGMMA.reduce(1)
       m_i = with_layout(jnp.full((ROWS_PER_WG,), -jnp.inf, jnp.float32), row_layout, emulate)
@@ -331,8 +308,7 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
         key0 = block_of(idx_ref, dense_ref, bi, hi, qb, step) * bs
         n_valid = length - key0
 
-        qk = qk_matmul(qo_smem, k_smem.at[slot], q_regs=q_regs, after_issue=ping_pong,
-                       emulate=emulate)
+        qk = qk_matmul(qo_smem, k_smem.at[slot], after_issue=ping_pong, emulate=emulate)
         plgpu.barrier_arrive(k_free.at[slot])
 
         def mask_tail(x):

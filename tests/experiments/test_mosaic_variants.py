@@ -196,45 +196,33 @@ def test_anatomy_times_the_kernel_without_its_parts(monkeypatch, tmp_path):
   assert mbm.jnp is real_jnp and mbm.qk_matmul is real_qk
 
 
-def test_qregs_checks_then_times_both_kernels_and_the_fused_settings(monkeypatch, tmp_path):
-  mbm, mbs = mv.mosaic_block_mass, mv.mosaic_block_sparse
-  before = (mbm.DEFAULT_Q_IN_REGISTERS, mbm.DEFAULT_KEY_TILE, mbs.DEFAULT_Q_IN_REGISTERS)
-  mass_seen, sparse_seen, fused_seen = [], [], []
+def test_widetile_checks_then_times_every_tile(monkeypatch, tmp_path):
+  mbm = mv.mosaic_block_mass
+  before = mbm.DEFAULT_KEY_TILE
+  seen, fused_tiles = [], []
 
-  def zeros_mass(q, num_kv_blocks, key_tile, block_size, q_in_registers, explicit_barriers,
-                 **_):
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers, schedule_barrier,
+                 heads_major, **_):
     assert explicit_barriers
-    mass_seen.append((block_size, key_tile, q_in_registers))
+    seen.append((block_size, key_tile, schedule_barrier, heads_major))
     return _zeros_mass(q, num_kv_blocks)
 
-  def zeros_attention(q, lengths, block_size, q_in_registers, **_):
-    sparse_seen.append((block_size, q_in_registers))
-    return _zeros_attention(q, lengths)
-
   def fused(q, k, v, block_size):
-    fused_seen.append((mbm.DEFAULT_Q_IN_REGISTERS, mbm.DEFAULT_KEY_TILE,
-                       mbs.DEFAULT_Q_IN_REGISTERS))
+    fused_tiles.append(mbm.DEFAULT_KEY_TILE)
     return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
-  monkeypatch.setattr(mv, "block_sparse_attention_padded",
-                      _stand_in(mv.block_sparse_attention_padded, zeros_attention))
-  rows = _run_mode(monkeypatch, tmp_path, "qregs", zeros_mass, fused)
-  mass_variants = [(bs, kt, v) for bs, kt in mv.QREGS_TILES for v in (False, True)]
-  checks = [(r["op"], r["S"], r["bs"], r.get("key_tile"), r["q_in_registers"])
-            for r in rows if r.get("check") and r["op"] == "mass"]
-  assert checks == [("mass", s, bs, kt, v) for bs, kt, v in mass_variants for s in (130, 1170)]
-  timed = [(r["bs"], r.get("key_tile"), r["q_in_registers"]) for r in rows
+  rows = _run_mode(monkeypatch, tmp_path, "widetile", zeros_mass, fused)
+  # CHECK_SEQ = 130: checks at 130, 1170 (three ways) and 2340, twice per tile.
+  checks = [(r["S"], r["bs"], r.get("key_tile"), r.get("schedule_barrier"),
+             r.get("heads_major")) for r in rows if r.get("check")]
+  ways = [(130, None, None), (1170, None, None), (1170, True, None), (1170, None, False),
+          (2340, None, None)]
+  assert checks == [(s, bs, kt, sb, hm) for bs, kt in mv.WIDE_TILES for _ in range(2)
+                    for s, sb, hm in ways]
+  assert not any(r["ok"] for r in rows if r.get("check"))  # the stand-in returns zeros
+  timed = [(r["bs"], r.get("key_tile"), r["checked_ok"]) for r in rows
            if r["op"] == "mass" and not r.get("check")]
-  assert timed == mass_variants and set(mass_seen) == set(mass_variants)
-  sparse_checks = [(r["bs"], r["q_in_registers"]) for r in rows
-                   if r.get("check") and r["op"] == "sparse"]
-  assert sparse_checks == [(bs, v) for bs in (64, 128) for v in (False, True)]
-  sparse_timed = [(r["bs"], r["density"], r["q_in_registers"]) for r in rows
-                  if r["op"] == "sparse" and not r.get("check")]
-  assert sparse_timed == [(bs, d, v) for bs, d in mv.QREGS_SPARSE for v in (False, True)]
-  assert {(bs, v) for bs, v in sparse_seen} == {(bs, v) for bs in (64, 128)
-                                                 for v in (False, True)}
-  fused_rows = [(r["mass_q_in_registers"], r["key_tile"], r["sparse_q_in_registers"])
-                for r in rows if r["op"] == "fused"]
-  assert fused_rows == list(mv.QREGS_FUSED) and set(fused_seen) == set(mv.QREGS_FUSED)
-  assert (mbm.DEFAULT_Q_IN_REGISTERS, mbm.DEFAULT_KEY_TILE,
-          mbs.DEFAULT_Q_IN_REGISTERS) == before
+  assert timed == [(bs, kt, False) for bs, kt in mv.WIDE_TILES]
+  assert {(bs, kt) for bs, kt, _, _ in seen} == set(mv.WIDE_TILES)
+  assert {(sb, hm) for _, _, sb, hm in seen} == {(False, True), (True, True), (False, False)}
+  assert [r["key_tile"] for r in rows if r["op"] == "fused"] == [128, 256] == fused_tiles
+  assert mbm.DEFAULT_KEY_TILE == before

@@ -1,9 +1,9 @@
 """The Mosaic block-mass kernel's scheduling variants: ``pipeline=True`` (each tile's exp
 overlaps the next tile's QK^T, restarting at every ``GROUP`` of key blocks),
 ``schedule_barrier=True`` (the two compute warpgroups take turns on the tensor cores),
-``row_tiles=2`` (256 query rows per CTA, two 64-row chunks per warpgroup),
-``explicit_barriers=True`` and ``q_in_registers=True`` (the QK^T wgmma reads Q from
-registers), each with 64-, 128- and 256-key tiles.
+``row_tiles=2`` (256 query rows per CTA, two 64-row chunks per warpgroup) and
+``explicit_barriers=True``, each with 64-, 128- and 256-key tiles (two TMA copies per
+256-key stage).
 
 Results run under JAX's GPU interpreter (CPU) against the numpy reference, from a
 stale cached LSE, on ragged lengths with an odd number of key blocks. A few cases
@@ -29,8 +29,8 @@ TOL = 3e-2  # bf16 inputs
 
 
 VARIANTS = [{"pipeline": True}, {"schedule_barrier": True}, {"row_tiles": 2},
-            {"explicit_barriers": True}, {"q_in_registers": True, "explicit_barriers": True}]
-VARIANT_IDS = ["pipeline", "ping_pong", "rows256", "explicit_barriers", "q_registers"]
+            {"explicit_barriers": True}]
+VARIANT_IDS = ["pipeline", "ping_pong", "rows256", "explicit_barriers"]
 
 
 def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile, variant):
@@ -130,13 +130,6 @@ def test_bad_schedule_barrier_raises(flag):
     jax.eval_shape(functools.partial(fn, schedule_barrier=True, pipeline=True), *args)
 
 
-@pytest.mark.parametrize("flag", [1, None, "True"])
-def test_bad_q_in_registers_raises(flag):
-  fn, args = _mass_call(64, 128, None, None, variant={})
-  with pytest.raises(ValueError, match=f"q_in_registers={flag!r}"):
-    jax.eval_shape(functools.partial(fn, q_in_registers=flag), *args)
-
-
 def test_bad_key_tile_and_short_k_raise():
   fn, args = _mass_call(128, 128, None, None, variant={})
   for bad in (64, 192, 512):
@@ -177,7 +170,7 @@ def test_public_block_mass_with_256_row_ctas(monkeypatch):
 
 
 def test_public_block_mass_asks_for_the_module_defaults(monkeypatch):
-  """``pallas_kernels.mosaic`` passes the measured defaults (128-key tiles, hand-placed
+  """``pallas_kernels.mosaic`` passes the measured defaults (256-key tiles, hand-placed
   barriers, one row tile) to the kernel, read when it traces."""
   import pallas_kernels as pk
   from pallas_kernels import mosaic
@@ -190,18 +183,16 @@ def test_public_block_mass_asks_for_the_module_defaults(monkeypatch):
   q, k, _ = make_qkv(5, 1, 130, 1, 64, jnp.bfloat16)
   pk.block_mass(q, k, jnp.zeros((1, 1, 130), jnp.float32), block_size=64,
                 implementation="mosaic", interpret=True)
-  assert asked["key_tile"] == mosaic_block_mass.DEFAULT_KEY_TILE == 128
+  assert asked["key_tile"] == mosaic_block_mass.DEFAULT_KEY_TILE == 256
   assert asked["explicit_barriers"] is mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS is True
   assert asked["row_tiles"] == mosaic_block_mass.DEFAULT_ROW_TILES == 1
-  assert asked["q_in_registers"] is mosaic_block_mass.DEFAULT_Q_IN_REGISTERS
 
 
-def test_public_block_mass_pads_k_to_whole_wide_tiles(monkeypatch):
-  """With 256-key tiles as the default, ``pallas_kernels.mosaic`` pads K to whole tiles;
+def test_public_block_mass_pads_k_to_whole_wide_tiles():
+  """With 256-key tiles (the default), ``pallas_kernels.mosaic`` pads K to whole tiles;
   the masses do not change."""
   import pallas_kernels as pk
-  monkeypatch.setattr(mosaic_block_mass, "DEFAULT_KEY_TILE", 256)
-  monkeypatch.setattr(mosaic_block_mass, "DEFAULT_Q_IN_REGISTERS", True)
+  assert mosaic_block_mass.DEFAULT_KEY_TILE == 256
   q, k, _ = make_qkv(9, 1, 330, 2, 64, jnp.bfloat16)
   lengths = (330,)
   _, lse = numpy_ref.attention(q, k, k, lengths)
