@@ -17,6 +17,7 @@ so the numbers do not depend on the defaults of the day.
   python3 experiments/mosaic_variants.py anatomy [S ...]    # block-mass time without its parts
   python3 experiments/mosaic_variants.py barriers [S ...]   # block mass, hand-placed barriers
   python3 experiments/mosaic_variants.py widetile [S ...]   # block mass, 256-key tiles
+  python3 experiments/mosaic_variants.py wgs [S ...]        # block mass, 3 warpgroups
 
 (from the repository root with PYTHONPATH=.; S defaults to 32768 118784.)
 
@@ -63,6 +64,12 @@ the fused search through the public API with each. cuDNN in the same run.
 tiles (``WIDE_TILES``), each checked twice at each of ``WIDE_CHECKS`` (S = 1000, 9000 with
 and without the ping-pong barrier and query tiles fastest, 18000), then timed; then the
 fused search through the public API with each tile. cuDNN in the same run.
+
+``wgs``: block mass (hand-placed barriers) with three compute warpgroups per CTA
+(``compute_wgs=3``, 192 query rows) against two, at the settings of ``WGS_VARIANTS``,
+each checked at S = 1000, 9000 (also query tiles fastest) and 18000, then timed; then the
+fused search through the public API with ``WGS_FUSED``. Rows are padded to whole CTAs
+(S = 32,768 to 32,832 and 118,784 to 118,848 with three). cuDNN in the same run.
 
 ``all`` writes one JSON, rewritten after every row; a row whose measurement
 raises records the error and the run goes on. ``--budget`` (seconds from the
@@ -382,7 +389,7 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False, **variant):
 def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None, **variant):
   """The padded block-mass kernel at a ring depth (K tile, other kernel keywords:
   ``variant``) vs the reference, from a stale LSE."""
-  row_tiles = variant.get("row_tiles", 1)
+  cta = 64 * variant.get("compute_wgs", 2) * variant.get("row_tiles", 1)
   key, q, k, v, lengths, n_blk, _, _ = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
   _, lse, _ = pk.attention_with_block_mass(q, k, v, block_size=bs, kv_lengths=lengths,
                                            implementation="reference")
@@ -392,7 +399,7 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
   # As mosaic._mass: log2 units, +inf on rows that must add nothing.
   rows_ok = jnp.arange(seq)[None, None, :] < lengths[:, None, None]
   lse2 = jnp.where(rows_ok, cached / math.log(2), jnp.inf)
-  s_pad = -(-seq // (128 * row_tiles)) * 128 * row_tiles
+  s_pad = -(-seq // math.lcm(cta, bs)) * math.lcm(cta, bs)
   lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, s_pad - seq)), constant_values=jnp.inf)
   k_pad = -(-seq // max(bs, key_tile or bs)) * max(bs, key_tile or bs)  # whole K tiles
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - seq), (0, 0), (0, 0)))
@@ -428,13 +435,17 @@ def sparse_row(inp, seq, bs, density, stages, **variant):
 
 def mass_row(inp, seq, stages, bs=64, key_tile=None, **variant):
   """The block-mass kernel timed at ``seq`` with kernel keywords ``variant`` (Pallas'
-  automatic barriers unless it says otherwise)."""
+  automatic barriers unless it says otherwise); Q is padded to whole CTAs."""
   _, (q, k, _) = inp.qkv(seq)
-  lse2 = jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32)
+  rows = 64 * variant.get("compute_wgs", 2) * variant.get("row_tiles", 1)  # per CTA
+  s_pad = -(-seq // math.lcm(rows, bs)) * math.lcm(rows, bs)
+  q = jnp.pad(q, ((0, 0), (0, s_pad - seq), (0, 0), (0, 0)))
+  lse2 = jnp.pad(jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32),
+                 ((0, 0), (0, 0), (0, s_pad - seq)), constant_values=jnp.inf)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=SM_SCALE,
                          num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile, **variant)
   t = time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps)
-  k_bytes = B * H * (seq // 128) * seq * D * 2  # every CTA streams every K block once
+  k_bytes = B * H * (s_pad // rows) * seq * D * 2  # every CTA streams every K block once
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq), "k_GBps": k_bytes / t / 1e9}
 
 
@@ -615,31 +626,61 @@ WIDE_CHECKS = ((1, {}), (9, {}), (9, {"schedule_barrier": True}), (9, {"heads_ma
                (18, {}))
 
 
-def run_widetile(run, inp, seqs, deadline, repeats=2):
-  """Block mass (hand-placed barriers) at each (block size, key tile) of ``WIDE_TILES``,
-  checked ``repeats`` times at each of ``WIDE_CHECKS``, then timed; then the fused search
-  through the public API with 128- and 256-key tiles."""
-  cudnn_rows(run, inp, seqs, "widetile", deadline)
-  ok = {}
-  for bs, kt in WIDE_TILES:
+def run_mass_grid(run, inp, seqs, deadline, section, variants, checks, fused, repeats=1):
+  """Block mass (hand-placed barriers) with each of ``variants`` (kernel keywords, ``bs``
+  and ``key_tile`` among them), checked ``repeats`` times at each of ``checks`` ((length in
+  CHECK_SEQs, more keywords)), then timed; then the fused search through the public API
+  with each of ``fused`` ({name: value} of ``mosaic_block_mass`` defaults)."""
+  cudnn_rows(run, inp, seqs, section, deadline)
+  split = lambda v: (v["bs"], v["key_tile"],
+                     {k: x for k, x in v.items() if k not in ("bs", "key_tile")})
+  ok = []
+  for variant in variants:
+    bs, kt, kw = split(variant)
     good = True
     for rep in range(repeats):
-      for times, extra in WIDE_CHECKS:
+      for times, extra in checks:
         seq = times * CHECK_SEQ
-        row = run.attempt(lambda bs=bs, kt=kt, seq=seq, extra=extra: check_mass_stages(
-            bs, None, seq=seq, key_tile=kt, explicit_barriers=True, **extra),
-            deadline=deadline, check=True, section="widetile", op="mass", S=seq, bs=bs,
-            key_tile=kt, repeat=rep, **extra)
+        row = run.attempt(lambda bs=bs, kt=kt, kw=kw, seq=seq, extra=extra: check_mass_stages(
+            bs, None, seq=seq, key_tile=kt, explicit_barriers=True, **kw, **extra),
+            deadline=deadline, check=True, section=section, op="mass", S=seq, bs=bs,
+            key_tile=kt, repeat=rep, **kw, **extra)
         good = good and bool(row and row["ok"])
-    ok[bs, kt] = good
+    ok.append(good)
   for seq in seqs:
-    for bs, kt in WIDE_TILES:
-      run.attempt(lambda bs=bs, kt=kt: mass_row(inp, seq, None, bs, kt, explicit_barriers=True),
-                  deadline=deadline, section="widetile", op="mass", S=seq, bs=bs, key_tile=kt,
-                  checked_ok=ok[bs, kt])
-    for kt in (128, 256):
-      run.attempt(lambda kt=kt: fused_with(inp, seq, {(mosaic_block_mass, "DEFAULT_KEY_TILE"): kt}),
-                  deadline=deadline, section="widetile", op="fused", S=seq, bs=64, key_tile=kt)
+    for variant, good in zip(variants, ok):
+      bs, kt, kw = split(variant)
+      run.attempt(lambda bs=bs, kt=kt, kw=kw: mass_row(inp, seq, None, bs, kt,
+                                                       explicit_barriers=True, **kw),
+                  deadline=deadline, section=section, op="mass", S=seq, bs=bs, key_tile=kt,
+                  checked_ok=good, **kw)
+    for setting in fused:
+      run.attempt(lambda setting=setting: fused_with(
+          inp, seq, {(mosaic_block_mass, name): value for name, value in setting.items()}),
+          deadline=deadline, section=section, op="fused", S=seq, bs=64, **setting)
+
+
+def run_widetile(run, inp, seqs, deadline):
+  """``WIDE_TILES``, each checked twice at each of ``WIDE_CHECKS``; fused with 128 and 256."""
+  run_mass_grid(run, inp, seqs, deadline, "widetile",
+                [{"bs": bs, "key_tile": kt} for bs, kt in WIDE_TILES], WIDE_CHECKS,
+                [{"DEFAULT_KEY_TILE": 128}, {"DEFAULT_KEY_TILE": 256}], repeats=2)
+
+
+# Three compute warpgroups (192 query rows per CTA) against the defaults of their block
+# size; 256-key tiles do not fit in shared memory with three at D=128.
+WGS_VARIANTS = (
+    {"bs": 64, "key_tile": 256, "compute_wgs": 2}, {"bs": 64, "key_tile": 128, "compute_wgs": 2},
+    {"bs": 64, "key_tile": 128, "compute_wgs": 3}, {"bs": 64, "key_tile": None, "compute_wgs": 3},
+    {"bs": 128, "key_tile": 256, "compute_wgs": 2}, {"bs": 128, "key_tile": None, "compute_wgs": 3})
+WGS_CHECKS = ((1, {}), (9, {}), (9, {"heads_major": False}), (18, {}))
+WGS_FUSED = ({"DEFAULT_KEY_TILE": 256, "DEFAULT_COMPUTE_WGS": 2},
+             {"DEFAULT_KEY_TILE": 128, "DEFAULT_COMPUTE_WGS": 3})
+
+
+def run_wgs(run, inp, seqs, deadline):
+  """``WGS_VARIANTS``, each checked at each of ``WGS_CHECKS``; fused with ``WGS_FUSED``."""
+  run_mass_grid(run, inp, seqs, deadline, "wgs", WGS_VARIANTS, WGS_CHECKS, WGS_FUSED)
 
 
 def run_anatomy(run, inp, seqs, deadline):
@@ -699,11 +740,11 @@ def parse_args(argv):
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
   modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "pingpong", "rows",
-           "anatomy", "barriers", "widetile")
+           "anatomy", "barriers", "widetile", "wgs")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
   tuning = mode in ("stages", "floor", "all", "keytile", "pingpong", "rows", "anatomy",
-                    "barriers", "widetile")
+                    "barriers", "widetile", "wgs")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -765,6 +806,8 @@ def main():
                check_seqs=(CHECK_SEQ, 9 * CHECK_SEQ), fused_default="DEFAULT_EXPLICIT_BARRIERS")
     if mode == "widetile":
       run_widetile(run, inp, seqs, run.deadline())
+    if mode == "wgs":
+      run_wgs(run, inp, seqs, run.deadline())
   run.finish()
 
 
