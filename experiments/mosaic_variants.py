@@ -17,7 +17,6 @@ so the numbers do not depend on the defaults of the day.
   python3 experiments/mosaic_variants.py anatomy [S ...]    # block-mass time without its parts
   python3 experiments/mosaic_variants.py barriers [S ...]   # block mass, hand-placed barriers
   python3 experiments/mosaic_variants.py widetile [S ...]   # block mass, 256-key tiles
-  python3 experiments/mosaic_variants.py wgs [S ...]        # block mass, 3 warpgroups
 
 (from the repository root with PYTHONPATH=.; S defaults to 32768 118784.)
 
@@ -64,12 +63,6 @@ the fused search through the public API with each. cuDNN in the same run.
 tiles (``WIDE_TILES``), each checked twice at each of ``WIDE_CHECKS`` (S = 1000, 9000 with
 and without the ping-pong barrier and query tiles fastest, 18000), then timed; then the
 fused search through the public API with each tile. cuDNN in the same run.
-
-``wgs``: block mass (hand-placed barriers) with three compute warpgroups per CTA
-(``compute_wgs=3``, 192 query rows) against two, at the settings of ``WGS_VARIANTS``,
-each checked at S = 1000, 9000 (also query tiles fastest) and 18000, then timed; then the
-fused search through the public API with ``WGS_FUSED``. Rows are padded to whole CTAs
-(S = 32,768 to 32,832 and 118,784 to 118,848 with three). cuDNN in the same run.
 
 ``all`` writes one JSON, rewritten after every row; a row whose measurement
 raises records the error and the run goes on. ``--budget`` (seconds from the
@@ -389,7 +382,7 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False, **variant):
 def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None, **variant):
   """The padded block-mass kernel at a ring depth (K tile, other kernel keywords:
   ``variant``) vs the reference, from a stale LSE."""
-  cta = 64 * variant.get("compute_wgs", 2) * variant.get("row_tiles", 1)
+  cta = 128 * variant.get("row_tiles", 1)
   key, q, k, v, lengths, n_blk, _, _ = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
   _, lse, _ = pk.attention_with_block_mass(q, k, v, block_size=bs, kv_lengths=lengths,
                                            implementation="reference")
@@ -399,7 +392,7 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
   # As mosaic._mass: log2 units, +inf on rows that must add nothing.
   rows_ok = jnp.arange(seq)[None, None, :] < lengths[:, None, None]
   lse2 = jnp.where(rows_ok, cached / math.log(2), jnp.inf)
-  s_pad = -(-seq // math.lcm(cta, bs)) * math.lcm(cta, bs)
+  s_pad = -(-seq // cta) * cta
   lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, s_pad - seq)), constant_values=jnp.inf)
   k_pad = -(-seq // max(bs, key_tile or bs)) * max(bs, key_tile or bs)  # whole K tiles
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - seq), (0, 0), (0, 0)))
@@ -435,17 +428,14 @@ def sparse_row(inp, seq, bs, density, stages, **variant):
 
 def mass_row(inp, seq, stages, bs=64, key_tile=None, **variant):
   """The block-mass kernel timed at ``seq`` with kernel keywords ``variant`` (Pallas'
-  automatic barriers unless it says otherwise); Q is padded to whole CTAs."""
+  automatic barriers unless it says otherwise)."""
   _, (q, k, _) = inp.qkv(seq)
-  rows = 64 * variant.get("compute_wgs", 2) * variant.get("row_tiles", 1)  # per CTA
-  s_pad = -(-seq // math.lcm(rows, bs)) * math.lcm(rows, bs)
-  q = jnp.pad(q, ((0, 0), (0, s_pad - seq), (0, 0), (0, 0)))
-  lse2 = jnp.pad(jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32),
-                 ((0, 0), (0, 0), (0, s_pad - seq)), constant_values=jnp.inf)
+  rows = 128 * variant.get("row_tiles", 1)  # per CTA
+  lse2 = jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=SM_SCALE,
                          num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile, **variant)
   t = time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps)
-  k_bytes = B * H * (s_pad // rows) * seq * D * 2  # every CTA streams every K block once
+  k_bytes = B * H * (seq // rows) * seq * D * 2  # every CTA streams every K block once
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq), "k_GBps": k_bytes / t / 1e9}
 
 
@@ -667,22 +657,6 @@ def run_widetile(run, inp, seqs, deadline):
                 [{"DEFAULT_KEY_TILE": 128}, {"DEFAULT_KEY_TILE": 256}], repeats=2)
 
 
-# Three compute warpgroups (192 query rows per CTA) against the defaults of their block
-# size; 256-key tiles do not fit in shared memory with three at D=128.
-WGS_VARIANTS = (
-    {"bs": 64, "key_tile": 256, "compute_wgs": 2}, {"bs": 64, "key_tile": 128, "compute_wgs": 2},
-    {"bs": 64, "key_tile": 128, "compute_wgs": 3}, {"bs": 64, "key_tile": None, "compute_wgs": 3},
-    {"bs": 128, "key_tile": 256, "compute_wgs": 2}, {"bs": 128, "key_tile": None, "compute_wgs": 3})
-WGS_CHECKS = ((1, {}), (9, {}), (9, {"heads_major": False}), (18, {}))
-WGS_FUSED = ({"DEFAULT_KEY_TILE": 256, "DEFAULT_COMPUTE_WGS": 2},
-             {"DEFAULT_KEY_TILE": 128, "DEFAULT_COMPUTE_WGS": 3})
-
-
-def run_wgs(run, inp, seqs, deadline):
-  """``WGS_VARIANTS``, each checked at each of ``WGS_CHECKS``; fused with ``WGS_FUSED``."""
-  run_mass_grid(run, inp, seqs, deadline, "wgs", WGS_VARIANTS, WGS_CHECKS, WGS_FUSED)
-
-
 def run_anatomy(run, inp, seqs, deadline):
   """Block mass at bs 64 without its parts, then ring depths and launch order."""
   cudnn_rows(run, inp, seqs, "anatomy", deadline)
@@ -740,11 +714,11 @@ def parse_args(argv):
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
   modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "pingpong", "rows",
-           "anatomy", "barriers", "widetile", "wgs")
+           "anatomy", "barriers", "widetile")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
   tuning = mode in ("stages", "floor", "all", "keytile", "pingpong", "rows", "anatomy",
-                    "barriers", "widetile", "wgs")
+                    "barriers", "widetile")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -806,8 +780,6 @@ def main():
                check_seqs=(CHECK_SEQ, 9 * CHECK_SEQ), fused_default="DEFAULT_EXPLICIT_BARRIERS")
     if mode == "widetile":
       run_widetile(run, inp, seqs, run.deadline())
-    if mode == "wgs":
-      run_wgs(run, inp, seqs, run.deadline())
   run.finish()
 
 

@@ -108,9 +108,7 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
   # Read at trace time, so a benchmark can set them (module docstring of mosaic_block_mass).
   row_tiles = mosaic_block_mass.DEFAULT_ROW_TILES
   key_tile = mosaic_block_mass.DEFAULT_KEY_TILE
-  wgs = mosaic_block_mass.DEFAULT_COMPUTE_WGS
-  # Whole CTAs of 64 x wgs x row_tiles rows, and whole query blocks.
-  s_pad = _padded_len(qp.shape[1], math.lcm(ROWS_PER_WG * wgs * row_tiles, block_size))
+  s_pad = _padded_len(qp.shape[1], CTA_ROWS * row_tiles)
   qp = _pad_seq(qp, s_pad, 1)
   kp = _pad_seq(kp, _padded_len(kp.shape[1], max(key_tile, block_size)), 1)  # whole K tiles
   rows_ok = jnp.arange(seq)[None, None, :] < lengths[:, None, None]
@@ -119,7 +117,7 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
   with mosaic_interpret.device_context(interpret):
     chunks = block_mass_padded(qp, kp, lse2, lengths, block_size=block_size, sm_scale=scale,
                                num_kv_blocks=n_blk,
-                               key_tile=key_tile, row_tiles=row_tiles, compute_wgs=wgs,
+                               key_tile=key_tile, row_tiles=row_tiles,
                                explicit_barriers=mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS,
                                interpret=mosaic_interpret.params(interpret))
   per_block = block_size // ROWS_PER_WG

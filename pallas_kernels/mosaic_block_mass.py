@@ -72,7 +72,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_block_sparse import (
-    COMPUTE_WGS, ROWS_PER_WG, SMEM_LIMIT, _smem_transforms, check_stages, column_ids,
+    COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, SMEM_LIMIT, _smem_transforms, check_stages, column_ids,
     load_row_vector, qk_matmul, smem_footprint)
 
 GROUP = 64  # key blocks per cross-row reduction; the output is padded to a multiple.
@@ -81,7 +81,6 @@ WIDE_KEY_TILE = 256  # the widest a wgmma takes (N <= 256)
 DEFAULT_KEY_TILE = WIDE_KEY_TILE  # what pallas_kernels.mosaic asks for (module docstring).
 DEFAULT_ROW_TILES = 1  # what pallas_kernels.mosaic asks for (module docstring).
 DEFAULT_EXPLICIT_BARRIERS = True  # likewise
-DEFAULT_COMPUTE_WGS = COMPUTE_WGS  # likewise
 _SMEM_FOR_K = 96 * 1024
 # This kernel keeps Mosaic's default reduction scratch, so its footprint counts it.
 _REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
@@ -92,19 +91,17 @@ def padded_num_kv_blocks(num_kv_blocks: int) -> int:
   return -(-num_kv_blocks // GROUP) * GROUP
 
 
-def num_stages(key_tile: int, head_dim: int, itemsize: int = 2, row_tiles: int = 1,
-               compute_wgs: int = COMPUTE_WGS) -> int:
-  """Depth of the K ring (tiles of ``key_tile`` keys) that fits the default budget; each
-  64-row chunk of Q past two (a second row tile, a third warpgroup) takes 32 KB of it
-  for its Q and table."""
-  budget = _SMEM_FOR_K - (compute_wgs * row_tiles - COMPUTE_WGS) * 16 * 1024
+def num_stages(key_tile: int, head_dim: int, itemsize: int = 2, row_tiles: int = 1) -> int:
+  """Depth of the K ring (tiles of ``key_tile`` keys) that fits the default budget; a
+  second row tile's Q and table take 32 KB of it."""
+  budget = _SMEM_FOR_K - (row_tiles - 1) * 32 * 1024
   return int(max(2, min(4, budget // (key_tile * head_dim * itemsize))))
 
 
 def smem_bytes(key_tile: int, head_dim: int, itemsize: int, stages: int,
-               row_tiles: int = 1, compute_wgs: int = COMPUTE_WGS) -> int:
+               row_tiles: int = 1) -> int:
   """Shared memory of ``block_mass_padded`` with ``stages`` K stages, in bytes."""
-  chunks = compute_wgs * row_tiles  # 64-row chunks of Q per CTA
+  chunks = COMPUTE_WGS * row_tiles  # 64-row chunks of Q per CTA
   buffers = (chunks * ROWS_PER_WG * head_dim * itemsize,  # Q
              stages * key_tile * head_dim * itemsize,  # K ring
              chunks * ROWS_PER_WG * 4,  # LSE
@@ -119,16 +116,16 @@ def smem_bytes(key_tile: int, head_dim: int, itemsize: int, stages: int,
                                               "heads_major", "stages", "key_tile",
                                               "pipeline", "schedule_barrier",
                                               "row_tiles", "explicit_barriers",
-                                              "compute_wgs", "interpret"))
+                                              "interpret"))
 def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_blocks,
                       heads_major=True, stages=None, key_tile=None, pipeline=False,
                       schedule_barrier=False, row_tiles=1, explicit_barriers=False,
-                      compute_wgs=COMPUTE_WGS, interpret=None):
+                      interpret=None):
   """Per-64-row-chunk block mass on padded operands.
 
   Args:
-    q, k: [B, S_pad, H, D] bf16/f16, S_pad a multiple of the CTA's rows
-      (64 * compute_wgs * row_tiles; k only needs the keys the tiles read).
+    q, k: [B, S_pad, H, D] bf16/f16, S_pad a multiple of 128 (of 256 for q with
+      ``row_tiles=2``; k only needs the keys the tiles read).
     lse2: float32 [B, H, S_pad], the row LSE in log2 units; +inf on rows that
       must add nothing (padding, rows past ``lengths``).
     lengths: int32 [B], valid keys per batch element.
@@ -154,11 +151,6 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       warpgroup barriers around every shared-memory load and store (two per
       row-sum store, four per tile at 128-key tiles) and to place the ones the
       kernel needs by hand: one before each group's table is read back.
-    compute_wgs: compute warpgroups per CTA, 2 or 3 (64 query rows each). With 3 a
-      CTA covers 192 rows, so each K tile is streamed for 1.5x as many rows and each
-      SM sub-partition has three warps to hide the exponentials' and row sums'
-      latencies, at 160 registers per thread. Not with ``row_tiles=2`` or
-      ``schedule_barrier``.
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
@@ -180,15 +172,10 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     raise ValueError(f"explicit_barriers={explicit_barriers!r}: expected True or False.")
   if row_tiles not in (1, 2) or isinstance(row_tiles, bool):
     raise ValueError(f"row_tiles={row_tiles!r}: expected 1 or 2.")
-  if compute_wgs not in (2, 3) or isinstance(compute_wgs, bool) or (
-      compute_wgs == 3 and (row_tiles != 1 or schedule_barrier)):
-    raise ValueError(f"compute_wgs={compute_wgs!r} with row_tiles={row_tiles}, "
-                     f"schedule_barrier={schedule_barrier}: expected 2, or 3 with neither.")
-  wgs = compute_wgs
   if row_tiles == 2 and (pipeline or schedule_barrier):
     raise ValueError(f"row_tiles=2 with pipeline={pipeline}, schedule_barrier="
                      f"{schedule_barrier}: expected neither.")
-  cta_rows = ROWS_PER_WG * wgs * row_tiles
+  cta_rows = CTA_ROWS * row_tiles
   if s_pad % cta_rows:
     raise ValueError(f"q has {s_pad} rows: expected a multiple of {cta_rows} with "
                      f"row_tiles={row_tiles}.")
@@ -200,12 +187,13 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     raise ValueError(f"k has {k.shape[1]} keys: expected at least {n_tiles * kt}, the "
                      f"{n_tiles} tiles of key_tile={kt} that cover {num_kv_blocks} key blocks.")
   itemsize = jnp.dtype(dtype).itemsize
-  stages = check_stages(stages, num_stages(kt, d, itemsize, row_tiles, wgs),
-                        lambda n: smem_bytes(kt, d, itemsize, n, row_tiles, wgs),
+  default_depth = stages is None
+  stages = check_stages(stages, num_stages(kt, d, itemsize, row_tiles),
+                        lambda n: smem_bytes(kt, d, itemsize, n, row_tiles),
                         f"block mass at block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
-  need = smem_bytes(kt, d, itemsize, stages, row_tiles, wgs)
-  if need > SMEM_LIMIT:  # the default depth is 2 at least, which may not fit either
-    raise ValueError(f"key_tile={kt} with compute_wgs={wgs}, row_tiles={row_tiles} at "
+  need = smem_bytes(kt, d, itemsize, stages, row_tiles)
+  if default_depth and need > SMEM_LIMIT:  # it is 2 at least, which may not fit either
+    raise ValueError(f"key_tile={kt} with row_tiles={row_tiles} at "
                      f"head_dim={d}: {stages} stages need {need} bytes of shared memory, "
                      f"over the {SMEM_LIMIT} of an sm90 CTA.")
   qk_scale = sm_scale * _LOG2E
@@ -230,23 +218,22 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(sched)
 
-    @pl.when(wg < wgs)
+    @pl.when(wg < COMPUTE_WGS)
     def _compute():
-      # 65,536 registers per SM: (2 x 232 + 40) or (3 x 160 + 32) per 128 threads.
-      plgpu.set_max_registers(232 if wgs == 2 else 160, action="increase")
-      # Chunk c of this warpgroup: rows (c * wgs + wg) * 64 of the CTA's.
-      chunks = [(tile * cta_rows + (c * wgs + wg) * ROWS_PER_WG) // ROWS_PER_WG
+      plgpu.set_max_registers(232, action="increase")
+      # Chunk c of this warpgroup: rows (c * COMPUTE_WGS + wg) * 64 of the CTA's.
+      chunks = [(tile * cta_rows + (c * COMPUTE_WGS + wg) * ROWS_PER_WG) // ROWS_PER_WG
                 for c in range(row_tiles)]
       for c, chunk in enumerate(chunks):
         row0 = chunk * ROWS_PER_WG
-        bar = 2 * wgs * c + wg
+        bar = 2 * COMPUTE_WGS * c + wg
         plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi],
                                 q_smem2.at[wg, c], q_ready.at[bar])
         plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, pl.ds(row0, ROWS_PER_WG)],
-                                lse_smem2.at[wg, c], q_ready.at[bar + wgs])
+                                lse_smem2.at[wg, c], q_ready.at[bar + COMPUTE_WGS])
       for c in range(row_tiles):
-        plgpu.barrier_wait(q_ready.at[2 * wgs * c + wg])
-        plgpu.barrier_wait(q_ready.at[2 * wgs * c + wgs + wg])
+        plgpu.barrier_wait(q_ready.at[2 * COMPUTE_WGS * c + wg])
+        plgpu.barrier_wait(q_ready.at[2 * COMPUTE_WGS * c + COMPUTE_WGS + wg])
       lse_rows = [load_row_vector(lse_smem2.at[wg, c], emulate) for c in range(row_tiles)]
       # One chunk keeps its LSE broadcast across the loop; two would not fit in registers
       # next to two tiles of scores, so they broadcast per tile.
@@ -338,9 +325,9 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       pl.when(wg == 0)(ping_pong)
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == wgs)
+    @pl.when(wg == COMPUTE_WGS)
     def _memory():
-      plgpu.set_max_registers(40 if wgs == 2 else 32, action="decrease")
+      plgpu.set_max_registers(40, action="decrease")
 
       @pl.loop(0, n_tiles)
       def _(t):
@@ -365,15 +352,15 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
   def entry(*refs):
     pl.run_scoped(
         lambda *scratch: kernel(*refs, *scratch),
-        plgpu.SMEM((wgs, row_tiles, ROWS_PER_WG, d), dtype, transforms=transforms),
+        plgpu.SMEM((COMPUTE_WGS, row_tiles, ROWS_PER_WG, d), dtype, transforms=transforms),
         plgpu.SMEM((stages, kt, d), dtype, transforms=transforms),
-        plgpu.SMEM((wgs, row_tiles, ROWS_PER_WG), jnp.float32),
-        plgpu.SMEM((wgs, row_tiles, GROUP, ROWS_PER_WG), jnp.float32),
-        plgpu.SMEM((wgs, row_tiles, GROUP), jnp.float32),
+        plgpu.SMEM((COMPUTE_WGS, row_tiles, ROWS_PER_WG), jnp.float32),
+        plgpu.SMEM((COMPUTE_WGS, row_tiles, GROUP, ROWS_PER_WG), jnp.float32),
+        plgpu.SMEM((COMPUTE_WGS, row_tiles, GROUP), jnp.float32),
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
-        plgpu.Barrier(num_barriers=2 * wgs * row_tiles),  # Q and LSE of each chunk.
-        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=wgs),  # ping-pong (schedule_barrier)
+        plgpu.Barrier(num_barriers=2 * COMPUTE_WGS * row_tiles),  # Q and LSE of each chunk.
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # ping-pong (schedule_barrier)
         collective_axes="wg",
     )
 
@@ -383,7 +370,7 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
                                     jnp.float32),
       grid=(h, s_pad // cta_rows, b) if heads_major else (s_pad // cta_rows, h, b),
       grid_names=("heads", "q_tile", "batch") if heads_major else ("q_tile", "heads", "batch"),
-      num_threads=wgs + 1,
+      num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True,
                                            unsafe_no_auto_barriers=explicit_barriers),

@@ -4,7 +4,6 @@ interpreter, and the ``all`` run end to end with stand-ins for the GPU-only call
 
 import inspect
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -227,28 +226,3 @@ def test_widetile_checks_then_times_every_tile(monkeypatch, tmp_path):
   assert {(sb, hm) for _, _, sb, hm in seen} == {(False, True), (True, True), (False, False)}
   assert [r["DEFAULT_KEY_TILE"] for r in rows if r["op"] == "fused"] == [128, 256] == fused_tiles
   assert mbm.DEFAULT_KEY_TILE == before
-
-
-def test_wgs_checks_then_times_each_variant_padded_to_whole_ctas(monkeypatch, tmp_path):
-  mbm = mv.mosaic_block_mass
-  before = (mbm.DEFAULT_KEY_TILE, mbm.DEFAULT_COMPUTE_WGS)
-  seen, fused_seen = [], []
-
-  def zeros_mass(q, num_kv_blocks, key_tile, block_size, compute_wgs, **_):
-    assert q.shape[1] % math.lcm(64 * compute_wgs, block_size) == 0  # whole CTAs
-    seen.append((block_size, key_tile, compute_wgs))
-    return _zeros_mass(q, num_kv_blocks)
-
-  def fused(q, k, v, block_size):
-    fused_seen.append((mbm.DEFAULT_KEY_TILE, mbm.DEFAULT_COMPUTE_WGS))
-    return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
-  rows = _run_mode(monkeypatch, tmp_path, "wgs", zeros_mass, fused)
-  variants = [(v["bs"], v["key_tile"], v["compute_wgs"]) for v in mv.WGS_VARIANTS]
-  checks = [(r["S"], r["bs"], r["key_tile"], r["compute_wgs"]) for r in rows if r.get("check")]
-  assert checks == [(times * 130, bs, kt, w) for bs, kt, w in variants
-                    for times, _ in mv.WGS_CHECKS]
-  timed = [(r["bs"], r["key_tile"], r["compute_wgs"]) for r in rows
-           if r["op"] == "mass" and not r.get("check")]
-  assert timed == variants and set(seen) == set(variants)
-  assert fused_seen == [tuple(f.values()) for f in mv.WGS_FUSED]
-  assert (mbm.DEFAULT_KEY_TILE, mbm.DEFAULT_COMPUTE_WGS) == before

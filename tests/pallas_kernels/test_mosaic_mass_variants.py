@@ -1,9 +1,9 @@
 """The Mosaic block-mass kernel's scheduling variants: ``pipeline=True`` (each tile's exp
 overlaps the next tile's QK^T, restarting at every ``GROUP`` of key blocks),
 ``schedule_barrier=True`` (the two compute warpgroups take turns on the tensor cores),
-``row_tiles=2`` (256 query rows per CTA, two 64-row chunks per warpgroup),
-``explicit_barriers=True`` and ``compute_wgs=3`` (192 query rows per CTA), each with 64-,
-128- and 256-key tiles (two TMA copies per 256-key stage).
+``row_tiles=2`` (256 query rows per CTA, two 64-row chunks per warpgroup) and
+``explicit_barriers=True``, each with 64-, 128- and 256-key tiles (two TMA copies per
+256-key stage).
 
 Results run under JAX's GPU interpreter (CPU) against the numpy reference, from a
 stale cached LSE, on ragged lengths with an odd number of key blocks. A few cases
@@ -29,20 +29,15 @@ TOL = 3e-2  # bf16 inputs
 
 
 VARIANTS = [{"pipeline": True}, {"schedule_barrier": True}, {"row_tiles": 2},
-            {"explicit_barriers": True}, {"compute_wgs": 3, "explicit_barriers": True}]
-VARIANT_IDS = ["pipeline", "ping_pong", "rows256", "explicit_barriers", "three_wgs"]
-# Two 256-key stages do not fit in shared memory next to four 64-row chunks of Q (or three).
-TOO_BIG = "two 256-key stages and more than two 64-row chunks of Q need more than 227 KiB"
-
-
-def _chunks(variant):
-  return variant.get("row_tiles", 1) * variant.get("compute_wgs", 2)
+            {"explicit_barriers": True}]
+VARIANT_IDS = ["pipeline", "ping_pong", "rows256", "explicit_barriers"]
+TOO_BIG = "two 256-key stages and a second row tile need more than 227 KiB"
 
 
 def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile, variant):
   """block mass [B, H, nK, nK] of the kernel variant, from a natural-log LSE."""
   b, seq, h, d = q.shape
-  cta = math.lcm(64 * _chunks(variant), bs)
+  cta = 128 * variant.get("row_tiles", 1)
   s_pad = -(-seq // cta) * cta
   k_pad = -(-seq // (key_tile or bs)) * (key_tile or bs)  # whole K tiles
   pad = lambda x, axis, value, n=s_pad: np.pad(
@@ -79,7 +74,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"bs{c[3]}d{c[2]}kt{c[4]}g{c[6]}")
 def test_mass_variant_matches_reference(case, variant, monkeypatch):
   seq, length, d, bs, key_tile, stages, group = case
-  if _chunks(variant) > 2 and key_tile == 256 and d == 128:
+  if variant.get("row_tiles") == 2 and key_tile == 256 and d == 128:
     pytest.skip(TOO_BIG)
   q, k, _ = make_qkv(41 + d + bs, 1, seq, 1, d, jnp.bfloat16)
   _, lse = numpy_ref.attention(q, k, k, (length,))
@@ -114,10 +109,9 @@ def _mass_call(bs, d, stages, key_tile, s=512, variant=VARIANTS[0]):
 def test_mass_variant_lowers_for_cuda(bs, d, key_tile, stages, variant):
   if variant.get("row_tiles") == 2 and stages == 3 and d == 128:
     stages = 2  # the second row tile's Q and table leave room for two 128-key stages
-  if _chunks(variant) > 2 and key_tile == 256 and d == 128:
+  if variant.get("row_tiles") == 2 and key_tile == 256 and d == 128:
     pytest.skip(TOO_BIG)
-  s = 768 if variant.get("compute_wgs") == 3 else 512  # whole CTAs of 192 rows
-  fn, args = _mass_call(bs, d, stages, key_tile, s=s, variant=variant)
+  fn, args = _mass_call(bs, d, stages, key_tile, variant=variant)
   jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
@@ -149,34 +143,13 @@ def test_bad_key_tile_and_short_k_raise():
     jax.eval_shape(functools.partial(fn, key_tile=256), q, short, lse, lengths)
 
 
-def test_bad_compute_wgs_raise():
-  fn, args = _mass_call(64, 128, None, None, s=768, variant={})
-  for bad, match in (({"compute_wgs": 4}, "compute_wgs=4"), ({"compute_wgs": True}, "compute_wgs=True"),
-                     ({"compute_wgs": 3, "row_tiles": 2}, "expected 2, or 3 with neither"),
-                     ({"compute_wgs": 3, "schedule_barrier": True}, "expected 2, or 3 with neither"),
-                     ({"compute_wgs": 3, "key_tile": 256}, "over the 232448")):
-    with pytest.raises(ValueError, match=match):
-      jax.eval_shape(functools.partial(fn, **bad), *args)
-  fn, args = _mass_call(64, 128, None, None, s=512, variant={"compute_wgs": 3})
-  with pytest.raises(ValueError, match="512 rows: expected a multiple of 192"):
+def test_default_depth_over_shared_memory_raises():
+  """Two 256-key stages (the least depth) and a second row tile do not fit at D=128: refused
+  here, with the bytes, rather than by the GPU compiler."""
+  fn, args = _mass_call(64, 128, None, 256, variant={"row_tiles": 2})
+  with pytest.raises(ValueError, match=r"key_tile=256 with row_tiles=2 at head_dim=128: 2 "
+                                       r"stages need \d+ bytes .* over the 232448"):
     jax.eval_shape(fn, *args)
-
-
-def test_public_block_mass_with_three_warpgroups(monkeypatch):
-  """With three compute warpgroups as the default, ``pallas_kernels.mosaic`` pads Q to whole
-  192-row CTAs (and whole query blocks); the masses do not change."""
-  import pallas_kernels as pk
-  monkeypatch.setattr(mosaic_block_mass, "DEFAULT_COMPUTE_WGS", 3)
-  monkeypatch.setattr(mosaic_block_mass, "DEFAULT_KEY_TILE", 128)
-  q, k, _ = make_qkv(8, 1, 200, 2, 64, jnp.bfloat16)
-  lengths = (170,)
-  _, lse = numpy_ref.attention(q, k, k, lengths)
-  for bs in (64, 128):
-    got = pk.block_mass(q, k, jnp.asarray(lse, jnp.float32), block_size=bs,
-                        kv_lengths=jnp.array(lengths, jnp.int32), implementation="mosaic",
-                        interpret=True)
-    want = numpy_ref.block_mass(q, k, lse, bs, lengths)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=TOL, atol=TOL * 1e-2)
 
 
 def test_bad_row_tiles_raise():
@@ -223,7 +196,6 @@ def test_public_block_mass_asks_for_the_module_defaults(monkeypatch):
   assert asked["key_tile"] == mosaic_block_mass.DEFAULT_KEY_TILE == 256
   assert asked["explicit_barriers"] is mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS is True
   assert asked["row_tiles"] == mosaic_block_mass.DEFAULT_ROW_TILES == 1
-  assert asked["compute_wgs"] == mosaic_block_mass.DEFAULT_COMPUTE_WGS
 
 
 def test_public_block_mass_pads_k_to_whole_wide_tiles():
