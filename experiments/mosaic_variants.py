@@ -529,40 +529,17 @@ def run_keytile(run, inp, seqs, deadline):
     run.attempt(fused, deadline=deadline, section="keytile", op="fused", S=seq, bs=64)
 
 
-def run_flag(run, inp, seqs, deadline, section, flag, values, check_seqs=None,
-             fused_default=None, tiles=((64, 128), (128, None)), base=None):
-  """Block mass at each (block size, key tile) of ``tiles`` for each value of the kernel
-  keyword ``flag`` (with the keywords ``base``), each checked at every length of
-  ``check_seqs``, then timed; then, when ``fused_default`` names the ``mosaic_block_mass``
-  default that carries the flag through the public API, the fused search with each value.
-  ``check_seqs`` defaults to (CHECK_SEQ,)."""
-  check_seqs = (CHECK_SEQ,) if check_seqs is None else check_seqs
-  base = base or {}
-  cudnn_rows(run, inp, seqs, section, deadline)
-  variants = [(bs, kt, value) for bs, kt in tiles for value in values]
-  ok = {}
-  for bs, kt, value in variants:
-    good = True
-    for seq in check_seqs:
-      row = run.attempt(
-          lambda bs=bs, kt=kt, value=value, seq=seq: check_mass_stages(
-              bs, None, seq=seq, key_tile=kt, **base, **{flag: value}),
-          deadline=deadline, check=True, section=section, op="mass", S=seq, bs=bs,
-          key_tile=kt, **{flag: value})
-      good = good and bool(row and row["ok"])
-    ok[bs, value] = good
-  for seq in seqs:
-    for bs, kt, value in variants:
-      run.attempt(lambda bs=bs, kt=kt, value=value: mass_row(inp, seq, None, bs, kt, **base,
-                                                             **{flag: value}),
-                  deadline=deadline, section=section, op="mass", S=seq, bs=bs, key_tile=kt,
-                  checked_ok=ok[bs, value], **{flag: value})
-    if fused_default is not None:
-      for value in values:
-        run.attempt(lambda value=value: fused_with(
-            inp, seq, {(mosaic_block_mass, fused_default): value}),
-                    deadline=deadline, section=section, op="fused", S=seq, bs=64,
-                    **{flag: value})
+def run_flag(run, inp, seqs, deadline, section, flag, values, check_times=(1,),
+             fused_default=None):
+  """Block mass at bs 64 (128-key tiles) and bs 128 for each value of the kernel keyword
+  ``flag``, each checked at ``check_times`` x CHECK_SEQ, then timed; then, when
+  ``fused_default`` names the ``mosaic_block_mass`` default that carries the flag through
+  the public API, the fused search with each value (``run_mass_grid``)."""
+  variants = [{"bs": bs, "key_tile": kt, flag: value} for bs, kt in ((64, 128), (128, None))
+              for value in values]
+  fused = [] if fused_default is None else [{fused_default: value} for value in values]
+  run_mass_grid(run, inp, seqs, deadline, section, variants,
+                [(times, {}) for times in check_times], fused)
 
 
 def fused_with(inp, seq, defaults):
@@ -617,10 +594,10 @@ WIDE_CHECKS = ((1, {}), (9, {}), (9, {"schedule_barrier": True}), (9, {"heads_ma
 
 
 def run_mass_grid(run, inp, seqs, deadline, section, variants, checks, fused, repeats=1):
-  """Block mass (hand-placed barriers) with each of ``variants`` (kernel keywords, ``bs``
-  and ``key_tile`` among them), checked ``repeats`` times at each of ``checks`` ((length in
-  CHECK_SEQs, more keywords)), then timed; then the fused search through the public API
-  with each of ``fused`` ({name: value} of ``mosaic_block_mass`` defaults)."""
+  """Block mass with each of ``variants`` (kernel keywords, ``bs`` and ``key_tile`` among
+  them), checked ``repeats`` times at each of ``checks`` ((length in CHECK_SEQs, more
+  keywords)), then timed; then the fused search through the public API with each of
+  ``fused`` ({name: value} of ``mosaic_block_mass`` defaults)."""
   cudnn_rows(run, inp, seqs, section, deadline)
   split = lambda v: (v["bs"], v["key_tile"],
                      {k: x for k, x in v.items() if k not in ("bs", "key_tile")})
@@ -632,7 +609,7 @@ def run_mass_grid(run, inp, seqs, deadline, section, variants, checks, fused, re
       for times, extra in checks:
         seq = times * CHECK_SEQ
         row = run.attempt(lambda bs=bs, kt=kt, kw=kw, seq=seq, extra=extra: check_mass_stages(
-            bs, None, seq=seq, key_tile=kt, explicit_barriers=True, **kw, **extra),
+            bs, None, seq=seq, key_tile=kt, **kw, **extra),
             deadline=deadline, check=True, section=section, op="mass", S=seq, bs=bs,
             key_tile=kt, repeat=rep, **kw, **extra)
         good = good and bool(row and row["ok"])
@@ -640,8 +617,7 @@ def run_mass_grid(run, inp, seqs, deadline, section, variants, checks, fused, re
   for seq in seqs:
     for variant, good in zip(variants, ok):
       bs, kt, kw = split(variant)
-      run.attempt(lambda bs=bs, kt=kt, kw=kw: mass_row(inp, seq, None, bs, kt,
-                                                       explicit_barriers=True, **kw),
+      run.attempt(lambda bs=bs, kt=kt, kw=kw: mass_row(inp, seq, None, bs, kt, **kw),
                   deadline=deadline, section=section, op="mass", S=seq, bs=bs, key_tile=kt,
                   checked_ok=good, **kw)
     for setting in fused:
@@ -651,9 +627,11 @@ def run_mass_grid(run, inp, seqs, deadline, section, variants, checks, fused, re
 
 
 def run_widetile(run, inp, seqs, deadline):
-  """``WIDE_TILES``, each checked twice at each of ``WIDE_CHECKS``; fused with 128 and 256."""
+  """``WIDE_TILES`` with hand-placed barriers, each checked twice at each of
+  ``WIDE_CHECKS``; then the fused search with 128- and 256-key tiles."""
   run_mass_grid(run, inp, seqs, deadline, "widetile",
-                [{"bs": bs, "key_tile": kt} for bs, kt in WIDE_TILES], WIDE_CHECKS,
+                [{"bs": bs, "key_tile": kt, "explicit_barriers": True} for bs, kt in WIDE_TILES],
+                WIDE_CHECKS,
                 [{"DEFAULT_KEY_TILE": 128}, {"DEFAULT_KEY_TILE": 256}], repeats=2)
 
 
@@ -777,7 +755,7 @@ def main():
     if mode == "barriers":
       # Also at 9x the length: several groups of key blocks, where a missing barrier shows.
       run_flag(run, inp, seqs, run.deadline(), "barriers", "explicit_barriers", (False, True),
-               check_seqs=(CHECK_SEQ, 9 * CHECK_SEQ), fused_default="DEFAULT_EXPLICIT_BARRIERS")
+               check_times=(1, 9), fused_default="DEFAULT_EXPLICIT_BARRIERS")
     if mode == "widetile":
       run_widetile(run, inp, seqs, run.deadline())
   run.finish()

@@ -167,7 +167,7 @@ def test_flag_modes_check_then_time_every_variant(mode, flag, values, check_seqs
            if r["op"] == "mass" and not r.get("check")]
   assert timed == variants
   assert set(seen) == set(variants)
-  fused_rows = [r[flag] for r in rows if r["op"] == "fused"]
+  fused_rows = [r[default] for r in rows if r["op"] == "fused"]
   if default is None:
     assert not fused_rows and not fused_values
   else:
