@@ -128,12 +128,17 @@ def smem_bytes(block_size: int, head_dim: int, itemsize: int, stages: int) -> in
 
 
 def check_stages(stages, default: int, smem_of, what: str) -> int:
-  """The ring depth to use: ``default`` for None, else ``stages`` if it fits.
+  """The ring depth to use: ``default`` for None, else ``stages``, if it fits.
 
   ``smem_of(stages)`` is the kernel's shared memory in bytes; a depth over
-  ``SMEM_LIMIT`` is refused here rather than by the GPU compiler.
+  ``SMEM_LIMIT`` is refused here rather than by the GPU compiler (the default
+  too: it is 2 at least, which some tiles do not leave room for).
   """
   if stages is None:
+    need = smem_of(default)
+    if need > SMEM_LIMIT:
+      raise ValueError(f"{what}: the default {default} stages need {need} bytes of shared "
+                       f"memory, over the {SMEM_LIMIT} (227 KiB) of an sm90 CTA.")
     return default
   if not isinstance(stages, (int, np.integer)) or isinstance(stages, bool) or stages < 2:
     raise ValueError(f"stages={stages!r}: expected an int >= 2 (ring depth) or None for "

@@ -147,8 +147,8 @@ def test_default_depth_over_shared_memory_raises():
   """Two 256-key stages (the least depth) and a second row tile do not fit at D=128: refused
   here, with the bytes, rather than by the GPU compiler."""
   fn, args = _mass_call(64, 128, None, 256, variant={"row_tiles": 2})
-  with pytest.raises(ValueError, match=r"key_tile=256 with row_tiles=2 at head_dim=128: 2 "
-                                       r"stages need \d+ bytes .* over the 232448"):
+  with pytest.raises(ValueError, match=r"key_tile=256, row_tiles=2, head_dim=128, bfloat16: "
+                                       r"the default 2 stages need \d+ bytes .* 232448"):
     jax.eval_shape(fn, *args)
 
 
