@@ -17,6 +17,7 @@ so the numbers do not depend on the defaults of the day.
   python3 experiments/mosaic_variants.py anatomy [S ...]    # block-mass time without its parts
   python3 experiments/mosaic_variants.py barriers [S ...]   # block mass, hand-placed barriers
   python3 experiments/mosaic_variants.py widetile [S ...]   # block mass, 256-key tiles
+  python3 experiments/mosaic_variants.py mmasums [S ...]    # block mass, sums on wgmma
 
 (from the repository root with PYTHONPATH=.; S defaults to 32768 118784.)
 
@@ -63,6 +64,11 @@ the fused search through the public API with each. cuDNN in the same run.
 tiles (``WIDE_TILES``), each checked twice at each of ``WIDE_CHECKS`` (S = 1000, 9000 with
 and without the ping-pong barrier and query tiles fastest, 18000), then timed; then the
 fused search through the public API with each tile. cuDNN in the same run.
+
+``mmasums``: block mass (hand-placed barriers) with its per-block row sums as now and on
+the tensor cores (``mma_sums``), at ``MMA_VARIANTS``, each checked at S = 1000, 9000 (also
+query tiles fastest), 18000 and 27000, then timed; then the fused search through the
+public API without and with. cuDNN in the same run.
 
 ``all`` writes one JSON, rewritten after every row; a row whose measurement
 raises records the error and the run goes on. ``--budget`` (seconds from the
@@ -635,6 +641,19 @@ def run_widetile(run, inp, seqs, deadline):
                 [{"DEFAULT_KEY_TILE": 128}, {"DEFAULT_KEY_TILE": 256}], repeats=2)
 
 
+MMA_VARIANTS = tuple({"bs": bs, "key_tile": kt, "explicit_barriers": True, "mma_sums": mma}
+                     for bs, kt, mma in ((64, 256, False), (64, 256, True), (64, 128, True),
+                                         (128, 256, False), (128, 256, True)))
+MMA_CHECKS = ((1, {}), (9, {}), (9, {"heads_major": False}), (18, {}), (27, {}))
+
+
+def run_mmasums(run, inp, seqs, deadline):
+  """``MMA_VARIANTS`` (per-block sums on the tensor cores or not), each checked at each of
+  ``MMA_CHECKS``; then the fused search without and with."""
+  run_mass_grid(run, inp, seqs, deadline, "mmasums", MMA_VARIANTS, MMA_CHECKS,
+                [{"DEFAULT_MMA_SUMS": False}, {"DEFAULT_MMA_SUMS": True}])
+
+
 def run_anatomy(run, inp, seqs, deadline):
   """Block mass at bs 64 without its parts, then ring depths and launch order."""
   cudnn_rows(run, inp, seqs, "anatomy", deadline)
@@ -692,11 +711,11 @@ def parse_args(argv):
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
   modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "pingpong", "rows",
-           "anatomy", "barriers", "widetile")
+           "anatomy", "barriers", "widetile", "mmasums")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
   tuning = mode in ("stages", "floor", "all", "keytile", "pingpong", "rows", "anatomy",
-                    "barriers", "widetile")
+                    "barriers", "widetile", "mmasums")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -758,6 +777,8 @@ def main():
                check_times=(1, 9), fused_default="DEFAULT_EXPLICIT_BARRIERS")
     if mode == "widetile":
       run_widetile(run, inp, seqs, run.deadline())
+    if mode == "mmasums":
+      run_mmasums(run, inp, seqs, run.deadline())
   run.finish()
 
 

@@ -119,6 +119,7 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
                                num_kv_blocks=n_blk,
                                key_tile=key_tile, row_tiles=row_tiles,
                                explicit_barriers=mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS,
+                               mma_sums=mosaic_block_mass.DEFAULT_MMA_SUMS,
                                interpret=mosaic_interpret.params(interpret))
   per_block = block_size // ROWS_PER_WG
   mass = chunks.reshape(b, h, s_pad // block_size, per_block, chunks.shape[-1]).sum(3)

@@ -56,6 +56,14 @@ each 64-key block's row sums cost two; the kernel needs one per group of 64 bloc
 the table is read back. Without the others it took 4.4-4.5% less time at block 64 and
 1.6-3.1% at block 128, with the same masses at S = 1000 and 9000 (docs/bench/mosaic.md).
 
+Why ``mma_sums=True`` exists: the per-tile math of one warpgroup (row sums, shuffles,
+table stores) is what does not overlap the QK^T. With it each tile's exponentials go
+to float16 and a 64 x key_tile x 8 wgmma against a 0/1 block indicator sums them per
+key block, eight blocks per accumulator. Right on an H200 (relative error 3e-6 to 8e-6
+from the float16 rounding) but slower: 0.610x / 0.614x of cuDNN at block 64 against
+0.545x / 0.563x without (S = 32,768 / 118,784; ``mosaic_variants.py mmasums``,
+docs/bench/mosaic.md), so ``DEFAULT_MMA_SUMS`` is False.
+
 Each warpgroup writes the mass of its own 64 rows; the caller adds the 64-row
 chunks of a query block together (block_size = 128 has two).
 """
@@ -73,7 +81,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_block_sparse import (
     COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, column_ids,
-    load_row_vector, qk_matmul, smem_footprint)
+    load_row_vector, qk_matmul, smem_footprint, with_layout)
 
 GROUP = 64  # key blocks per cross-row reduction; the output is padded to a multiple.
 KEY_TILE = 128  # keys per stage and per QK^T wgmma, beside block_size itself
@@ -81,6 +89,7 @@ WIDE_KEY_TILE = 256  # the widest a wgmma takes (N <= 256)
 DEFAULT_KEY_TILE = WIDE_KEY_TILE  # what pallas_kernels.mosaic asks for (module docstring).
 DEFAULT_ROW_TILES = 1  # what pallas_kernels.mosaic asks for (module docstring).
 DEFAULT_EXPLICIT_BARRIERS = True  # likewise
+DEFAULT_MMA_SUMS = False  # likewise
 _SMEM_FOR_K = 96 * 1024
 # This kernel keeps Mosaic's default reduction scratch, so its footprint counts it.
 _REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
@@ -99,28 +108,56 @@ def num_stages(key_tile: int, head_dim: int, itemsize: int = 2, row_tiles: int =
 
 
 def smem_bytes(key_tile: int, head_dim: int, itemsize: int, stages: int,
-               row_tiles: int = 1) -> int:
-  """Shared memory of ``block_mass_padded`` with ``stages`` K stages, in bytes."""
+               row_tiles: int = 1, sums_matrix_bytes: int = 0) -> int:
+  """Shared memory of ``block_mass_padded`` with ``stages`` K stages, in bytes
+  (``sums_matrix_bytes``: the indicator matrices of ``mma_sums``)."""
   chunks = COMPUTE_WGS * row_tiles  # 64-row chunks of Q per CTA
   buffers = (chunks * ROWS_PER_WG * head_dim * itemsize,  # Q
              stages * key_tile * head_dim * itemsize,  # K ring
              chunks * ROWS_PER_WG * 4,  # LSE
              chunks * GROUP * ROWS_PER_WG * 4,  # row-sum tables
              chunks * GROUP * 4)  # reduced sums on their way out
-  # K ready, Q and LSE per chunk, K free, ping-pong
-  barriers = stages + 2 * chunks + stages + 1
+  buffers += (sums_matrix_bytes,) if sums_matrix_bytes else ()
+  # K ready, Q and LSE per chunk, K free, ping-pong (and the indicators' arrival)
+  barriers = stages + 2 * chunks + stages + 1 + bool(sums_matrix_bytes)
   return smem_footprint(buffers, barriers, _REDUCTION_SCRATCH)
+
+
+SUMS_N = 8  # key blocks per accumulator of ``mma_sums`` (the narrowest wgmma)
+
+
+def sums_matrices(block_size: int, key_tile: int):
+  """float16 [tiles per chunk, SUMS_N, key_tile] 0/1: ``[j, n, key]`` is 1 where key block
+  n of a chunk of SUMS_N blocks is the one that ``key`` of the chunk's tile j falls in."""
+  per_tile = key_tile // block_size
+  tiles = SUMS_N // per_tile
+  j = jnp.arange(tiles)[:, None, None]
+  n = jnp.arange(SUMS_N)[None, :, None]
+  key = jnp.arange(key_tile)[None, None, :]
+  return (n == j * per_tile + key // block_size).astype(jnp.float16)
+
+
+def sums_matmul(acc, p16, e_smem, emulate=False):
+  """acc + p16 @ e_smem^T: float32 [64, SUMS_N] += float16 [64, kt] (registers) @
+  ([SUMS_N, kt] in shared memory)^T."""
+  if emulate:
+    return acc + jnp.dot(p16, e_smem[...].T, preferred_element_type=jnp.float32)
+
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, p16, plgpu.transpose_ref(e_smem, (1, 0)))
+
+  return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "num_kv_blocks",
                                               "heads_major", "stages", "key_tile",
                                               "pipeline", "schedule_barrier",
                                               "row_tiles", "explicit_barriers",
-                                              "interpret"))
+                                              "mma_sums", "interpret"))
 def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_blocks,
                       heads_major=True, stages=None, key_tile=None, pipeline=False,
                       schedule_barrier=False, row_tiles=1, explicit_barriers=False,
-                      interpret=None):
+                      mma_sums=False, interpret=None):
   """Per-64-row-chunk block mass on padded operands.
 
   Args:
@@ -151,6 +188,12 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       warpgroup barriers around every shared-memory load and store (two per
       row-sum store, four per tile at 128-key tiles) and to place the ones the
       kernel needs by hand: one before each group's table is read back.
+    mma_sums: False, or True to sum each tile's exponentials per key block on the
+      tensor cores: float16 P [64, key_tile] times a 0/1 block indicator
+      (``sums_matrices``), accumulated over the tiles of ``SUMS_N`` key blocks in a
+      [64, SUMS_N] wgmma accumulator whose columns go to the table, instead of a
+      shuffle reduction and a table store per block. Not with ``pipeline``,
+      ``schedule_barrier`` or ``row_tiles=2``.
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
@@ -172,6 +215,11 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     raise ValueError(f"explicit_barriers={explicit_barriers!r}: expected True or False.")
   if row_tiles not in (1, 2) or isinstance(row_tiles, bool):
     raise ValueError(f"row_tiles={row_tiles!r}: expected 1 or 2.")
+  if not isinstance(mma_sums, bool) or (mma_sums and (pipeline or schedule_barrier
+                                                       or row_tiles != 1)):
+    raise ValueError(f"mma_sums={mma_sums!r} with pipeline={pipeline}, schedule_barrier="
+                     f"{schedule_barrier}, row_tiles={row_tiles}: expected True or False, "
+                     "and True only without the others.")
   if row_tiles == 2 and (pipeline or schedule_barrier):
     raise ValueError(f"row_tiles=2 with pipeline={pipeline}, schedule_barrier="
                      f"{schedule_barrier}: expected neither.")
@@ -187,8 +235,12 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     raise ValueError(f"k has {k.shape[1]} keys: expected at least {n_tiles * kt}, the "
                      f"{n_tiles} tiles of key_tile={kt} that cover {num_kv_blocks} key blocks.")
   itemsize = jnp.dtype(dtype).itemsize
+  sums_tiles = SUMS_N // per_tile  # tiles per accumulator of mma_sums
+  if mma_sums and GROUP % SUMS_N:
+    raise ValueError(f"mma_sums=True with GROUP={GROUP}: expected a multiple of {SUMS_N}.")
+  sums_bytes = sums_tiles * SUMS_N * kt * 2 if mma_sums else 0
   stages = check_stages(stages, num_stages(kt, d, itemsize, row_tiles),
-                        lambda n: smem_bytes(kt, d, itemsize, n, row_tiles),
+                        lambda n: smem_bytes(kt, d, itemsize, n, row_tiles, sums_bytes),
                         f"block mass at block_size={bs}, key_tile={kt}, row_tiles={row_tiles}, "
                         f"head_dim={d}, {jnp.dtype(dtype).name}")
   qk_scale = sm_scale * _LOG2E
@@ -196,9 +248,11 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
   transforms = _smem_transforms(dtype)
   emulate = interpret is not None
 
-  def kernel(q_ref, k_ref, lse_ref, len_ref, mass_ref,
-             q_smem2, k_smem, lse_smem2, rows_smem2, out_smem2,
-             k_ready, q_ready, k_free, sched):
+  def kernel(q_ref, k_ref, lse_ref, len_ref, *refs):
+    e_ref = refs[0] if mma_sums else None
+    (mass_ref, q_smem2, k_smem, lse_smem2, rows_smem2, out_smem2, k_ready, q_ready, k_free,
+     sched, *sums_scratch) = refs[1:] if mma_sums else refs
+    e_smem, e_ready = sums_scratch if mma_sums else (None, None)
     tile = lax.axis_index("q_tile")
     hi = lax.axis_index("heads")
     bi = lax.axis_index("batch")
@@ -226,9 +280,15 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
                                 q_smem2.at[wg, c], q_ready.at[bar])
         plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, pl.ds(row0, ROWS_PER_WG)],
                                 lse_smem2.at[wg, c], q_ready.at[bar + COMPUTE_WGS])
+      if mma_sums:  # one copy of the indicators, read by both warpgroups
+        @pl.when(wg == 0)
+        def _():
+          plgpu.copy_gmem_to_smem(e_ref, e_smem, e_ready)
       for c in range(row_tiles):
         plgpu.barrier_wait(q_ready.at[2 * COMPUTE_WGS * c + wg])
         plgpu.barrier_wait(q_ready.at[2 * COMPUTE_WGS * c + COMPUTE_WGS + wg])
+      if mma_sums:
+        plgpu.barrier_wait(e_ready)
       lse_rows = [load_row_vector(lse_smem2.at[wg, c], emulate) for c in range(row_tiles)]
       # One chunk keeps its LSE broadcast across the loop; two would not fit in registers
       # next to two tiles of scores, so they broadcast per tile.
@@ -242,10 +302,8 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         first_tile = first if per_tile == 1 else first // per_tile
         last_tile = jnp.minimum(first_tile + GROUP // per_tile, n_tiles)
 
-        def row_sums(t, qk, c=0):
-          """Tile t's exponentials for chunk c, masked past the keys, summed per key block
-          into the chunk's table for the group."""
-          rows_smem = rows_smem2.at[wg, c]
+        def exps(t, qk, c=0):
+          """Tile t's exponentials for chunk c, masked past the keys."""
           lse = (lse_b if lse_b is not None
                  else lax.broadcast_in_dim(lse_rows[c], (ROWS_PER_WG, kt), [0]))
           p = jnp.exp2(qk * qk_scale - lse)
@@ -255,7 +313,13 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
             cols = column_ids((ROWS_PER_WG, kt), emulate)
             return jnp.where(cols < n_valid, x, 0.0)
 
-          p = lax.cond(n_valid < kt, mask_tail, lambda x: x, p)
+          return lax.cond(n_valid < kt, mask_tail, lambda x: x, p)
+
+        def row_sums(t, qk, c=0):
+          """Tile t's exponentials for chunk c summed per key block into the chunk's table
+          for the group."""
+          rows_smem = rows_smem2.at[wg, c]
+          p = exps(t, qk, c)
           row = (t - first_tile) * per_tile
           if per_tile == 1:
             rows_smem.at[row][...] = p.sum(axis=1)
@@ -282,6 +346,27 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
           @pl.loop(first_tile, last_tile)
           def _(t):
             row_sums(t, tile_scores(t), 1)
+        elif mma_sums:
+          def step(t, acc):
+            j = lax.rem(t - first_tile, sums_tiles)
+            p16 = exps(t, tile_scores(t)).astype(jnp.float16)
+            acc = sums_matmul(acc, p16, e_smem.at[j], emulate)
+            flush = (j == sums_tiles - 1) | (t == last_tile - 1)
+
+            @pl.when(flush)
+            def _():
+              # The chunk's SUMS_N columns are its key blocks' row sums.
+              base = (t - first_tile - j) * per_tile
+              cols = column_ids((ROWS_PER_WG, SUMS_N), emulate)
+              for n in range(SUMS_N):
+                rows_smem2.at[wg, 0].at[base + n][...] = jnp.where(cols == n, acc,
+                                                                   0.0).sum(axis=1)
+
+            return lax.cond(flush, lambda a: sums_zero, lambda a: a, acc)
+
+          sums_zero = with_layout(jnp.zeros((ROWS_PER_WG, SUMS_N), jnp.float32),
+                                  plgpu.Layout.WGMMA, emulate)
+          lax.fori_loop(first_tile, last_tile, step, sums_zero)
         elif pipeline:
           # Tile t's exponentials run while tile t + 1's QK^T is in flight; the scores
           # of the tile in hand are the loop's carry.
@@ -356,6 +441,9 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         plgpu.Barrier(num_barriers=2 * COMPUTE_WGS * row_tiles),  # Q and LSE of each chunk.
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # ping-pong (schedule_barrier)
+        *((plgpu.SMEM((sums_tiles, SUMS_N, kt), jnp.float16,
+                      transforms=_smem_transforms(jnp.float16)),
+           plgpu.Barrier()) if mma_sums else ()),
         collective_axes="wg",
     )
 
@@ -370,4 +458,4 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       compiler_params=plgpu.CompilerParams(approx_math=True,
                                            unsafe_no_auto_barriers=explicit_barriers),
       interpret=interpret,
-  )(q, k, lse2, lengths)
+  )(q, k, lse2, lengths, *((sums_matrices(bs, kt),) if mma_sums else ()))

@@ -226,3 +226,25 @@ def test_widetile_checks_then_times_every_tile(monkeypatch, tmp_path):
   assert {(sb, hm) for _, _, sb, hm in seen} == {(False, True), (True, True), (False, False)}
   assert [r["DEFAULT_KEY_TILE"] for r in rows if r["op"] == "fused"] == [128, 256] == fused_tiles
   assert mbm.DEFAULT_KEY_TILE == before
+
+
+def test_mmasums_checks_then_times_each_variant(monkeypatch, tmp_path):
+  mbm = mv.mosaic_block_mass
+  seen, fused_seen = [], []
+
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, mma_sums, explicit_barriers, **_):
+    assert explicit_barriers
+    seen.append((block_size, key_tile, mma_sums))
+    return _zeros_mass(q, num_kv_blocks)
+
+  def fused(q, k, v, block_size):
+    fused_seen.append(mbm.DEFAULT_MMA_SUMS)
+    return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
+  rows = _run_mode(monkeypatch, tmp_path, "mmasums", zeros_mass, fused)
+  variants = [(v["bs"], v["key_tile"], v["mma_sums"]) for v in mv.MMA_VARIANTS]
+  checks = [(r["S"], r["bs"], r["key_tile"], r["mma_sums"]) for r in rows if r.get("check")]
+  assert checks == [(t * 130, bs, kt, m) for bs, kt, m in variants for t, _ in mv.MMA_CHECKS]
+  timed = [(r["bs"], r["key_tile"], r["mma_sums"]) for r in rows
+           if r["op"] == "mass" and not r.get("check")]
+  assert timed == variants and set(seen) == set(variants)
+  assert fused_seen == [False, True] and mbm.DEFAULT_MMA_SUMS is False

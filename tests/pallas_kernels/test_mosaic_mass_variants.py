@@ -1,9 +1,9 @@
 """The Mosaic block-mass kernel's scheduling variants: ``pipeline=True`` (each tile's exp
 overlaps the next tile's QK^T, restarting at every ``GROUP`` of key blocks),
 ``schedule_barrier=True`` (the two compute warpgroups take turns on the tensor cores),
-``row_tiles=2`` (256 query rows per CTA, two 64-row chunks per warpgroup) and
-``explicit_barriers=True``, each with 64-, 128- and 256-key tiles (two TMA copies per
-256-key stage).
+``row_tiles=2`` (256 query rows per CTA, two 64-row chunks per warpgroup),
+``explicit_barriers=True`` and ``mma_sums=True`` (per-block sums on the tensor cores),
+each with 64-, 128- and 256-key tiles (two TMA copies per 256-key stage).
 
 Results run under JAX's GPU interpreter (CPU) against the numpy reference, from a
 stale cached LSE, on ragged lengths with an odd number of key blocks. A few cases
@@ -29,8 +29,8 @@ TOL = 3e-2  # bf16 inputs
 
 
 VARIANTS = [{"pipeline": True}, {"schedule_barrier": True}, {"row_tiles": 2},
-            {"explicit_barriers": True}]
-VARIANT_IDS = ["pipeline", "ping_pong", "rows256", "explicit_barriers"]
+            {"explicit_barriers": True}, {"mma_sums": True, "explicit_barriers": True}]
+VARIANT_IDS = ["pipeline", "ping_pong", "rows256", "explicit_barriers", "mma_sums"]
 TOO_BIG = "two 256-key stages and a second row tile need more than 227 KiB"
 
 
@@ -59,7 +59,7 @@ def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile, variant):
 
 
 # (seq, length, head_dim, block_size, key_tile, stages, group): S_pad = 384, three
-# CTAs. Group None keeps GROUP = 64 (one group).
+# CTAs (1152, nine, for the last). Group None keeps GROUP = 64 (one group).
 CASES = [
     (300, 270, 64, 64, None, 3, None),  # 5 blocks, the ring wraps
     (300, 270, 128, 64, 128, 2, 4),  # 3 tiles of 2 blocks: groups of 2 tiles and 1
@@ -67,6 +67,7 @@ CASES = [
     (300, 290, 64, 128, None, 2, 2),  # 3 blocks of 128: groups of 2 tiles and 1
     (300, 280, 128, 64, 256, 2, 4),  # 5 blocks in 2 tiles of 4, one group per tile
     (300, 300, 64, 128, 256, None, None),  # 3 blocks of 128 in 2 tiles of 2
+    (1100, 1000, 64, 64, 128, 3, 8),  # 18 blocks in tiles of 2: groups of 4, 4 and 1 tiles
 ]
 
 
@@ -76,6 +77,8 @@ def test_mass_variant_matches_reference(case, variant, monkeypatch):
   seq, length, d, bs, key_tile, stages, group = case
   if variant.get("row_tiles") == 2 and key_tile == 256 and d == 128:
     pytest.skip(TOO_BIG)
+  if variant.get("mma_sums") and group is not None and group % mosaic_block_mass.SUMS_N:
+    pytest.skip("mma_sums fills the table SUMS_N = 8 key blocks at a time")
   q, k, _ = make_qkv(41 + d + bs, 1, seq, 1, d, jnp.bfloat16)
   _, lse = numpy_ref.attention(q, k, k, (length,))
   lse = lse + np.random.default_rng(42).normal(0, 0.3, lse.shape)  # a cached, stale LSE
@@ -143,6 +146,30 @@ def test_bad_key_tile_and_short_k_raise():
     jax.eval_shape(functools.partial(fn, key_tile=256), q, short, lse, lengths)
 
 
+def test_bad_mma_sums_raise(monkeypatch):
+  fn, args = _mass_call(64, 128, None, 128, variant={})
+  for bad, match in (({"mma_sums": 1}, "mma_sums=1"), ({"mma_sums": None}, "mma_sums=None"),
+                     ({"mma_sums": True, "pipeline": True}, "True only without the others"),
+                     ({"mma_sums": True, "row_tiles": 2}, "True only without the others")):
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(functools.partial(fn, **bad), *args)
+  monkeypatch.setattr(mosaic_block_mass, "GROUP", 4)
+  with pytest.raises(ValueError, match="mma_sums=True with GROUP=4: expected a multiple of 8"):
+    jax.eval_shape(functools.partial(fn, mma_sums=True), *args)
+
+
+def test_sums_matrices_mark_each_keys_block():
+  """Tile j of a chunk puts key ``key`` of its tile in column j * per_tile + key // bs."""
+  for bs, kt in ((64, 64), (64, 128), (64, 256), (128, 256)):
+    e = np.asarray(mosaic_block_mass.sums_matrices(bs, kt), np.float32)
+    per_tile = kt // bs
+    assert e.shape == (8 // per_tile, 8, kt)
+    assert (e.sum(1) == 1).all()  # every key in exactly one block column
+    for j in range(e.shape[0]):
+      cols = e[j].argmax(0)
+      np.testing.assert_array_equal(cols, j * per_tile + np.arange(kt) // bs)
+
+
 def test_default_depth_over_shared_memory_raises():
   """Two 256-key stages (the least depth) and a second row tile do not fit at D=128: refused
   here, with the bytes, rather than by the GPU compiler."""
@@ -196,6 +223,7 @@ def test_public_block_mass_asks_for_the_module_defaults(monkeypatch):
   assert asked["key_tile"] == mosaic_block_mass.DEFAULT_KEY_TILE == 256
   assert asked["explicit_barriers"] is mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS is True
   assert asked["row_tiles"] == mosaic_block_mass.DEFAULT_ROW_TILES == 1
+  assert asked["mma_sums"] is mosaic_block_mass.DEFAULT_MMA_SUMS is False
 
 
 def test_public_block_mass_pads_k_to_whole_wide_tiles():
