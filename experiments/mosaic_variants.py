@@ -549,18 +549,18 @@ def run_flag(run, inp, seqs, deadline, section, flag, values, check_times=(1,),
 
 
 def fused_with(inp, seq, defaults):
-  """The fused search (bs 64) through the public API, traced with the kernel modules'
-  defaults ``{(module, name): value}`` set (restored after)."""
-  saved = {key: getattr(*key) for key in defaults}
-  for (module, name), value in defaults.items():
-    setattr(module, name, value)
+  """The fused search (bs 64) through the public API, traced with ``mosaic_block_mass``
+  module defaults ``{name: value}`` set (restored after)."""
+  saved = {name: getattr(mosaic_block_mass, name) for name in defaults}
+  for name, value in defaults.items():
+    setattr(mosaic_block_mass, name, value)
   try:
     _, (q, k, v) = inp.qkv(seq)
     fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
     t = time_fn(fn, q, k, v, reps=inp.reps)
   finally:
-    for (module, name), value in saved.items():
-      setattr(module, name, value)
+    for name, value in saved.items():
+      setattr(mosaic_block_mass, name, value)
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
 
 
@@ -627,9 +627,8 @@ def run_mass_grid(run, inp, seqs, deadline, section, variants, checks, fused, re
                   deadline=deadline, section=section, op="mass", S=seq, bs=bs, key_tile=kt,
                   checked_ok=good, **kw)
     for setting in fused:
-      run.attempt(lambda setting=setting: fused_with(
-          inp, seq, {(mosaic_block_mass, name): value for name, value in setting.items()}),
-          deadline=deadline, section=section, op="fused", S=seq, bs=64, **setting)
+      run.attempt(lambda setting=setting: fused_with(inp, seq, setting), deadline=deadline,
+                  section=section, op="fused", S=seq, bs=64, **setting)
 
 
 def run_widetile(run, inp, seqs, deadline):

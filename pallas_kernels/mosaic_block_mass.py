@@ -235,10 +235,11 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
     raise ValueError(f"k has {k.shape[1]} keys: expected at least {n_tiles * kt}, the "
                      f"{n_tiles} tiles of key_tile={kt} that cover {num_kv_blocks} key blocks.")
   itemsize = jnp.dtype(dtype).itemsize
-  sums_tiles = SUMS_N // per_tile  # tiles per accumulator of mma_sums
   if mma_sums and GROUP % SUMS_N:
     raise ValueError(f"mma_sums=True with GROUP={GROUP}: expected a multiple of {SUMS_N}.")
-  sums_bytes = sums_tiles * SUMS_N * kt * 2 if mma_sums else 0
+  sums_e = sums_matrices(bs, kt) if mma_sums else None  # [tiles per accumulator, ...]
+  sums_tiles = sums_e.shape[0] if mma_sums else 0
+  sums_bytes = sums_e.nbytes if mma_sums else 0
   stages = check_stages(stages, num_stages(kt, d, itemsize, row_tiles),
                         lambda n: smem_bytes(kt, d, itemsize, n, row_tiles, sums_bytes),
                         f"block mass at block_size={bs}, key_tile={kt}, row_tiles={row_tiles}, "
@@ -441,8 +442,7 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         plgpu.Barrier(num_barriers=2 * COMPUTE_WGS * row_tiles),  # Q and LSE of each chunk.
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # ping-pong (schedule_barrier)
-        *((plgpu.SMEM((sums_tiles, SUMS_N, kt), jnp.float16,
-                      transforms=_smem_transforms(jnp.float16)),
+        *((plgpu.SMEM(sums_e.shape, sums_e.dtype, transforms=_smem_transforms(sums_e.dtype)),
            plgpu.Barrier()) if mma_sums else ()),
         collective_axes="wg",
     )
@@ -458,4 +458,4 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       compiler_params=plgpu.CompilerParams(approx_math=True,
                                            unsafe_no_auto_barriers=explicit_barriers),
       interpret=interpret,
-  )(q, k, lse2, lengths, *((sums_matrices(bs, kt),) if mma_sums else ()))
+  )(q, k, lse2, lengths, *((sums_e,) if mma_sums else ()))
