@@ -18,6 +18,9 @@ so the numbers do not depend on the defaults of the day.
   python3 experiments/mosaic_variants.py barriers [S ...]   # block mass, hand-placed barriers
   python3 experiments/mosaic_variants.py widetile [S ...]   # block mass, 256-key tiles
   python3 experiments/mosaic_variants.py mmasums [S ...]    # block mass, sums on wgmma
+  python3 experiments/mosaic_variants.py polyexp [S ...]    # block mass, some exp2 on FMA
+  python3 experiments/mosaic_variants.py pingpoly [S ...]   # ping-pong, 256-key tiles, poly
+  python3 experiments/mosaic_variants.py anatomy256 [S ...] # as anatomy, 256-key tiles
 
 (from the repository root with PYTHONPATH=.; S defaults to 32768 118784.)
 
@@ -653,6 +656,31 @@ def run_mmasums(run, inp, seqs, deadline):
                 [{"DEFAULT_MMA_SUMS": False}, {"DEFAULT_MMA_SUMS": True}])
 
 
+POLY_VARIANTS = tuple({"bs": bs, "key_tile": 256, "explicit_barriers": True, "poly_keys": n}
+                      for bs, n in ((64, 0), (64, 64), (64, 128), (128, 0), (128, 64)))
+POLY_CHECKS = ((1, {}), (9, {}), (18, {}))
+
+
+def run_polyexp(run, inp, seqs, deadline):
+  """``POLY_VARIANTS`` (none, a quarter or half of each tile's exp2 from ``exp2_poly``),
+  each checked at each of ``POLY_CHECKS``; then the fused search without and with."""
+  run_mass_grid(run, inp, seqs, deadline, "polyexp", POLY_VARIANTS, POLY_CHECKS,
+                [{"DEFAULT_POLY_KEYS": 0}, {"DEFAULT_POLY_KEYS": 64}])
+
+
+PINGPOLY_VARIANTS = tuple({"bs": bs, "key_tile": 256, "explicit_barriers": True,
+                          "schedule_barrier": sb, "poly_keys": n}
+                         for bs, sb, n in ((64, False, 0), (64, True, 0), (64, True, 64),
+                                           (64, True, 128), (128, False, 0), (128, True, 0),
+                                           (128, True, 64)))
+
+
+def run_pingpoly(run, inp, seqs, deadline):
+  """``PINGPOLY_VARIANTS`` (the warpgroup ping-pong with 256-key tiles, with and without
+  some exp2 from ``exp2_poly``), each checked at each of ``POLY_CHECKS``, then timed."""
+  run_mass_grid(run, inp, seqs, deadline, "pingpoly", PINGPOLY_VARIANTS, POLY_CHECKS, [])
+
+
 def run_anatomy(run, inp, seqs, deadline):
   """Block mass at bs 64 without its parts, then ring depths and launch order."""
   cudnn_rows(run, inp, seqs, "anatomy", deadline)
@@ -692,6 +720,21 @@ def run_floor(run, inp, seqs, deadline):
           f"{r.get('real_GBps', float('nan')):10.0f} {r['cudnn_ms']:9.2f}", flush=True)
 
 
+def run_anatomy256(run, inp, seqs, deadline):
+  """Block mass as shipped (256-key tiles, hand-placed barriers) at bs 64 and 128, whole
+  and without its parts, the whole kernel timed first and last (drift)."""
+  cudnn_rows(run, inp, seqs, "anatomy256", deadline)
+  parts = ((False, False), (True, False), (False, True), (True, True), (False, False))
+  for seq in seqs:
+    for bs in (64, 128):
+      for exp, qk in parts:
+        def timed(exp=exp, qk=qk, bs=bs):
+          with mass_without(exp=exp, qk=qk):
+            return mass_row(inp, seq, None, bs, 256, explicit_barriers=True)
+        run.attempt(timed, deadline=deadline, section="anatomy256", op="mass", S=seq, bs=bs,
+                    key_tile=256, without_exp=exp, without_qk=qk)
+
+
 def parse_args(argv):
   """mode, sequence lengths (ints) and --budget=SECONDS from the command line."""
   mode, seqs, budget = argv[0], [], None
@@ -710,11 +753,11 @@ def parse_args(argv):
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
   modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "pingpong", "rows",
-           "anatomy", "barriers", "widetile", "mmasums")
+           "anatomy", "barriers", "widetile", "mmasums", "polyexp", "pingpoly", "anatomy256")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
   tuning = mode in ("stages", "floor", "all", "keytile", "pingpong", "rows", "anatomy",
-                    "barriers", "widetile", "mmasums")
+                    "barriers", "widetile", "mmasums", "polyexp", "pingpoly", "anatomy256")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -778,6 +821,12 @@ def main():
       run_widetile(run, inp, seqs, run.deadline())
     if mode == "mmasums":
       run_mmasums(run, inp, seqs, run.deadline())
+    if mode == "polyexp":
+      run_polyexp(run, inp, seqs, run.deadline())
+    if mode == "pingpoly":
+      run_pingpoly(run, inp, seqs, run.deadline())
+    if mode == "anatomy256":
+      run_anatomy256(run, inp, seqs, run.deadline())
   run.finish()
 
 

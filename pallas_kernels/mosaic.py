@@ -120,6 +120,7 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
                                key_tile=key_tile, row_tiles=row_tiles,
                                explicit_barriers=mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS,
                                mma_sums=mosaic_block_mass.DEFAULT_MMA_SUMS,
+                               poly_keys=mosaic_block_mass.DEFAULT_POLY_KEYS,
                                interpret=mosaic_interpret.params(interpret))
   per_block = block_size // ROWS_PER_WG
   mass = chunks.reshape(b, h, s_pad // block_size, per_block, chunks.shape[-1]).sum(3)

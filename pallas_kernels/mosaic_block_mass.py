@@ -64,6 +64,17 @@ from the float16 rounding) but slower: 0.610x / 0.614x of cuDNN at block 64 agai
 0.545x / 0.563x without (S = 32,768 / 118,784; ``mosaic_variants.py mmasums``,
 docs/bench/mosaic.md), so ``DEFAULT_MMA_SUMS`` is False.
 
+Why ``poly_keys`` exists: per 64 x 256 tile the MUFU, which does the exp2, has as much
+work as the tensor cores (Nsight Compute: both pipes at 62% of the kernel's cycles, 41% of
+the compute warps' stall samples on ``MUFU.EX2``; docs/bench/ncu_20261130.json), so the
+last ``poly_keys`` keys of each tile can take their exp2 from ``exp2_poly`` on the FMA
+pipes instead. Right (relative error 5.7e-8 to 9.5e-8, as without) but slower: 0.743x /
+0.708x of cuDNN with a quarter of each tile, against 0.555x / 0.559x without (block 64,
+S = 32,768 / 118,784; ``mosaic_variants.py polyexp``, also with the ping-pong barrier in
+``pingpoly``). The compute warps are latency-bound (9.6 cycles per issued instruction),
+so twelve more instructions per score cost more than the MUFU time they free;
+``DEFAULT_POLY_KEYS`` is 0.
+
 Each warpgroup writes the mass of its own 64 rows; the caller adds the 64-row
 chunks of a query block together (block_size = 128 has two).
 """
@@ -79,6 +90,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.exp2_poly import exp2_poly
 from pallas_kernels.mosaic_block_sparse import (
     COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, column_ids,
     load_row_vector, qk_matmul, smem_footprint, with_layout)
@@ -90,6 +102,8 @@ DEFAULT_KEY_TILE = WIDE_KEY_TILE  # what pallas_kernels.mosaic asks for (module 
 DEFAULT_ROW_TILES = 1  # what pallas_kernels.mosaic asks for (module docstring).
 DEFAULT_EXPLICIT_BARRIERS = True  # likewise
 DEFAULT_MMA_SUMS = False  # likewise
+DEFAULT_POLY_KEYS = 0  # likewise
+POLY_CHUNK = 64  # keys per column chunk when some of a tile's exp2 are polynomials
 _SMEM_FOR_K = 96 * 1024
 # This kernel keeps Mosaic's default reduction scratch, so its footprint counts it.
 _REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
@@ -153,11 +167,11 @@ def sums_matmul(acc, p16, e_smem, emulate=False):
                                               "heads_major", "stages", "key_tile",
                                               "pipeline", "schedule_barrier",
                                               "row_tiles", "explicit_barriers",
-                                              "mma_sums", "interpret"))
+                                              "mma_sums", "poly_keys", "interpret"))
 def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_blocks,
                       heads_major=True, stages=None, key_tile=None, pipeline=False,
                       schedule_barrier=False, row_tiles=1, explicit_barriers=False,
-                      mma_sums=False, interpret=None):
+                      mma_sums=False, poly_keys=0, interpret=None):
   """Per-64-row-chunk block mass on padded operands.
 
   Args:
@@ -194,6 +208,10 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       [64, SUMS_N] wgmma accumulator whose columns go to the table, instead of a
       shuffle reduction and a table store per block. Not with ``pipeline``,
       ``schedule_barrier`` or ``row_tiles=2``.
+    poly_keys: 0, or how many of each tile's keys (its last ones, a multiple of
+      ``POLY_CHUNK`` up to key_tile) get their exp2 from ``exp2_poly`` on the FMA and
+      ALU pipes instead of the MUFU; the tile is then exponentiated and masked in
+      ``POLY_CHUNK``-column chunks. Not with ``mma_sums``.
 
   Returns:
     float32 [B, H, S_pad / 64, padded_num_kv_blocks(nK)]; columns >= nK are junk.
@@ -223,6 +241,10 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
   if row_tiles == 2 and (pipeline or schedule_barrier):
     raise ValueError(f"row_tiles=2 with pipeline={pipeline}, schedule_barrier="
                      f"{schedule_barrier}: expected neither.")
+  if (not isinstance(poly_keys, int) or isinstance(poly_keys, bool) or poly_keys % POLY_CHUNK
+      or not 0 <= poly_keys <= kt or (poly_keys and mma_sums)):
+    raise ValueError(f"poly_keys={poly_keys!r} with key_tile={kt}, mma_sums={mma_sums}: "
+                     f"expected a multiple of {POLY_CHUNK} in 0..{kt}, and 0 with mma_sums.")
   cta_rows = CTA_ROWS * row_tiles
   if s_pad % cta_rows:
     raise ValueError(f"q has {s_pad} rows: expected a multiple of {cta_rows} with "
@@ -304,17 +326,29 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         last_tile = jnp.minimum(first_tile + GROUP // per_tile, n_tiles)
 
         def exps(t, qk, c=0):
-          """Tile t's exponentials for chunk c, masked past the keys."""
+          """Tile t's exponentials for chunk c, masked past the keys: [64, kt], or with
+          ``poly_keys`` a list of [64, POLY_CHUNK] column chunks."""
           lse = (lse_b if lse_b is not None
                  else lax.broadcast_in_dim(lse_rows[c], (ROWS_PER_WG, kt), [0]))
-          p = jnp.exp2(qk * qk_scale - lse)
+          x = qk * qk_scale - lse
           n_valid = length - t * kt
+          if poly_keys:
+            starts = range(0, kt, POLY_CHUNK)
+            p = [exp2_poly(x[:, a:a + POLY_CHUNK], keep_order=emulate)
+                 if a >= kt - poly_keys else jnp.exp2(x[:, a:a + POLY_CHUNK]) for a in starts]
 
-          def mask_tail(x):
+            def mask_chunks(chunks):
+              cols = column_ids((ROWS_PER_WG, POLY_CHUNK), emulate)
+              return [jnp.where(cols < n_valid - a, y, 0.0) for a, y in zip(starts, chunks)]
+
+            return lax.cond(n_valid < kt, mask_chunks, lambda y: y, p)
+          p = jnp.exp2(x)
+
+          def mask_tail(y):
             cols = column_ids((ROWS_PER_WG, kt), emulate)
-            return jnp.where(cols < n_valid, x, 0.0)
+            return jnp.where(cols < n_valid, y, 0.0)
 
-          return lax.cond(n_valid < kt, mask_tail, lambda x: x, p)
+          return lax.cond(n_valid < kt, mask_tail, lambda y: y, p)
 
         def row_sums(t, qk, c=0):
           """Tile t's exponentials for chunk c summed per key block into the chunk's table
@@ -322,7 +356,13 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
           rows_smem = rows_smem2.at[wg, c]
           p = exps(t, qk, c)
           row = (t - first_tile) * per_tile
-          if per_tile == 1:
+          if poly_keys:
+            per_block = bs // POLY_CHUNK
+            for j in range(per_tile):
+              block = functools.reduce(lambda u, w: u + w,
+                                       p[j * per_block:(j + 1) * per_block])
+              rows_smem.at[row + j][...] = block.sum(axis=1)
+          elif per_tile == 1:
             rows_smem.at[row][...] = p.sum(axis=1)
           else:
             for j in range(per_tile):

@@ -248,3 +248,44 @@ def test_mmasums_checks_then_times_each_variant(monkeypatch, tmp_path):
            if r["op"] == "mass" and not r.get("check")]
   assert timed == variants and set(seen) == set(variants)
   assert fused_seen == [False, True] and mbm.DEFAULT_MMA_SUMS is False
+
+
+def test_polyexp_checks_then_times_each_variant(monkeypatch, tmp_path):
+  mbm = mv.mosaic_block_mass
+  seen, fused_seen = [], []
+
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, poly_keys, explicit_barriers, **_):
+    assert explicit_barriers
+    seen.append((block_size, key_tile, poly_keys))
+    return _zeros_mass(q, num_kv_blocks)
+
+  def fused(q, k, v, block_size):
+    fused_seen.append(mbm.DEFAULT_POLY_KEYS)
+    return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
+  before = mbm.DEFAULT_POLY_KEYS
+  rows = _run_mode(monkeypatch, tmp_path, "polyexp", zeros_mass, fused)
+  variants = [(v["bs"], v["key_tile"], v["poly_keys"]) for v in mv.POLY_VARIANTS]
+  checks = [(r["S"], r["bs"], r["key_tile"], r["poly_keys"]) for r in rows if r.get("check")]
+  assert checks == [(t * 130, bs, kt, n) for bs, kt, n in variants for t, _ in mv.POLY_CHECKS]
+  timed = [(r["bs"], r["key_tile"], r["poly_keys"]) for r in rows
+           if r["op"] == "mass" and not r.get("check")]
+  assert timed == variants and set(seen) == set(variants)
+  assert fused_seen == [0, 64] and mbm.DEFAULT_POLY_KEYS == before
+
+
+def test_anatomy256_times_the_shipped_kernel_without_its_parts(monkeypatch, tmp_path):
+  mbm = mv.mosaic_block_mass
+  real_jnp, real_qk = mbm.jnp, mbm.qk_matmul
+  seen = []
+
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers, **_):
+    assert key_tile == 256 and explicit_barriers
+    seen.append((block_size, mbm.jnp.exp2 is not real_jnp.exp2, mbm.qk_matmul is not real_qk))
+    return _zeros_mass(q, num_kv_blocks)
+  rows = _run_mode(monkeypatch, tmp_path, "anatomy256", zeros_mass)
+  parts = [(r["S"], r["bs"], r["without_exp"], r["without_qk"]) for r in rows
+           if "without_exp" in r]
+  order = [(False, False), (True, False), (False, True), (True, True), (False, False)]
+  assert parts == [(256, bs, e, q) for bs in (64, 128) for e, q in order]
+  assert set(seen) == {(bs, e, q) for bs in (64, 128) for e, q in order}
+  assert mbm.jnp is real_jnp and mbm.qk_matmul is real_qk

@@ -2,8 +2,9 @@
 overlaps the next tile's QK^T, restarting at every ``GROUP`` of key blocks),
 ``schedule_barrier=True`` (the two compute warpgroups take turns on the tensor cores),
 ``row_tiles=2`` (256 query rows per CTA, two 64-row chunks per warpgroup),
-``explicit_barriers=True`` and ``mma_sums=True`` (per-block sums on the tensor cores),
-each with 64-, 128- and 256-key tiles (two TMA copies per 256-key stage).
+``explicit_barriers=True``, ``mma_sums=True`` (per-block sums on the tensor cores) and
+``poly_keys=64`` (a quarter to a whole of each tile's exp2 from ``exp2_poly``), each
+with 64-, 128- and 256-key tiles (two TMA copies per 256-key stage).
 
 Results run under JAX's GPU interpreter (CPU) against the numpy reference, from a
 stale cached LSE, on ragged lengths with an odd number of key blocks. A few cases
@@ -29,8 +30,9 @@ TOL = 3e-2  # bf16 inputs
 
 
 VARIANTS = [{"pipeline": True}, {"schedule_barrier": True}, {"row_tiles": 2},
-            {"explicit_barriers": True}, {"mma_sums": True, "explicit_barriers": True}]
-VARIANT_IDS = ["pipeline", "ping_pong", "rows256", "explicit_barriers", "mma_sums"]
+            {"explicit_barriers": True}, {"mma_sums": True, "explicit_barriers": True},
+            {"poly_keys": 64, "explicit_barriers": True}]
+VARIANT_IDS = ["pipeline", "ping_pong", "rows256", "explicit_barriers", "mma_sums", "poly64"]
 TOO_BIG = "two 256-key stages and a second row tile need more than 227 KiB"
 
 
@@ -71,6 +73,11 @@ CASES = [
 ]
 
 
+# One 64-key polynomial chunk per tile of two and four blocks at block 64, and in the
+# second half of a 128-key block (a block summed from two chunks), over several groups.
+POLY_CASES = [CASES[1], CASES[3], CASES[4], CASES[5]]
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"bs{c[3]}d{c[2]}kt{c[4]}g{c[6]}")
 def test_mass_variant_matches_reference(case, variant, monkeypatch):
@@ -79,6 +86,8 @@ def test_mass_variant_matches_reference(case, variant, monkeypatch):
     pytest.skip(TOO_BIG)
   if variant.get("mma_sums") and group is not None and group % mosaic_block_mass.SUMS_N:
     pytest.skip("mma_sums fills the table SUMS_N = 8 key blocks at a time")
+  if variant.get("poly_keys") and case not in POLY_CASES:
+    pytest.skip("poly_keys runs on the cases of POLY_CASES (CI time)")
   q, k, _ = make_qkv(41 + d + bs, 1, seq, 1, d, jnp.bfloat16)
   _, lse = numpy_ref.attention(q, k, k, (length,))
   lse = lse + np.random.default_rng(42).normal(0, 0.3, lse.shape)  # a cached, stale LSE
@@ -158,6 +167,15 @@ def test_bad_mma_sums_raise(monkeypatch):
     jax.eval_shape(functools.partial(fn, mma_sums=True), *args)
 
 
+def test_bad_poly_keys_raise():
+  fn, args = _mass_call(64, 128, None, 128, variant={})
+  for bad in ({"poly_keys": 32}, {"poly_keys": 192}, {"poly_keys": -64}, {"poly_keys": True},
+              {"poly_keys": 64.0}, {"poly_keys": 64, "mma_sums": True}):
+    with pytest.raises(ValueError, match=f"poly_keys={bad['poly_keys']!r} with key_tile=128"):
+      jax.eval_shape(functools.partial(fn, **bad), *args)
+  jax.eval_shape(functools.partial(fn, poly_keys=128), *args)  # the whole tile
+
+
 def test_sums_matrices_mark_each_keys_block():
   """Tile j of a chunk puts key ``key`` of its tile in column j * per_tile + key // bs."""
   for bs, kt in ((64, 64), (64, 128), (64, 256), (128, 256)):
@@ -224,6 +242,7 @@ def test_public_block_mass_asks_for_the_module_defaults(monkeypatch):
   assert asked["explicit_barriers"] is mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS is True
   assert asked["row_tiles"] == mosaic_block_mass.DEFAULT_ROW_TILES == 1
   assert asked["mma_sums"] is mosaic_block_mass.DEFAULT_MMA_SUMS is False
+  assert asked["poly_keys"] == mosaic_block_mass.DEFAULT_POLY_KEYS == 0
 
 
 def test_public_block_mass_pads_k_to_whole_wide_tiles():
