@@ -26,7 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_block_sparse import (
     COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, num_stages, smem_bytes,
-    listed_block, stream_kv_blocks)
+    listed_block, read_entry, stream_kv_blocks)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "num_kv_blocks", "heads_major",
@@ -122,7 +122,8 @@ def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_s
       stream_kv_blocks(
           k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free),
           counts=[pipe_steps(p) for p in range(pipes)],
-          key_block=lambda p, step: block_of(idx_ref, dense_ref, bi, hi, query_block(p), step),
+          read=lambda p, step: read_entry(idx_ref, dense_ref, bi, hi, query_block(p), step),
+          key_block=block_of,
           batch=bi, head=hi, block_size=bs, stages=stages)
 
   def entry(*refs):

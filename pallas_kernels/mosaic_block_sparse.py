@@ -158,20 +158,33 @@ def _smem_transforms(dtype):
           plgpu.SwizzleTransform(swizzle))
 
 
-def listed_block(idx_ref, dense_ref, bi, hi, qb, step, *, num_kv_blocks):
-  """Key block read at ``step`` by query block ``qb``: the list's entry (clipped, the
-  last one past the list's end), or ``step`` itself for a dense row."""
-  listed = idx_ref[bi, hi, qb, jnp.minimum(step, idx_ref.shape[-1] - 1)]
-  listed = jnp.clip(listed, 0, num_kv_blocks - 1)
-  return jnp.where(dense_ref[bi, hi, qb] != 0, step, listed)
+def read_entry(idx_ref, dense_ref, bi, hi, qb, step):
+  """What query block ``qb`` reads at ``step``, as loaded: its list's entry (the last
+  one past the list's end; any step may be asked) and the row's dense flag.
+
+  Both kernels load these a step ahead of ``listed_block``: loaded right before their
+  use, the two scalar loads held back each step's TMA copy (memory warpgroup) and QK^T
+  (compute warpgroups) by an L2 round trip in Nsight Compute's stall samples. Read a step
+  ahead the outputs are bit-identical and, on an H200 at S=118,784, the time 1-4% lower
+  at densities 0.05-0.2 and 1% higher at 1.0 (``experiments/sparse_ab.py``,
+  docs/bench/mosaic.md)."""
+  return idx_ref[bi, hi, qb, jnp.minimum(step, idx_ref.shape[-1] - 1)], dense_ref[bi, hi, qb]
 
 
-def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, key_block, batch,
-                     head, block_size, stages):
+def listed_block(entry, step, *, num_kv_blocks):
+  """Key block read at ``step`` from ``read_entry``'s ``entry``: the list's entry,
+  clipped, or ``step`` itself for a dense row."""
+  listed, dense = entry
+  return jnp.where(dense != 0, step, jnp.clip(listed, 0, num_kv_blocks - 1))
+
+
+def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, read, key_block,
+                     batch, head, block_size, stages):
   """The memory warpgroup's loop: TMA copies of the listed K/V blocks into the rings.
 
   Pipeline p (one per compute warpgroup at block 64, one shared at 128) reads
-  ``counts[p]`` blocks, ``key_block(p, step)`` in turn, into slots
+  ``counts[p]`` blocks, ``key_block(read(p, step), step)`` in turn (``read`` is
+  called a step ahead, see ``read_entry``), into slots
   ``p * stages + step % stages``, waiting for a slot's release before refilling
   it. ``barriers`` = (k_ready, v_ready, k_free, v_free). Shared with the
   load-only twin in ``experiments/mosaic_floor.py``, so the floor it measures is
@@ -181,13 +194,13 @@ def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, key_bloc
   bs = block_size
   total = functools.reduce(jnp.maximum, counts)
 
-  @pl.loop(0, total)
-  def _(step):
+  def body(step, entries):
+    ahead = tuple(read(p, step + 1) for p in range(len(counts)))
     for p, count in enumerate(counts):
       @pl.when(step < count)
       def _():
         slot = p * stages + lax.rem(step, stages)
-        src = (batch, pl.ds(key_block(p, step) * bs, bs), head)
+        src = (batch, pl.ds(key_block(entries[p], step) * bs, bs), head)
 
         @pl.when(step >= stages)
         def _():
@@ -200,6 +213,10 @@ def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, key_bloc
           plgpu.barrier_wait(v_free.at[slot])
 
         plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
+
+    return ahead
+
+  lax.fori_loop(0, total, body, tuple(read(p, 0) for p in range(len(counts))))
 
   # Observe the last consumptions too, so that every barrier phase is waited
   # on before the CTA exits (the interpreter checks this).
@@ -307,11 +324,10 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       pl.when(wg == 1)(ping_pong)
 
       def step_fn(step, carry):
-        acc, m_i, l_i = carry
+        acc, m_i, l_i, entry = carry
         slot = ring + lax.rem(step, stages)
-        # Issued before the wgmma so the scalar loads overlap it.
-        key0 = block_of(idx_ref, dense_ref, bi, hi, qb, step) * bs
-        n_valid = length - key0
+        ahead = read_entry(idx_ref, dense_ref, bi, hi, qb, step + 1)  # used next step
+        n_valid = length - block_of(entry, step) * bs
 
         qk = qk_matmul(qo_smem, k_smem.at[slot], after_issue=ping_pong, emulate=emulate)
         plgpu.barrier_arrive(k_free.at[slot])
@@ -347,9 +363,10 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
 
         acc = pv_matmul(acc, p16, v_smem.at[slot], after_issue=wait_next_k, emulate=emulate)
         plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_new, l_i
+        return acc, m_new, l_i, ahead
 
-      acc, m_i, l_i = lax.fori_loop(0, n, step_fn, (acc, m_i, l_i))
+      acc, m_i, l_i, _ = lax.fori_loop(
+          0, n, step_fn, (acc, m_i, l_i, read_entry(idx_ref, dense_ref, bi, hi, qb, 0)))
 
       if schedule_barrier and pipes == 2:
         @pl.loop(n, n_max)
@@ -376,7 +393,8 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       stream_kv_blocks(
           k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free),
           counts=[pipe_steps(p) for p in range(pipes)],
-          key_block=lambda p, step: block_of(idx_ref, dense_ref, bi, hi, query_block(p), step),
+          read=lambda p, step: read_entry(idx_ref, dense_ref, bi, hi, query_block(p), step),
+          key_block=block_of,
           batch=bi, head=hi, block_size=bs, stages=stages)
 
   def entry(*refs):
