@@ -31,10 +31,6 @@ from pallas_kernels.mosaic_block_mass import WIDE_KEY_TILE, block_mass_padded
 from pallas_kernels.mosaic_block_sparse import block_sparse_attention_padded
 
 KERNELS = ("mass", "sparse64", "sparse128", "cudnn")
-_SEQ = flags.DEFINE_integer("seq", 32768, "sequence length (a multiple of 256)")
-_HEADS = flags.DEFINE_integer("heads", 24, "attention heads")
-_DENSITY = flags.DEFINE_float("density", 0.2, "share of key blocks each sparse row reads")
-_POLY = flags.DEFINE_integer("poly_keys", 0, "block mass: keys per tile from exp2_poly")
 HEAD_DIM = 128
 
 
@@ -79,11 +75,17 @@ def kernel_call(kernel, seq, heads, density=0.2, poly_keys=0, interpret=None):
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f"expected one kernel name ({', '.join(KERNELS)}).")
-  fn = kernel_call(argv[1], _SEQ.value, _HEADS.value, _DENSITY.value, _POLY.value)
+  fv = flags.FLAGS
+  fn = kernel_call(argv[1], fv.seq, fv.heads, fv.density, fv.poly_keys)
   for _ in range(2):
     jax.block_until_ready(fn())
   print("launched", argv[1])
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: tests import this module next to other launchers.
+  flags.DEFINE_integer("seq", 32768, "sequence length (a multiple of 256)")
+  flags.DEFINE_integer("heads", 24, "attention heads")
+  flags.DEFINE_float("density", 0.2, "share of key blocks each sparse row reads")
+  flags.DEFINE_integer("poly_keys", 0, "block mass: keys per tile from exp2_poly")
   app.run(main)

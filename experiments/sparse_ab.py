@@ -23,11 +23,6 @@ from absl import app, flags
 
 from pallas_kernels import mosaic_block_sparse
 
-_OLD = flags.DEFINE_string("old", None, "path of the other mosaic_block_sparse.py", required=True)
-_SEQS = flags.DEFINE_list("seq_lens", ["32768", "118784"], "sequence lengths")
-_CASES = flags.DEFINE_list("cases", ["64:0.05", "64:0.2", "64:1.0", "128:0.05", "128:0.2"],
-                           "block_size:density pairs")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "interleaved rounds (the fastest is reported)")
 B, H, D = 1, 24, 128
 
 
@@ -86,17 +81,18 @@ def compare(modules, seq, bs, density, key, q, k, v, rounds, reps=5, interpret=N
 
 def main(argv):
   del argv
-  modules = {"new": mosaic_block_sparse, "old": load_module(_OLD.value)}
-  cases = [parse_case(c) for c in _CASES.value]
+  fv = flags.FLAGS
+  modules = {"new": mosaic_block_sparse, "old": load_module(fv.old)}
+  cases = [parse_case(c) for c in fv.cases]
   rows = []
-  for seq in (int(s) for s in _SEQS.value):
+  for seq in (int(s) for s in fv.seq_lens):
     key = jax.random.key(seq)
     q, k, v = (jax.random.normal(kk, (B, seq, H, D), jnp.float32).astype(jnp.bfloat16)
                for kk in jax.random.split(key, 3))
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
     cudnn_ms = median_ms(lambda: cudnn(q, k, v), 7)
     for bs, density in cases:
-      row = compare(modules, seq, bs, density, key, q, k, v, _ROUNDS.value)
+      row = compare(modules, seq, bs, density, key, q, k, v, fv.rounds)
       share = row["count"] * bs / seq  # computed share of the dense work
       row.update(cudnn_ms=cudnn_ms, **{f"{name}_pct_cudnn": 100 * cudnn_ms * share / row[
           f"{name}_ms"] for name in modules})
@@ -106,9 +102,15 @@ def main(argv):
   path = os.path.join(os.environ.get("OUT", "/tmp"), "sparse_ab.json")
   with open(path, "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-               "old": _OLD.value, "rows": rows}, f, indent=1)
+               "old": fv.old, "rows": rows}, f, indent=1)
   print("wrote", path)
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: tests import this module next to other launchers.
+  flags.DEFINE_string("old", None, "path of the other mosaic_block_sparse.py", required=True)
+  flags.DEFINE_list("seq_lens", ["32768", "118784"], "sequence lengths")
+  flags.DEFINE_list("cases", ["64:0.05", "64:0.2", "64:1.0", "128:0.05", "128:0.2"],
+                    "block_size:density pairs")
+  flags.DEFINE_integer("rounds", 3, "interleaved rounds (the fastest is reported)")
   app.run(main)

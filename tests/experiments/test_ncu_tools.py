@@ -104,3 +104,16 @@ def test_summary_ranks_sass_and_splits_the_hot_loop():
                                                   "FFMA": 100 / 9})
   with pytest.raises(ValueError, match="no 'Warp Stall Sampling"):
     ncu_summary.read_sass([["Address", "Source"]])
+
+
+def test_probe_launcher_parses_its_flags():
+  """The launcher itself, as a subprocess (its absl flags are defined only there)."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, "-m", "experiments.ncu_probe", "mass", "--seq=300",
+                         "--heads=1"], cwd=root, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode != 0
+  assert "seq=300: expected a multiple of 256" in proc.stderr

@@ -30,3 +30,17 @@ def test_bad_arguments_raise(tmp_path):
     with pytest.raises(ValueError, match=f"case '{bad}': expected BLOCK:DENSITY"):
       sparse_ab.parse_case(bad)
   assert sparse_ab.parse_case("64:0.2") == (64, 0.2)
+
+
+def test_launcher_parses_its_flags(tmp_path):
+  """The launcher itself, as a subprocess (its absl flags are defined only there)."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, "-m", "experiments.sparse_ab",
+                         f"--old={tmp_path / 'missing.py'}", "--cases=64:0.2"], cwd=root,
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode != 0
+  assert "expected the path of a mosaic_block_sparse.py" in proc.stderr
