@@ -21,7 +21,6 @@ so the numbers do not depend on the defaults of the day.
   python3 experiments/mosaic_variants.py polyexp [S ...]    # block mass, some exp2 on FMA
   python3 experiments/mosaic_variants.py pingpoly [S ...]   # ping-pong, 256-key tiles, poly
   python3 experiments/mosaic_variants.py anatomy256 [S ...] # as anatomy, 256-key tiles
-  python3 experiments/mosaic_variants.py merge [S ...] [--budget=S]  # bs 64, merge_lists
 
 (from the repository root with PYTHONPATH=.; S defaults to 32768 118784.)
 
@@ -418,15 +417,11 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
   return r
 
 
-def sparse_row(inp, seq, bs, density, stages, paired=False, **variant):
+def sparse_row(inp, seq, bs, density, stages, **variant):
   """The real block-sparse kernel on ``Inputs`` lists, with kernel keywords ``variant``;
-  memoised for the floor when there are none. ``paired``: query block 2i + 1 reads the
-  list of 2i (the two query blocks of a CTA share every block, as neighbouring query
-  blocks of a video largely do)."""
+  memoised for the floor when there are none."""
   _, (q, k, v) = inp.qkv(seq)
   idx, cnt, count = inp.lists(seq, bs, density)
-  if paired:
-    idx = idx.at[:, :, 1::2].set(idx[:, :, 0::2])
   fn = functools.partial(block_sparse_attention_padded, block_size=bs, sm_scale=SM_SCALE,
                          num_kv_blocks=seq // bs, stages=stages, **variant)
   t = time_fn(fn, q, k, v, idx, cnt, jnp.zeros_like(cnt), jnp.full((B,), seq, jnp.int32),
@@ -435,7 +430,7 @@ def sparse_row(inp, seq, bs, density, stages, paired=False, **variant):
   flops = 4.0 * B * H * D * count * bs * seq
   row = {"ms": t * 1e3, "tflops": flops / t / 1e12,
          "pct_cudnn": 100 * td / (t / (count * bs / seq)), "kv_GBps": kv_bytes(cnt, bs) / t / 1e9}
-  if not variant and not paired:
+  if not variant:
     inp.real[seq, bs, density, stages] = row["ms"]
   return row
 
@@ -725,33 +720,6 @@ def run_floor(run, inp, seqs, deadline):
           f"{r.get('real_GBps', float('nan')):10.0f} {r['cudnn_ms']:9.2f}", flush=True)
 
 
-MERGE_VARIANTS = ({}, {"schedule_barrier": False},
-                  {"schedule_barrier": False, "merge_lists": True})
-MERGE_CHECK_SEQS = (1000, 9000)
-MERGE_DENSITIES = (0.05, 0.2, 1.0)
-
-
-def run_merge(run, inp, seqs, deadline):
-  """Block-sparse attention at block 64 with one ring per query block (with and without
-  the ping-pong barrier) and with ``merge_lists``: each checked at ``MERGE_CHECK_SEQS``,
-  then timed on random lists and on paired ones (``sparse_row``)."""
-  cudnn_rows(run, inp, seqs, "merge", deadline)
-  for seq in MERGE_CHECK_SEQS:
-    for variant in MERGE_VARIANTS[1:]:
-      run.attempt(lambda seq=seq, variant=variant: check_sparse_stages(64, None, seq=seq,
-                                                                       **variant),
-                  deadline=deadline, check=True, section="merge", op="sparse", S=seq, bs=64,
-                  **variant)
-  for seq in seqs:
-    for paired in (False, True):
-      for density in MERGE_DENSITIES:
-        for variant in MERGE_VARIANTS:
-          run.attempt(lambda seq=seq, paired=paired, density=density, variant=variant:
-                      sparse_row(inp, seq, 64, density, None, paired=paired, **variant),
-                      deadline=deadline, section="merge", op="sparse", S=seq, bs=64,
-                      density=density, paired=paired, **variant)
-
-
 def run_anatomy256(run, inp, seqs, deadline):
   """Block mass as shipped (256-key tiles, hand-placed barriers) at bs 64 and 128, whole
   and without its parts, the whole kernel timed first and last (drift)."""
@@ -785,11 +753,11 @@ def parse_args(argv):
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
   modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "pingpong", "rows",
-           "anatomy", "barriers", "widetile", "mmasums", "polyexp", "pingpoly", "anatomy256", "merge")
+           "anatomy", "barriers", "widetile", "mmasums", "polyexp", "pingpoly", "anatomy256")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
   tuning = mode in ("stages", "floor", "all", "keytile", "pingpong", "rows", "anatomy",
-                    "barriers", "widetile", "mmasums", "polyexp", "pingpoly", "anatomy256", "merge")
+                    "barriers", "widetile", "mmasums", "polyexp", "pingpoly", "anatomy256")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -859,8 +827,6 @@ def main():
       run_pingpoly(run, inp, seqs, run.deadline())
     if mode == "anatomy256":
       run_anatomy256(run, inp, seqs, run.deadline())
-    if mode == "merge":
-      run_merge(run, inp, seqs, run.deadline())
   run.finish()
 
 

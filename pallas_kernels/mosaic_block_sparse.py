@@ -115,11 +115,9 @@ def smem_footprint(buffer_bytes, num_barriers: int, reduction_scratch: int) -> i
           + _BARRIER_BYTES * num_barriers)
 
 
-def smem_bytes(block_size: int, head_dim: int, itemsize: int, stages: int,
-               rings: int | None = None) -> int:
-  """Shared memory of ``block_sparse_attention_padded`` with ``stages`` K/V stages in each
-  of ``rings`` rings (None: one per pipeline; ``merge_lists`` has one)."""
-  pipes = (2 if block_size == ROWS_PER_WG else 1) if rings is None else rings
+def smem_bytes(block_size: int, head_dim: int, itemsize: int, stages: int) -> int:
+  """Shared memory of ``block_sparse_attention_padded`` with ``stages`` K/V stages."""
+  pipes = 2 if block_size == ROWS_PER_WG else 1
   tile = block_size * head_dim * itemsize
   buffers = (COMPUTE_WGS * ROWS_PER_WG * head_dim * itemsize,  # Q, then O
              pipes * stages * tile, pipes * stages * tile,  # K ring, V ring
@@ -230,90 +228,14 @@ def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, read, ke
       plgpu.barrier_wait(v_free.at[slot])
 
 
-_NO_BLOCK = 2**30  # above every block id: the current entry of a list that has ended
-
-
-def merged_walk(counts, read, key_block):
-  """The walk over the union of the two pipelines' lists (``merge_lists``).
-
-  Each step takes the smaller of the two lists' current blocks (``_NO_BLOCK`` once a list
-  has ended) and moves past it in every list that holds it there, so a block both lists
-  hold at their current positions is loaded once and read by both warpgroups. Any lists
-  work: every entry is taken exactly once, by its own list, in its list's order; ascending
-  lists (``adaspa_jax.selection``'s) meet at every block they share. All three warpgroups
-  run the same walk. Returns ``(state, step)``: the first state, and ``step(state)`` ->
-  ``(block, active, take, state)`` with ``take[p]`` true where pipeline p reads ``block``
-  (each list's next entry is loaded a step ahead, see ``read_entry``).
-  """
-  def current(p, pos, entry):
-    return jnp.where(pos < counts[p], key_block(entry, pos), _NO_BLOCK)
-
-  def step(state):
-    pos, cur, nxt = state
-    heads = [current(p, pos[p], cur[p]) for p in range(2)]
-    block = jnp.minimum(heads[0], heads[1])
-    active = block < _NO_BLOCK
-    take = [active & (head == block) for head in heads]
-    pos = [pos[p] + take[p].astype(jnp.int32) for p in range(2)]
-    cur = [jax.tree.map(lambda n, c, t=take[p]: jnp.where(t, n, c), nxt[p], cur[p])
-           for p in range(2)]
-    nxt = [read(p, pos[p] + 1) for p in range(2)]
-    return block, active, take, (pos, cur, nxt)
-
-  zero = jnp.int32(0)
-  return ([zero, zero], [read(0, 0), read(1, 0)], [read(0, 1), read(1, 1)]), step
-
-
-def stream_merged_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, read,
-                            key_block, batch, head, block_size, stages):
-  """The memory warpgroup's loop with ``merge_lists``: TMA copies of the blocks of
-  ``merged_walk`` into one ring of ``stages`` slots that both compute warpgroups read
-  (each releases every slot, its own blocks after use)."""
-  k_ready, v_ready, k_free, v_free = barriers
-  bs = block_size
-  state, walk = merged_walk(counts, read, key_block)
-
-  def body(step, carry):
-    state, total = carry
-    block, active, _, state = walk(state)
-
-    @pl.when(active)
-    def _():
-      slot = lax.rem(step, stages)
-      src = (batch, pl.ds(block * bs, bs), head)
-
-      @pl.when(step >= stages)
-      def _():
-        plgpu.barrier_wait(k_free.at[slot])
-
-      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
-
-      @pl.when(step >= stages)
-      def _():
-        plgpu.barrier_wait(v_free.at[slot])
-
-      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
-
-    return state, total + active.astype(jnp.int32)
-
-  # The walk ends within n0 + n1 steps; its active steps come first.
-  _, total = lax.fori_loop(0, counts[0] + counts[1], body, (state, jnp.int32(0)))
-
-  @pl.loop(jnp.maximum(total - stages, 0), total)
-  def _(step):
-    slot = lax.rem(step, stages)
-    plgpu.barrier_wait(k_free.at[slot])
-    plgpu.barrier_wait(v_free.at[slot])
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("block_size", "sm_scale", "num_kv_blocks", "schedule_barrier",
-                     "heads_major", "stages", "merge_lists", "interpret"))
+                     "heads_major", "stages", "interpret"))
 def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, lengths,
                                   *, block_size, sm_scale, num_kv_blocks,
                                   schedule_barrier=True, heads_major=True, stages=None,
-                                  merge_lists=False, interpret=None):
+                                  interpret=None):
   """Block-sparse attention on padded operands.
 
   Args:
@@ -329,11 +251,7 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
     heads_major: launch order, heads fastest (True) or query tiles fastest.
       Heads fastest ran 1.2-1.7x faster on an H200 (docs/bench/mosaic.md).
     stages: K/V ring depth per pipeline, an int >= 2 whose rings fit in
-      ``SMEM_LIMIT`` (see ``smem_bytes``); None for ``num_stages``. With
-      ``merge_lists`` the depth of the one shared ring (None: both rings' slots).
-    merge_lists: block_size 64 only, without ``schedule_barrier``: the two query
-      blocks of a CTA read their lists through one ring, a block both lists hold
-      loaded once (``merged_walk``), instead of one ring per list.
+      ``SMEM_LIMIT`` (see ``smem_bytes``); None for ``num_stages``.
     interpret: None to compile, or an ``InterpretGPUParams``.
 
   Returns:
@@ -344,16 +262,10 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
   dtype = q.dtype
   bs = block_size
   pipes = 2 if bs == ROWS_PER_WG else 1
-  if not isinstance(merge_lists, bool) or (merge_lists and (pipes != 2 or schedule_barrier)):
-    raise ValueError(f"merge_lists={merge_lists!r} with block_size={bs}, schedule_barrier="
-                     f"{schedule_barrier}: expected True or False, and True only at "
-                     f"block_size {ROWS_PER_WG} with schedule_barrier=False.")
-  rings = 1 if merge_lists else pipes
   itemsize = jnp.dtype(dtype).itemsize
-  stages = check_stages(stages, num_stages(bs, d, itemsize) * pipes // rings,
-                        lambda n: smem_bytes(bs, d, itemsize, n, rings),
-                        f"block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}"
-                        + (", merge_lists" if merge_lists else ""))
+  stages = check_stages(stages, num_stages(bs, d, itemsize),
+                        lambda n: smem_bytes(bs, d, itemsize, n),
+                        f"block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
   qk_scale = sm_scale * _LOG2E  # scores are kept in log2 units so exp2 is one FMA away.
   n_tiles = s_pad // CTA_ROWS
   transforms = _smem_transforms(dtype)
@@ -405,20 +317,21 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       acc = with_layout(jnp.full((ROWS_PER_WG, d), 0.0, jnp.float32), plgpu.Layout.WGMMA,
                         emulate)
 
-      if merge_lists:
-        counts = [pipe_steps(0), pipe_steps(1)]
-        state, walk = merged_walk(counts, lambda p, step: read_entry(
-            idx_ref, dense_ref, bi, hi, query_block(p), step), block_of)
-      else:
-        @pl.when(n > 0)
-        def _():
-          plgpu.barrier_wait(k_ready.at[ring])
+      @pl.when(n > 0)
+      def _():
+        plgpu.barrier_wait(k_ready.at[ring])
 
-        pl.when(wg == 1)(ping_pong)
+      pl.when(wg == 1)(ping_pong)
 
-      def softmax_update(qk, n_valid, acc, m_i, l_i):
-        """One key block's online-softmax step: masked past the keys, rescaled; P in the
-        input dtype for the PV wgmma."""
+      def step_fn(step, carry):
+        acc, m_i, l_i, entry = carry
+        slot = ring + lax.rem(step, stages)
+        ahead = read_entry(idx_ref, dense_ref, bi, hi, qb, step + 1)  # used next step
+        n_valid = length - block_of(entry, step) * bs
+
+        qk = qk_matmul(qo_smem, k_smem.at[slot], after_issue=ping_pong, emulate=emulate)
+        plgpu.barrier_arrive(k_free.at[slot])
+
         def mask_tail(x):
           cols = column_ids((ROWS_PER_WG, bs), emulate)
           return jnp.where(cols < n_valid, x, -jnp.inf)
@@ -434,48 +347,7 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         l_i = l_i * alpha + p.sum(axis=1)
         p16 = p.astype(dtype)
-        return lax.optimization_barrier((acc, m_new, l_i, p16))
-
-      def merged_step(step, carry):
-        """``merge_lists``: one step of the shared walk, this warpgroup's block or not."""
-        acc, m_i, l_i, state = carry
-        block, active, take, state = walk(state)
-        slot = lax.rem(step, stages)
-
-        def own(c):
-          acc, m_i, l_i = c
-          plgpu.barrier_wait(k_ready.at[slot])
-          qk = qk_matmul(qo_smem, k_smem.at[slot], emulate=emulate)
-          plgpu.barrier_arrive(k_free.at[slot])
-          acc, m_new, l_i, p16 = softmax_update(qk, length - block * bs, acc, m_i, l_i)
-          plgpu.barrier_wait(v_ready.at[slot])
-          acc = pv_matmul(acc, p16, v_smem.at[slot], emulate=emulate)
-          plgpu.barrier_arrive(v_free.at[slot])
-          return acc, m_new, l_i
-
-        def other(c):
-          # Released only once filled: a release of slot s for a later step must not
-          # complete the phase of this one while the owner still reads it.
-          plgpu.barrier_wait(k_ready.at[slot])
-          plgpu.barrier_arrive(k_free.at[slot])
-          plgpu.barrier_wait(v_ready.at[slot])
-          plgpu.barrier_arrive(v_free.at[slot])
-          return c
-
-        mine = jnp.where(wg == 0, take[0], take[1])
-        acc, m_i, l_i = lax.cond(active, lambda c: lax.cond(mine, own, other, c),
-                                 lambda c: c, (acc, m_i, l_i))
-        return acc, m_i, l_i, state
-
-      def step_fn(step, carry):
-        acc, m_i, l_i, entry = carry
-        slot = ring + lax.rem(step, stages)
-        ahead = read_entry(idx_ref, dense_ref, bi, hi, qb, step + 1)  # used next step
-        n_valid = length - block_of(entry, step) * bs
-
-        qk = qk_matmul(qo_smem, k_smem.at[slot], after_issue=ping_pong, emulate=emulate)
-        plgpu.barrier_arrive(k_free.at[slot])
-        acc, m_new, l_i, p16 = softmax_update(qk, n_valid, acc, m_i, l_i)
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
         if schedule_barrier:
           plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(v_ready.at[slot])
@@ -493,12 +365,8 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i, ahead
 
-      if merge_lists:
-        acc, m_i, l_i, _ = lax.fori_loop(0, counts[0] + counts[1], merged_step,
-                                         (acc, m_i, l_i, state))
-      else:
-        acc, m_i, l_i, _ = lax.fori_loop(
-            0, n, step_fn, (acc, m_i, l_i, read_entry(idx_ref, dense_ref, bi, hi, qb, 0)))
+      acc, m_i, l_i, _ = lax.fori_loop(
+          0, n, step_fn, (acc, m_i, l_i, read_entry(idx_ref, dense_ref, bi, hi, qb, 0)))
 
       if schedule_barrier and pipes == 2:
         @pl.loop(n, n_max)
@@ -522,8 +390,7 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
-      stream = stream_merged_kv_blocks if merge_lists else stream_kv_blocks
-      stream(
+      stream_kv_blocks(
           k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free),
           counts=[pipe_steps(p) for p in range(pipes)],
           read=lambda p, step: read_entry(idx_ref, dense_ref, bi, hi, query_block(p), step),
@@ -531,18 +398,18 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
           batch=bi, head=hi, block_size=bs, stages=stages)
 
   def entry(*refs):
-    consumers = 1 if rings == 2 else COMPUTE_WGS
+    consumers = 1 if pipes == 2 else COMPUTE_WGS
     pl.run_scoped(
         lambda *scratch: kernel(*refs, *scratch),
         plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), dtype, transforms=transforms),
-        plgpu.SMEM((rings * stages, bs, d), dtype, transforms=transforms),
-        plgpu.SMEM((rings * stages, bs, d), dtype, transforms=transforms),
+        plgpu.SMEM((pipes * stages, bs, d), dtype, transforms=transforms),
+        plgpu.SMEM((pipes * stages, bs, d), dtype, transforms=transforms),
         plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
-        plgpu.Barrier(num_barriers=rings * stages),
-        plgpu.Barrier(num_barriers=rings * stages),
+        plgpu.Barrier(num_barriers=pipes * stages),
+        plgpu.Barrier(num_barriers=pipes * stages),
         plgpu.Barrier(num_barriers=COMPUTE_WGS),
-        plgpu.Barrier(num_arrivals=consumers, num_barriers=rings * stages),
-        plgpu.Barrier(num_arrivals=consumers, num_barriers=rings * stages),
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=pipes * stages),
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=pipes * stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
         collective_axes="wg",
     )
