@@ -228,49 +228,34 @@ def test_widetile_checks_then_times_every_tile(monkeypatch, tmp_path):
   assert mbm.DEFAULT_KEY_TILE == before
 
 
-def test_mmasums_checks_then_times_each_variant(monkeypatch, tmp_path):
+@pytest.mark.parametrize("mode,flag,variants,checks,default,fused_values", [
+    ("mmasums", "mma_sums", "MMA_VARIANTS", "MMA_CHECKS", "DEFAULT_MMA_SUMS", [False, True]),
+    ("polyexp", "poly_keys", "POLY_VARIANTS", "POLY_CHECKS", "DEFAULT_POLY_KEYS", [0, 64]),
+    ("pingpoly", "poly_keys", "PINGPOLY_VARIANTS", "POLY_CHECKS", "DEFAULT_POLY_KEYS", []),
+])
+def test_mass_grid_modes_check_then_time_each_variant(mode, flag, variants, checks, default,
+                                                      fused_values, monkeypatch, tmp_path):
   mbm = mv.mosaic_block_mass
   seen, fused_seen = [], []
+  key = lambda bs, kt, kw: (bs, kt, kw[flag], kw.get("schedule_barrier", False))
 
-  def zeros_mass(q, num_kv_blocks, key_tile, block_size, mma_sums, explicit_barriers, **_):
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers, **kw):
     assert explicit_barriers
-    seen.append((block_size, key_tile, mma_sums))
+    seen.append(key(block_size, key_tile, kw))
     return _zeros_mass(q, num_kv_blocks)
 
   def fused(q, k, v, block_size):
-    fused_seen.append(mbm.DEFAULT_MMA_SUMS)
+    fused_seen.append(getattr(mbm, default))
     return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
-  rows = _run_mode(monkeypatch, tmp_path, "mmasums", zeros_mass, fused)
-  variants = [(v["bs"], v["key_tile"], v["mma_sums"]) for v in mv.MMA_VARIANTS]
-  checks = [(r["S"], r["bs"], r["key_tile"], r["mma_sums"]) for r in rows if r.get("check")]
-  assert checks == [(t * 130, bs, kt, m) for bs, kt, m in variants for t, _ in mv.MMA_CHECKS]
-  timed = [(r["bs"], r["key_tile"], r["mma_sums"]) for r in rows
+  before = getattr(mbm, default)
+  rows = _run_mode(monkeypatch, tmp_path, mode, zeros_mass, fused)
+  want = [key(v["bs"], v["key_tile"], v) for v in getattr(mv, variants)]
+  got_checks = [(r["S"], *key(r["bs"], r["key_tile"], r)) for r in rows if r.get("check")]
+  assert got_checks == [(t * 130, *v) for v in want for t, _ in getattr(mv, checks)]
+  timed = [key(r["bs"], r["key_tile"], r) for r in rows
            if r["op"] == "mass" and not r.get("check")]
-  assert timed == variants and set(seen) == set(variants)
-  assert fused_seen == [False, True] and mbm.DEFAULT_MMA_SUMS is False
-
-
-def test_polyexp_checks_then_times_each_variant(monkeypatch, tmp_path):
-  mbm = mv.mosaic_block_mass
-  seen, fused_seen = [], []
-
-  def zeros_mass(q, num_kv_blocks, key_tile, block_size, poly_keys, explicit_barriers, **_):
-    assert explicit_barriers
-    seen.append((block_size, key_tile, poly_keys))
-    return _zeros_mass(q, num_kv_blocks)
-
-  def fused(q, k, v, block_size):
-    fused_seen.append(mbm.DEFAULT_POLY_KEYS)
-    return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
-  before = mbm.DEFAULT_POLY_KEYS
-  rows = _run_mode(monkeypatch, tmp_path, "polyexp", zeros_mass, fused)
-  variants = [(v["bs"], v["key_tile"], v["poly_keys"]) for v in mv.POLY_VARIANTS]
-  checks = [(r["S"], r["bs"], r["key_tile"], r["poly_keys"]) for r in rows if r.get("check")]
-  assert checks == [(t * 130, bs, kt, n) for bs, kt, n in variants for t, _ in mv.POLY_CHECKS]
-  timed = [(r["bs"], r["key_tile"], r["poly_keys"]) for r in rows
-           if r["op"] == "mass" and not r.get("check")]
-  assert timed == variants and set(seen) == set(variants)
-  assert fused_seen == [0, 64] and mbm.DEFAULT_POLY_KEYS == before
+  assert timed == want and set(seen) == set(want)
+  assert fused_seen == fused_values and getattr(mbm, default) == before
 
 
 def test_anatomy256_times_the_shipped_kernel_without_its_parts(monkeypatch, tmp_path):
