@@ -14,13 +14,12 @@ import importlib.util
 import json
 import math
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments.mosaic_variants import cudnn_ms, lists, time_fn
 from pallas_kernels import mosaic_block_sparse
 
 B, H, D = 1, 24, 128
@@ -36,16 +35,6 @@ def load_module(path):
   return module
 
 
-def median_ms(fn, reps):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times) * 1e3
-
-
 def parse_case(text):
   bs, density = text.split(":")
   if int(bs) not in mosaic_block_sparse.SUPPORTED_BLOCK_SIZES or not 0 < float(density) <= 1:
@@ -59,9 +48,7 @@ def compare(modules, seq, bs, density, key, q, k, v, rounds, reps=5, interpret=N
   (``interpret``: the kernels' interpreter parameters, for CPU)."""
   n = seq // bs
   count = max(1, round(density * n))
-  scores = jax.random.uniform(jax.random.fold_in(key, bs + int(100 * density)), (B, H, n, n))
-  idx = jnp.sort(jnp.argsort(scores, -1)[..., :count], -1).astype(jnp.int32)
-  steps = jnp.full((B, H, n), count, jnp.int32)
+  idx, steps = lists(jax.random.fold_in(key, bs + int(100 * density)), B, H, n, count, count)
   dense = jnp.zeros((B, H, n), jnp.int32)
   lengths = jnp.full((B,), seq, jnp.int32)
   fns = {name: jax.jit(lambda q, k, v, m=m: m.block_sparse_attention_padded(
@@ -73,7 +60,7 @@ def compare(modules, seq, bs, density, key, q, k, v, rounds, reps=5, interpret=N
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
-      times[name].append(median_ms(lambda fn=fn: fn(q, k, v), reps))
+      times[name].append(time_fn(fn, q, k, v, reps=reps) * 1e3)
   return {"S": seq, "bs": bs, "density": density, "count": count, "identical": same,
           **{f"{name}_ms": min(t) for name, t in times.items()},
           **{f"{name}_rounds_ms": t for name, t in times.items()}}
@@ -89,12 +76,11 @@ def main(argv):
     key = jax.random.key(seq)
     q, k, v = (jax.random.normal(kk, (B, seq, H, D), jnp.float32).astype(jnp.bfloat16)
                for kk in jax.random.split(key, 3))
-    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-    cudnn_ms = median_ms(lambda: cudnn(q, k, v), 7)
+    dense_ms = cudnn_ms(q, k, v, 7) * 1e3
     for bs, density in cases:
       row = compare(modules, seq, bs, density, key, q, k, v, fv.rounds)
       share = row["count"] * bs / seq  # computed share of the dense work
-      row.update(cudnn_ms=cudnn_ms, **{f"{name}_pct_cudnn": 100 * cudnn_ms * share / row[
+      row.update(cudnn_ms=dense_ms, **{f"{name}_pct_cudnn": 100 * dense_ms * share / row[
           f"{name}_ms"] for name in modules})
       print(json.dumps({k: v for k, v in row.items() if not k.endswith("rounds_ms")}),
             flush=True)
