@@ -70,6 +70,9 @@ _MERGE = flags.DEFINE_list("merge_phrases", None, "with --init_from: phrases the
                            "reads as one new token each (tiny_t2v.merge_phrases), e.g. "
                            "'moves left,moves right'")
 
+_GROW = flags.DEFINE_string("grow_to", None, "with --init_from: move the model to this "
+                            "preset's clip size first (tiny_t2v.grow; progressive training)")
+
 
 def main(argv):
   del argv
@@ -91,6 +94,10 @@ def main(argv):
   if _MERGE.value and not _INIT.value:
     raise app.UsageError(f"--merge_phrases={','.join(_MERGE.value)}: needs --init_from (a new "
                          "model takes the preset's vocabulary).")
+  if _GROW.value and not _INIT.value:
+    raise app.UsageError(f"--grow_to={_GROW.value}: needs --init_from (the model to grow).")
+  if _GROW.value and _GROW.value not in tiny_t2v.PRESETS:
+    raise app.UsageError(f"--grow_to={_GROW.value}: expected one of {sorted(tiny_t2v.PRESETS)}.")
   init = None
   if _INIT.value:
     init = tiny_t2v.load(_INIT.value)
@@ -100,6 +107,8 @@ def main(argv):
       init = tiny_t2v.separate_words(init, *_SEPARATE.value)
     if _MERGE.value:
       init = tiny_t2v.merge_phrases(init, _MERGE.value)
+    if _GROW.value:
+      init = tiny_t2v.grow(init, tiny_t2v.PRESETS[_GROW.value])
   training.train(cfg, _OUT.value, command=command, started_at=_STARTED_AT, init=init)
 
 

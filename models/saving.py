@@ -126,13 +126,36 @@ def diffusers_config(config) -> dict:
           if f.name not in RUNTIME_FIELDS}
 
 
+_WEIGHTS = "diffusion_pytorch_model"
+
+
+def shard(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
+  """Splits a state dict into groups of at most ``max_shard_bytes`` tensor bytes each
+  (in key order; a tensor larger than the limit gets a group of its own)."""
+  if not isinstance(max_shard_bytes, (int, np.integer)) or max_shard_bytes < 1:
+    raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: expected an int >= 1.")
+  groups, size = [{}], 0
+  for key in sorted(tensors):
+    n = tensors[key].nbytes
+    if groups[-1] and size + n > max_shard_bytes:
+      groups.append({})
+      size = 0
+    groups[-1][key] = tensors[key]
+    size += n
+  return groups
+
+
 def save_pretrained(model: nnx.Module, directory, *, class_name: str, rules,
-                    dtype=None) -> str:
+                    dtype=None, max_shard_bytes: int | None = None) -> str:
   """Writes ``config.json`` + ``diffusion_pytorch_model.safetensors``; returns the directory.
 
   The config holds the model config's fields except our run-time options
   (``RUNTIME_FIELDS``: how attention runs, not what the weights are), plus
-  ``_class_name``.
+  ``_class_name``. With ``max_shard_bytes`` and more tensor bytes than that, the
+  weights go to diffusers' sharded layout instead:
+  ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` and an index
+  ``diffusion_pytorch_model.safetensors.index.json`` (what diffusers writes and
+  ``models.loading.safetensors_files`` reads).
   """
   from safetensors.numpy import save_file  # a declared dependency; imported where used
 
@@ -141,6 +164,22 @@ def save_pretrained(model: nnx.Module, directory, *, class_name: str, rules,
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump({"_class_name": class_name, **config}, f, indent=1)
-  save_file(export_state_dict(model, rules, dtype=dtype),
-            os.path.join(directory, "diffusion_pytorch_model.safetensors"))
+  tensors = export_state_dict(model, rules, dtype=dtype)
+  # Earlier weights in the directory (one file or shards) would be read with the new ones.
+  for name in os.listdir(directory):
+    if name.startswith(_WEIGHTS) and (name.endswith(".safetensors") or name.endswith(".json")):
+      os.remove(os.path.join(directory, name))
+  groups = [tensors] if max_shard_bytes is None else shard(tensors, max_shard_bytes)
+  if len(groups) == 1:
+    save_file(tensors, os.path.join(directory, f"{_WEIGHTS}.safetensors"))
+    return directory
+  weight_map = {}
+  for i, group in enumerate(groups):
+    name = f"{_WEIGHTS}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+    save_file(group, os.path.join(directory, name))
+    weight_map.update({key: name for key in group})
+  index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+           "weight_map": weight_map}
+  with open(os.path.join(directory, f"{_WEIGHTS}.safetensors.index.json"), "w") as f:
+    json.dump(index, f, indent=1)
   return directory

@@ -139,6 +139,16 @@ PRESETS = {
     "embedded": _config(heads=4, head_dim=64, layers=6, time_dim=64, text_width=128,
                         text_len=64, text_layers=2, text_heads=4, frames=8, size=48, patch=3,
                         learned_positions=True, adaspa_block_size=32),
+    # The long model (issue 21): the embedded architecture at AdaSpa's scale, 16 x 96 x 96
+    # clips, patch 3 -> 16 frames x 32 x 32 = 16,384 video tokens + 64 text tokens = 257
+    # blocks of 64 (each frame 16 blocks). Grown from "embedded" (``grow``): same widths and
+    # vocabulary, the learned positional embedding resampled to the larger grid (4.2 M of
+    # its 10.3 M parameters). Flow shift 2: four times the pixels per frame keep a layout
+    # legible at higher noise (SD3's resolution shift, sqrt(4)).
+    "long": dataclasses.replace(
+        _config(heads=4, head_dim=64, layers=6, time_dim=64, text_width=128, text_len=64,
+                text_layers=2, text_heads=4, frames=16, size=96, patch=3,
+                learned_positions=True, adaspa_block_size=64), flow_shift=2.0),
     # CPU tests: 2 x 16 x 16 clips, patch 2 -> 128 video tokens + 24 text tokens.
     "test": _config(heads=2, head_dim=16, layers=2, time_dim=16, text_width=32, text_len=24,
                     text_layers=1, text_heads=2, frames=2, size=16, patch=2),
@@ -304,6 +314,67 @@ def merge_phrases(model: TinyT2V, phrases, *, norm=None) -> TinyT2V:
   return TinyT2V(config, nnx.clone(model.transformer), encoder)
 
 
+def grow(model: TinyT2V, config: TinyT2VConfig) -> TinyT2V:
+  """The model moved to a larger clip size: progressive training's next stage.
+
+  Every weight is kept (patch projection, blocks, text encoder and its
+  vocabulary); only the learned positional embedding depends on the clip size.
+  Its video rows are resampled from the old (frames, rows, cols) grid to the new
+  one by trilinear interpolation over normalised coordinates, so a token keeps
+  the feature of the same place in the clip; the text rows are kept. RoPE needs
+  nothing: it is computed for any size.
+
+  Args:
+    model: the trained smaller model.
+    config: the target config: the model's architecture (widths, depth, patch,
+      text encoder sizes, positional-embedding kind) with another ``frames``,
+      ``height``, ``width`` and sampling defaults. The model's vocabulary
+      (with any ``merge_phrases``) is kept whatever ``config.text`` says.
+  """
+  old, new = model.config.transformer, config.transformer
+  keep = ("sample_width", "sample_height", "sample_frames", "attention", "adaspa",
+          "sequence_parallel")
+  same = {f.name: getattr(old, f.name) for f in dataclasses.fields(old) if f.name in keep}
+  if dataclasses.replace(new, **same) != old:
+    raise ValueError(f"config.transformer={new}: expected the model's architecture {old} "
+                     "with another sample size.")
+  text = dataclasses.replace(config.text, vocabulary=model.config.text.vocabulary)
+  if text != model.config.text:
+    raise ValueError(f"config.text={config.text}: expected the model's text encoder "
+                     f"{model.config.text} (vocabulary aside).")
+  config = dataclasses.replace(config, text=text,
+                               transformer=dataclasses.replace(new, **{
+                                   k: getattr(old, k) for k in keep[3:]}))
+  params = loading.model_params(model.transformer)
+  dtype = next(iter(params.values())).get_value().dtype
+  tcfg = config.transformer
+  transformer = nnx.eval_shape(lambda: cogvideox.Model(tcfg, rngs=nnx.Rngs(0), dtype=dtype))
+  for path, var in loading.model_params(transformer).items():
+    value = params[path].get_value()
+    if path == "patch_embed/pos_embedding":
+      value = _resample_positions(np.asarray(value, np.float32), old, tcfg)
+    var.set_value(jnp.asarray(value, dtype))
+  return TinyT2V(config, transformer, nnx.clone(model.text_encoder))
+
+
+def _resample_positions(table, old: cogvideox.Config, new: cogvideox.Config) -> np.ndarray:
+  """[1, T + F h w, D] learned positions of ``old``'s grid -> ``new``'s (trilinear)."""
+  p, t = old.patch_size, old.max_text_seq_length
+  src = (old.sample_frames, old.sample_height // p, old.sample_width // p)
+  dst = (new.sample_frames, new.sample_height // new.patch_size,
+         new.sample_width // new.patch_size)
+  grid = table[0, t:].reshape(src + (-1,))
+  for axis, (n_in, n_out) in enumerate(zip(src, dst)):
+    # Cell centres in [0, 1] of the new grid, located on the old one.
+    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = (pos - lo).reshape((-1,) + (1,) * (grid.ndim - axis - 1))
+    grid = (np.take(grid, lo, axis=axis) * (1 - w) + np.take(grid, hi, axis=axis) * w)
+  video = grid.reshape(1, -1, table.shape[-1])
+  return np.concatenate([table[:, :t], video], axis=1)
+
+
 # ---------------------------------------------------------------- pixels <-> latents
 
 
@@ -359,6 +430,8 @@ def prompt_embeddings(model: TinyT2V, prompt: str) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- checkpoints
 
 _TRANSFORMER, _TEXT, _META = "transformer", "text_encoder", "tiny_t2v.json"
+# Largest weights file written: files of a committed checkpoint stay under 16 MiB.
+MAX_FILE_BYTES = 12 * 2**20
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
@@ -378,7 +451,8 @@ def save(model: TinyT2V, directory, *, dtype: str = "bfloat16", record: dict | N
   cfg = model.config
   saving.save_pretrained(model.transformer, os.path.join(directory, _TRANSFORMER),
                          class_name="CogVideoXTransformer3DModel",
-                         rules=cogvideox.weight_rules(cfg.transformer), dtype=_DTYPES[dtype])
+                         rules=cogvideox.weight_rules(cfg.transformer), dtype=_DTYPES[dtype],
+                         max_shard_bytes=MAX_FILE_BYTES)
   text_dir = os.path.join(directory, _TEXT)
   os.makedirs(text_dir, exist_ok=True)
   with open(os.path.join(text_dir, "config.json"), "w") as f:
