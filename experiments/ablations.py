@@ -7,6 +7,9 @@ score), mean recall at the search steps (``measure_recall``: the mass the
 selection keeps, comparable across policies), achieved sparsity and wall time.
 
 Groups (``GROUPS``):
+  table1      the issue's Table 1 rows: dense; AdaSpa at 0.7 / 0.8 / 0.9; AdaSpa at
+              0.8 without head tiers and without the LSE cache; SVG, MInference at
+              0.8; top-p at p = ``TABLE1_TOP_P`` (SVG2's p).
   policies    dense, AdaSpa, SVG and MInference at sparsity 0.7 / 0.8 / 0.9 and
               top-p at p in ``TOP_P`` (its sparsity is whatever p gives);
               the paper's Table 1.
@@ -59,7 +62,8 @@ BASE_SPARSITY = 0.8
 WARMUPS = (0, 2, 5, 10)
 SCHEDULES = ((10,), (10, 30), (10, 20, 30), (10, 20, 30, 40))
 PAPER_SCHEDULE = (10, 30)
-GROUPS = ("policies", "components", "warmup", "schedule")
+TABLE1_TOP_P = 0.9
+GROUPS = ("table1", "policies", "components", "warmup", "schedule")
 POLICY_NAMES = {"adaspa": "AdaSpa", "svg": "SVG", "minference": "MInference", "topp": "top-p"}
 
 
@@ -143,6 +147,28 @@ def component_settings(base: AdaSpaConfig) -> list[Setting]:
   return out
 
 
+def table1_settings(base: AdaSpaConfig, frame_tokens: int) -> list[Setting]:
+  """Dense; AdaSpa at ``SPARSITIES``; AdaSpa at ``base``'s sparsity w/o head tiers and w/o
+  the LSE cache; SVG and MInference at ``base``'s sparsity; top-p at ``TABLE1_TOP_P``."""
+  s = base.sparsity
+  out = [Setting("table1", "dense", None, {"policy": "dense"})]
+  out += [Setting("table1", f"AdaSpa s={x}", base.replace(sparsity=x),
+                  {"policy": "adaspa", "sparsity": x}) for x in SPARSITIES]
+  out += [Setting("table1", f"AdaSpa s={s} w/o head adaptive",
+                  base.replace(head_adaptive=False), {"policy": "adaspa", "sparsity": s,
+                                                      "head_adaptive": False}),
+          Setting("table1", f"AdaSpa s={s} w/o LSE cache", base.replace(lse_cache=False),
+                  {"policy": "adaspa", "sparsity": s, "lse_cache": False}),
+          Setting("table1", f"SVG s={s}", base.replace(policy="svg", frame_tokens=frame_tokens),
+                  {"policy": "svg", "sparsity": s}),
+          Setting("table1", f"MInference s={s}", base.replace(policy="minference"),
+                  {"policy": "minference", "sparsity": s}),
+          Setting("table1", f"top-p p={TABLE1_TOP_P}",
+                  base.replace(policy="topp", top_p=TABLE1_TOP_P),
+                  {"policy": "topp", "top_p": TABLE1_TOP_P})]
+  return out
+
+
 def warmup_group(base: AdaSpaConfig) -> list[Setting]:
   return [Setting("warmup", f"warm-up {w}",
                   base.replace(search_steps=warmup_steps(w, base.num_steps)), {"warmup": w})
@@ -172,7 +198,8 @@ def grid(*, num_steps: int = PAPER_STEPS, frame_tokens: int, groups: Sequence[st
   if not isinstance(frame_tokens, int) or frame_tokens < 1:
     raise ValueError(f"frame_tokens={frame_tokens!r}: expected a positive int.")
   base = base_config(num_steps, **base_overrides)
-  build = {"policies": lambda: policy_settings(base, frame_tokens),
+  build = {"table1": lambda: table1_settings(base, frame_tokens),
+           "policies": lambda: policy_settings(base, frame_tokens),
            "components": lambda: component_settings(base),
            "warmup": lambda: warmup_group(base), "schedule": lambda: schedule_group(base)}
   return [s for g in GROUPS if g in groups for s in build[g]()]
@@ -285,13 +312,15 @@ def _real_rows(result: sampler.SampleResult, real: int, field: str) -> np.ndarra
 
 def clip_scores(video, reference, check) -> dict:
   """PSNR (dB, None when identical) and SSIM of one clip [F, H, W, 3] against its dense
-  reference, with its caption-check verdict."""
+  reference, with its caption-check verdicts (lenient, strict, extra objects)."""
   psnr = metrics.psnr(video, reference, data_range=1.0)
   # SSIM per (frame, channel) image: metrics wants [..., H, W].
   ssim = metrics.ssim(np.moveaxis(video, -1, -3), np.moveaxis(reference, -1, -3),
                       data_range=1.0)
   return {"psnr_db": psnr if math.isfinite(psnr) else None, "ssim": ssim,
-          "passed": bool(check.passed), "score": float(check.score)}
+          "passed": bool(check.passed), "score": float(check.score),
+          "strict_passed": bool(check.strict_passed),
+          "extra_object": bool(check.extra_objects)}
 
 
 def summarize(clips: Sequence[dict], recall, sparsity, phases, search_steps, *,
@@ -307,7 +336,9 @@ def summarize(clips: Sequence[dict], recall, sparsity, phases, search_steps, *,
   Returns:
     psnr_db: mean per-clip PSNR (None if every clip equals its reference; identical
       clips are left out of the mean, ``identical_clips`` counts them); ssim: mean;
-    pass_rate, mean_score: caption check; mean_recall: mean over searches, layers,
+    pass_rate, mean_score: caption check (lenient); strict_pass_rate, extra_object_rate:
+    the strict verdict and the share of clips with an extra object; seconds_per_clip:
+    wall_s / clips; mean_recall: mean over searches, layers,
     rows and heads; recall_layer_head [L][H]: the same per layer and head;
     sparsity: mean video-block sparsity over the steps that ran sparse attention
     (None if none did); sparse_steps; wall_s, compile_s, speedup (dense / this).
@@ -322,6 +353,9 @@ def summarize(clips: Sequence[dict], recall, sparsity, phases, search_steps, *,
       "ssim": float(np.mean([c["ssim"] for c in clips])),
       "pass_rate": float(np.mean([c["passed"] for c in clips])),
       "mean_score": float(np.mean([c["score"] for c in clips])),
+      "strict_pass_rate": float(np.mean([c["strict_passed"] for c in clips])),
+      "extra_object_rate": float(np.mean([c["extra_object"] for c in clips])),
+      "seconds_per_clip": wall_s / len(clips),
       "mean_recall": float(recall.mean()),
       "recall_layer_head": recall.mean(axis=(0, 2)).tolist(),
       "sparsity": float(sparsity[sparse_steps].mean()) if sparse_steps else None,
@@ -335,6 +369,9 @@ def dense_summary(ref: Reference) -> dict:
   return {"psnr_db": None, "identical_clips": len(ref.prompts), "ssim": 1.0,
           "pass_rate": float(np.mean([c.passed for c in ref.checks])),
           "mean_score": float(np.mean([c.score for c in ref.checks])),
+          "strict_pass_rate": float(np.mean([c.strict_passed for c in ref.checks])),
+          "extra_object_rate": float(np.mean([bool(c.extra_objects) for c in ref.checks])),
+          "seconds_per_clip": ref.wall_s / len(ref.checks),
           "mean_recall": 1.0, "recall_layer_head": None, "sparsity": 0.0, "sparse_steps": 0,
           "wall_s": ref.wall_s, "compile_s": ref.compile_s, "speedup": 1.0}
 
@@ -436,6 +473,7 @@ def run(checkpoint, settings: Sequence[Setting], *, n: int, seed: int = 0, num_s
       "device": str(jax.devices()[0]), "total_s": time.perf_counter() - start,
       "prompts": prompts,
       "dense": {"summary": dense, "clips": [
-          {"prompt": p, "seed": sd, "passed": bool(c.passed), "score": float(c.score)}
+          {"prompt": p, "seed": sd, "passed": bool(c.passed), "score": float(c.score),
+           "strict_passed": bool(c.strict_passed), "extra_object": bool(c.extra_objects)}
           for p, sd, c in zip(ref.prompts, ref.seeds, ref.checks)]},
       "settings": rows})

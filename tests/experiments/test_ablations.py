@@ -21,7 +21,7 @@ EMBEDDED = "checkpoints/tiny_t2v"
 def test_grid_applies_the_paper_schedules_literally_at_50_steps():
   settings = ablations.grid(num_steps=50, frame_tokens=256)
   by = {(s.group, s.name): s for s in settings}
-  assert [s.group for s in settings] == (["policies"] * 13 + ["components"] * 4
+  assert [s.group for s in settings] == (["table1"] * 9 + ["policies"] * 13 + ["components"] * 4
                                          + ["warmup"] * 4 + ["schedule"] * 4)
   assert by["policies", "dense"].config is None
   base = by["components", "AdaSpa"].config
@@ -38,7 +38,7 @@ def test_grid_applies_the_paper_schedules_literally_at_50_steps():
               (True, True), (True, False), (False, True), (False, False)}
   for policy in ("adaspa", "svg", "minference"):
     got = [(s.config.policy, s.config.sparsity) for s in settings
-           if s.params.get("policy") == policy]
+           if s.params.get("policy") == policy and s.group == "policies"]
     assert got == [(policy, 0.7), (policy, 0.8), (policy, 0.9)]
   assert by["policies", "SVG s=0.9"].config.frame_tokens == 256
   assert [by["policies", f"top-p p={p}"].config.top_p for p in ablations.TOP_P] == list(
@@ -66,9 +66,12 @@ def test_grid_scales_steps_and_checks_its_arguments():
 
 
 def test_summarize_against_hand_computed_numbers():
-  clips = [{"psnr_db": 30.0, "ssim": 0.9, "passed": True, "score": 1.0},
-           {"psnr_db": None, "ssim": 1.0, "passed": False, "score": 2 / 3},
-           {"psnr_db": 20.0, "ssim": 0.8, "passed": True, "score": 1 / 3}]
+  clips = [{"psnr_db": 30.0, "ssim": 0.9, "passed": True, "score": 1.0,
+            "strict_passed": False, "extra_object": True},
+           {"psnr_db": None, "ssim": 1.0, "passed": False, "score": 2 / 3,
+            "strict_passed": False, "extra_object": False},
+           {"psnr_db": 20.0, "ssim": 0.8, "passed": True, "score": 1 / 3,
+            "strict_passed": True, "extra_object": False}]
   recall = np.full((4, 2, 1, 2), 99.0)           # [N, L, B, H]; only search steps count
   recall[1] = [[[0.5, 0.7]], [[0.9, 0.1]]]
   recall[3] = [[[0.3, 0.5]], [[0.7, 0.3]]]
@@ -80,6 +83,9 @@ def test_summarize_against_hand_computed_numbers():
   assert s["psnr_db"] == pytest.approx(25.0) and s["identical_clips"] == 1
   assert s["ssim"] == pytest.approx(0.9)
   assert s["pass_rate"] == pytest.approx(2 / 3) and s["mean_score"] == pytest.approx(2 / 3)
+  assert s["strict_pass_rate"] == pytest.approx(1 / 3)
+  assert s["extra_object_rate"] == pytest.approx(1 / 3)
+  assert s["seconds_per_clip"] == pytest.approx(2.0 / 3)
   assert s["mean_recall"] == pytest.approx(0.5)
   np.testing.assert_allclose(s["recall_layer_head"], [[0.4, 0.6], [0.8, 0.2]])
   assert s["sparsity"] == pytest.approx(0.7) and s["sparse_steps"] == 2
@@ -167,10 +173,30 @@ def test_launcher_on_the_embedded_checkpoint_writes_json_tables_and_figures(tmp_
   assert s["pass_rate"] == np.mean([c["passed"] for c in row["clips"]])
   assert 0 < s["ssim"] < 1 and s["wall_s"] > 0 and s["sparse_steps"] == 1   # step 1 cached
   tables = (out / "tables.md").read_text()
-  assert (f"| warm-up 5 | {s['pass_rate']:.0%} | {s['mean_score']:.3f} | "
+  assert (f"| warm-up 5 | {s['strict_pass_rate']:.0%} | {s['extra_object_rate']:.0%} | "
+          f"{s['pass_rate']:.0%} | {s['mean_score']:.3f} | "
           f"{s['psnr_db']:.2f} | {s['ssim']:.4f} | {s['mean_recall']:.3f} | "
           f"{s['sparsity']:.3f} |") in tables
   assert "## Warm-up" in tables and "## Table 1" not in tables
   assert results["command"] in tables
   assert [p.name for p in out.glob("*.png")] == ["warmup.png"]
   assert (out / "warmup.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table1_rows_are_the_issue_rows():
+  settings = ablations.grid(num_steps=25, frame_tokens=1024, groups=["table1"])
+  assert [s.name for s in settings] == [
+      "dense", "AdaSpa s=0.7", "AdaSpa s=0.8", "AdaSpa s=0.9",
+      "AdaSpa s=0.8 w/o head adaptive", "AdaSpa s=0.8 w/o LSE cache", "SVG s=0.8",
+      "MInference s=0.8", "top-p p=0.9"]
+  by = {s.name: s.config for s in settings}
+  assert by["dense"] is None
+  assert by["AdaSpa s=0.8"].search_steps == (4, 14) and by["AdaSpa s=0.8"].block_size == 64
+  assert not by["AdaSpa s=0.8 w/o head adaptive"].head_adaptive
+  assert not by["AdaSpa s=0.8 w/o LSE cache"].lse_cache
+  assert by["SVG s=0.8"].frame_tokens == 1024 and by["SVG s=0.8"].sparsity == 0.8
+  assert by["top-p p=0.9"].top_p == 0.9
+  # Rows shared with the other groups are the same configs, so a full run samples them once.
+  others = {s.config for s in ablations.grid(num_steps=25, frame_tokens=1024)
+            if s.group != "table1"}
+  assert {c for c in by.values() if c is not None} <= others
