@@ -67,7 +67,7 @@ def attribute_counts(results) -> dict:
 
 def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=None,
              guidance_scale=None, adaspa: AdaSpaConfig | None = None, batch: int = 10,
-             dtype=jnp.float32, output_dir=None) -> dict:
+             dtype=jnp.float32, output_dir=None, masks_png: str | None = None) -> dict:
   """Samples and scores n prompt/seed pairs; returns the report (see the module docstring).
 
   Args:
@@ -79,6 +79,8 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
     batch: prompts sampled together.
     output_dir: if set, writes report.json and the clips, videos_dense.npy and
       videos_adaspa.npy (float32 [n, F, H, W, 3] in [0, 1]).
+    masks_png: if set (a file name in ``output_dir``), a PNG of the blocks the last
+      chunk's last prompt selected (``generation.plot_masks``).
   """
   probe = tiny_t2v.load(checkpoint)
   steps = num_steps or probe.config.num_steps
@@ -96,6 +98,7 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
   sched = cfg.scheduler()
   videos = {"dense": [], "adaspa": []}
   recall, sparsity, seconds = [], [], {"dense": 0.0, "adaspa": 0.0}
+  last_state = None
   for lo in range(0, n, batch):
     chunk = prompts[lo:lo + batch]
     noise, cond, uncond, shared = tiny_t2v.sampler_inputs(
@@ -112,6 +115,7 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
       seconds[mode] += time.perf_counter() - start
       videos[mode].append(tiny_t2v.to_video(result.latents))
       if mode == "adaspa":
+        last_state = result.adaspa_state
         recall.append(np.asarray(result.recall[-1]))        # [L, 2B, H] after the last step
         sparsity.append(np.asarray(result.sparsity[-1]))
   report = {"checkpoint": str(checkpoint), "n": n, "seed": seed, "num_steps": steps,
@@ -125,13 +129,23 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
     checks["adaspa"].append(a)
     report["clips"].append({"prompt": prompt, "seed": seed + i, "dense_passed": d.passed,
                             "adaspa_passed": a.passed, "dense_score": d.score,
-                            "adaspa_score": a.score})
+                            "adaspa_score": a.score, "dense_strict_passed": d.strict_passed,
+                            "adaspa_strict_passed": a.strict_passed,
+                            "dense_extra_objects": [dataclasses.asdict(e)
+                                                    for e in d.extra_objects],
+                            "adaspa_extra_objects": [dataclasses.asdict(e)
+                                                     for e in a.extra_objects]})
   clips = report["clips"]
   report.update(
       dense_pass_rate=float(np.mean([c["dense_passed"] for c in clips])),
       adaspa_pass_rate=float(np.mean([c["adaspa_passed"] for c in clips])),
       dense_mean_score=float(np.mean([c["dense_score"] for c in clips])),
       adaspa_mean_score=float(np.mean([c["adaspa_score"] for c in clips])),
+      dense_strict_pass_rate=float(np.mean([c["dense_strict_passed"] for c in clips])),
+      adaspa_strict_pass_rate=float(np.mean([c["adaspa_strict_passed"] for c in clips])),
+      dense_extra_object_rate=float(np.mean([bool(c["dense_extra_objects"]) for c in clips])),
+      adaspa_extra_object_rate=float(np.mean([bool(c["adaspa_extra_objects"])
+                                              for c in clips])),
       attributes={m: attribute_counts(c) for m, c in checks.items()},
       mean_recall=float(np.mean(np.concatenate(recall, axis=1))),
       mean_sparsity=float(np.mean(np.concatenate(sparsity, axis=1))),
@@ -143,6 +157,10 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
     os.makedirs(output_dir, exist_ok=True)
     np.save(os.path.join(output_dir, "videos_dense.npy"), dense)
     np.save(os.path.join(output_dir, "videos_adaspa.npy"), sparse)
+    if masks_png is not None:
+      from experiments.generation import plot_masks  # pylint: disable=import-outside-toplevel
+      report["masks"] = plot_masks(last_state, os.path.join(output_dir, masks_png))
+      report["masks_png"] = masks_png
     with open(os.path.join(output_dir, "report.json"), "w") as f:
       json.dump(report, f, indent=1)
   return report
