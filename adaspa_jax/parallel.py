@@ -130,7 +130,7 @@ def check_divisible(sp: SequenceParallel, *, heads: int, tokens: int, seq_len: i
                      f"size {n} (the sequence is sharded evenly).")
 
 
-def _text_layout(text_span, seq_len):
+def text_layout(text_span, seq_len):
   """(start, length) of the text tokens, a prefix or suffix; (0, 0) without text."""
   if text_span is None:
     return 0, 0
@@ -151,7 +151,7 @@ def _ulysses(attend, q, k, v, state, replicated, sp, text_span):
   replicated: pytree of arrays every device sees whole (or None).
   """
   b, s, h, d = q.shape
-  start, n_text = _text_layout(text_span, s)
+  start, n_text = text_layout(text_span, s)
   check_divisible(sp, heads=h, tokens=s - n_text, seq_len=s)
   axis, h_local = sp.axis, h // sp.size
   text_first = n_text and start == 0
@@ -200,7 +200,7 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
     out [B, S, H, D] and the new state, equal to the single-device call's.
   """
   s = q.shape[1]
-  start, n_text = _text_layout(text_span, s)
+  start, n_text = text_layout(text_span, s)
   text = (blocks.text_blocks_mask(s, config.block_size, start, n_text) if n_text else None)
   kw = dict(text_blocks=text, sm_scale=sm_scale, implementation=implementation,
             interpret=interpret)

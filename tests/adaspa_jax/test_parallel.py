@@ -222,7 +222,7 @@ def test_parse_mesh_and_layout_checks():
   with pytest.raises(ValueError, match="axis='data'"):
     parallel.SequenceParallel(sp.mesh, "data")
   with pytest.raises(ValueError, match="text_span"):
-    parallel._text_layout((3, 4), 20)        # text in the middle of the sequence
+    parallel.text_layout((3, 4), 20)        # text in the middle of the sequence
 
 
 if __name__ == "__main__":
