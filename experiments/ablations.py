@@ -26,7 +26,7 @@ Settings of different groups with equal configs (AdaSpa 0.8 with {10,30} is
 in three groups) run once. Each config compiles once: prompts are sampled in
 equal chunks (the last one padded with repeats whose outputs are dropped).
 
-  from experiments import ablation_report, ablations
+  from adaspa_jax.experiments import ablation_report, ablations
   settings = ablations.grid(num_steps=50, frame_tokens=256)
   results = ablations.run("checkpoints/tiny_t2v", settings, n=20)
   ablation_report.write_outputs(results, "outputs/ablations")
@@ -45,8 +45,8 @@ import numpy as np
 from flax import nnx
 
 from adaspa_jax import CACHED_SEARCH, SPARSE, AdaSpaConfig
-from experiments import caption_check, metrics, tiny_eval
-from models import cogvideox, sampler, tiny_t2v
+from adaspa_jax.experiments import caption_check, metrics, tiny_eval
+from adaspa_jax.models import cogvideox, sampler, tiny_t2v
 
 PAPER_STEPS = 50
 SPARSITIES = (0.7, 0.8, 0.9)
@@ -383,7 +383,7 @@ def run(checkpoint, settings: Sequence[Setting], *, n: int, seed: int = 0, num_s
   """Runs ``settings`` over n held-out prompt/seed pairs; returns the results (JSON-ready).
 
   Args:
-    checkpoint: a ``models.tiny_t2v`` checkpoint directory.
+    checkpoint: a ``adaspa_jax.models.tiny_t2v`` checkpoint directory.
     settings: from ``grid``; a setting with ``config=None`` is the dense reference.
     num_steps, guidance_scale: default: the checkpoint's; every config's num_steps must
       equal num_steps.

@@ -16,8 +16,8 @@ is the wall time / n, so host dispatch overlaps device work; the reported time
 is the median rep. Effective TFLOP/s = 4 * D * (computed query x key pairs,
 summed over batch and heads) / time.
 
-  python -m experiments.bench_kernels --seq_lens=32768,118784 --out_dir=/tmp/bench
-  python -m experiments.bench_kernels --check_only --interpret --seq_lens=64 \
+  python -m adaspa_jax.experiments.bench_kernels --seq_lens=32768,118784 --out_dir=/tmp/bench
+  python -m adaspa_jax.experiments.bench_kernels --check_only --interpret --seq_lens=64 \
       --heads=2 --head_dim=64 --dtype=float32   # CPU smoke run
 """
 
@@ -380,8 +380,8 @@ def main(argv):
   results = {
       "date": stamp.isoformat(timespec="seconds"),
       "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
-      "jax_version": jax.__version__, "command": " ".join(["python -m experiments.bench_kernels"]
-                                                          + sys.argv[1:]),
+      "jax_version": jax.__version__,
+      "command": " ".join(["python -m adaspa_jax.experiments.bench_kernels"] + sys.argv[1:]),
       "config": {"batch": _BATCH.value, "heads": _HEADS.value, "head_dim": _HEAD_DIM.value,
                  "dtype": dtype.name, "block_size": bs, "densities": densities,
                  "implementations": list(_IMPLS.value), "reps": _REPS.value,

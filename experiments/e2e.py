@@ -25,7 +25,7 @@ From these, ``compose`` multiplies each phase's step time by its number of
 steps in ``adaspa_jax.phase_table`` (the paper's schedule by default) and
 gives both runs' totals and the end-to-end speedup; ``amdahl_ceiling`` gives
 the speedup perfect kernels would reach. With ``full_run`` the real
-``models.sampler`` scan also runs end to end, dense and AdaSpa, and its
+``adaspa_jax.models.sampler`` scan also runs end to end, dense and AdaSpa, and its
 measured walls sit beside the composed totals (they validate the composition:
 the scan adds only the scheduler update per step).
 
@@ -54,10 +54,10 @@ from jax.sharding import PartitionSpec as P
 
 from adaspa_jax import PHASE_NAMES, AdaSpaConfig, parallel, phase_table
 from adaspa_jax.schedule import CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE
-from experiments import generation
-from experiments.e2e_report import summary_line
-from models import parallel as model_parallel
-from models import sampler, schedulers
+from adaspa_jax.experiments import generation
+from adaspa_jax.experiments.e2e_report import summary_line
+from adaspa_jax.models import parallel as model_parallel
+from adaspa_jax.models import sampler, schedulers
 from pallas_kernels import api
 
 VAE_TEMPORAL, VAE_SPATIAL = 4, 8   # every family's VAE: 4x in time, 8x in height and width
@@ -485,7 +485,7 @@ def summarize(res: dict, counts: dict, config: AdaSpaConfig) -> dict:
 
 # ----------------------------------------------------------------------------- runs
 def full_run(case: Case, log=print) -> dict:
-  """The ``models.sampler`` scan end to end, dense then AdaSpa; walls exclude compile."""
+  """The ``adaspa_jax.models.sampler`` scan end to end, dense then AdaSpa; walls exclude compile."""
   out = {}
   for mode in ("dense", "adaspa"):
     state = init_state(case) if mode == "adaspa" else None
@@ -626,7 +626,7 @@ def run(*, reps=3, do_full_run=False, sweep_seconds=(), sweep_layers=1, sweep_re
     latent: (F, H, W) latent size; None entries take the family's 720p default.
     video_seconds: sets the latent frames from seconds of video instead of F.
     text_len: text tokens (default: the pipeline's).
-    mesh, fsdp: as ``experiments.generate`` (``adaspa_jax.parallel.parse_mesh``).
+    mesh, fsdp: as ``adaspa_jax.experiments.generate`` (``adaspa_jax.parallel.parse_mesh``).
     seed: weights, noise and embeddings; command: recorded in the results.
   Args (``execute``):
     reps: timed calls per step kind.

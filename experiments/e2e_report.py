@@ -129,4 +129,4 @@ def write(results: dict, output_dir: str, tag: str = "") -> dict:
 
 
 def command_line(argv=None) -> str:
-  return " ".join(["python -m experiments.bench_e2e"] + list((argv or sys.argv)[1:]))
+  return " ".join(["python -m adaspa_jax.experiments.bench_e2e"] + list((argv or sys.argv)[1:]))

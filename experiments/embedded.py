@@ -14,7 +14,7 @@ import imageio.v3 as iio
 import numpy as np
 
 from adaspa_jax import AdaSpaConfig
-from models import tiny_t2v
+from adaspa_jax.models import tiny_t2v
 
 CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "checkpoints", "tiny_t2v")
@@ -45,7 +45,7 @@ def run(*, prompt=DEFAULT_PROMPT, checkpoint=None, seed=0, adaspa: AdaSpaConfig,
   Writes ``report.json``, ``clip_dense.gif``, ``clip_adaspa.gif`` and the float32 videos
   (``videos_{dense,adaspa}.npy``, [1, F, H, W, 3] in [0, 1]) to ``output_dir``.
   """
-  from experiments import tiny_eval  # tiny_eval imports experiments.generation
+  from adaspa_jax.experiments import tiny_eval  # tiny_eval imports experiments.generation
 
   checkpoint = checkpoint or CHECKPOINT
   report = tiny_eval.evaluate(checkpoint, n=1, prompts=[prompt], seed=seed,

@@ -3,7 +3,7 @@
 By default (``--model=embedded``) it samples the shipped shapes model for one
 ``--prompt``, dense and with AdaSpa, and prints timing, PSNR/SSIM and both clips'
 caption checks (``experiments/embedded.py``; this is ``make demo``). Otherwise it runs a Wan2.1, HunyuanVideo or CogVideoX transformer through the whole denoising
-schedule as one jitted ``lax.scan`` (``models.sampler``). Text encoders and VAEs
+schedule as one jitted ``lax.scan`` (``adaspa_jax.models.sampler``). Text encoders and VAEs
 are out of scope: the prompt comes as precomputed embeddings (a ``.safetensors``
 file with diffusers' tensor names, see the README) and the result is latents.
 Without ``--checkpoint`` the preset runs with random weights, and without
@@ -17,11 +17,12 @@ Writes to ``--output_dir``:
                                            ``both``, PSNR/SSIM of AdaSpa vs dense;
   masks.png                                selected key blocks of a few heads.
 
-  python -m experiments.generate --prompt="a green triangle spins"
-  python -m experiments.generate --model=wan --preset=wan2.1-t2v-1.3b --attention=both
-  python -m experiments.generate --checkpoint=/ckpt/HunyuanVideo/transformer \\
+  python -m adaspa_jax.experiments.generate --prompt="a green triangle spins"
+  python -m adaspa_jax.experiments.generate --model=wan --preset=wan2.1-t2v-1.3b --attention=both
+  python -m adaspa_jax.experiments.generate --checkpoint=/ckpt/HunyuanVideo/transformer \\
       --embeddings=prompt.safetensors --steps=50 --sparsity=0.8
-  python -m experiments.generate --model=hunyuan_video --preset=hunyuan-video-13b --mesh=seq:2
+  python -m adaspa_jax.experiments.generate --model=hunyuan_video --preset=hunyuan-video-13b \\
+      --mesh=seq:2
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from __future__ import annotations
 from absl import app, flags
 
 from adaspa_jax import AdaSpaConfig
-from experiments import embedded
-from experiments.generation import default_search_steps, run
-from models import schedulers
+from adaspa_jax.experiments import embedded
+from adaspa_jax.experiments.generation import default_search_steps, run
+from adaspa_jax.models import schedulers
 
 _MODEL = flags.DEFINE_enum("model", "embedded", ["embedded", "wan", "hunyuan_video", "cogvideox"],
                            "model family; 'embedded' is the shipped shapes model "

@@ -19,17 +19,17 @@ import numpy as np
 from flax import nnx
 
 from adaspa_jax import PHASE_NAMES, AdaSpaConfig, parallel
-from experiments import metrics
-import models
-from models import parallel as model_parallel
-from models import sampler, schedulers
+from adaspa_jax.experiments import metrics
+from adaspa_jax import models
+from adaspa_jax.models import parallel as model_parallel
+from adaspa_jax.models import sampler, schedulers
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
   """What a diffusers pipeline fixes for one model family."""
   module: str
-  scheduler: str          # models.schedulers preset
+  scheduler: str          # adaspa_jax.models.schedulers preset
   guidance_scale: float   # the pipeline's default
   guided: bool            # classifier-free guidance with two branches
   latent: tuple           # default latent (F, H, W): the pipeline's default video size / VAE
@@ -38,19 +38,20 @@ class Family:
 
 FAMILIES = {
     # WanPipeline: 480 x 832, 81 frames; T5 padded to 512 tokens; CFG 5.0.
-    "wan": Family("models.wan", "wan2.1", 5.0, True, (21, 60, 104), 512),
+    "wan": Family("adaspa_jax.models.wan", "wan2.1", 5.0, True, (21, 60, 104), 512),
     # HunyuanVideoPipeline: 720 x 1280, 129 frames; 256 LLaMA tokens; guidance 6.0 is
     # embedded (guidance x 1000), true CFG off.
-    "hunyuan_video": Family("models.hunyuan_video", "hunyuan-video", 6.0, False, (33, 90, 160),
-                            256),
+    "hunyuan_video": Family("adaspa_jax.models.hunyuan_video", "hunyuan-video", 6.0, False,
+                            (33, 90, 160), 256),
     # CogVideoXPipeline: 480 x 720, 49 frames; 226 T5 tokens; CFG 6.0.
-    "cogvideox": Family("models.cogvideox", "cogvideox-5b", 6.0, True, (13, 60, 90), None),
+    "cogvideox": Family("adaspa_jax.models.cogvideox", "cogvideox-5b", 6.0, True, (13, 60, 90),
+                        None),
 }
 
 
 @dataclasses.dataclass
 class Inputs:
-  """One family's denoiser inputs (see ``models.sampler.sample``)."""
+  """One family's denoiser inputs (see ``adaspa_jax.models.sampler.sample``)."""
   latents: jax.Array
   cond: dict
   uncond: dict | None
@@ -135,7 +136,7 @@ def build_inputs(family: str, model, *, batch, frames, height, width, text_len, 
     return Inputs(latents, cond, None, {},
                   lambda b: model.init_adaspa_state(b, frames, height, width, n_text),
                   emb is None)
-  from models import cogvideox  # family-specific helper
+  from adaspa_jax.models import cogvideox  # family-specific helper
   latents = noise((batch, frames, cfg.in_channels, height, width))
   text = (batch, cfg.max_text_seq_length if text_len is None else text_len, cfg.text_embed_dim)
   cond = {"encoder_hidden_states": _embedding(emb, "prompt_embeds", text, rng, dtype)}

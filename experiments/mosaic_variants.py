@@ -103,7 +103,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from experiments.mosaic_floor import expected_output, load_only_padded
+from adaspa_jax.experiments.mosaic_floor import expected_output, load_only_padded
 from pallas_kernels import mosaic, mosaic_block_mass, mosaic_block_sparse, mosaic_interpret
 from pallas_kernels.mosaic_block_mass import block_mass_padded
 from pallas_kernels.mosaic_block_sparse import block_sparse_attention_padded

@@ -31,7 +31,7 @@ import math
 import jax
 import numpy as np
 
-from models.tiny_t2v_text import words  # the tokenizer's split, re-exported for the grammar
+from adaspa_jax.models.tiny_t2v_text import words  # the tokenizer's split, re-exported for the grammar
 
 # Saturated colours far apart in RGB; backgrounds are neutral grey, so a pixel's
 # saturation alone tells object from background.

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.mosaic_variants import cudnn_ms, lists, time_fn
+from adaspa_jax.experiments.mosaic_variants import cudnn_ms, lists, time_fn
 from pallas_kernels import mosaic_block_sparse
 
 B, H, D = 1, 24, 128

@@ -10,7 +10,7 @@ AdaSpa clips against the dense ones (pixels in [0, 1]), and per mode how many
 captioned objects were found with the right colour, shape and motion
 (``attribute_counts``).
 
-  from experiments import tiny_eval
+  from adaspa_jax.experiments import tiny_eval
   report = tiny_eval.evaluate("checkpoints/tiny_t2v", n=50)
 
 ``direction_sensitivity`` asks a narrower question without sampling: does the
@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaspa_jax import AdaSpaConfig
-from experiments import caption_check, metrics, shapes_data
-from experiments.generation import default_search_steps
-from experiments.training import noised
-from models import sampler, tiny_t2v
+from adaspa_jax.experiments import caption_check, metrics, shapes_data
+from adaspa_jax.experiments.generation import default_search_steps
+from adaspa_jax.experiments.training import noised
+from adaspa_jax.models import sampler, tiny_t2v
 
 HELD_OUT_STREAM = 2_000_003
 
@@ -71,7 +71,7 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
   """Samples and scores n prompt/seed pairs; returns the report (see the module docstring).
 
   Args:
-    checkpoint: a ``models.tiny_t2v`` checkpoint directory.
+    checkpoint: a ``adaspa_jax.models.tiny_t2v`` checkpoint directory.
     prompts: n prompts instead of ``held_out_prompts(n)``.
     num_steps, guidance_scale: default: the checkpoint's.
     adaspa: AdaSpa settings; default sparsity 0.8 with the paper's search steps
@@ -172,7 +172,7 @@ def direction_sensitivity(checkpoint, *, n: int = 64, sigmas=(1.0, 0.97, 0.9, 0.
   = (swapped - true) / true measures how much it uses them (0: not at all).
 
   Args:
-    checkpoint: a ``models.tiny_t2v`` checkpoint directory, or a loaded model.
+    checkpoint: a ``adaspa_jax.models.tiny_t2v`` checkpoint directory, or a loaded model.
     sigmas: noise levels (0 < sigma <= 1).
     axis: None for any directional clip; "horizontal" (moves left / right) or
       "vertical" (rises / falls) for clips whose directional motions are all
@@ -237,7 +237,7 @@ def symmetry_errors(checkpoint, captions, *, timesteps=(950.0, 500.0), n: int = 
   "moves left", the clips it samples move left or right as the noise decides.
 
   Args:
-    checkpoint: a ``models.tiny_t2v`` checkpoint directory, or a loaded model.
+    checkpoint: a ``adaspa_jax.models.tiny_t2v`` checkpoint directory, or a loaded model.
     captions: prompts of the caption grammar.
     timesteps: denoiser timesteps in [0, 1000].
 

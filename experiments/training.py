@@ -1,6 +1,6 @@
-"""Training the embedded model (``models.tiny_t2v``) by rectified flow, on the fly.
+"""Training the embedded model (``adaspa_jax.models.tiny_t2v``) by rectified flow, on the fly.
 
-Each step draws B new clips of ``experiments.shapes_data`` (stream ``seed``,
+Each step draws B new clips of ``adaspa_jax.experiments.shapes_data`` (stream ``seed``,
 clips ``step * B ..``): geometry and captions on the host in numpy, pixels
 rendered inside the jitted step on the device. The loss is rectified flow as
 in Wan / HunyuanVideo: sigma ~ logit-normal(0, 1), x = (1 - sigma) x0 + sigma
@@ -61,8 +61,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import shapes_data
-from models import tiny_t2v
+from adaspa_jax.experiments import shapes_data
+from adaspa_jax.models import tiny_t2v
 
 # Clips for evaluation losses come from their own stream, never trained on.
 EVAL_STREAM = 1_000_003
@@ -185,7 +185,7 @@ def noised(x0, noise, sigma, num_train_timesteps: int = 1000):
 
   Returns (x_sigma = (1 - sigma) x0 + sigma noise, the velocity target
   noise - x0, the timestep sigma * num_train_timesteps): the conventions of
-  ``models.schedulers.FlowMatchEuler``, whose Euler step x + (sigma' - sigma) v
+  ``adaspa_jax.models.schedulers.FlowMatchEuler``, whose Euler step x + (sigma' - sigma) v
   follows this straight path.
   """
   s = sigma.reshape(sigma.shape + (1,) * (x0.ndim - 1))

@@ -5,10 +5,10 @@ sequence, so AdaSpa sees the text sink and the frame-region hierarchy of the
 paper; its pipeline already runs classifier-free guidance (the generation CLI
 treats a checkpoint of this model as any CogVideoX); and it needs no pooled
 text vector, so the text encoder stays a plain token encoder
-(``models.tiny_t2v_text``). The transformer is ``models.cogvideox.Model`` with
+(``adaspa_jax.models.tiny_t2v_text``). The transformer is ``adaspa_jax.models.cogvideox.Model`` with
 a small config, nothing new.
 
-Why pixel space: the clips (``experiments.shapes_data``, 8 x 48 x 48 RGB) are
+Why pixel space: the clips (``adaspa_jax.experiments.shapes_data``, 8 x 48 x 48 RGB) are
 small enough that the transformer can patchify pixels directly (3 x 3 patches ->
 8 x 16 x 16 = 2048 video tokens = 32 query blocks of 64), so there is no
 autoencoder to train, ship or blame for artefacts, and the caption check reads
@@ -23,11 +23,11 @@ text encoder.
 
 Latents are the pixels: float [B, F, 3, H, W] in [-1, 1] (CogVideoX layout).
 Training is rectified flow: x_sigma = (1 - sigma) x0 + sigma noise, the model
-predicts noise - x0, and sampling is ``models.schedulers.FlowMatchEuler``.
+predicts noise - x0, and sampling is ``adaspa_jax.models.schedulers.FlowMatchEuler``.
 
 A checkpoint directory holds
   transformer/   config.json + diffusion_pytorch_model.safetensors (diffusers
-                 CogVideoXTransformer3DModel layout: ``models.from_pretrained``
+                 CogVideoXTransformer3DModel layout: ``adaspa_jax.models.from_pretrained``
                  and diffusers both read it)
   text_encoder/  config.json (sizes and vocabulary) + model.safetensors (NNX paths)
   tiny_t2v.json  clip size, sampling defaults and the training record.
@@ -46,8 +46,8 @@ import numpy as np
 from flax import nnx
 
 from adaspa_jax import AdaSpaConfig
-from models import cogvideox, loading, saving, schedulers
-from models.tiny_t2v_text import TextEncoder, TextEncoderConfig, Tokenizer
+from adaspa_jax.models import cogvideox, loading, saving, schedulers
+from adaspa_jax.models.tiny_t2v_text import TextEncoder, TextEncoderConfig, Tokenizer
 
 # The shapes grammar, duplicated from experiments.shapes_data.VOCABULARY so the model
 # package does not import experiments; tests check the two agree.
@@ -396,7 +396,7 @@ def rotary_embedding(config: TinyT2VConfig):
 
 
 def sampler_inputs(model: TinyT2V, prompts, *, seed):
-  """(noise [B, F, 3, H, W], cond, uncond, shared) for ``models.sampler.sample``.
+  """(noise [B, F, 3, H, W], cond, uncond, shared) for ``adaspa_jax.models.sampler.sample``.
 
   ``seed``: one int for the whole batch, or one per prompt (each prompt's noise
   then depends on its own seed only).
@@ -494,7 +494,7 @@ def load(directory, *, dtype=jnp.float32, attention: str = "dense",
 
   Args:
     dtype: the transformer's parameter and compute dtype (the text encoder is float32).
-    attention, adaspa: as in ``models.from_pretrained``.
+    attention, adaspa: as in ``adaspa_jax.models.from_pretrained``.
   """
   directory = os.fspath(directory)
   meta = read_meta(directory)

@@ -1,6 +1,6 @@
 """The embedded model's text side: a word-level tokenizer and a small text encoder.
 
-The caption grammar is closed (``experiments.shapes_data.VOCABULARY``), so the
+The caption grammar is closed (``adaspa_jax.experiments.shapes_data.VOCABULARY``), so the
 tokenizer is a word list: ids are positions in it, every caption starts with
 the start token ``<s>`` (the empty caption, used for classifier-free guidance,
 is ``<s>`` alone, so no row is ever all padding) and is padded with ``<pad>``
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import layers
-from models.hunyuan_video_layers import RefinerAttention
+from adaspa_jax.models import layers
+from adaspa_jax.models.hunyuan_video_layers import RefinerAttention
 
 PAD, START = "<pad>", "<s>"
 _LN_EPS = 1e-5

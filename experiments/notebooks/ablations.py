@@ -11,9 +11,9 @@
 # # AdaSpa ablations on the embedded model, small enough for a CPU
 #
 # One held-out prompt, a few denoising steps, float32: the dense clip is sampled once
-# and every setting is scored against it (`experiments.ablations`). Then, per setting,
+# and every setting is scored against it (`adaspa_jax.experiments.ablations`). Then, per setting,
 # the recall of every layer and head at the search steps, and the key blocks a few
-# heads keep after the last search. The full grid is `python -m experiments.ablate`
+# heads keep after the last search. The full grid is `python -m adaspa_jax.experiments.ablate`
 # (see `docs/ablations.md`).
 #
 # Runs as a Jupyter notebook (jupytext percent format) or as a plain script:
@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments import ablations, generation, tiny_eval
-from models import tiny_t2v
+from adaspa_jax.experiments import ablations, generation, tiny_eval
+from adaspa_jax.models import tiny_t2v
 
 # %% [markdown]
 # ## Settings

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from adaspa_jax import CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE, AdaSpaConfig
-from experiments import ablations
-from experiments.generation import default_search_steps
-from models import tiny_t2v
+from adaspa_jax.experiments import ablations
+from adaspa_jax.experiments.generation import default_search_steps
+from adaspa_jax.models import tiny_t2v
 from tests.experiments import tiny_checkpoint
 
 EMBEDDED = "checkpoints/tiny_t2v"
@@ -146,12 +146,12 @@ def test_launcher_on_the_embedded_checkpoint_writes_json_tables_and_figures(tmp_
   out = tmp_path / "out"
   args = ["--n=2", "--batch=2", "--num_steps=2", "--groups=warmup", "--dtype=float32",
           f"--output_dir={out}"]
-  proc = subprocess.run([sys.executable, "-m", "experiments.ablate", *args],
+  proc = subprocess.run([sys.executable, "-m", "adaspa_jax.experiments.ablate", *args],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out / "results.json") as f:
     results = json.load(f)
-  assert results["command"] == "python -m experiments.ablate " + " ".join(args)
+  assert results["command"] == "python -m adaspa_jax.experiments.ablate " + " ".join(args)
   assert (results["checkpoint"], results["n"], results["num_steps"], results["dtype"]) == (
       EMBEDDED, 2, 2, "float32")
   assert results["prompts"] == ablations.tiny_eval.held_out_prompts(2)

@@ -1,7 +1,7 @@
 import numpy as np
 
 from adaspa_jax import AdaSpaConfig, CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE
-from experiments import synthetic
+from adaspa_jax.experiments import synthetic
 
 
 def test_demo_run_reports_each_phase():
@@ -24,8 +24,9 @@ def test_demo_cli_runs(tmp_path):
   import subprocess
   import sys
   out = tmp_path / "demo.json"
-  subprocess.run([sys.executable, "-m", "experiments.attention_demo", "--frames=2", "--height=4",
-                  "--width=8", "--text_len=3", "--heads=2", "--head_dim=32", "--block_size=16",
-                  "--steps=4", "--search_steps=1,3", f"--json_out={out}"], check=True)
+  subprocess.run([sys.executable, "-m", "adaspa_jax.experiments.attention_demo", "--frames=2",
+                  "--height=4", "--width=8", "--text_len=3", "--heads=2", "--head_dim=32",
+                  "--block_size=16", "--steps=4", "--search_steps=1,3", f"--json_out={out}"],
+                 check=True)
   record = json.loads(out.read_text())
   assert len(record["phase"]) == 4 and record["seconds"] > 0

@@ -8,15 +8,16 @@ import sys
 import jax
 import numpy as np
 
-from experiments import bench_kernels
+from adaspa_jax.experiments import bench_kernels
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_check_only_writes_json(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.bench_kernels", "--check_only", "--interpret",
-         "--seq_lens=64", "--heads=2", "--head_dim=64", "--dtype=float32", "--check_seq=90",
-         "--block_size=32", "--implementations=triton", f"--out_dir={tmp_path}", "--tag=_smoke"]
+  cmd = [sys.executable, "-m", "adaspa_jax.experiments.bench_kernels", "--check_only",
+         "--interpret", "--seq_lens=64", "--heads=2", "--head_dim=64", "--dtype=float32",
+         "--check_seq=90", "--block_size=32", "--implementations=triton", f"--out_dir={tmp_path}",
+         "--tag=_smoke"]
   env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

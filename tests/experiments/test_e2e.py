@@ -20,8 +20,8 @@ import pytest
 from flax import nnx
 
 from adaspa_jax import AdaSpaConfig
-from experiments import e2e, e2e_report
-from models import cogvideox, hunyuan_video, wan
+from adaspa_jax.experiments import e2e, e2e_report
+from adaspa_jax.models import cogvideox, hunyuan_video, wan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, SEARCH, REPS = 5, (1, 3), 2       # phases: dense, fused, sparse, cached, sparse
@@ -40,7 +40,7 @@ def cli(tmp_path_factory):
   flags = os.environ.get("XLA_FLAGS", "")
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2".strip())
-  cmd = [sys.executable, "-m", "experiments.bench_e2e", "--model=wan", "--preset=tiny",
+  cmd = [sys.executable, "-m", "adaspa_jax.experiments.bench_e2e", "--model=wan", "--preset=tiny",
          "--dtype=float32", "--implementation=reference", "--latent_height=8",
          "--latent_width=10", "--video_seconds=0.5", "--steps=4", "--search_steps=1,2",
          "--block_size=16", "--sparsity=0.5", "--layers=1", "--reps=1", "--text_len=6",

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from experiments import embedded
-from models import tiny_t2v
+from adaspa_jax.experiments import embedded
+from adaspa_jax.models import tiny_t2v
 from tests.experiments import tiny_checkpoint
 
 
@@ -31,7 +31,7 @@ def test_demo_cli_writes_clips_and_report(checkpoint, tmp_path):
   """generate.py's default model, as a subprocess (launchers define absl flags)."""
   out = tmp_path / "demo"
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.generate", f"--checkpoint={checkpoint}",
+      [sys.executable, "-m", "adaspa_jax.experiments.generate", f"--checkpoint={checkpoint}",
        "--prompt=a green triangle spins", "--steps=3", "--search_steps=1,2",
        "--block_size=16", "--sparsity=0.5", f"--output_dir={out}"],
       check=True, capture_output=True, text=True)
@@ -47,6 +47,6 @@ def test_demo_cli_writes_clips_and_report(checkpoint, tmp_path):
 
 def test_embedded_refuses_a_single_mode(checkpoint, tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.generate", f"--checkpoint={checkpoint}",
+      [sys.executable, "-m", "adaspa_jax.experiments.generate", f"--checkpoint={checkpoint}",
        "--attention=dense", f"--output_dir={tmp_path}"], capture_output=True, text=True)
   assert proc.returncode != 0 and "--attention='dense'" in proc.stderr

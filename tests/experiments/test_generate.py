@@ -12,8 +12,8 @@ from diffusers import WanTransformer3DModel
 from safetensors.numpy import save_file
 
 from adaspa_jax import AdaSpaConfig
-from experiments import generation
-from models import cogvideox, hunyuan_video, saving, wan
+from adaspa_jax.experiments import generation
+from adaspa_jax.models import cogvideox, hunyuan_video, saving, wan
 
 STEPS, SEARCH = 5, (1, 3)
 LATENT = ["--latent_frames=3", "--latent_height=8", "--latent_width=10"]
@@ -54,7 +54,7 @@ def test_cli_wan_tiny_both(tmp_path):
   """The launcher as a subprocess: launchers define absl flags at import."""
   out = str(tmp_path / "wan")
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.generate", "--model=wan", "--preset=tiny",
+      [sys.executable, "-m", "adaspa_jax.experiments.generate", "--model=wan", "--preset=tiny",
        f"--steps={STEPS}", f"--search_steps={','.join(map(str, SEARCH))}", "--sparsity=0.5",
        "--block_size=16", "--text_len=6", "--dtype=float32", "--noprogress",
        "--attention=both", f"--output_dir={out}", *LATENT],

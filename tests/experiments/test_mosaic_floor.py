@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.mosaic_floor import expected_output, load_only_padded
+from adaspa_jax.experiments.mosaic_floor import expected_output, load_only_padded
 from pallas_kernels import mosaic_interpret
 from tests.pallas_kernels.kernel_suite import make_qkv
 

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import mosaic_floor
-from experiments import mosaic_variants as mv
+from adaspa_jax.experiments import mosaic_floor
+from adaspa_jax.experiments import mosaic_variants as mv
 
 
 @pytest.mark.parametrize("check", [mv.check_sparse_stages, mv.check_mass_stages])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from adaspa_jax import AdaSpaConfig
-from experiments import caption_check, shapes_data, tiny_eval
+from adaspa_jax.experiments import caption_check, shapes_data, tiny_eval
 from tests.experiments import tiny_checkpoint
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import shapes_data, training
-from models import loading, sampler, tiny_t2v
+from adaspa_jax.experiments import shapes_data, training
+from adaspa_jax.models import loading, sampler, tiny_t2v
 
 STEPS = 30
 

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from models import loading, tiny_t2v
+from adaspa_jax.models import loading, tiny_t2v
 from tests.experiments import tiny_checkpoint
 
 
@@ -22,12 +22,12 @@ def test_launcher_stops_on_its_budget_and_saves(tmp_path):
   args = ["--preset=test", "--steps=3", "--batch_size=2", "--log_every=1", "--warmup_steps=1",
           "--dtype=float32", "--save_dtype=float32", "--time_budget_s=1",
           f"--init_from={start}", f"--output_dir={out}"]
-  proc = subprocess.run([sys.executable, "-m", "experiments.train_tiny", *args],
+  proc = subprocess.run([sys.executable, "-m", "adaspa_jax.experiments.train_tiny", *args],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "stopping after step 1" in proc.stdout
   record = tiny_t2v.training_record(out)
-  assert record["command"] == "python -m experiments.train_tiny " + " ".join(args)
+  assert record["command"] == "python -m adaspa_jax.experiments.train_tiny " + " ".join(args)
   assert record["steps"] == 1 and record["stopped_by"] == "time_budget"
   with open(os.path.join(out, "training_log.json")) as f:
     log = json.load(f)
@@ -52,7 +52,7 @@ def test_launcher_adds_learned_positions_and_reversal_and_mirror_pairs(tmp_path)
           "--merge_phrases=moves left,moves right",
           "--text_lr_scale=2", "--sigma_logit_mean=0.5", "--high_sigma_share=0.25",
           f"--init_from={start}", f"--output_dir={out}"]
-  proc = subprocess.run([sys.executable, "-m", "experiments.train_tiny", *args],
+  proc = subprocess.run([sys.executable, "-m", "adaspa_jax.experiments.train_tiny", *args],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   trained = tiny_t2v.load(out)
@@ -78,15 +78,16 @@ def test_launcher_adds_learned_positions_and_reversal_and_mirror_pairs(tmp_path)
   assert np.all(np.abs(e[-2:] - first[-2:]).max(-1) > 0)
   pos = np.asarray(trained.transformer.patch_embed.pos_embedding.get_value())
   assert np.all(np.isfinite(pos)) and np.any(pos)
-  bad = subprocess.run([sys.executable, "-m", "experiments.train_tiny",
+  bad = subprocess.run([sys.executable, "-m", "adaspa_jax.experiments.train_tiny",
                         "--add_learned_positions=0.5", f"--output_dir={tmp_path / 'x'}"],
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--add_learned_positions needs --init_from" in bad.stderr
-  bad = subprocess.run([sys.executable, "-m", "experiments.train_tiny", f"--init_from={start}",
-                        "--separate_words=left", f"--output_dir={tmp_path / 'x'}"],
+  bad = subprocess.run([sys.executable, "-m", "adaspa_jax.experiments.train_tiny",
+                        f"--init_from={start}", "--separate_words=left",
+                        f"--output_dir={tmp_path / 'x'}"],
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--separate_words=left: expected two words" in bad.stderr
-  bad = subprocess.run([sys.executable, "-m", "experiments.train_tiny",
+  bad = subprocess.run([sys.executable, "-m", "adaspa_jax.experiments.train_tiny",
                         "--merge_phrases=moves left,moves right", f"--output_dir={tmp_path / 'x'}"],
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "needs --init_from" in bad.stderr

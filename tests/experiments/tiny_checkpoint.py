@@ -1,10 +1,10 @@
-"""A random ``models.tiny_t2v`` checkpoint for tests (the "test" preset)."""
+"""A random ``adaspa_jax.models.tiny_t2v`` checkpoint for tests (the "test" preset)."""
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import loading, tiny_t2v
+from adaspa_jax.models import loading, tiny_t2v
 
 
 def random_checkpoint(path, *, std=0.1, seed=0):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models
-from experiments import shapes_data
-from models import cogvideox, loading, tiny_t2v
-from models.tiny_t2v_text import TextEncoder, TextEncoderConfig, Tokenizer
+from adaspa_jax import models
+from adaspa_jax.experiments import shapes_data
+from adaspa_jax.models import cogvideox, loading, tiny_t2v
+from adaspa_jax.models.tiny_t2v_text import TextEncoder, TextEncoderConfig, Tokenizer
 
 TEST = tiny_t2v.PRESETS["test"]
 PROMPTS = ["a red circle moves left", "a blue square spins, a green triangle falls, "
