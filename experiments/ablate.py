@@ -16,10 +16,10 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from adaspa_jax.experiments import ablation_report, ablations
-from adaspa_jax.models import tiny_t2v
+from adaspa_jax.models.embedded import model as tiny_t2v
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "checkpoints/tiny_t2v",
-                                  "adaspa_jax.models.tiny_t2v checkpoint directory")
+                                  "adaspa_jax.models.embedded.model checkpoint directory")
 _N = flags.DEFINE_integer("n", 20, "held-out prompt/seed pairs")
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed of the first pair (pair i: seed + i)")
 _STEPS = flags.DEFINE_integer("num_steps", ablations.PAPER_STEPS, "denoising steps")

@@ -45,8 +45,9 @@ import numpy as np
 from flax import nnx
 
 from adaspa_jax import CACHED_SEARCH, SPARSE, AdaSpaConfig
-from adaspa_jax.experiments import caption_check, metrics, tiny_eval
-from adaspa_jax.models import cogvideox, sampler, tiny_t2v
+from adaspa_jax.experiments import metrics, tiny_eval
+from adaspa_jax.models import cogvideox, sampler
+from adaspa_jax.models.embedded import caption_check, model as tiny_t2v
 
 PAPER_STEPS = 50
 SPARSITIES = (0.7, 0.8, 0.9)
@@ -383,7 +384,7 @@ def run(checkpoint, settings: Sequence[Setting], *, n: int, seed: int = 0, num_s
   """Runs ``settings`` over n held-out prompt/seed pairs; returns the results (JSON-ready).
 
   Args:
-    checkpoint: a ``adaspa_jax.models.tiny_t2v`` checkpoint directory.
+    checkpoint: a ``adaspa_jax.models.embedded.model`` checkpoint directory.
     settings: from ``grid``; a setting with ``config=None`` is the dense reference.
     num_steps, guidance_scale: default: the checkpoint's; every config's num_steps must
       equal num_steps.

@@ -14,7 +14,7 @@ import imageio.v3 as iio
 import numpy as np
 
 from adaspa_jax import AdaSpaConfig
-from adaspa_jax.models import tiny_t2v
+from adaspa_jax.models.embedded import model as tiny_t2v
 
 CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "checkpoints", "tiny_t2v")

@@ -31,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaspa_jax import AdaSpaConfig
-from adaspa_jax.experiments import caption_check, metrics, shapes_data
+from adaspa_jax.experiments import metrics
 from adaspa_jax.experiments.generation import default_search_steps
-from adaspa_jax.experiments.training import noised
-from adaspa_jax.models import sampler, tiny_t2v
+from adaspa_jax.models import sampler
+from adaspa_jax.models.embedded import caption_check, data as shapes_data, model as tiny_t2v
+from adaspa_jax.models.embedded.training import noised
 
 HELD_OUT_STREAM = 2_000_003
 
@@ -71,7 +72,7 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
   """Samples and scores n prompt/seed pairs; returns the report (see the module docstring).
 
   Args:
-    checkpoint: a ``adaspa_jax.models.tiny_t2v`` checkpoint directory.
+    checkpoint: a ``adaspa_jax.models.embedded.model`` checkpoint directory.
     prompts: n prompts instead of ``held_out_prompts(n)``.
     num_steps, guidance_scale: default: the checkpoint's.
     adaspa: AdaSpa settings; default sparsity 0.8 with the paper's search steps
@@ -172,7 +173,7 @@ def direction_sensitivity(checkpoint, *, n: int = 64, sigmas=(1.0, 0.97, 0.9, 0.
   = (swapped - true) / true measures how much it uses them (0: not at all).
 
   Args:
-    checkpoint: a ``adaspa_jax.models.tiny_t2v`` checkpoint directory, or a loaded model.
+    checkpoint: a ``adaspa_jax.models.embedded.model`` checkpoint directory, or a loaded model.
     sigmas: noise levels (0 < sigma <= 1).
     axis: None for any directional clip; "horizontal" (moves left / right) or
       "vertical" (rises / falls) for clips whose directional motions are all
@@ -237,7 +238,7 @@ def symmetry_errors(checkpoint, captions, *, timesteps=(950.0, 500.0), n: int = 
   "moves left", the clips it samples move left or right as the noise decides.
 
   Args:
-    checkpoint: a ``adaspa_jax.models.tiny_t2v`` checkpoint directory, or a loaded model.
+    checkpoint: a ``adaspa_jax.models.embedded.model`` checkpoint directory, or a loaded model.
     captions: prompts of the caption grammar.
     timesteps: denoiser timesteps in [0, 1000].
 

@@ -1,7 +1,7 @@
-"""Trains the embedded text-to-video model (``adaspa_jax.models.tiny_t2v``) on shapes clips.
+"""Trains the embedded text-to-video model (``adaspa_jax.models.embedded.model``) on shapes clips.
 
-Rectified-flow training on clips drawn on the fly (``adaspa_jax.experiments.training``);
-saves the EMA weights as a ``adaspa_jax.models.tiny_t2v`` checkpoint (safetensors + config
+Rectified-flow training on clips drawn on the fly (``adaspa_jax.models.embedded.training``);
+saves the EMA weights as a ``adaspa_jax.models.embedded.model`` checkpoint (safetensors + config
 JSON; ``tiny_t2v.json`` records this command, the steps run and the final loss)
 and ``training_log.json`` with the loss curve. One H200 command under 9
 minutes:
@@ -22,15 +22,14 @@ import time
 
 from absl import app, flags
 
-from adaspa_jax.experiments import training
-from adaspa_jax.models import tiny_t2v
+from adaspa_jax.models.embedded import model as tiny_t2v, training
 
 # The time budget counts from here (after ~1 s of imports): compilation and data
 # generation are inside it.
 _STARTED_AT = time.perf_counter()
 
 _PRESET = flags.DEFINE_string("preset", "embedded",
-                              "adaspa_jax.models.tiny_t2v preset ('test' for CPU)")
+                              "adaspa_jax.models.embedded.model preset ('test' for CPU)")
 _STEPS = flags.DEFINE_integer("steps", training.TrainConfig.steps, "optimiser steps (at most)")
 _BATCH = flags.DEFINE_integer("batch_size", training.TrainConfig.batch_size, "clips per step")
 _LR = flags.DEFINE_float("learning_rate", training.TrainConfig.learning_rate, "AdamW peak rate")

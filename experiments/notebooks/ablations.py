@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from adaspa_jax.experiments import ablations, generation, tiny_eval
-from adaspa_jax.models import tiny_t2v
+from adaspa_jax.models.embedded import model as tiny_t2v
 
 # %% [markdown]
 # ## Settings

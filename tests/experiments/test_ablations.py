@@ -12,7 +12,7 @@ import pytest
 from adaspa_jax import CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE, AdaSpaConfig
 from adaspa_jax.experiments import ablations
 from adaspa_jax.experiments.generation import default_search_steps
-from adaspa_jax.models import tiny_t2v
+from adaspa_jax.models.embedded import model as tiny_t2v
 from tests.experiments import tiny_checkpoint
 
 EMBEDDED = "checkpoints/tiny_t2v"

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from adaspa_jax.experiments import caption_check as cc
-from adaspa_jax.experiments import shapes_data as sd
+from adaspa_jax.models.embedded import caption_check as cc, data as sd
 
 ALL_ITEMS = [sd.Item(c, s, m) for c, s, m in itertools.product(sd.COLOUR_NAMES, sd.SHAPES,
                                                                  sd.MOTIONS)

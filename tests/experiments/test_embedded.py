@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from adaspa_jax.experiments import embedded
-from adaspa_jax.models import tiny_t2v
+from adaspa_jax.models.embedded import model as tiny_t2v
 from tests.experiments import tiny_checkpoint
 
 

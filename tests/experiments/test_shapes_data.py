@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adaspa_jax.experiments import shapes_data as sd
+from adaspa_jax.models.embedded import data as sd
 
 N = 200
 
@@ -154,7 +154,7 @@ def test_rendered_mirror_is_the_flipped_render(batch):
 def test_caption_check_passes_mirrored_clips_with_their_captions(batch):
   """The analytic checker reads the mirrored clips as their new captions say, and rejects
   them with the old captions wherever an object moves sideways."""
-  from adaspa_jax.experiments import caption_check
+  from adaspa_jax.models.embedded import caption_check
   clips = sd.Batch(jax.tree.map(lambda x: x[:12], batch.spec), batch.items[:12],
                    batch.captions[:12])
   mir = sd.mirrored(clips)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from adaspa_jax import AdaSpaConfig
-from adaspa_jax.experiments import caption_check, shapes_data, tiny_eval
+from adaspa_jax.experiments import tiny_eval
+from adaspa_jax.models.embedded import caption_check, data as shapes_data
 from tests.experiments import tiny_checkpoint
 
 

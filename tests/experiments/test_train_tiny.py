@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adaspa_jax.experiments import shapes_data, training
-from adaspa_jax.models import loading, sampler, tiny_t2v
+from adaspa_jax.models import loading, sampler
+from adaspa_jax.models.embedded import data as shapes_data, model as tiny_t2v, training
 
 STEPS = 30
 

@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 
-from adaspa_jax.models import loading, tiny_t2v
+from adaspa_jax.models import loading
+from adaspa_jax.models.embedded import model as tiny_t2v
 from tests.experiments import tiny_checkpoint
 
 

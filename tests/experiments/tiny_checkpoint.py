@@ -1,10 +1,11 @@
-"""A random ``adaspa_jax.models.tiny_t2v`` checkpoint for tests (the "test" preset)."""
+"""A random ``adaspa_jax.models.embedded.model`` checkpoint for tests (the "test" preset)."""
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adaspa_jax.models import loading, tiny_t2v
+from adaspa_jax.models import loading
+from adaspa_jax.models.embedded import model as tiny_t2v
 
 
 def random_checkpoint(path, *, std=0.1, seed=0):

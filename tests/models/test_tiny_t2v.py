@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 from adaspa_jax import models
-from adaspa_jax.experiments import shapes_data
-from adaspa_jax.models import cogvideox, loading, tiny_t2v
-from adaspa_jax.models.tiny_t2v_text import TextEncoder, TextEncoderConfig, Tokenizer
+from adaspa_jax.models import cogvideox, loading
+from adaspa_jax.models.embedded import data as shapes_data, model as tiny_t2v
+from adaspa_jax.models.embedded.text import TextEncoder, TextEncoderConfig, Tokenizer
 
 TEST = tiny_t2v.PRESETS["test"]
 PROMPTS = ["a red circle moves left", "a blue square spins, a green triangle falls, "

@@ -31,7 +31,8 @@ import math
 import jax
 import numpy as np
 
-from adaspa_jax.models.tiny_t2v_text import words  # the tokenizer's split, re-exported for the grammar
+# The tokenizer's split, re-exported for the grammar.
+from adaspa_jax.models.embedded.text import words
 
 # Saturated colours far apart in RGB; backgrounds are neutral grey, so a pixel's
 # saturation alone tells object from background.

@@ -5,10 +5,10 @@ sequence, so AdaSpa sees the text sink and the frame-region hierarchy of the
 paper; its pipeline already runs classifier-free guidance (the generation CLI
 treats a checkpoint of this model as any CogVideoX); and it needs no pooled
 text vector, so the text encoder stays a plain token encoder
-(``adaspa_jax.models.tiny_t2v_text``). The transformer is ``adaspa_jax.models.cogvideox.Model`` with
+(``adaspa_jax.models.embedded.text``). The transformer is ``adaspa_jax.models.cogvideox.Model`` with
 a small config, nothing new.
 
-Why pixel space: the clips (``adaspa_jax.experiments.shapes_data``, 8 x 48 x 48 RGB) are
+Why pixel space: the clips (``adaspa_jax.models.embedded.data``, 8 x 48 x 48 RGB) are
 small enough that the transformer can patchify pixels directly (3 x 3 patches ->
 8 x 16 x 16 = 2048 video tokens = 32 query blocks of 64), so there is no
 autoencoder to train, ship or blame for artefacts, and the caption check reads
@@ -47,13 +47,8 @@ from flax import nnx
 
 from adaspa_jax import AdaSpaConfig
 from adaspa_jax.models import cogvideox, loading, saving, schedulers
-from adaspa_jax.models.tiny_t2v_text import TextEncoder, TextEncoderConfig, Tokenizer
-
-# The shapes grammar, duplicated from experiments.shapes_data.VOCABULARY so the model
-# package does not import experiments; tests check the two agree.
-VOCABULARY = ("<pad>", "<s>", "a", ",", "red", "green", "blue", "yellow", "magenta", "cyan",
-              "circle", "square", "triangle", "bounces", "falls", "left", "moves", "right",
-              "rises", "spins")
+from adaspa_jax.models.embedded.data import VOCABULARY  # the shapes grammar's words
+from adaspa_jax.models.embedded.text import TextEncoder, TextEncoderConfig, Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

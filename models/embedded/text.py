@@ -1,6 +1,6 @@
 """The embedded model's text side: a word-level tokenizer and a small text encoder.
 
-The caption grammar is closed (``adaspa_jax.experiments.shapes_data.VOCABULARY``), so the
+The caption grammar is closed (``adaspa_jax.models.embedded.data.VOCABULARY``), so the
 tokenizer is a word list: ids are positions in it, every caption starts with
 the start token ``<s>`` (the empty caption, used for classifier-free guidance,
 is ``<s>`` alone, so no row is ever all padding) and is padded with ``<pad>``

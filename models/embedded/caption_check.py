@@ -41,7 +41,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from adaspa_jax.experiments import shapes_data
+from adaspa_jax.models.embedded import data as shapes_data
 
 SATURATION = 0.3
 COLOUR_RADIUS = 0.35   # palette hues are at least 0.73 apart

@@ -1,6 +1,6 @@
-"""Training the embedded model (``adaspa_jax.models.tiny_t2v``) by rectified flow, on the fly.
+"""Training the embedded model (``adaspa_jax.models.embedded.model``) by rectified flow, on the fly.
 
-Each step draws B new clips of ``adaspa_jax.experiments.shapes_data`` (stream ``seed``,
+Each step draws B new clips of ``adaspa_jax.models.embedded.data`` (stream ``seed``,
 clips ``step * B ..``): geometry and captions on the host in numpy, pixels
 rendered inside the jitted step on the device. The loss is rectified flow as
 in Wan / HunyuanVideo: sigma ~ logit-normal(0, 1), x = (1 - sigma) x0 + sigma
@@ -61,8 +61,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from adaspa_jax.experiments import shapes_data
-from adaspa_jax.models import tiny_t2v
+from adaspa_jax.models.embedded import data as shapes_data, model as tiny_t2v
 
 # Clips for evaluation losses come from their own stream, never trained on.
 EVAL_STREAM = 1_000_003
