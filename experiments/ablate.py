@@ -1,4 +1,4 @@
-"""Runs the paper's ablations on the embedded model (``adaspa_jax.experiments.ablations``).
+"""Runs the paper's ablations on the embedded model (``adaspa_jax.harness.ablations``).
 
   python -m adaspa_jax.experiments.ablate --n=20 --output_dir=outputs/ablations
 
@@ -15,7 +15,7 @@ import sys
 import jax.numpy as jnp
 from absl import app, flags
 
-from adaspa_jax.experiments import ablation_report, ablations
+from adaspa_jax.harness import ablation_report, ablations
 from adaspa_jax.models.embedded import model as tiny_t2v
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "checkpoints/tiny_t2v",

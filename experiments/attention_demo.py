@@ -15,7 +15,7 @@ from absl import app, flags
 import jax
 
 from adaspa_jax import PHASE_NAMES, AdaSpaConfig
-from adaspa_jax.experiments import synthetic
+from adaspa_jax.harness import synthetic
 import pallas_kernels as pk
 
 _FRAMES = flags.DEFINE_integer("frames", 8, "latent frames")

@@ -4,7 +4,7 @@ Builds a preset's architecture (default: the family's real model at 720p) with
 ``--layers`` transformer blocks, times one denoising step of each kind and the
 attention alone, composes the ``--steps`` schedule (the paper's by default),
 and reports the end-to-end speedup beside its Amdahl ceiling
-(``experiments/e2e.py`` says how). ``--full_run`` also runs the scanned
+(``harness/e2e.py`` says how). ``--full_run`` also runs the scanned
 sampler end to end, dense and AdaSpa; ``--sweep_seconds`` repeats the
 per-step timing over video lengths. Writes ``e2e_<model>_<date><tag>.json``
 (every time), ``.md`` (the tables) and, with a sweep, ``_sweep.png`` to
@@ -25,7 +25,7 @@ import sys
 
 from absl import app, flags
 
-from adaspa_jax.experiments import e2e, e2e_report
+from adaspa_jax.harness import e2e, e2e_report
 
 _MODEL = flags.DEFINE_enum("model", "hunyuan_video", sorted(e2e.VIDEOS), "model family")
 _PRESET = flags.DEFINE_string("preset", None, "the family's preset (default: the real model: "

@@ -11,7 +11,7 @@
 # # AdaSpa ablations on the embedded model, small enough for a CPU
 #
 # One held-out prompt, a few denoising steps, float32: the dense clip is sampled once
-# and every setting is scored against it (`adaspa_jax.experiments.ablations`). Then, per setting,
+# and every setting is scored against it (`adaspa_jax.harness.ablations`). Then, per setting,
 # the recall of every layer and head at the search steps, and the key blocks a few
 # heads keep after the last search. The full grid is `python -m adaspa_jax.experiments.ablate`
 # (see `docs/ablations.md`).
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from adaspa_jax.experiments import ablations, generation, tiny_eval
+from adaspa_jax.harness import ablations, embedded_eval, generation
 from adaspa_jax.models.embedded import model as tiny_t2v
 
 # %% [markdown]
@@ -65,7 +65,7 @@ print("search steps (0-indexed):", base.search_steps)
 # ## One dense reference, then every setting
 
 # %%
-prompts = tiny_eval.held_out_prompts(N_PROMPTS)
+prompts = embedded_eval.held_out_prompts(N_PROMPTS)
 ref = ablations.dense_reference(model, prompts, num_steps=NUM_STEPS,
                                 guidance_scale=model.config.guidance_scale)
 runs = {name: ablations.run_setting(model, config, ref) for name, config in settings.items()}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from adaspa_jax import CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE, AdaSpaConfig
-from adaspa_jax.experiments import ablations
-from adaspa_jax.experiments.generation import default_search_steps
+from adaspa_jax.harness import ablations
+from adaspa_jax.harness.generation import default_search_steps
 from adaspa_jax.models.embedded import model as tiny_t2v
 from tests.experiments import tiny_checkpoint
 
@@ -154,7 +154,7 @@ def test_launcher_on_the_embedded_checkpoint_writes_json_tables_and_figures(tmp_
   assert results["command"] == "python -m adaspa_jax.experiments.ablate " + " ".join(args)
   assert (results["checkpoint"], results["n"], results["num_steps"], results["dtype"]) == (
       EMBEDDED, 2, 2, "float32")
-  assert results["prompts"] == ablations.tiny_eval.held_out_prompts(2)
+  assert results["prompts"] == ablations.embedded_eval.held_out_prompts(2)
   assert [r["name"] for r in results["settings"]] == [
       "warm-up 0", "warm-up 2", "warm-up 5", "warm-up 10"]
   assert [r.get("same_run_as") for r in results["settings"]] == [None] + ["warmup/warm-up 0"] * 3

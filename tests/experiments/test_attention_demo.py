@@ -1,7 +1,7 @@
 import numpy as np
 
 from adaspa_jax import AdaSpaConfig, CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE
-from adaspa_jax.experiments import synthetic
+from adaspa_jax.harness import synthetic
 
 
 def test_demo_run_reports_each_phase():

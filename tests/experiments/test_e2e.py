@@ -1,4 +1,4 @@
-"""experiments/e2e.py on CPU: tiny presets in float32 with the reference kernels.
+"""harness/e2e.py on CPU: tiny presets in float32 with the reference kernels.
 
 One module-scoped run of HunyuanVideo's tiny preset (2 blocks: 1 dual + 1
 single) covers the per-phase timing, a one-length sweep and the outputs; the
@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from adaspa_jax import AdaSpaConfig
-from adaspa_jax.experiments import e2e, e2e_report
+from adaspa_jax.harness import e2e, e2e_report
 from adaspa_jax.models import cogvideox, hunyuan_video, wan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

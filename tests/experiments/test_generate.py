@@ -12,7 +12,7 @@ from diffusers import WanTransformer3DModel
 from safetensors.numpy import save_file
 
 from adaspa_jax import AdaSpaConfig
-from adaspa_jax.experiments import generation
+from adaspa_jax.harness import generation
 from adaspa_jax.models import cogvideox, hunyuan_video, saving, wan
 
 STEPS, SEARCH = 5, (1, 3)

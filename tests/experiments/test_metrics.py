@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from adaspa_jax.experiments import metrics
+from adaspa_jax.harness import metrics
 
 
 def _ssim_brute_force(x, y, L, size=11, sigma=1.5):

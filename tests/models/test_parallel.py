@@ -164,7 +164,7 @@ def test_activations_stay_sequence_sharded(results):
 
 def test_cli_mesh_flag_matches_single_device(tmp_path):
   """The launcher with --mesh=2 --fsdp on two forced devices, against the library in-process."""
-  from adaspa_jax.experiments import generation
+  from adaspa_jax.harness import generation
   out = str(tmp_path / "mesh")
   common = ["--model=wan", "--preset=tiny", "--steps=5", "--search_steps=1,3", "--sparsity=0.5",
             "--block_size=16", "--text_len=6", "--dtype=float32", "--noprogress",
@@ -187,7 +187,7 @@ def test_cli_mesh_flag_matches_single_device(tmp_path):
 
 
 def test_generation_rejects_bad_mesh_flags(tmp_path):
-  from adaspa_jax.experiments import generation
+  from adaspa_jax.harness import generation
   with pytest.raises(ValueError, match="--fsdp without --mesh"):
     generation.run(fsdp=True, output_dir=str(tmp_path))
   with pytest.raises(ValueError, match="devices=2"):     # this process has one CPU device

@@ -18,11 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adaspa_jax import PHASE_NAMES, AdaSpaConfig, parallel
-from adaspa_jax.experiments import metrics
-from adaspa_jax import models
-from adaspa_jax.models import parallel as model_parallel
-from adaspa_jax.models import sampler, schedulers
+from adaspa_jax import PHASE_NAMES, AdaSpaConfig, models, parallel
+from adaspa_jax.harness import metrics
+from adaspa_jax.models import parallel as model_parallel, sampler, schedulers
 
 
 @dataclasses.dataclass(frozen=True)

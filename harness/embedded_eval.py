@@ -10,8 +10,8 @@ AdaSpa clips against the dense ones (pixels in [0, 1]), and per mode how many
 captioned objects were found with the right colour, shape and motion
 (``attribute_counts``).
 
-  from adaspa_jax.experiments import tiny_eval
-  report = tiny_eval.evaluate("checkpoints/tiny_t2v", n=50)
+  from adaspa_jax.harness import embedded_eval
+  report = embedded_eval.evaluate("checkpoints/tiny_t2v", n=50)
 
 ``direction_sensitivity`` asks a narrower question without sampling: does the
 denoiser's error grow when every captioned direction is swapped?
@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaspa_jax import AdaSpaConfig
-from adaspa_jax.experiments import metrics
-from adaspa_jax.experiments.generation import default_search_steps
+from adaspa_jax.harness import metrics
+from adaspa_jax.harness.generation import default_search_steps
 from adaspa_jax.models import sampler
 from adaspa_jax.models.embedded import caption_check, data as shapes_data, model as tiny_t2v
 from adaspa_jax.models.embedded.training import noised

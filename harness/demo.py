@@ -45,12 +45,12 @@ def run(*, prompt=DEFAULT_PROMPT, checkpoint=None, seed=0, adaspa: AdaSpaConfig,
   Writes ``report.json``, ``clip_dense.gif``, ``clip_adaspa.gif`` and the float32 videos
   (``videos_{dense,adaspa}.npy``, [1, F, H, W, 3] in [0, 1]) to ``output_dir``.
   """
-  from adaspa_jax.experiments import tiny_eval  # tiny_eval imports experiments.generation
+  from adaspa_jax.harness import embedded_eval  # embedded_eval imports harness.generation
 
   checkpoint = checkpoint or CHECKPOINT
-  report = tiny_eval.evaluate(checkpoint, n=1, prompts=[prompt], seed=seed,
-                              num_steps=adaspa.num_steps, guidance_scale=guidance_scale,
-                              adaspa=adaspa, batch=1, output_dir=output_dir)
+  report = embedded_eval.evaluate(checkpoint, n=1, prompts=[prompt], seed=seed,
+                                  num_steps=adaspa.num_steps, guidance_scale=guidance_scale,
+                                  adaspa=adaspa, batch=1, output_dir=output_dir)
   for mode in ("dense", "adaspa"):
     video = np.load(os.path.join(output_dir, f"videos_{mode}.npy"))[0]
     write_gif(os.path.join(output_dir, f"clip_{mode}.gif"), video)

@@ -1,5 +1,5 @@
 """The ablations' tables and figures: ``tables.md`` shaped like the paper's Tables 1
-and 2, PNG figures per group, and ``results.json`` (``adaspa_jax.experiments.ablations.run``'s
+and 2, PNG figures per group, and ``results.json`` (``adaspa_jax.harness.ablations.run``'s
 results)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from adaspa_jax.experiments.ablations import GROUPS, POLICY_NAMES
+from adaspa_jax.harness.ablations import GROUPS, POLICY_NAMES
 
 
 def _fmt(x, spec, none="-"):

@@ -1,7 +1,7 @@
 """End-to-end denoising time of a video DiT at real sizes: dense (cuDNN) vs AdaSpa.
 
 Library behind ``experiments/bench_e2e.py`` (free of absl flags; the tables,
-plot and files are in ``experiments/e2e_report.py``). ``run``
+plot and files are in ``harness/e2e_report.py``). ``run``
 (``prepare``, then ``execute``) builds a preset's architecture with random
 weights created on the device in the model dtype, but only ``layers``
 transformer blocks (the per-block cost is what scales with depth), and
@@ -53,11 +53,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from adaspa_jax import PHASE_NAMES, AdaSpaConfig, parallel, phase_table
+from adaspa_jax.harness import generation
+from adaspa_jax.harness.e2e_report import summary_line
+from adaspa_jax.models import parallel as model_parallel, sampler, schedulers
 from adaspa_jax.schedule import CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE
-from adaspa_jax.experiments import generation
-from adaspa_jax.experiments.e2e_report import summary_line
-from adaspa_jax.models import parallel as model_parallel
-from adaspa_jax.models import sampler, schedulers
 from pallas_kernels import api
 
 VAE_TEMPORAL, VAE_SPATIAL = 4, 8   # every family's VAE: 4x in time, 8x in height and width

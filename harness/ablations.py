@@ -1,6 +1,6 @@
 """The paper's ablations on the embedded model (``checkpoints/tiny_t2v``).
 
-Every setting samples the same held-out prompt/seed pairs (``tiny_eval``) from
+Every setting samples the same held-out prompt/seed pairs (``embedded_eval``) from
 the same noise and is scored against ONE dense reference clip per pair:
 PSNR and SSIM of the pixels ([0, 1]), the caption check (pass rate, mean
 score), mean recall at the search steps (``measure_recall``: the mass the
@@ -26,7 +26,7 @@ Settings of different groups with equal configs (AdaSpa 0.8 with {10,30} is
 in three groups) run once. Each config compiles once: prompts are sampled in
 equal chunks (the last one padded with repeats whose outputs are dropped).
 
-  from adaspa_jax.experiments import ablation_report, ablations
+  from adaspa_jax.harness import ablation_report, ablations
   settings = ablations.grid(num_steps=50, frame_tokens=256)
   results = ablations.run("checkpoints/tiny_t2v", settings, n=20)
   ablation_report.write_outputs(results, "outputs/ablations")
@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from adaspa_jax import CACHED_SEARCH, SPARSE, AdaSpaConfig
-from adaspa_jax.experiments import metrics, tiny_eval
+from adaspa_jax.harness import embedded_eval, metrics
 from adaspa_jax.models import cogvideox, sampler
 from adaspa_jax.models.embedded import caption_check, model as tiny_t2v
 
@@ -389,7 +389,7 @@ def run(checkpoint, settings: Sequence[Setting], *, n: int, seed: int = 0, num_s
     num_steps, guidance_scale: default: the checkpoint's; every config's num_steps must
       equal num_steps.
     batch: prompts sampled together (the denoiser sees 2 x batch rows).
-    prompts: n prompts instead of ``tiny_eval.held_out_prompts(n)``.
+    prompts: n prompts instead of ``embedded_eval.held_out_prompts(n)``.
     log: called with one line per finished setting.
 
   Returns:
@@ -404,7 +404,7 @@ def run(checkpoint, settings: Sequence[Setting], *, n: int, seed: int = 0, num_s
     if s.config is not None and s.config.num_steps != steps:
       raise ValueError(f"setting {s.name!r} has config.num_steps={s.config.num_steps}: "
                        f"expected num_steps={steps}.")
-  prompts = tiny_eval.held_out_prompts(n) if prompts is None else list(prompts)
+  prompts = embedded_eval.held_out_prompts(n) if prompts is None else list(prompts)
   if len(prompts) != n:
     raise ValueError(f"prompts has {len(prompts)} entries: expected n={n}.")
   start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Reports of ``experiments/e2e.py``'s results: a log line, markdown tables, the
+"""Reports of ``harness/e2e.py``'s results: a log line, markdown tables, the
 length-sweep PNG and the files ``bench_e2e`` writes."""
 
 from __future__ import annotations
