@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 
-from adaspa_jax.experiments import bench_kernels
+from adaspa_jax.harness import kernel_bench
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,7 +38,7 @@ def test_check_only_writes_json(tmp_path):
 
 def test_random_lists_and_pair_count():
   b, h, n_blk, bs, seq = 2, 3, 5, 16, 70  # last block holds 6 tokens
-  idx, cnt = bench_kernels.random_lists(jax.random.key(0), b, h, n_blk, 2, k_max=4)
+  idx, cnt = kernel_bench.random_lists(jax.random.key(0), b, h, n_blk, 2, k_max=4)
   idx, cnt = np.asarray(idx), np.asarray(cnt)
   assert idx.shape == (b, h, n_blk, 4) and np.all(cnt == 2)
   read = idx[..., :2]
@@ -46,6 +46,6 @@ def test_random_lists_and_pair_count():
   sizes = np.minimum(bs, seq - np.arange(n_blk) * bs)
   want = sum(sizes[p] * sizes[read[i, j, p]].sum()
              for i in range(b) for j in range(h) for p in range(n_blk))
-  assert bench_kernels.computed_pairs(idx, cnt, seq, bs) == want
+  assert kernel_bench.computed_pairs(idx, cnt, seq, bs) == want
   dense_cnt = np.full_like(cnt, n_blk)
-  assert bench_kernels.computed_pairs(idx, dense_cnt, seq, bs) == b * h * seq * seq
+  assert kernel_bench.computed_pairs(idx, dense_cnt, seq, bs) == b * h * seq * seq
