@@ -1,4 +1,4 @@
-"""The load-only floor kernel (experiments/mosaic_floor.py) under JAX's GPU interpreter.
+"""The load-only floor kernel (tools/mosaic_floor.py) under JAX's GPU interpreter.
 
 Its output must be exactly what its loads feed: per 64-row chunk, the V rows of
 the last block the chunk's list names, or the chunk's Q rows when the list is
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adaspa_jax.experiments.mosaic_floor import expected_output, load_only_padded
+from tools.mosaic_floor import expected_output, load_only_padded
 from pallas_kernels import mosaic_interpret
 from tests.pallas_kernels.kernel_suite import make_qkv
 

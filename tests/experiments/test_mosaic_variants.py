@@ -1,4 +1,4 @@
-"""experiments/mosaic_variants.py on CPU: the ring-depth checks under JAX's GPU
+"""tools/mosaic_variants.py on CPU: the ring-depth checks under JAX's GPU
 interpreter, and the ``all`` run end to end with stand-ins for the GPU-only calls
 (so that a slip in the driver shows here, not in the one GPU run)."""
 
@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from adaspa_jax.experiments import mosaic_floor
-from adaspa_jax.experiments import mosaic_variants as mv
+from tools import mosaic_floor, mosaic_variants as mv
 
 
 @pytest.mark.parametrize("check", [mv.check_sparse_stages, mv.check_mass_stages])

@@ -1,4 +1,4 @@
-"""experiments/ncu_probe.py (its kernels, interpreted on CPU) and ncu_summary.py (on
+"""tools/ncu_probe.py (its kernels, interpreted on CPU) and ncu_summary.py (on
 text in Nsight Compute's formats)."""
 
 import csv
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from adaspa_jax.experiments import ncu_probe, ncu_summary
+from tools import ncu_probe, ncu_summary
 from pallas_kernels import mosaic_interpret
 from tests import numpy_ref
 
@@ -112,7 +112,7 @@ def test_probe_launcher_parses_its_flags():
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  proc = subprocess.run([sys.executable, "-m", "adaspa_jax.experiments.ncu_probe", "mass", "--seq=300",
+  proc = subprocess.run([sys.executable, "-m", "tools.ncu_probe", "mass", "--seq=300",
                          "--heads=1"], cwd=root, capture_output=True, text=True, timeout=300,
                         env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode != 0

@@ -1,10 +1,10 @@
-"""experiments/sparse_ab.py on CPU: a version against itself, interpreted."""
+"""tools/sparse_ab.py on CPU: a version against itself, interpreted."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from adaspa_jax.experiments import sparse_ab
+from tools import sparse_ab
 from pallas_kernels import mosaic_block_sparse, mosaic_interpret
 
 
@@ -38,7 +38,7 @@ def test_launcher_parses_its_flags(tmp_path):
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  proc = subprocess.run([sys.executable, "-m", "adaspa_jax.experiments.sparse_ab",
+  proc = subprocess.run([sys.executable, "-m", "tools.sparse_ab",
                          f"--old={tmp_path / 'missing.py'}", "--cases=64:0.2"], cwd=root,
                         capture_output=True, text=True, timeout=300,
                         env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})

@@ -4,17 +4,17 @@ Inputs are made on the host with numpy, so the kernel under study is the only GP
 besides copies (``ncu -c N`` then catches just its launches). On an H200 machine:
 
   ncu --clock-control none --set full -c 2 -f -o /tmp/mass \
-      python3 experiments/ncu_probe.py mass
+      python -m tools.ncu_probe mass
   ncu -i /tmp/mass.ncu-rep --page details --print-details all > mass_details.txt
   ncu -i /tmp/mass.ncu-rep --page source --csv --print-source sass > mass_sass.csv
-  python3 experiments/ncu_summary.py mass_details.txt mass_sass.csv > mass.json
+  python -m tools.ncu_summary --details=mass_details.txt --sass=mass_sass.csv > mass.json
 
 Kernels (the first argument): ``mass`` (the block-mass kernel at its shipped settings:
 256-key tiles, hand-placed barriers; ``--poly_keys`` for ``exp2_poly``), ``sparse64`` /
 ``sparse128`` (block-sparse attention on random lists at ``--density``), ``cudnn``
 (``jax.nn.dot_product_attention``, the dense baseline). Shapes: B=1, H=24, D=128, bf16,
 ``--seq`` (default 32768). Each runs twice (a warm launch and one more).
-(from the repository root with PYTHONPATH=.)
+(from the repository root)
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ from pallas_kernels.mosaic_block_sparse import block_sparse_attention_padded
 
 KERNELS = ("mass", "sparse64", "sparse128", "cudnn")
 HEAD_DIM = 128
+
+_SEQ = flags.DEFINE_integer("seq", 32768, "sequence length (a multiple of 256)")
+_HEADS = flags.DEFINE_integer("heads", 24, "attention heads")
+_DENSITY = flags.DEFINE_float("density", 0.2, "share of key blocks each sparse row reads")
+_POLY_KEYS = flags.DEFINE_integer("poly_keys", 0, "block mass: keys per tile from exp2_poly")
 
 
 def host_qkv(seq, heads):
@@ -75,17 +80,11 @@ def kernel_call(kernel, seq, heads, density=0.2, poly_keys=0, interpret=None):
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f"expected one kernel name ({', '.join(KERNELS)}).")
-  fv = flags.FLAGS
-  fn = kernel_call(argv[1], fv.seq, fv.heads, fv.density, fv.poly_keys)
+  fn = kernel_call(argv[1], _SEQ.value, _HEADS.value, _DENSITY.value, _POLY_KEYS.value)
   for _ in range(2):
     jax.block_until_ready(fn())
   print("launched", argv[1])
 
 
 if __name__ == "__main__":
-  # Defined here, not at import: tests import this module next to other launchers.
-  flags.DEFINE_integer("seq", 32768, "sequence length (a multiple of 256)")
-  flags.DEFINE_integer("heads", 24, "attention heads")
-  flags.DEFINE_float("density", 0.2, "share of key blocks each sparse row reads")
-  flags.DEFINE_integer("poly_keys", 0, "block mass: keys per tile from exp2_poly")
   app.run(main)

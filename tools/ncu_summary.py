@@ -1,6 +1,6 @@
 """Condenses Nsight Compute text output of one kernel into a small JSON (see ncu_probe.py).
 
-  python3 experiments/ncu_summary.py DETAILS.txt [SASS.csv] > summary.json
+  python -m tools.ncu_summary --details=DETAILS.txt [--sass=SASS.csv] > summary.json
 
 DETAILS.txt is ``ncu -i R --page details --print-details all``; only its first kernel is
 read. From it: the speed-of-light, scheduler and warp-state metrics, both pipe-utilization
@@ -18,6 +18,8 @@ import json
 import re
 import sys
 
+from absl import app, flags
+
 METRICS = ("Duration", "SM Frequency", "Elapsed Cycles", "Compute (SM) Throughput",
            "Memory Throughput", "L1/TEX Cache Throughput", "L2 Cache Throughput",
            "Issue Slots Busy", "Issued Warp Per Scheduler", "Active Warps Per Scheduler",
@@ -28,6 +30,10 @@ TABLES = {"Pipe Utilization (% of elapsed cycles)": "pipes_pct_of_cycles",
           "Warp State (All Cycles)": "stall_cycles_per_issued_instruction"}
 _ROW = re.compile(r"^ {4}(\S.*?) {2,}(?:(\S+) +)?([-\d,.]+)$")
 _SAMPLES = "Warp Stall Sampling (All Samples)"
+
+_DETAILS = flags.DEFINE_string("details", None, "ncu's --page details text of the kernel",
+                               required=True)
+_SASS = flags.DEFINE_string("sass", None, "ncu's --page source --csv SASS listing (optional)")
 
 
 def read_details(lines):
@@ -94,16 +100,16 @@ def read_sass(rows, top=20):
 
 
 def main(argv):
-  if len(argv) not in (2, 3):
-    raise SystemExit(__doc__)
-  with open(argv[1]) as f:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: the files are --details and --sass.")
+  with open(_DETAILS.value) as f:
     out = read_details(f)
-  if len(argv) == 3:
-    with open(argv[2], newline="") as f:
+  if _SASS.value:
+    with open(_SASS.value, newline="") as f:
       out["sass"] = read_sass(csv.reader(f))
   json.dump(out, sys.stdout, indent=1)
   print()
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  app.run(main)

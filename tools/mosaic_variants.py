@@ -5,24 +5,24 @@ and ``mosaic_block_mass`` (results: docs/bench/mosaic.md). The kernels are
 called directly with explicit ``schedule_barrier`` / ``heads_major`` / ``stages``
 so the numbers do not depend on the defaults of the day.
 
-  python3 experiments/mosaic_variants.py check             # every variant vs reference
-  python3 experiments/mosaic_variants.py time 32768 118784  # sparse variants, all densities
-  python3 experiments/mosaic_variants.py tune 118784        # bs 128 and block-mass order
-  python3 experiments/mosaic_variants.py stages [S ...]     # K/V ring depth (below)
-  python3 experiments/mosaic_variants.py floor [S ...]      # load-only floor (below)
-  python3 experiments/mosaic_variants.py all [S ...] [--budget=210]  # stages, then floor
-  python3 experiments/mosaic_variants.py keytile [S ...]    # block-mass K tile, pipelining
-  python3 experiments/mosaic_variants.py pingpong [S ...]   # block-mass warpgroup ping-pong
-  python3 experiments/mosaic_variants.py rows [S ...]       # block-mass query rows per CTA
-  python3 experiments/mosaic_variants.py anatomy [S ...]    # block-mass time without its parts
-  python3 experiments/mosaic_variants.py barriers [S ...]   # block mass, hand-placed barriers
-  python3 experiments/mosaic_variants.py widetile [S ...]   # block mass, 256-key tiles
-  python3 experiments/mosaic_variants.py mmasums [S ...]    # block mass, sums on wgmma
-  python3 experiments/mosaic_variants.py polyexp [S ...]    # block mass, some exp2 on FMA
-  python3 experiments/mosaic_variants.py pingpoly [S ...]   # ping-pong, 256-key tiles, poly
-  python3 experiments/mosaic_variants.py anatomy256 [S ...] # as anatomy, 256-key tiles
+  python -m tools.mosaic_variants check             # every variant vs reference
+  python -m tools.mosaic_variants time 32768 118784  # sparse variants, all densities
+  python -m tools.mosaic_variants tune 118784        # bs 128 and block-mass order
+  python -m tools.mosaic_variants stages [S ...]     # K/V ring depth (below)
+  python -m tools.mosaic_variants floor [S ...]      # load-only floor (below)
+  python -m tools.mosaic_variants all [S ...] [--budget=210]  # stages, then floor
+  python -m tools.mosaic_variants keytile [S ...]    # block-mass K tile, pipelining
+  python -m tools.mosaic_variants pingpong [S ...]   # block-mass warpgroup ping-pong
+  python -m tools.mosaic_variants rows [S ...]       # block-mass query rows per CTA
+  python -m tools.mosaic_variants anatomy [S ...]    # block-mass time without its parts
+  python -m tools.mosaic_variants barriers [S ...]   # block mass, hand-placed barriers
+  python -m tools.mosaic_variants widetile [S ...]   # block mass, 256-key tiles
+  python -m tools.mosaic_variants mmasums [S ...]    # block mass, sums on wgmma
+  python -m tools.mosaic_variants polyexp [S ...]    # block mass, some exp2 on FMA
+  python -m tools.mosaic_variants pingpoly [S ...]   # ping-pong, 256-key tiles, poly
+  python -m tools.mosaic_variants anatomy256 [S ...] # as anatomy, 256-key tiles
 
-(from the repository root with PYTHONPATH=.; S defaults to 32768 118784.)
+(from the repository root; S defaults to 32768 118784.)
 
 ``stages``: block-sparse bs 64 with rings of 2 (default) and 3 stages, bs 128
 with its default (2) and 3, densities 0.05/0.2/0.5/1.0; block mass bs 64 with
@@ -31,7 +31,7 @@ values). Depths that do not fit in shared memory get a row saying so. Each
 depth is first checked against ``implementation="reference"`` at S=1000, B=2,
 H=2 (as ``check``), then timed.
 
-``floor``: ``experiments/mosaic_floor.load_only_padded`` (same grid, lists,
+``floor``: ``tools.mosaic_floor.load_only_padded`` (same grid, lists,
 rings and barriers, no math) at bs 64 and 128, densities 0.05/0.2/1.0, next to
 the real kernel on the same lists and cuDNN dense; K+V GB/s = bytes the lists
 name / time, and real/floor. Its output is compared with what it must copy.
@@ -103,7 +103,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from adaspa_jax.experiments.mosaic_floor import expected_output, load_only_padded
+from tools.mosaic_floor import expected_output, load_only_padded
 from pallas_kernels import mosaic, mosaic_block_mass, mosaic_block_sparse, mosaic_interpret
 from pallas_kernels.mosaic_block_mass import block_mass_padded
 from pallas_kernels.mosaic_block_sparse import block_sparse_attention_padded

@@ -3,9 +3,9 @@ process: same inputs, outputs compared bit for bit, times interleaved (new, old,
 so that drift of the shared GPU hits both alike. cuDNN dense is timed in the same run.
 
   git show COMMIT:pallas_kernels/mosaic_block_sparse.py > /tmp/old_sparse.py
-  python3 experiments/sparse_ab.py --old=/tmp/old_sparse.py   # JSON to $OUT
+  python -m tools.sparse_ab --old=/tmp/old_sparse.py   # JSON to $OUT
 
-(from the repository root with PYTHONPATH=.; B=1, H=24, D=128, bf16, random lists.)
+(from the repository root; B=1, H=24, D=128, bf16, random lists.)
 """
 
 from __future__ import annotations
@@ -19,10 +19,16 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from adaspa_jax.experiments.mosaic_variants import cudnn_ms, lists, time_fn
+from tools.mosaic_variants import cudnn_ms, lists, time_fn
 from pallas_kernels import mosaic_block_sparse
 
 B, H, D = 1, 24, 128
+
+_OLD = flags.DEFINE_string("old", None, "path of the other mosaic_block_sparse.py", required=True)
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["32768", "118784"], "sequence lengths")
+_CASES = flags.DEFINE_list("cases", ["64:0.05", "64:0.2", "64:1.0", "128:0.05", "128:0.2"],
+                           "block_size:density pairs")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "interleaved rounds (the fastest is reported)")
 
 
 def load_module(path):
@@ -68,17 +74,16 @@ def compare(modules, seq, bs, density, key, q, k, v, rounds, reps=5, interpret=N
 
 def main(argv):
   del argv
-  fv = flags.FLAGS
-  modules = {"new": mosaic_block_sparse, "old": load_module(fv.old)}
-  cases = [parse_case(c) for c in fv.cases]
+  modules = {"new": mosaic_block_sparse, "old": load_module(_OLD.value)}
+  cases = [parse_case(c) for c in _CASES.value]
   rows = []
-  for seq in (int(s) for s in fv.seq_lens):
+  for seq in (int(s) for s in _SEQ_LENS.value):
     key = jax.random.key(seq)
     q, k, v = (jax.random.normal(kk, (B, seq, H, D), jnp.float32).astype(jnp.bfloat16)
                for kk in jax.random.split(key, 3))
     dense_ms = cudnn_ms(q, k, v, 7) * 1e3
     for bs, density in cases:
-      row = compare(modules, seq, bs, density, key, q, k, v, fv.rounds)
+      row = compare(modules, seq, bs, density, key, q, k, v, _ROUNDS.value)
       share = row["count"] * bs / seq  # computed share of the dense work
       row.update(cudnn_ms=dense_ms, **{f"{name}_pct_cudnn": 100 * dense_ms * share / row[
           f"{name}_ms"] for name in modules})
@@ -88,15 +93,9 @@ def main(argv):
   path = os.path.join(os.environ.get("OUT", "/tmp"), "sparse_ab.json")
   with open(path, "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-               "old": fv.old, "rows": rows}, f, indent=1)
+               "old": _OLD.value, "rows": rows}, f, indent=1)
   print("wrote", path)
 
 
 if __name__ == "__main__":
-  # Defined here, not at import: tests import this module next to other launchers.
-  flags.DEFINE_string("old", None, "path of the other mosaic_block_sparse.py", required=True)
-  flags.DEFINE_list("seq_lens", ["32768", "118784"], "sequence lengths")
-  flags.DEFINE_list("cases", ["64:0.05", "64:0.2", "64:1.0", "128:0.05", "128:0.2"],
-                    "block_size:density pairs")
-  flags.DEFINE_integer("rounds", 3, "interleaved rounds (the fastest is reported)")
   app.run(main)

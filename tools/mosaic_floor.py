@@ -1,6 +1,6 @@
 """Load-only twin of the block-sparse Mosaic kernel: the floor its K/V traffic sets.
 
-A measurement tool for ``experiments/mosaic_variants.py floor``, not a library
+A measurement tool for ``tools/mosaic_variants.py floor``, not a library
 kernel. It keeps what moves data in ``pallas_kernels.mosaic_block_sparse``: the
 grid and launch order, the per-row index lists (dense rows included), the memory
 warpgroup's TMA copies into the K/V rings, and the ready/free mbarriers of every
