@@ -10,7 +10,7 @@ import numpy as np
 
 from adaspa_jax.models import loading
 from adaspa_jax.models.embedded import model as tiny_t2v
-from tests.experiments import tiny_checkpoint
+from tests.models.embedded import tiny_checkpoint
 
 
 def _start_checkpoint(path):

@@ -13,7 +13,7 @@ from adaspa_jax import CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE, AdaSpaConfig
 from adaspa_jax.harness import ablations
 from adaspa_jax.harness.generation import default_search_steps
 from adaspa_jax.models.embedded import model as tiny_t2v
-from tests.experiments import tiny_checkpoint
+from tests.models.embedded import tiny_checkpoint
 
 EMBEDDED = "checkpoints/tiny_t2v"
 

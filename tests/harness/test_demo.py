@@ -9,7 +9,7 @@ import pytest
 
 from adaspa_jax.harness import demo
 from adaspa_jax.models.embedded import model as tiny_t2v
-from tests.experiments import tiny_checkpoint
+from tests.models.embedded import tiny_checkpoint
 
 
 def test_shipped_checkpoint_is_complete():

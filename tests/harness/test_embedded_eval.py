@@ -8,7 +8,7 @@ import pytest
 from adaspa_jax import AdaSpaConfig
 from adaspa_jax.harness import embedded_eval
 from adaspa_jax.models.embedded import caption_check, data as shapes_data
-from tests.experiments import tiny_checkpoint
+from tests.models.embedded import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
