@@ -4,15 +4,11 @@ One module-scoped run of HunyuanVideo's tiny preset (2 blocks: 1 dual + 1
 single) covers the per-phase timing, a one-length sweep and the outputs; the
 tests check its arithmetic by hand, its sparse state against a direct
 fused-search call of the model, and its density against a numpy count. The absl
-launcher runs once as a subprocess, Wan on a forced 2-device host mesh with the
-full scan runs (CPU time allows one run of each).
+launcher's run (Wan on a forced 2-device host mesh) is tests/experiments/test_bench_e2e.py.
 """
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -23,7 +19,6 @@ from adaspa_jax import AdaSpaConfig
 from adaspa_jax.harness import e2e, e2e_report
 from adaspa_jax.models import cogvideox, hunyuan_video, wan
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, SEARCH, REPS = 5, (1, 3), 2       # phases: dense, fused, sparse, cached, sparse
 LATENT, TEXT = (3, 8, 10), 6             # 3 x 4 x 5 = 60 video + 6 text tokens
 KW = dict(family="hunyuan_video", preset="tiny", layers=2, steps=STEPS, sparsity=0.5,
@@ -32,31 +27,7 @@ KW = dict(family="hunyuan_video", preset="tiny", layers=2, steps=STEPS, sparsity
 
 
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-  """The launcher as a subprocess (absl flags are global): Wan (two CFG rows, no text
-  tokens) sequence-parallel over 2 forced host devices, with the full scan runs. It
-  starts first and runs while the in-process tests compute."""
-  out = tmp_path_factory.mktemp("cli")
-  flags = os.environ.get("XLA_FLAGS", "")
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2".strip())
-  cmd = [sys.executable, "-m", "adaspa_jax.experiments.bench_e2e", "--model=wan", "--preset=tiny",
-         "--dtype=float32", "--implementation=reference", "--latent_height=8",
-         "--latent_width=10", "--video_seconds=0.5", "--steps=4", "--search_steps=1,2",
-         "--block_size=16", "--sparsity=0.5", "--layers=1", "--reps=1", "--text_len=6",
-         "--mesh=2", "--full_run", f"--output_dir={out}", "--tag=_cli"]
-  # Files, not pipes: nothing reads a pipe while the subprocess runs.
-  with open(out / "stdout.txt", "w") as stdout, open(out / "stderr.txt", "w") as stderr:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
-  yield proc, out
-  if proc.poll() is None:
-    proc.kill()
-    proc.wait()
-
-
-@pytest.fixture(scope="module")
-def bench(cli):
-  del cli  # started first, so the two runs overlap
+def bench():
   return e2e.prepare(**KW, command="pytest", log=lambda msg: None)
 
 
@@ -206,27 +177,3 @@ def test_bad_arguments():
     e2e.run(fsdp=True)
   with pytest.raises(ValueError, match="video_seconds=2.0 and latent frames 5"):
     e2e.run(**dict(KW, latent=(5, None, None)), video_seconds=2.0)
-
-
-def test_cli_full_run_on_a_two_device_mesh(cli):
-  proc, tmp_path = cli
-  proc.wait(timeout=300)
-  stdout = (tmp_path / "stdout.txt").read_text()
-  assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
-  [path] = list(tmp_path.glob("e2e_wan_*_cli.json"))
-  res = json.loads(path.read_text())
-  assert res["devices"] == 2 and "--mesh=2" in res["command"]
-  m = res["main"]
-  # 0.5 s at 16 fps -> 9 frames -> 3 latent frames; 3 x 4 x 5 = 60 tokens on 2 devices.
-  assert m["latent"] == [3, 8, 10] and m["seq_len"] == 60 and m["batch_rows"] == 2
-  assert sorted(m["steps"]) == ["cached_search", "dense", "dense_baseline", "fused_search",
-                                "sparse"]
-  assert m["composition"]["phase_steps"] == {"dense": 1, "fused_search": 1,
-                                             "cached_search": 1, "sparse": 1}
-  assert 0 < m["density"] < 1 and "sweep" not in res
-  fr = res["full_run"]
-  for mode in ("dense", "adaspa"):
-    assert fr[mode]["wall_s"] > 0 and fr[mode]["compile_s"] > 0 and fr[mode]["finite"]
-  np.testing.assert_allclose(fr["speedup"], fr["dense"]["wall_s"] / fr["adaspa"]["wall_s"])
-  assert (tmp_path / path.name.replace(".json", ".md")).exists()
-  assert "speedup / ceiling" in stdout

@@ -1,9 +1,7 @@
-"""CLI smoke tests: tiny random presets on CPU, files and report fields."""
+"""harness/generation.py: tiny random presets on CPU, files and report fields (the
+launcher: tests/experiments/test_generate.py)."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,59 +12,7 @@ from safetensors.numpy import save_file
 from adaspa_jax import AdaSpaConfig
 from adaspa_jax.harness import generation
 from adaspa_jax.models import cogvideox, hunyuan_video, saving, wan
-
-STEPS, SEARCH = 5, (1, 3)
-LATENT = ["--latent_frames=3", "--latent_height=8", "--latent_width=10"]
-
-
-def _check_report(out, report, *, layers, heads, rows, modes=("dense", "adaspa")):
-  with open(os.path.join(out, "report.json")) as f:
-    on_disk = json.load(f)
-  assert on_disk == json.loads(json.dumps(report))
-  assert on_disk["random_weights"] is True
-  assert sorted(on_disk["runs"]) == sorted(modes)
-  for mode in modes:
-    run = on_disk["runs"][mode]
-    assert run["wall_s"] > 0 and run["compile_s"] > 0
-    latents = np.load(os.path.join(out, run["latents"]))
-    assert list(latents.shape) == on_disk["latent_shape"] and np.isfinite(latents).all()
-  assert on_disk["phases"] == ["dense", "fused_search", "sparse", "cached_search", "sparse"]
-  assert [s["step"] for s in on_disk["searches"]] == list(SEARCH)
-  for search in on_disk["searches"]:
-    for field in ("recall", "sparsity"):
-      values = np.asarray(search[field])
-      assert values.shape == (layers, rows, heads)             # [layer][batch row][head]
-      assert np.all((values >= 0) & (values <= 1 + 1e-6))
-    assert np.all(np.asarray(search["sparsity"]) > 0)          # 0.5 really drops blocks
-  assert len(on_disk["batch_rows"]) == rows
-  assert 0 < on_disk["mean_sparsity"] < 1 and 0 < on_disk["mean_recall"] <= 1 + 1e-6
-  with open(os.path.join(out, on_disk["masks_png"]), "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert len(on_disk["masks"]) >= 2
-  if len(modes) == 2:
-    assert np.isfinite(on_disk["psnr_db"]) and -1 <= on_disk["ssim"] < 1
-    assert on_disk["speedup"] > 0
-  else:
-    assert "psnr_db" not in on_disk
-
-
-def test_cli_wan_tiny_both(tmp_path):
-  """The launcher as a subprocess: launchers define absl flags at import."""
-  out = str(tmp_path / "wan")
-  proc = subprocess.run(
-      [sys.executable, "-m", "adaspa_jax.experiments.generate", "--model=wan", "--preset=tiny",
-       f"--steps={STEPS}", f"--search_steps={','.join(map(str, SEARCH))}", "--sparsity=0.5",
-       "--block_size=16", "--text_len=6", "--dtype=float32", "--noprogress",
-       "--attention=both", f"--output_dir={out}", *LATENT],
-      check=True, capture_output=True, text=True)
-  assert "RANDOM WEIGHTS" in proc.stderr and "RANDOM EMBEDDINGS" in proc.stderr
-  with open(os.path.join(out, "report.json")) as f:
-    report = json.load(f)
-  cfg = wan.PRESETS["tiny"]
-  _check_report(out, report, layers=cfg.num_layers, heads=cfg.num_attention_heads, rows=2)
-  assert report["batch_rows"] == ["uncond", "cond"] and report["classifier_free_guidance"]
-  assert report["adaspa"]["search_steps"] == list(SEARCH)
-
+from tests.harness.generation_report import SEARCH, STEPS, check_report
 
 ADASPA = AdaSpaConfig(sparsity=0.5, block_size=16, num_steps=STEPS, search_steps=SEARCH)
 
@@ -87,7 +33,7 @@ def test_hunyuan_video_tiny_with_embeddings_file(tmp_path):
                         attention="adaspa", adaspa=ADASPA, latent=(3, 8, 10), dtype="float32",
                         progress=False, output_dir=out)
   assert report["random_embeddings"] is False and not report["classifier_free_guidance"]
-  _check_report(out, report, layers=cfg.num_layers + cfg.num_single_layers,
+  check_report(out, report, layers=cfg.num_layers + cfg.num_single_layers,
                 heads=cfg.num_attention_heads, rows=1, modes=("adaspa",))
 
 
@@ -101,7 +47,7 @@ def test_cogvideox_tiny(tmp_path):
                         scheduler="cogvideox-5b-ddim", dynamic_cfg=True, output_dir=out)
   assert "CogVideoXDDIM" in report["scheduler"]
   assert report["latent_shape"] == [1, 3, cfg.in_channels, 8, 10]     # [B, F, C, H, W]
-  _check_report(out, report, layers=cfg.num_layers, heads=cfg.num_attention_heads, rows=2,
+  check_report(out, report, layers=cfg.num_layers, heads=cfg.num_attention_heads, rows=2,
                 modes=("adaspa",))
 
 

@@ -107,7 +107,7 @@ def test_summary_ranks_sass_and_splits_the_hot_loop():
 
 
 def test_probe_launcher_parses_its_flags():
-  """The launcher itself, as a subprocess (its absl flags are defined only there)."""
+  """The launcher itself, as a subprocess (absl parses its flags)."""
   import os
   import subprocess
   import sys
@@ -117,3 +117,29 @@ def test_probe_launcher_parses_its_flags():
                         env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode != 0
   assert "seq=300: expected a multiple of 256" in proc.stderr
+
+
+def test_summary_launcher_reads_its_files(tmp_path):
+  """ncu_summary as a subprocess: --details and --sass give the JSON the readers give."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  (tmp_path / "details.txt").write_text(DETAILS)
+  with open(tmp_path / "sass.csv", "w", newline="") as f:
+    csv.writer(f).writerows(SASS)
+  proc = subprocess.run([sys.executable, "-m", "tools.ncu_summary",
+                         f"--details={tmp_path / 'details.txt'}",
+                         f"--sass={tmp_path / 'sass.csv'}"], cwd=root, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  want = ncu_summary.read_details(io.StringIO(DETAILS))
+  text = io.StringIO()
+  csv.writer(text).writerows(SASS)
+  want["sass"] = ncu_summary.read_sass(csv.reader(io.StringIO(text.getvalue())))
+  assert json.loads(proc.stdout) == json.loads(json.dumps(want))
+  bad = subprocess.run([sys.executable, "-m", "tools.ncu_summary",
+                        str(tmp_path / "details.txt")], cwd=root, capture_output=True,
+                       text=True, timeout=300)
+  assert bad.returncode != 0 and "--details" in bad.stderr

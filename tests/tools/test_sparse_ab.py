@@ -33,7 +33,7 @@ def test_bad_arguments_raise(tmp_path):
 
 
 def test_launcher_parses_its_flags(tmp_path):
-  """The launcher itself, as a subprocess (its absl flags are defined only there)."""
+  """The launcher itself, as a subprocess (absl parses its flags)."""
   import os
   import subprocess
   import sys
