@@ -19,7 +19,7 @@ $(VENV)/.test: pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 demo: $(VENV)/.demo
-	$(PY) -m experiments.generate --output_dir=outputs/demo
+	$(PY) -m adaspa_jax.experiments.generate --output_dir=outputs/demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest

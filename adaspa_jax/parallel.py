@@ -21,7 +21,7 @@ Two-GPU benchmark still to run (device kind nvidia-h200-x2, issue 9; HunyuanVide
 720p 129 frames = latent 33 x 90 x 160: 118800 video + 256 text tokens, 24 heads,
 60 blocks; random bf16 weights, which time like real ones)::
 
-  G="python -m experiments.generate --model=hunyuan_video --preset=hunyuan-video-13b \\
+  G="python -m adaspa_jax.experiments.generate --model=hunyuan_video --preset=hunyuan-video-13b \\
      --attention=both --steps=10 --noprogress"
   CUDA_VISIBLE_DEVICES=0 $G --output_dir=outputs/mesh1          # one GPU
   $G --mesh=seq:2 --output_dir=outputs/mesh2                     # both GPUs

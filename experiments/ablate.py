@@ -1,6 +1,6 @@
-"""Runs the paper's ablations on the embedded model (``experiments.ablations``).
+"""Runs the paper's ablations on the embedded model (``adaspa_jax.harness.ablations``).
 
-  python -m experiments.ablate --n=20 --output_dir=outputs/ablations
+  python -m adaspa_jax.experiments.ablate --n=20 --output_dir=outputs/ablations
 
 writes results.json, tables.md and the figures (policies.png, components.png,
 warmup.png, schedule.png) to ``--output_dir``. The default 50 steps apply the
@@ -15,11 +15,11 @@ import sys
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments import ablation_report, ablations
-from models import tiny_t2v
+from adaspa_jax.harness import ablation_report, ablations
+from adaspa_jax.models.embedded import model as tiny_t2v
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "checkpoints/tiny_t2v",
-                                  "models.tiny_t2v checkpoint directory")
+                                  "adaspa_jax.models.embedded.model checkpoint directory")
 _N = flags.DEFINE_integer("n", 20, "held-out prompt/seed pairs")
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed of the first pair (pair i: seed + i)")
 _STEPS = flags.DEFINE_integer("num_steps", ablations.PAPER_STEPS, "denoising steps")
@@ -39,7 +39,7 @@ def main(argv):
   results = ablations.run(_CHECKPOINT.value, settings, n=_N.value, seed=_SEED.value,
                           num_steps=_STEPS.value, batch=_BATCH.value,
                           dtype=jnp.dtype(_DTYPE.value))
-  results["command"] = " ".join(["python -m experiments.ablate"]
+  results["command"] = " ".join(["python -m adaspa_jax.experiments.ablate"]
                                 + [shlex.quote(a) for a in sys.argv[1:]])
   written = ablation_report.write_outputs(results, _OUT.value)
   print(f"{len(settings)} settings in {results['total_s']:.1f} s; wrote {written} to "

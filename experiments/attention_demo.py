@@ -4,7 +4,7 @@ Runs one attention layer through the AdaSpa schedule (dense warm-up, fused searc
 sparse steps, cached search) as a jitted ``lax.scan`` over denoising steps, then
 prints one line per phase change.
 
-  python -m experiments.attention_demo --frames=8 --height=16 --width=16
+  python -m adaspa_jax.experiments.attention_demo --frames=8 --height=16 --width=16
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from absl import app, flags
 import jax
 
 from adaspa_jax import PHASE_NAMES, AdaSpaConfig
-from experiments import synthetic
+from adaspa_jax.harness import synthetic
 import pallas_kernels as pk
 
 _FRAMES = flags.DEFINE_integer("frames", 8, "latent frames")

@@ -4,16 +4,17 @@ Builds a preset's architecture (default: the family's real model at 720p) with
 ``--layers`` transformer blocks, times one denoising step of each kind and the
 attention alone, composes the ``--steps`` schedule (the paper's by default),
 and reports the end-to-end speedup beside its Amdahl ceiling
-(``experiments/e2e.py`` says how). ``--full_run`` also runs the scanned
+(``harness/e2e.py`` says how). ``--full_run`` also runs the scanned
 sampler end to end, dense and AdaSpa; ``--sweep_seconds`` repeats the
 per-step timing over video lengths. Writes ``e2e_<model>_<date><tag>.json``
 (every time), ``.md`` (the tables) and, with a sweep, ``_sweep.png`` to
 ``--output_dir``, after every stage.
 
-  python -m experiments.bench_e2e --model=hunyuan_video --layers=2 --full_run
-  python -m experiments.bench_e2e --model=hunyuan_video --layers=1 --sweep_seconds=2,5,8,16
-  python -m experiments.bench_e2e --model=hunyuan_video --layers=2 --mesh=2
-  python -m experiments.bench_e2e --model=wan --preset=tiny --dtype=float32 \\
+  python -m adaspa_jax.experiments.bench_e2e --model=hunyuan_video --layers=2 --full_run
+  python -m adaspa_jax.experiments.bench_e2e --model=hunyuan_video --layers=1 \\
+      --sweep_seconds=2,5,8,16
+  python -m adaspa_jax.experiments.bench_e2e --model=hunyuan_video --layers=2 --mesh=2
+  python -m adaspa_jax.experiments.bench_e2e --model=wan --preset=tiny --dtype=float32 \\
       --implementation=reference --latent_height=8 --latent_width=10 --video_seconds=0.5 \\
       --steps=4 --search_steps=1,2 --block_size=16 --layers=1 --reps=1   # CPU smoke run
 """
@@ -24,7 +25,7 @@ import sys
 
 from absl import app, flags
 
-from experiments import e2e, e2e_report
+from adaspa_jax.harness import e2e, e2e_report
 
 _MODEL = flags.DEFINE_enum("model", "hunyuan_video", sorted(e2e.VIDEOS), "model family")
 _PRESET = flags.DEFINE_string("preset", None, "the family's preset (default: the real model: "

@@ -2,10 +2,11 @@
 
 By default (``--model=embedded``) it samples the shipped shapes model for one
 ``--prompt``, dense and with AdaSpa, and prints timing, PSNR/SSIM and both clips'
-caption checks (``experiments/embedded.py``; this is ``make demo``). Otherwise it runs a Wan2.1, HunyuanVideo or CogVideoX transformer through the whole denoising
-schedule as one jitted ``lax.scan`` (``models.sampler``). Text encoders and VAEs
-are out of scope: the prompt comes as precomputed embeddings (a ``.safetensors``
-file with diffusers' tensor names, see the README) and the result is latents.
+caption checks (``harness/demo.py``; this is ``make demo``). Otherwise it runs a
+Wan2.1, HunyuanVideo or CogVideoX transformer through the whole denoising schedule as
+one jitted ``lax.scan`` (``adaspa_jax.models.sampler``). Text encoders and VAEs are
+out of scope: the prompt comes as precomputed embeddings (a ``.safetensors`` file
+with diffusers' tensor names, see the README) and the result is latents.
 Without ``--checkpoint`` the preset runs with random weights, and without
 ``--embeddings`` on random embeddings: speed work only, and the run says so.
 
@@ -17,11 +18,12 @@ Writes to ``--output_dir``:
                                            ``both``, PSNR/SSIM of AdaSpa vs dense;
   masks.png                                selected key blocks of a few heads.
 
-  python -m experiments.generate --prompt="a green triangle spins"
-  python -m experiments.generate --model=wan --preset=wan2.1-t2v-1.3b --attention=both
-  python -m experiments.generate --checkpoint=/ckpt/HunyuanVideo/transformer \\
+  python -m adaspa_jax.experiments.generate --prompt="a green triangle spins"
+  python -m adaspa_jax.experiments.generate --model=wan --preset=wan2.1-t2v-1.3b --attention=both
+  python -m adaspa_jax.experiments.generate --checkpoint=/ckpt/HunyuanVideo/transformer \\
       --embeddings=prompt.safetensors --steps=50 --sparsity=0.8
-  python -m experiments.generate --model=hunyuan_video --preset=hunyuan-video-13b --mesh=seq:2
+  python -m adaspa_jax.experiments.generate --model=hunyuan_video --preset=hunyuan-video-13b \\
+      --mesh=seq:2
 """
 
 from __future__ import annotations
@@ -29,15 +31,15 @@ from __future__ import annotations
 from absl import app, flags
 
 from adaspa_jax import AdaSpaConfig
-from experiments import embedded
-from experiments.generation import default_search_steps, run
-from models import schedulers
+from adaspa_jax.harness import demo
+from adaspa_jax.harness.generation import default_search_steps, run
+from adaspa_jax.models import schedulers
 
 _MODEL = flags.DEFINE_enum("model", "embedded", ["embedded", "wan", "hunyuan_video", "cogvideox"],
                            "model family; 'embedded' is the shipped shapes model "
                            "(checkpoints/tiny_t2v); others are ignored with --checkpoint "
                            "(read from its config)")
-_PROMPT = flags.DEFINE_string("prompt", embedded.DEFAULT_PROMPT,
+_PROMPT = flags.DEFINE_string("prompt", demo.DEFAULT_PROMPT,
                               "caption for --model=embedded (its grammar: docs/tiny_t2v.md)")
 _PRESET = flags.DEFINE_string("preset", "tiny", "the family's preset (e.g. wan2.1-t2v-1.3b, "
                               "hunyuan-video-13b, cogvideox-5b, tiny); random weights")
@@ -81,10 +83,10 @@ _FSDP = flags.DEFINE_bool("fsdp", False, "with --mesh: shard large weights over 
 def main(argv):
   del argv
   is_embedded = _MODEL.value == "embedded"
-  steps = _STEPS.value or (embedded.default_steps(_CHECKPOINT.value) if is_embedded else 50)
+  steps = _STEPS.value or (demo.default_steps(_CHECKPOINT.value) if is_embedded else 50)
   search = (tuple(int(s) for s in _SEARCH.value) if _SEARCH.value
             else default_search_steps(steps))
-  block = _BLOCK.value or (embedded.default_block_size(_CHECKPOINT.value) if is_embedded
+  block = _BLOCK.value or (demo.default_block_size(_CHECKPOINT.value) if is_embedded
                            else 64)
   adaspa = AdaSpaConfig(sparsity=_SPARSITY.value, block_size=block,
                         num_steps=steps, search_steps=search,
@@ -94,8 +96,8 @@ def main(argv):
     if _ATTENTION.value != "both":
       raise app.UsageError("--model=embedded always compares dense and AdaSpa: "
                            f"--attention={_ATTENTION.value!r}, expected 'both'.")
-    embedded.run(prompt=_PROMPT.value, checkpoint=_CHECKPOINT.value, seed=_SEED.value,
-                 adaspa=adaspa, guidance_scale=_GUIDANCE.value, output_dir=_OUT.value)
+    demo.run(prompt=_PROMPT.value, checkpoint=_CHECKPOINT.value, seed=_SEED.value,
+             adaspa=adaspa, guidance_scale=_GUIDANCE.value, output_dir=_OUT.value)
     return
   run(family=_MODEL.value, preset=_PRESET.value, checkpoint=_CHECKPOINT.value,
       embeddings=_EMBEDDINGS.value, seed=_SEED.value, steps=steps,

@@ -1,12 +1,12 @@
-"""Trains the embedded text-to-video model (``models.tiny_t2v``) on shapes clips.
+"""Trains the embedded text-to-video model (``adaspa_jax.models.embedded.model``) on shapes clips.
 
-Rectified-flow training on clips drawn on the fly (``experiments.training``);
-saves the EMA weights as a ``models.tiny_t2v`` checkpoint (safetensors + config
+Rectified-flow training on clips drawn on the fly (``adaspa_jax.models.embedded.training``);
+saves the EMA weights as a ``adaspa_jax.models.embedded.model`` checkpoint (safetensors + config
 JSON; ``tiny_t2v.json`` records this command, the steps run and the final loss)
 and ``training_log.json`` with the loss curve. One H200 command under 9
 minutes:
 
-  python -m experiments.train_tiny --output_dir=checkpoints/tiny_t2v --time_budget_s=480
+  python -m adaspa_jax.experiments.train_tiny --output_dir=checkpoints/tiny_t2v --time_budget_s=480
 
 ``--time_budget_s`` counts from the start of the process (start-up and
 compilation included) and stops early enough to save within it. A second
@@ -22,14 +22,14 @@ import time
 
 from absl import app, flags
 
-from experiments import training
-from models import tiny_t2v
+from adaspa_jax.models.embedded import model as tiny_t2v, training
 
 # The time budget counts from here (after ~1 s of imports): compilation and data
 # generation are inside it.
 _STARTED_AT = time.perf_counter()
 
-_PRESET = flags.DEFINE_string("preset", "embedded", "models.tiny_t2v preset ('test' for CPU)")
+_PRESET = flags.DEFINE_string("preset", "embedded",
+                              "adaspa_jax.models.embedded.model preset ('test' for CPU)")
 _STEPS = flags.DEFINE_integer("steps", training.TrainConfig.steps, "optimiser steps (at most)")
 _BATCH = flags.DEFINE_integer("batch_size", training.TrainConfig.batch_size, "clips per step")
 _LR = flags.DEFINE_float("learning_rate", training.TrainConfig.learning_rate, "AdamW peak rate")
@@ -84,7 +84,8 @@ def main(argv):
       reversal_pairs=_PAIRS.value, mirror_pairs=_MIRROR.value, sigma_logit_mean=_SIGMA_MEAN.value,
       text_lr_scale=_TEXT_LR.value, high_sigma_share=_HIGH_SHARE.value,
       high_sigma_min=_HIGH_MIN.value)
-  command = " ".join(["python -m experiments.train_tiny"] + [shlex.quote(a) for a in sys.argv[1:]])
+  command = " ".join(["python -m adaspa_jax.experiments.train_tiny"]
+                     + [shlex.quote(a) for a in sys.argv[1:]])
   if _ADD_POS.value is not None and not _INIT.value:
     raise app.UsageError("--add_learned_positions needs --init_from (a new model takes the "
                          "preset's positions).")

@@ -9,14 +9,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 
-from models.loading import Rule, from_pretrained, load_state_dict
+from adaspa_jax.models.loading import Rule, from_pretrained, load_state_dict
 
 # diffusers `_class_name` -> module implementing it. One line per model; modules
 # are imported on first use, so a model's dependencies load only when needed.
 _MODULES = {
-    "WanTransformer3DModel": "models.wan",
-    "HunyuanVideoTransformer3DModel": "models.hunyuan_video",
-    "CogVideoXTransformer3DModel": "models.cogvideox",
+    "WanTransformer3DModel": "adaspa_jax.models.wan",
+    "HunyuanVideoTransformer3DModel": "adaspa_jax.models.hunyuan_video",
+    "CogVideoXTransformer3DModel": "adaspa_jax.models.cogvideox",
 }
 
 

@@ -25,11 +25,12 @@ from flax import nnx
 
 from adaspa_jax import AdaSpaConfig, AdaSpaState, init_state, parallel, text_blocks_mask
 from adaspa_jax.parallel import SequenceParallel
-from models.hunyuan_video_layers import (LN_EPS, FeedForward, TextProjection, TimestepEmbedding,
-                                         TokenRefiner, apply_rope, gelu_tanh, layer_norm, linear,
-                                         modulate, rope_tables, scan_layers, stacked)
-from models import layers
-from models.loading import Rule
+from adaspa_jax.models.hunyuan_video_layers import (LN_EPS, FeedForward, TextProjection,
+                                                    TimestepEmbedding, TokenRefiner, apply_rope,
+                                                    gelu_tanh, layer_norm, linear, modulate,
+                                                    rope_tables, scan_layers, stacked)
+from adaspa_jax.models import layers
+from adaspa_jax.models.loading import Rule
 
 DIFFUSERS_CLASS_NAMES = ("HunyuanVideoTransformer3DModel",)
 
@@ -327,7 +328,7 @@ class Model(nnx.Module):
 
   def __init__(self, config: Config, *, rngs: nnx.Rngs, dtype=jnp.float32):
     if not isinstance(config, Config):
-      raise ValueError(f"config={config!r}: expected a models.hunyuan_video.Config.")
+      raise ValueError(f"config={config!r}: expected a adaspa_jax.models.hunyuan_video.Config.")
     self.config = config
     self.dtype = dtype
     c = config.inner_dim

@@ -1,7 +1,7 @@
 """HunyuanVideo building blocks that are not transformer blocks.
 
 Conditioning embeddings, the 3D rotary embedding, the text token refiner and
-small shared layers of ``models.hunyuan_video``. Attribute names follow
+small shared layers of ``adaspa_jax.models.hunyuan_video``. Attribute names follow
 diffusers' ``transformer_hunyuan_video.py`` so the weight table stays short.
 Activations are [batch, tokens, channels]; attention runs on
 [batch, seq, heads, head_dim].
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
-from models import layers
+from adaspa_jax.models import layers
 
 LN_EPS = 1e-6
 TIME_CHANNELS = 256  # width of the sinusoidal timestep/guidance features

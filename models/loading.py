@@ -329,7 +329,7 @@ def from_pretrained(path, *, dtype=jnp.bfloat16, attention: str = "dense", adasp
   Returns:
     The model, its parameters on the default device.
   """
-  from models import REGISTRY  # models/__init__ imports this module
+  from adaspa_jax.models import REGISTRY  # models/__init__ imports this module
 
   directory = _model_directory(path)
   with open(os.path.join(directory, "config.json")) as f:

@@ -238,7 +238,7 @@ def sample(model: nnx.Module, scheduler, latents, cond: Mapping, uncond: Mapping
   Args:
     model: an NNX denoiser following the shared model conventions (Wan,
       HunyuanVideo, CogVideoX).
-    scheduler: a ``models.schedulers`` scheduler.
+    scheduler: a ``adaspa_jax.models.schedulers`` scheduler.
     latents: initial noise, any layout with batch first (Wan/HunyuanVideo
       [B, C, F, H, W], CogVideoX [B, F, C, H, W]); carried in float32 (diffusers
       rounds them to a bfloat16 transformer's dtype after every step), fed to the

@@ -3,11 +3,11 @@
 ``export_state_dict`` runs a model's ``weight_rules`` backwards: each NNX
 parameter (each layer of a stacked one) becomes the one diffusers key whose
 rule maps to it, in diffusers' layout. The result is checked by loading it back
-through ``models.loading.load_state_dict`` into a fresh abstract copy and
+through ``adaspa_jax.models.loading.load_state_dict`` into a fresh abstract copy and
 comparing every value, so a rule the inversion gets wrong cannot pass silently.
 
 ``save_pretrained`` writes ``config.json`` (with ``_class_name``) and
-``diffusion_pytorch_model.safetensors``, the directory ``models.from_pretrained``
+``diffusion_pytorch_model.safetensors``, the directory ``adaspa_jax.models.from_pretrained``
 and diffusers' ``from_pretrained`` read.
 """
 
@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from models import loading
+from adaspa_jax.models import loading
 
 # Model config fields that are ours, not diffusers': they choose how attention runs.
 RUNTIME_FIELDS = ("attention", "adaspa", "sequence_parallel")
@@ -61,7 +61,7 @@ def export_state_dict(model: nnx.Module, rules, *, dtype=None) -> dict[str, np.n
 
   Args:
     model: a concrete NNX model.
-    rules: the model's ``weight_rules(config)`` (``models.loading.Rule``s).
+    rules: the model's ``weight_rules(config)`` (``adaspa_jax.models.loading.Rule``s).
     dtype: dtype of every exported tensor; None keeps each parameter's dtype.
 
   Raises:
@@ -155,7 +155,7 @@ def save_pretrained(model: nnx.Module, directory, *, class_name: str, rules,
   weights go to diffusers' sharded layout instead:
   ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` and an index
   ``diffusion_pytorch_model.safetensors.index.json`` (what diffusers writes and
-  ``models.loading.safetensors_files`` reads).
+  ``adaspa_jax.models.loading.safetensors_files`` reads).
   """
   from safetensors.numpy import save_file  # a declared dependency; imported where used
 

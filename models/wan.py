@@ -26,8 +26,8 @@ from flax import nnx
 
 from adaspa_jax import AdaSpaConfig, AdaSpaState, init_state, parallel
 from adaspa_jax.parallel import SequenceParallel
-from models import layers
-from models.loading import Rule
+from adaspa_jax.models import layers
+from adaspa_jax.models.loading import Rule
 
 DIFFUSERS_CLASS_NAMES = ("WanTransformer3DModel",)
 

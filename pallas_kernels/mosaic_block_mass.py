@@ -14,7 +14,7 @@ once per ``GROUP`` blocks, not once per block.
 Why ``key_tile=128`` at block 64 (``DEFAULT_KEY_TILE``, what ``pallas_kernels.mosaic``
 passes): the kernel runs only on dense key ranges, so two adjacent blocks are one
 TMA copy, and a 64 x 128 wgmma does the work of two 64 x 64 ones for one barrier
-round trip. On an H200 (jax 0.11.2, 2026-11-30, ``experiments/mosaic_variants.py
+round trip. On an H200 (jax 0.11.2, 2026-11-30, ``tools/mosaic_variants.py
 keytile``) it took 0.637x / 0.621x of cuDNN dense time at S = 32,768 / 118,784
 against 0.700x / 0.665x with one block per tile (docs/bench/mosaic.md).
 

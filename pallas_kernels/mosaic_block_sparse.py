@@ -166,7 +166,7 @@ def read_entry(idx_ref, dense_ref, bi, hi, qb, step):
   use, the two scalar loads held back each step's TMA copy (memory warpgroup) and QK^T
   (compute warpgroups) by an L2 round trip in Nsight Compute's stall samples. Read a step
   ahead the outputs are bit-identical and, on an H200 at S=118,784, the time 1-4% lower
-  at densities 0.05-0.2 and 1% higher at 1.0 (``experiments/sparse_ab.py``,
+  at densities 0.05-0.2 and 1% higher at 1.0 (``tools/sparse_ab.py``,
   docs/bench/mosaic.md)."""
   return idx_ref[bi, hi, qb, jnp.minimum(step, idx_ref.shape[-1] - 1)], dense_ref[bi, hi, qb]
 
@@ -187,7 +187,7 @@ def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, read, ke
   called a step ahead, see ``read_entry``), into slots
   ``p * stages + step % stages``, waiting for a slot's release before refilling
   it. ``barriers`` = (k_ready, v_ready, k_free, v_free). Shared with the
-  load-only twin in ``experiments/mosaic_floor.py``, so the floor it measures is
+  load-only twin in ``tools/mosaic_floor.py``, so the floor it measures is
   this loop's.
   """
   k_ready, v_ready, k_free, v_free = barriers

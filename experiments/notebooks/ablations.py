@@ -11,9 +11,9 @@
 # # AdaSpa ablations on the embedded model, small enough for a CPU
 #
 # One held-out prompt, a few denoising steps, float32: the dense clip is sampled once
-# and every setting is scored against it (`experiments.ablations`). Then, per setting,
+# and every setting is scored against it (`adaspa_jax.harness.ablations`). Then, per setting,
 # the recall of every layer and head at the search steps, and the key blocks a few
-# heads keep after the last search. The full grid is `python -m experiments.ablate`
+# heads keep after the last search. The full grid is `python -m adaspa_jax.experiments.ablate`
 # (see `docs/ablations.md`).
 #
 # Runs as a Jupyter notebook (jupytext percent format) or as a plain script:
@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments import ablations, generation, tiny_eval
-from models import tiny_t2v
+from adaspa_jax.harness import ablations, embedded_eval, generation
+from adaspa_jax.models.embedded import model as tiny_t2v
 
 # %% [markdown]
 # ## Settings
@@ -65,7 +65,7 @@ print("search steps (0-indexed):", base.search_steps)
 # ## One dense reference, then every setting
 
 # %%
-prompts = tiny_eval.held_out_prompts(N_PROMPTS)
+prompts = embedded_eval.held_out_prompts(N_PROMPTS)
 ref = ablations.dense_reference(model, prompts, num_steps=NUM_STEPS,
                                 guidance_scale=model.config.guidance_scale)
 runs = {name: ablations.run_setting(model, config, ref) for name, config in settings.items()}

@@ -1,21 +1,4 @@
-import numpy as np
-
-from adaspa_jax import AdaSpaConfig, CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE
-from experiments import synthetic
-
-
-def test_demo_run_reports_each_phase():
-  cfg = AdaSpaConfig(sparsity=0.7, block_size=16, num_steps=6, search_steps=(1, 4))
-  per_step, seconds = synthetic.run_schedule(cfg, frames=2, height=4, width=8, text_len=5,
-                                             heads=3, head_dim=32)
-  np.testing.assert_array_equal(per_step["phase"],
-                                [DENSE, FUSED_SEARCH, SPARSE, SPARSE, CACHED_SEARCH, SPARSE])
-  err = per_step["rel_error"]
-  assert err[0] < 1e-5 and err[1] < 1e-5       # dense and fused search are exact
-  assert 0 < err[2] < 1.0                       # sparse steps approximate
-  assert np.all((per_step["recall"][1:] > 0) & (per_step["recall"][1:] <= 1 + 1e-6))
-  assert per_step["sparsity"][2] > 0.3
-  assert seconds > 0
+"""The attention demo launcher as a subprocess (the library: tests/harness/test_synthetic.py)."""
 
 
 def test_demo_cli_runs(tmp_path):
@@ -24,8 +7,9 @@ def test_demo_cli_runs(tmp_path):
   import subprocess
   import sys
   out = tmp_path / "demo.json"
-  subprocess.run([sys.executable, "-m", "experiments.attention_demo", "--frames=2", "--height=4",
-                  "--width=8", "--text_len=3", "--heads=2", "--head_dim=32", "--block_size=16",
-                  "--steps=4", "--search_steps=1,3", f"--json_out={out}"], check=True)
+  subprocess.run([sys.executable, "-m", "adaspa_jax.experiments.attention_demo", "--frames=2",
+                  "--height=4", "--width=8", "--text_len=3", "--heads=2", "--head_dim=32",
+                  "--block_size=16", "--steps=4", "--search_steps=1,3", f"--json_out={out}"],
+                 check=True)
   record = json.loads(out.read_text())
   assert len(record["phase"]) == 4 and record["seconds"] > 0

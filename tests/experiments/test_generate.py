@@ -1,60 +1,26 @@
-"""CLI smoke tests: tiny random presets on CPU, files and report fields."""
+"""The generation launcher as a subprocess (launchers define absl flags at import): a tiny
+random Wan preset on CPU, and the embedded default (``make demo``'s path) on a tiny
+random checkpoint."""
 
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
-from diffusers import WanTransformer3DModel
-from safetensors.numpy import save_file
 
-from adaspa_jax import AdaSpaConfig
-from experiments import generation
-from models import cogvideox, hunyuan_video, saving, wan
+from adaspa_jax.models import wan
+from tests.harness.generation_report import SEARCH, STEPS, check_report
+from tests.models.embedded import tiny_checkpoint
 
-STEPS, SEARCH = 5, (1, 3)
 LATENT = ["--latent_frames=3", "--latent_height=8", "--latent_width=10"]
-
-
-def _check_report(out, report, *, layers, heads, rows, modes=("dense", "adaspa")):
-  with open(os.path.join(out, "report.json")) as f:
-    on_disk = json.load(f)
-  assert on_disk == json.loads(json.dumps(report))
-  assert on_disk["random_weights"] is True
-  assert sorted(on_disk["runs"]) == sorted(modes)
-  for mode in modes:
-    run = on_disk["runs"][mode]
-    assert run["wall_s"] > 0 and run["compile_s"] > 0
-    latents = np.load(os.path.join(out, run["latents"]))
-    assert list(latents.shape) == on_disk["latent_shape"] and np.isfinite(latents).all()
-  assert on_disk["phases"] == ["dense", "fused_search", "sparse", "cached_search", "sparse"]
-  assert [s["step"] for s in on_disk["searches"]] == list(SEARCH)
-  for search in on_disk["searches"]:
-    for field in ("recall", "sparsity"):
-      values = np.asarray(search[field])
-      assert values.shape == (layers, rows, heads)             # [layer][batch row][head]
-      assert np.all((values >= 0) & (values <= 1 + 1e-6))
-    assert np.all(np.asarray(search["sparsity"]) > 0)          # 0.5 really drops blocks
-  assert len(on_disk["batch_rows"]) == rows
-  assert 0 < on_disk["mean_sparsity"] < 1 and 0 < on_disk["mean_recall"] <= 1 + 1e-6
-  with open(os.path.join(out, on_disk["masks_png"]), "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert len(on_disk["masks"]) >= 2
-  if len(modes) == 2:
-    assert np.isfinite(on_disk["psnr_db"]) and -1 <= on_disk["ssim"] < 1
-    assert on_disk["speedup"] > 0
-  else:
-    assert "psnr_db" not in on_disk
 
 
 def test_cli_wan_tiny_both(tmp_path):
   """The launcher as a subprocess: launchers define absl flags at import."""
   out = str(tmp_path / "wan")
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.generate", "--model=wan", "--preset=tiny",
+      [sys.executable, "-m", "adaspa_jax.experiments.generate", "--model=wan", "--preset=tiny",
        f"--steps={STEPS}", f"--search_steps={','.join(map(str, SEARCH))}", "--sparsity=0.5",
        "--block_size=16", "--text_len=6", "--dtype=float32", "--noprogress",
        "--attention=both", f"--output_dir={out}", *LATENT],
@@ -63,78 +29,42 @@ def test_cli_wan_tiny_both(tmp_path):
   with open(os.path.join(out, "report.json")) as f:
     report = json.load(f)
   cfg = wan.PRESETS["tiny"]
-  _check_report(out, report, layers=cfg.num_layers, heads=cfg.num_attention_heads, rows=2)
+  check_report(out, report, layers=cfg.num_layers, heads=cfg.num_attention_heads, rows=2)
   assert report["batch_rows"] == ["uncond", "cond"] and report["classifier_free_guidance"]
   assert report["adaspa"]["search_steps"] == list(SEARCH)
 
 
-ADASPA = AdaSpaConfig(sparsity=0.5, block_size=16, num_steps=STEPS, search_steps=SEARCH)
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  return str(tiny_checkpoint.random_checkpoint(tmp_path_factory.mktemp("ckpt"))[0])
 
 
-def test_hunyuan_video_tiny_with_embeddings_file(tmp_path):
-  """Embedded guidance (one branch), diffusers' tensor names, padded text."""
-  cfg = hunyuan_video.PRESETS["tiny"]
-  rng = np.random.default_rng(0)
-  path = str(tmp_path / "prompt.safetensors")
-  mask = np.zeros((1, 9), np.int32)
-  mask[:, :5] = 1
-  save_file({"prompt_embeds": rng.standard_normal((1, 9, cfg.text_embed_dim), np.float32),
-             "prompt_attention_mask": mask,
-             "pooled_prompt_embeds": rng.standard_normal((1, cfg.pooled_projection_dim),
-                                                         np.float32)}, path)
-  out = str(tmp_path / "hunyuan")
-  report = generation.run(family="hunyuan_video", preset="tiny", embeddings=path, steps=STEPS,
-                        attention="adaspa", adaspa=ADASPA, latent=(3, 8, 10), dtype="float32",
-                        progress=False, output_dir=out)
-  assert report["random_embeddings"] is False and not report["classifier_free_guidance"]
-  _check_report(out, report, layers=cfg.num_layers + cfg.num_single_layers,
-                heads=cfg.num_attention_heads, rows=1, modes=("adaspa",))
+def test_demo_cli_writes_clips_and_report(checkpoint, tmp_path):
+  """generate.py's default model, as a subprocess (launchers define absl flags)."""
+  out = tmp_path / "demo"
+  proc = subprocess.run(
+      [sys.executable, "-m", "adaspa_jax.experiments.generate", f"--checkpoint={checkpoint}",
+       "--prompt=a green triangle spins", "--steps=3", "--search_steps=1,2",
+       "--block_size=16", "--sparsity=0.5", f"--output_dir={out}"],
+      check=True, capture_output=True, text=True)
+  assert 'prompt: "a green triangle spins"' in proc.stdout
+  assert "caption check" in proc.stdout and "PSNR" in proc.stdout
+  assert "strict PASS" in proc.stdout or "strict FAIL" in proc.stdout
+  for name in ("clip_dense.gif", "clip_adaspa.gif", "side_by_side.gif"):
+    with open(out / name, "rb") as f:
+      assert f.read(6) in (b"GIF87a", b"GIF89a")
+  assert (out / "masks.png").read_bytes()[:4] == b"\x89PNG"
+  report = json.loads((out / "report.json").read_text())
+  assert report["clips"][0]["prompt"] == "a green triangle spins"
+  assert report["num_steps"] == 3 and 0 < report["mean_sparsity"] < 1
+  clip = report["clips"][0]
+  assert clip["adaspa_strict_passed"] == (clip["adaspa_passed"]
+                                          and not clip["adaspa_extra_objects"])
+  assert report["masks_png"] == "masks.png" and len(report["masks"]) == 4
 
 
-def test_cogvideox_tiny(tmp_path):
-  # DDIM: the DPM solver's noise would add a one-off ~5 s random-number compile on CPU;
-  # tests/models/test_sampler.py runs the DPM carry through the scan.
-  cfg = cogvideox.PRESETS["tiny"]
-  out = str(tmp_path / "cog")
-  report = generation.run(family="cogvideox", preset="tiny", steps=STEPS, attention="adaspa",
-                        adaspa=ADASPA, latent=(3, 8, 10), dtype="float32", progress=False,
-                        scheduler="cogvideox-5b-ddim", dynamic_cfg=True, output_dir=out)
-  assert "CogVideoXDDIM" in report["scheduler"]
-  assert report["latent_shape"] == [1, 3, cfg.in_channels, 8, 10]     # [B, F, C, H, W]
-  _check_report(out, report, layers=cfg.num_layers, heads=cfg.num_attention_heads, rows=2,
-                modes=("adaspa",))
-
-
-def test_default_search_steps_scale_the_papers():
-  assert generation.default_search_steps(50) == (9, 29)
-  assert generation.default_search_steps(8) == (1, 4)
-
-
-def test_bad_preset_and_shift(tmp_path):
-  with pytest.raises(ValueError, match="--preset='huge'"):
-    generation.run(family="wan", preset="huge", steps=STEPS, adaspa=ADASPA,
-                 output_dir=str(tmp_path))
-  with pytest.raises(ValueError, match="--shift=3.0"):
-    generation.run(family="cogvideox", preset="tiny", steps=STEPS, adaspa=ADASPA, shift=3.0,
-                 dtype="float32", output_dir=str(tmp_path))
-
-
-def test_block_mask_spells_out_dense_rows():
-  indices = np.array([[0, 2, 2], [0, 1, 3], [3, 3, 3]])
-  counts = np.array([2, 4, 1])                 # row 1: count == nK, a dense (text) row
-  np.testing.assert_array_equal(generation.block_mask(indices, counts, 4),
-                                [[1, 0, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]])
-
-
-def test_checkpoint_directory_sets_the_family(tmp_path):
-  """A diffusers save_pretrained directory: family from its config, weights not random."""
-  cfg = wan.PRESETS["tiny"]
-  torch.manual_seed(0)
-  WanTransformer3DModel(**saving.diffusers_config(cfg)).save_pretrained(tmp_path / "ckpt")
-  out = str(tmp_path / "out")
-  report = generation.run(family="cogvideox", checkpoint=str(tmp_path / "ckpt"), steps=STEPS,
-                        attention="dense", adaspa=ADASPA, latent=(3, 8, 10), text_len=6,
-                        dtype="float32", progress=False, output_dir=out)
-  assert report["model"] == "wan" and report["random_weights"] is False
-  assert report["preset"] is None and report["runs"]["dense"]["wall_s"] > 0
-  assert np.load(os.path.join(out, "latents_dense.npy")).shape == (1, cfg.in_channels, 3, 8, 10)
+def test_embedded_refuses_a_single_mode(checkpoint, tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "adaspa_jax.experiments.generate", f"--checkpoint={checkpoint}",
+       "--attention=dense", f"--output_dir={tmp_path}"], capture_output=True, text=True)
+  assert proc.returncode != 0 and "--attention='dense'" in proc.stderr

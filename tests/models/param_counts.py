@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from models import saving
+from adaspa_jax.models import saving
 
 
 def diffusers_meta_model(cls, config):

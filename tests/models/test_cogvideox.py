@@ -16,8 +16,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from adaspa_jax import AdaSpaConfig  # noqa: E402
 from diffusers.models import embeddings as diffusers_embeddings  # noqa: E402
-from models import cogvideox as cv  # noqa: E402
-from models.loading import load_state_dict  # noqa: E402
+from adaspa_jax.models import cogvideox as cv  # noqa: E402
+from adaspa_jax.models.loading import load_state_dict  # noqa: E402
 from tests.models import param_counts  # noqa: E402
 
 _SMALL = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
@@ -177,7 +177,7 @@ def test_every_key_mapped_and_every_param_filled():
 
 
 def test_from_pretrained_sharded_bfloat16(tmp_path):
-  import models
+  from adaspa_jax import models
   config_dict, f, h, w = CONFIGS["v1.0-rope"]
   torch_model = _torch_model(config_dict)
   torch_model.save_pretrained(tmp_path, max_shard_size="20KB")  # several shards + index json

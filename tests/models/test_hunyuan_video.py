@@ -15,10 +15,10 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-import models  # noqa: E402
+from adaspa_jax import models  # noqa: E402
 from adaspa_jax import AdaSpaConfig  # noqa: E402
-from models import hunyuan_video as hv  # noqa: E402
-from models.loading import load_state_dict, model_params  # noqa: E402
+from adaspa_jax.models import hunyuan_video as hv  # noqa: E402
+from adaspa_jax.models.loading import load_state_dict, model_params  # noqa: E402
 from tests.models import param_counts  # noqa: E402
 
 # Spatial RoPE dims non-zero; frames, height and width of the patch grid differ.

@@ -18,8 +18,8 @@ import safetensors.torch
 import torch
 from flax import nnx
 
-import models
-from models import loading
+from adaspa_jax import models
+from adaspa_jax.models import loading
 
 LAYERS, WIDTH, CH = 3, 6, 4
 

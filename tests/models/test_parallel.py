@@ -32,7 +32,7 @@ RUNS = {"hunyuan_video": False}
 def _setup(family, rng):
   """(model, scheduler, latents, cond, uncond, shared, make_state or None)."""
   from flax import nnx
-  from models import cogvideox, hunyuan_video, schedulers, wan
+  from adaspa_jax.models import cogvideox, hunyuan_video, schedulers, wan
   normal = lambda *s: rng.standard_normal(s).astype(np.float32)
   module = {"wan": wan, "hunyuan_video": hunyuan_video, "cogvideox": cogvideox}[family]
   cfg = dataclasses.replace(module.PRESETS["tiny"], num_attention_heads=4, attention="adaspa",
@@ -76,8 +76,8 @@ def _worker(path):
   import jax.numpy as jnp
   from flax import nnx
   from adaspa_jax import parallel
-  from models import parallel as model_parallel
-  from models import sampler
+  from adaspa_jax.models import parallel as model_parallel
+  from adaspa_jax.models import sampler
 
   assert jax.device_count() == DEVICES, jax.devices()
   sp = parallel.make_sequence_parallel(DEVICES)
@@ -164,14 +164,14 @@ def test_activations_stay_sequence_sharded(results):
 
 def test_cli_mesh_flag_matches_single_device(tmp_path):
   """The launcher with --mesh=2 --fsdp on two forced devices, against the library in-process."""
-  from experiments import generation
+  from adaspa_jax.harness import generation
   out = str(tmp_path / "mesh")
   common = ["--model=wan", "--preset=tiny", "--steps=5", "--search_steps=1,3", "--sparsity=0.5",
             "--block_size=16", "--text_len=6", "--dtype=float32", "--noprogress",
             "--attention=adaspa", "--latent_frames=3", "--latent_height=8",
             "--latent_width=10", "--implementation=reference"]
-  proc = subprocess.run([sys.executable, "-m", "experiments.generate", *common, "--mesh=seq:2",
-                         "--fsdp", f"--output_dir={out}"], cwd=ROOT, env=_env(2),
+  proc = subprocess.run([sys.executable, "-m", "adaspa_jax.experiments.generate", *common,
+                         "--mesh=seq:2", "--fsdp", f"--output_dir={out}"], cwd=ROOT, env=_env(2),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(os.path.join(out, "report.json")) as f:
@@ -187,7 +187,7 @@ def test_cli_mesh_flag_matches_single_device(tmp_path):
 
 
 def test_generation_rejects_bad_mesh_flags(tmp_path):
-  from experiments import generation
+  from adaspa_jax.harness import generation
   with pytest.raises(ValueError, match="--fsdp without --mesh"):
     generation.run(fsdp=True, output_dir=str(tmp_path))
   with pytest.raises(ValueError, match="devices=2"):     # this process has one CPU device
@@ -198,8 +198,8 @@ def test_shard_model_places_parameters():
   import jax
   from flax import nnx
   from adaspa_jax import parallel
-  from models import parallel as model_parallel
-  from models import wan
+  from adaspa_jax.models import parallel as model_parallel
+  from adaspa_jax.models import wan
   sp = parallel.make_sequence_parallel(1)
   model = wan.Model(wan.PRESETS["tiny"], rngs=nnx.Rngs(0))
   model_parallel.shard_model(model, sp, fsdp=True)

@@ -12,7 +12,7 @@ from flax import nnx
 
 from adaspa_jax import AdaSpaConfig, phase_table
 from adaspa_jax.schedule import CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE
-from models import cogvideox, sampler, schedulers, wan
+from adaspa_jax.models import cogvideox, sampler, schedulers, wan
 
 B, C, F, H, W, TEXT = 1, 4, 3, 8, 10, 6      # 3 x 4 x 5 = 60 video tokens: 4 blocks of 16
 ADASPA = AdaSpaConfig(sparsity=0.5, block_size=16, num_steps=5, search_steps=(1, 3))

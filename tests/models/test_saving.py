@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models
-from models import cogvideox, hunyuan_video, loading, saving, wan
+from adaspa_jax import models
+from adaspa_jax.models import cogvideox, hunyuan_video, loading, saving, wan
 
 FAMILIES = {"cogvideox": cogvideox, "hunyuan_video": hunyuan_video, "wan": wan}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import schedulers
+from adaspa_jax.models import schedulers
 
 SHAPE = (2, 3, 4, 5, 6)   # [B, C, F, H, W]; the update is elementwise
 

@@ -14,9 +14,9 @@ import torch
 from diffusers import WanTransformer3DModel
 from flax import nnx
 
-import models
+from adaspa_jax import models
 from adaspa_jax import AdaSpaConfig
-from models import loading, saving, wan
+from adaspa_jax.models import loading, saving, wan
 from tests.models import param_counts
 
 TINY = wan.PRESETS["tiny"]

@@ -1,0 +1,446 @@
+"""Library behind ``experiments/bench_kernels.py``: checks the AdaSpa kernels against the
+reference, then times them against cuDNN (free of absl flags; ``run`` is the whole job).
+
+On a GPU, in one process: (1) each implementation's three kernels are compared
+with ``implementation="reference"`` at a small size (odd length, padded rows,
+dense rows); (2) optionally a sweep of Triton tiles at the first sequence length;
+(3) for each sequence length, cuDNN dense attention
+(``jax.nn.dot_product_attention(..., implementation="cudnn")``) and each
+implementation's block-sparse attention at each density (random index lists,
+the same count for every row), ``block_mass`` and ``attention_with_block_mass``.
+Prints a table, writes JSON and a PNG of time vs density with the ideal line
+(cuDNN dense time x density).
+
+Timing: after a warm-up call (compile), each rep launches the function back to
+back n times (n chosen so a rep lasts >= 20 ms) and blocks once; the rep time
+is the wall time / n, so host dispatch overlaps device work; the reported time
+is the median rep. Effective TFLOP/s = 4 * D * (computed query x key pairs,
+summed over batch and heads) / time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
+
+
+# ----------------------------------------------------------------------------- inputs
+def random_qkv(key, batch, seq, heads, head_dim, dtype):
+  """Three [B, S, H, D] normal arrays."""
+  return [jax.random.normal(k, (batch, seq, heads, head_dim), jnp.float32).astype(dtype)
+          for k in jax.random.split(key, 3)]
+
+
+def random_lists(key, batch, heads, n_blocks, count, k_max=None):
+  """Row-wise random lists: ``count`` distinct ascending ids per (batch, head, query block).
+
+  Returns indices int32 [B, H, nQ, k_max] (unread slots repeat the last id) and
+  counts int32 [B, H, nQ]; count >= n_blocks gives dense rows.
+  """
+  k_max = k_max or max(1, min(count, n_blocks))
+  count = max(1, min(count, n_blocks))
+  keys = jax.random.uniform(key, (batch, heads, n_blocks, n_blocks))
+  chosen = jnp.sort(jnp.argsort(keys, axis=-1)[..., :count], axis=-1).astype(jnp.int32)
+  if k_max > count:
+    chosen = jnp.pad(chosen, ((0, 0), (0, 0), (0, 0), (0, k_max - count)), mode="edge")
+  return chosen[..., :k_max], jnp.full((batch, heads, n_blocks), count, jnp.int32)
+
+
+def computed_pairs(indices, counts, seq, block_size):
+  """Query x key pairs the lists make a kernel compute (exact for a partial last block)."""
+  n_blocks = indices.shape[2]
+  sizes = jnp.minimum(block_size, seq - jnp.arange(n_blocks) * block_size)
+  slot = jnp.arange(indices.shape[-1]) < counts[..., None]
+  listed = jnp.where(slot, sizes[jnp.clip(indices, 0, n_blocks - 1)], 0).sum(-1)
+  keys = jnp.where(counts >= n_blocks, seq, listed)  # int32 [B, H, nQ], keys per query row
+  return int((np.asarray(keys, np.int64) * np.asarray(sizes, np.int64)).sum())
+
+
+# ----------------------------------------------------------------------------- timing
+def time_fn(fn, *args, reps, min_rep_s=0.02):
+  """Median seconds per call; see the module docstring."""
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  once = time.perf_counter() - t0
+  inner = max(1, min(100, int(min_rep_s / max(once, 1e-6))))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / inner)
+  return statistics.median(times), times
+
+
+# ----------------------------------------------------------------------------- kernels
+def kernels(name, interpret):
+  """(block_sparse, block_mass, fused) callables of one implementation, jitted."""
+  kw = dict(implementation=name)
+  if name != "reference":
+    kw["interpret"] = interpret
+  sparse = lambda q, k, v, i, c, bs: pk.block_sparse_attention(
+      q, k, v, i, c, block_size=bs, return_lse=False, **kw)
+  mass = lambda q, k, lse, bs: pk.block_mass(q, k, lse, block_size=bs, **kw)
+  fused = lambda q, k, v, bs: pk.attention_with_block_mass(q, k, v, block_size=bs, **kw)
+  return (jax.jit(sparse, static_argnums=5), jax.jit(mass, static_argnums=3),
+          jax.jit(fused, static_argnums=3))
+
+
+def _rel(x, ref, mask=None):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  if mask is not None:
+    x, ref = x[mask], ref[mask]
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def check(name, *, seq, heads, head_dim, dtype, block_size, interpret, key):
+  """Compares one implementation with the reference at a small size; returns a dict."""
+  b = 2
+  q, k, v = random_qkv(key, b, seq, heads, head_dim, dtype)
+  lengths = jnp.array([seq, max(1, (seq * 7) // 10)], jnp.int32)
+  n_blk = -(-seq // block_size)
+  idx, cnt = random_lists(jax.random.fold_in(key, 1), b, heads, n_blk, max(1, n_blk // 3))
+  # Mixed counts: some rows keep 1 block, some are dense (count = nK).
+  sel = jax.random.randint(jax.random.fold_in(key, 2), cnt.shape, 0, 3)
+  cnt = jnp.where(sel == 0, 1, jnp.where(sel == 1, n_blk, cnt)).astype(jnp.int32)
+  kw = dict(interpret=interpret) if name != "reference" else {}
+  ref = dict(implementation="reference")
+  res = {"implementation": name, "seq": seq, "batch": b, "heads": heads, "head_dim": head_dim,
+         "dtype": jnp.dtype(dtype).name, "block_size": block_size}
+  try:
+    out, lse = pk.block_sparse_attention(q, k, v, idx, cnt, block_size=block_size,
+                                         kv_lengths=lengths, implementation=name, **kw)
+    want_out, want_lse = pk.block_sparse_attention(q, k, v, idx, cnt, block_size=block_size,
+                                                   kv_lengths=lengths, **ref)
+    finite = np.isfinite(np.asarray(want_lse))
+    res["block_sparse_out_rel_err"] = _rel(out, want_out)
+    res["block_sparse_lse_max_abs_err"] = float(
+        np.max(np.abs(np.asarray(lse)[finite] - np.asarray(want_lse)[finite])))
+    res["block_sparse_lse_inf_match"] = bool(
+        np.array_equal(np.isfinite(np.asarray(lse)), finite))
+    res["block_sparse_nan"] = bool(np.isnan(np.asarray(out, np.float32)).any()
+                                   or np.isnan(np.asarray(lse)).any())
+    f_out, f_lse, f_mass = pk.attention_with_block_mass(
+        q, k, v, block_size=block_size, kv_lengths=lengths, implementation=name, **kw)
+    w_out, w_lse, w_mass = pk.attention_with_block_mass(
+        q, k, v, block_size=block_size, kv_lengths=lengths, **ref)
+    finite = np.isfinite(np.asarray(w_lse))
+    res["fused_out_rel_err"] = _rel(f_out, w_out)
+    res["fused_lse_max_abs_err"] = float(
+        np.max(np.abs(np.asarray(f_lse)[finite] - np.asarray(w_lse)[finite])))
+    res["fused_mass_rel_err"] = _rel(f_mass, w_mass)
+    # A cached LSE from another step: the dense one, shifted (finite on every valid row).
+    cached = w_lse + 0.3 * jax.random.normal(jax.random.fold_in(key, 3), w_lse.shape)
+    mass = pk.block_mass(q, k, cached, block_size=block_size, kv_lengths=lengths,
+                         implementation=name, **kw)
+    want_mass = pk.block_mass(q, k, cached, block_size=block_size, kv_lengths=lengths, **ref)
+    res["block_mass_rel_err"] = _rel(mass, want_mass)
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    res["passed"] = bool(
+        res["block_sparse_out_rel_err"] < tol and res["block_sparse_lse_max_abs_err"] < 5 * tol
+        and res["block_sparse_lse_inf_match"] and not res["block_sparse_nan"]
+        and res["block_mass_rel_err"] < tol and res["fused_out_rel_err"] < tol
+        and res["fused_lse_max_abs_err"] < 5 * tol and res["fused_mass_rel_err"] < tol)
+  except Exception as e:  # pylint: disable=broad-except
+    res["passed"] = False
+    res["error"] = f"{type(e).__name__}: {e}"[:2000]
+  return res
+
+
+# ----------------------------------------------------------------------------- timing runs
+def dense_flops(b, h, d, s):
+  return 4.0 * b * h * d * s * s
+
+
+def typical_lse(q):
+  """float32 [B, H, S]: log(S) + 1/2, the LSE of unit-normal q, k at scale 1/sqrt(D).
+
+  Timing does not depend on the exact value; this keeps block_mass timings free of
+  any other kernel.
+  """
+  b, s, h, _ = q.shape
+  return jnp.full((b, h, s), np.log(s) + 0.5, jnp.float32)
+
+
+def time_dense(q, k, v, reps, implementation="cudnn"):
+  fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
+                                                            implementation=implementation))
+  return time_fn(fn, q, k, v, reps=reps)
+
+
+def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, with_search=True):
+  """Times one implementation's kernels at one size; returns a dict (ms, TFLOP/s)."""
+  b, s, h, d = q.shape
+  n_blk = -(-s // block_size)
+  sparse, mass, fused = kernels(name, interpret)
+  rows = []
+  for i, density in enumerate(densities):
+    count = max(1, round(density * n_blk))
+    # One list width for every density: one compile per size.
+    idx, cnt = random_lists(jax.random.fold_in(key, i), b, h, n_blk, count, k_max=n_blk)
+    pairs = computed_pairs(idx, cnt, s, block_size)
+    sec, reps_s = time_fn(sparse, q, k, v, idx, cnt, block_size, reps=reps)
+    rows.append({"density": density, "count": min(count, n_blk), "pairs": pairs,
+                 "ms": sec * 1e3, "rep_ms": [t * 1e3 for t in reps_s],
+                 "tflops": 4.0 * d * pairs / sec / 1e12})  # pairs already sum over B, H
+    del idx, cnt
+  res = {"block_sparse": rows}
+  if with_search:
+    for field, fn, args in (("block_mass_ms", mass, (q, k, typical_lse(q), block_size)),
+                            ("fused_ms", fused, (q, k, v, block_size))):
+      try:
+        res[field] = time_fn(fn, *args, reps=reps)[0] * 1e3
+      except Exception as e:  # pylint: disable=broad-except
+        res[field.replace("_ms", "_error")] = f"{type(e).__name__}: {e}"[:2000]
+  return res
+
+
+# (block_q, block_k, num_warps, num_stages, fast_exp2, prefetch). Kept short: each
+# entry is one Triton compile on the device. First H200 run (docs/bench/triton.md):
+# block_k 32 beat 64 for the sparse kernel and fast_exp2 helped a little everywhere.
+SWEEP_SPARSE = [(64, 32, 4, 3, True, False), (64, 32, 4, 3, True, True),
+                (64, 32, 4, 2, True, False), (64, 32, 4, 4, True, False),
+                (64, 64, 4, 2, True, True), (64, 16, 4, 3, True, False)]
+SWEEP_DENSE = [(128, 64, 8, 3, True, False), (128, 64, 8, 3, True, True),
+               (128, 64, 4, 3, True, False), (128, 128, 8, 3, True, False),
+               (128, 32, 4, 3, True, False)]
+SWEEP_MASS = [(128, 64, 4, 3, True, False), (128, 64, 4, 3, True, True),
+              (128, 64, 4, 2, True, False), (64, 64, 4, 2, True, False),
+              (64, 64, 4, 2, True, True), (128, 128, 8, 3, True, True)]
+
+
+def sweep(q, k, v, *, block_size, reps, key, log, interpret=False):
+  """Times Triton tile choices; returns (results, best tiles per kernel)."""
+  from pallas_kernels import triton as tk  # pylint: disable=g-import-not-at-top
+  b, s, h, d = q.shape
+  n_blk = -(-s // block_size)
+  lists = [random_lists(jax.random.fold_in(key, i), b, h, n_blk,
+                        max(1, round(dens * n_blk)), k_max=n_blk)
+           for i, dens in enumerate((0.1, 0.5, 1.0))]
+  out = {"sparse": [], "dense": [], "mass": []}
+  best = {}
+
+  def run(kind, cfg, fn):
+    try:
+      sec = fn()
+      out[kind].append({"tiles": cfg, "ms": sec * 1e3})
+      log(f"sweep {kind:6s} {cfg}: {sec * 1e3:8.3f} ms")
+      if kind not in best or sec < best[kind][1]:
+        best[kind] = (cfg, sec)
+    except Exception as e:  # pylint: disable=broad-except
+      out[kind].append({"tiles": cfg, "error": f"{type(e).__name__}: {e}"[:500]})
+      log(f"sweep {kind:6s} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
+
+  def sparse_fn(t):
+    fn = jax.jit(lambda q, k, v, i, c: tk.block_sparse_attention(
+        q, k, v, i, c, block_size=block_size, return_lse=False, tiles=t, interpret=interpret))
+    return lambda: sum(time_fn(fn, q, k, v, i, c, reps=reps)[0] for i, c in lists)
+
+  def dense_fn(t):
+    fn = jax.jit(lambda q, k, v: tk.attention(q, k, v, tiles=t, interpret=interpret))
+    return lambda: time_fn(fn, q, k, v, reps=reps)[0]
+
+  lse = typical_lse(q)
+
+  def mass_fn(t):
+    fn = jax.jit(lambda q, k, l: tk.block_mass(q, k, l, block_size=block_size, tiles=t,
+                                               interpret=interpret))
+    return lambda: time_fn(fn, q, k, lse, reps=reps)[0]
+
+  kinds = (("sparse", SWEEP_SPARSE, tk.Tiles, sparse_fn), ("dense", SWEEP_DENSE, tk.Tiles, dense_fn),
+           ("mass", SWEEP_MASS, tk.Tiles, mass_fn))
+  for kind, configs, cls, make in kinds:
+    for cfg in configs:
+      run(kind, cfg, make(cls(*cfg)))
+  chosen = {kind: cls(*best[kind][0]) for kind, _, cls, _ in kinds if kind in best}
+  return out, chosen
+
+
+def use_tiles(tiles):
+  """Makes the swept tiles the Triton module's defaults for the rest of this process."""
+  from pallas_kernels import triton as tk  # pylint: disable=g-import-not-at-top
+  for kind, attr in (("sparse", "SPARSE_TILES"), ("dense", "DENSE_TILES"),
+                     ("mass", "MASS_TILES")):
+    if kind in tiles:
+      setattr(tk, attr, tiles[kind])
+
+
+# ----------------------------------------------------------------------------- report
+def table(results):
+  lines = []
+  for entry in results["sizes"]:
+    s, base = entry["seq"], entry["baseline"]
+    lines.append(f"S={s}: {base['implementation']} dense {base['ms']:.3f} ms = "
+                 f"{base['tflops']:.1f} TFLOP/s "
+                 f"(again at the end: {base.get('ms_again', float('nan')):.3f} ms)")
+    lines.append(f"  {'impl':8s} {'density':>7s} {'count':>6s} {'ms':>10s} {'TFLOP/s':>8s} "
+                 f"{'% base':>8s} {'x ideal':>8s}")
+    for name, res in entry["implementations"].items():
+      if "error" in res:
+        lines.append(f"  {name:8s} ERROR {res['error'][:150]}")
+        continue
+      for row in res["block_sparse"]:
+        ideal = base["ms"] * row["pairs"] / entry["dense_pairs"]
+        lines.append(f"  {name:8s} {row['density']:7.2f} {row['count']:6d} {row['ms']:10.3f} "
+                     f"{row['tflops']:8.1f} {100 * row['tflops'] / base['tflops']:7.1f}% "
+                     f"{row['ms'] / ideal:8.2f}")
+      for field in ("block_mass_error", "fused_error"):
+        if field in res:
+          lines.append(f"  {name:8s} {field} {res[field][:150]}")
+      if "block_mass_ms" in res:
+        lines.append(f"  {name:8s} block_mass {res['block_mass_ms']:.3f} ms = "
+                     f"{res['block_mass_ms'] / base['ms']:.2f} x dense (target <= 0.6)")
+      if "fused_ms" in res:
+        lines.append(f"  {name:8s} attention_with_block_mass {res['fused_ms']:.3f} ms = "
+                     f"{res['fused_ms'] / base['ms']:.2f} x dense (target <= 1.7)")
+  return "\n".join(lines)
+
+
+def plot(results, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  sizes = results["sizes"]
+  fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+  for ax, entry in zip(axes[0], sizes):
+    base, base_name = entry["baseline"]["ms"], entry["baseline"]["implementation"]
+    dens = np.linspace(0, 1, 50)
+    ax.plot(dens, base * dens, "k--", label=f"ideal ({base_name} dense x density)")
+    ax.axhline(base, color="gray", lw=1, label=f"{base_name} dense")
+    for name, res in entry["implementations"].items():
+      if "block_sparse" not in res:
+        continue
+      xs = [r["pairs"] / entry["dense_pairs"] for r in res["block_sparse"]]
+      ax.plot(xs, [r["ms"] for r in res["block_sparse"]], "o-", label=f"{name} block-sparse")
+    ax.set_xlabel("density (computed pairs / dense pairs)")
+    ax.set_ylabel("ms")
+    ax.set_title(f"S={entry['seq']} B={results['config']['batch']} "
+                 f"H={results['config']['heads']} D={results['config']['head_dim']}")
+    ax.legend(fontsize=8)
+  fig.suptitle(f"{results['device']}, jax {results['jax_version']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def replot(json_path):
+  """Re-prints the table of a results JSON and re-draws its PNG beside it."""
+  with open(json_path) as f:
+    results = json.load(f)
+  print(table(results))
+  plot(results, os.path.splitext(json_path)[0] + ".png")
+  return results
+
+
+def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, implementations,
+        out_dir, check_only=False, interpret=False, check_seq=1000, reps=5, sweep_tiles=False,
+        tag="", baseline="cudnn", command=""):
+  """The checks, then (unless ``check_only``) the timings; writes
+  ``out_dir/bench_<date><tag>.json`` after every step and the table and PNG at the end.
+
+  seq_lens and densities may be strings (as flags give them); ``sweep_tiles`` sweeps the
+  Triton tiles at the first length and keeps the fastest; ``baseline`` is the dense
+  implementation (``"xla"`` only for CPU dry runs); ``command`` is recorded as is.
+  Returns the results dict (what the JSON holds).
+  """
+  dtype = jnp.dtype(dtype)
+  bs = block_size
+  densities = [float(x) for x in densities]
+  os.makedirs(out_dir, exist_ok=True)
+  stamp = datetime.datetime.now(datetime.timezone.utc)
+  name = f"bench_{stamp.strftime('%Y%m%d')}{tag}"
+  json_path = os.path.join(out_dir, name + ".json")
+  results = {
+      "date": stamp.isoformat(timespec="seconds"),
+      "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
+      "jax_version": jax.__version__, "command": command,
+      "config": {"batch": batch, "heads": heads, "head_dim": head_dim,
+                 "dtype": dtype.name, "block_size": bs, "densities": densities,
+                 "implementations": list(implementations), "reps": reps,
+                 "interpret": interpret, "check_only": check_only, "baseline": baseline},
+      "timing": "median of reps; a rep = n back-to-back calls / n, host wall clock, "
+                "blocked once (n so that a rep lasts >= 20 ms)",
+      "checks": [], "sizes": [],
+  }
+
+  def save():
+    with open(json_path, "w") as f:
+      json.dump(results, f, indent=1, default=str)
+
+  def log(msg):
+    print(msg, flush=True)
+
+  key = jax.random.key(0)
+  for impl in implementations:
+    res = check(impl, seq=check_seq, heads=min(2, heads), head_dim=head_dim, dtype=dtype,
+                block_size=bs, interpret=interpret, key=jax.random.fold_in(key, 7))
+    results["checks"].append(res)
+    log(f"check {impl}: " + json.dumps(res))
+    save()
+  if check_only:
+    log(f"wrote {json_path}")
+    return results
+
+  for si, seq in enumerate(int(x) for x in seq_lens):
+    q, k, v = random_qkv(jax.random.fold_in(key, seq), batch, seq, heads, head_dim, dtype)
+    if si == 0 and sweep_tiles and "triton" in implementations:
+      sweep_res, tiles = sweep(q, k, v, block_size=bs, reps=max(3, reps // 2),
+                               key=jax.random.fold_in(key, 99), log=log, interpret=interpret)
+      results["sweep"] = {"seq": seq, "densities": [0.1, 0.5, 1.0], "results": sweep_res,
+                          "chosen": {k_: vars(t) for k_, t in tiles.items()}}
+      use_tiles(tiles)
+      # The chosen tiles (perhaps with the approximate exp2) pass the same check.
+      res = check("triton", seq=check_seq, heads=min(2, heads), head_dim=head_dim, dtype=dtype,
+                  block_size=bs, interpret=interpret, key=jax.random.fold_in(key, 8))
+      res["tiles"] = results["sweep"]["chosen"]
+      results["checks"].append(res)
+      log("check triton (swept tiles): " + json.dumps(res))
+      save()
+    try:
+      base_s, base_reps = time_dense(q, k, v, reps, baseline)
+      base_err = None
+    except Exception as e:  # pylint: disable=broad-except
+      base_s, base_reps, base_err = float("nan"), [], f"{type(e).__name__}: {e}"[:2000]
+      log(f"baseline failed: {base_err}")
+    n_blk = -(-seq // bs)
+    entry = {"seq": seq, "dense_pairs": batch * heads * seq * seq,
+             "baseline": {"implementation": baseline, "ms": base_s * 1e3,
+                          "rep_ms": [t * 1e3 for t in base_reps], "error": base_err,
+                          "tflops": dense_flops(batch, heads, head_dim, seq) / base_s / 1e12},
+             "num_blocks": n_blk, "implementations": {}}
+    results["sizes"].append(entry)
+    for impl in implementations:
+      try:
+        entry["implementations"][impl] = time_impl(
+            impl, q, k, v, densities=densities, block_size=bs, reps=reps,
+            interpret=interpret, key=jax.random.fold_in(key, seq + 1))
+        if impl == "triton":
+          from pallas_kernels import triton as tk  # pylint: disable=g-import-not-at-top
+          entry["implementations"][impl]["tiles"] = {
+              "sparse": vars(tk.SPARSE_TILES), "dense": vars(tk.DENSE_TILES),
+              "mass": vars(tk.MASS_TILES)}
+      except Exception as e:  # pylint: disable=broad-except
+        entry["implementations"][impl] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+      log(f"S={seq} {impl}: " + json.dumps(entry["implementations"][impl])[:600])
+      save()
+    if base_err is None:
+      again, _ = time_dense(q, k, v, reps, baseline)
+      entry["baseline"]["ms_again"] = again * 1e3
+    save()
+    del q, k, v
+  log(table(results))
+  plot(results, os.path.join(out_dir, name + ".png"))
+  save()
+  log(f"wrote {json_path}")
+  return results

@@ -1,0 +1,170 @@
+"""Load-only twin of the block-sparse Mosaic kernel: the floor its K/V traffic sets.
+
+A measurement tool for ``tools/mosaic_variants.py floor``, not a library
+kernel. It keeps what moves data in ``pallas_kernels.mosaic_block_sparse``: the
+grid and launch order, the per-row index lists (dense rows included), the memory
+warpgroup's TMA copies into the K/V rings, and the ready/free mbarriers of every
+stage. The compute warpgroups only wait for each stage and release it: no wgmma,
+no softmax. If the real kernel takes about as long as this one, it is bound by
+moving K/V from L2/HBM into shared memory, not by math.
+
+Each compute warpgroup writes its 64 output rows, as the real kernel writes O,
+from a buffer the copies filled, so the loads feed a result: the V tile of the
+last block its list names (with 128-row blocks, the warpgroup's half of that
+128-key tile), or its own Q rows when its list is empty.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic_block_sparse import (
+    COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, num_stages, smem_bytes,
+    listed_block, read_entry, stream_kv_blocks)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "num_kv_blocks", "heads_major",
+                                              "stages", "interpret"))
+def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_size,
+                     num_kv_blocks, heads_major=True, stages=None, interpret=None):
+  """Streams the listed K/V blocks like ``block_sparse_attention_padded``, no math.
+
+  Args:
+    q, k, v: [B, S_pad, H, D] bf16/f16, S_pad a multiple of 128.
+    kv_block_indices: int32 [B, H, nQ_pad, K_max], nQ_pad = S_pad / block_size.
+    kv_steps: int32 [B, H, nQ_pad], key blocks each row reads.
+    dense_rows: int32 [B, H, nQ_pad], 1 where a row reads blocks 0..steps-1.
+    num_kv_blocks: nK, list entries are clipped to [0, nK).
+    stages: K/V ring depth per pipeline (None: the real kernel's default).
+
+  Returns:
+    [B, S_pad, H, D] in q's dtype; ``expected_output`` says what it holds.
+  """
+  b, s_pad, h, d = q.shape
+  dtype = q.dtype
+  bs = block_size
+  pipes = 2 if bs == ROWS_PER_WG else 1
+  itemsize = jnp.dtype(dtype).itemsize
+  stages = check_stages(stages, num_stages(bs, d, itemsize),
+                        lambda n: smem_bytes(bs, d, itemsize, n),
+                        f"block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
+  transforms = _smem_transforms(dtype)
+
+  block_of = functools.partial(listed_block, num_kv_blocks=num_kv_blocks)
+
+  def kernel(q_ref, k_ref, v_ref, idx_ref, steps_ref, dense_ref, out_ref,
+             q_smem2, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free):
+    tile = lax.axis_index("q_tile")
+    hi = lax.axis_index("heads")
+    bi = lax.axis_index("batch")
+    wg = lax.axis_index("wg")
+
+    def query_block(w):
+      return (tile * CTA_ROWS + w * ROWS_PER_WG) // bs
+
+    def pipe_steps(p):
+      return steps_ref[bi, hi, query_block(p)]
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem = q_smem2.at[wg]
+      row0 = tile * CTA_ROWS + wg * ROWS_PER_WG
+      qb = row0 // bs
+      ring = (wg if pipes == 2 else 0) * stages
+      n = steps_ref[bi, hi, qb]
+      dst = out_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi]
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi], q_smem,
+                              q_ready.at[wg])
+      plgpu.barrier_wait(q_ready.at[wg])
+
+      def write_tile(slot):
+        if pipes == 2:
+          plgpu.copy_smem_to_gmem(v_smem.at[slot], dst)
+          return
+        # Static halves: each warpgroup owns 64 of the tile's 128 keys.
+        for w in range(COMPUTE_WGS):
+          @pl.when(wg == w)
+          def _():
+            plgpu.copy_smem_to_gmem(v_smem.at[slot, pl.ds(w * ROWS_PER_WG, ROWS_PER_WG)], dst)
+
+      @pl.loop(0, n)
+      def _(step):
+        slot = ring + lax.rem(step, stages)
+        plgpu.barrier_wait(k_ready.at[slot])
+        plgpu.barrier_arrive(k_free.at[slot])
+        plgpu.barrier_wait(v_ready.at[slot])
+
+        @pl.when(step == n - 1)
+        def _():
+          write_tile(slot)
+          # The stage is handed back only once the store has read it.
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        plgpu.barrier_arrive(v_free.at[slot])
+
+      @pl.when(n == 0)
+      def _():
+        plgpu.copy_smem_to_gmem(q_smem, dst)
+
+      plgpu.wait_smem_to_gmem(0)
+
+    # The memory warpgroup of block_sparse_attention_padded: the same function.
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      stream_kv_blocks(
+          k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free),
+          counts=[pipe_steps(p) for p in range(pipes)],
+          read=lambda p, step: read_entry(idx_ref, dense_ref, bi, hi, query_block(p), step),
+          key_block=block_of,
+          batch=bi, head=hi, block_size=bs, stages=stages)
+
+  def entry(*refs):
+    consumers = 1 if pipes == 2 else COMPUTE_WGS
+    pl.run_scoped(
+        lambda *scratch: kernel(*refs, *scratch),
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), dtype, transforms=transforms),
+        plgpu.SMEM((pipes * stages, bs, d), dtype, transforms=transforms),
+        plgpu.SMEM((pipes * stages, bs, d), dtype, transforms=transforms),
+        plgpu.Barrier(num_barriers=pipes * stages),
+        plgpu.Barrier(num_barriers=pipes * stages),
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=pipes * stages),
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=pipes * stages),
+        collective_axes="wg",
+    )
+
+  return plgpu.kernel(
+      entry,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      grid=(h, s_pad // CTA_ROWS, b) if heads_major else (s_pad // CTA_ROWS, h, b),
+      grid_names=("heads", "q_tile", "batch") if heads_major else ("q_tile", "heads", "batch"),
+      num_threads=COMPUTE_WGS + 1,
+      thread_name="wg",
+      interpret=interpret,
+  )(q, k, v, kv_block_indices, kv_steps, dense_rows)
+
+
+def expected_output(q, v, kv_block_indices, kv_steps, dense_rows, *, block_size,
+                    num_kv_blocks):
+  """What ``load_only_padded`` writes, gathered with jnp ([B, S_pad, H, D])."""
+  b, s_pad, h, d = q.shape
+  k_max = kv_block_indices.shape[-1]
+  chunk = jnp.arange(s_pad // ROWS_PER_WG)
+  qb = chunk * ROWS_PER_WG // block_size
+  n = kv_steps[:, :, qb]  # [B, H, chunks]
+  pos = jnp.clip(n - 1, 0, k_max - 1)[..., None]
+  listed = jnp.take_along_axis(kv_block_indices[:, :, qb], pos, axis=-1)[..., 0]
+  last = jnp.where(dense_rows[:, :, qb] != 0, n - 1, jnp.clip(listed, 0, num_kv_blocks - 1))
+  first_key = last * block_size + (chunk * ROWS_PER_WG) % block_size
+  rows = (first_key[..., None] + jnp.arange(ROWS_PER_WG)).reshape(b, h, s_pad)
+  v_rows = jnp.take_along_axis(v.transpose(0, 2, 1, 3), rows[..., None], axis=2)
+  empty = jnp.repeat(n == 0, ROWS_PER_WG, axis=-1)[..., None]
+  return jnp.where(empty, q.transpose(0, 2, 1, 3), v_rows).transpose(0, 2, 1, 3)
