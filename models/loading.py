@@ -226,11 +226,54 @@ _ST_DTYPES = {
 }
 
 
-def _read_header(path):
+def read_header(path) -> tuple[int, dict]:
+  """(offset of the data section, {key: info}) of one safetensors file, checked.
+
+  Raises ValueError naming the file for a file too short for its header, a header
+  that is not a JSON object, an entry without a known dtype, a shape or offsets,
+  and a tensor whose bytes do not fit the file (truncated) or its shape.
+  """
+  path = os.fspath(path)
+  size = os.path.getsize(path)
   with open(path, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
+    head = f.read(8)
+    if len(head) < 8:
+      raise ValueError(f"{path}: truncated safetensors file ({size} bytes): expected an "
+                       "8-byte header length first.")
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+      raise ValueError(f"{path}: truncated or corrupted safetensors file: its header claims "
+                       f"{n} bytes but the file holds {size - 8} after the length.")
+    raw = f.read(n)
+  try:
+    header = json.loads(raw)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: corrupted safetensors header (not JSON: {e}).") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: corrupted safetensors header: expected a JSON object, got "
+                     f"{type(header).__name__}.")
   header.pop("__metadata__", None)
+  data = size - 8 - n
+  for key, info in header.items():
+    ok = (isinstance(info, dict) and isinstance(info.get("shape"), list)
+          and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+          and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+          and all(isinstance(o, int) for o in info["data_offsets"]))
+    if not ok:
+      raise ValueError(f"{path}: corrupted safetensors header: entry {key!r} = {info!r} lacks "
+                       "a shape or data_offsets.")
+    if info.get("dtype") not in _ST_DTYPES:
+      raise ValueError(f"safetensors key {key!r} in {path!r} has dtype {info.get('dtype')!r}: "
+                       f"expected one of {sorted(_ST_DTYPES)}.")
+    begin, end = info["data_offsets"]
+    want = int(np.prod(info["shape"], dtype=np.int64)) * _ST_DTYPES[info["dtype"]].itemsize
+    if not 0 <= begin <= end or end - begin != want:
+      raise ValueError(f"{path}: corrupted safetensors header: {key!r} has offsets "
+                       f"[{begin}, {end}) for {want} bytes of {info['dtype']} "
+                       f"{tuple(info['shape'])}.")
+    if end > data:
+      raise ValueError(f"{path}: truncated safetensors file: {key!r} needs bytes up to {end} "
+                       f"of the data section, which holds {data}.")
   return 8 + n, header
 
 
@@ -246,14 +289,11 @@ class SafetensorsFiles(Mapping):
     self._entries = {}
     self._maps = {}
     for path in map(str, files):
-      data_start, header = _read_header(path)
+      data_start, header = read_header(path)
       for key, info in header.items():
         if key in self._entries:
           raise ValueError(f"safetensors key {key!r} appears in both "
                            f"{self._entries[key][0]!r} and {path!r}.")
-        if info["dtype"] not in _ST_DTYPES:
-          raise ValueError(f"safetensors key {key!r} in {path!r} has dtype {info['dtype']!r}: "
-                           f"expected one of {sorted(_ST_DTYPES)}.")
         self._entries[key] = (path, data_start, info)
 
   def _map(self, path):
@@ -289,9 +329,14 @@ def safetensors_files(directory) -> list[str]:
     raise ValueError(f"path={directory!r} holds several safetensors indices {indices}: "
                      "expected at most one.")
   if indices:
-    with open(os.path.join(directory, indices[0])) as f:
-      weight_map = json.load(f)["weight_map"]
-    files = sorted(set(weight_map.values()))
+    index = os.path.join(directory, indices[0])
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      files = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"{index}: corrupted safetensors index (expected JSON with a "
+                       f"'weight_map' of key -> file): {type(e).__name__}: {e}.") from None
   else:
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
   if not files:
@@ -301,6 +346,18 @@ def safetensors_files(directory) -> list[str]:
     if not os.path.exists(p):
       raise ValueError(f"safetensors index names {p!r}, which does not exist.")
   return paths
+
+
+def read_json(path) -> dict:
+  """A JSON object from a file; ValueError naming the file if it is not one."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{os.fspath(path)}: not valid JSON ({e}).") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{os.fspath(path)}: expected a JSON object, got {type(value).__name__}.")
+  return value
 
 
 def _model_directory(path) -> str:
@@ -332,8 +389,7 @@ def from_pretrained(path, *, dtype=jnp.bfloat16, attention: str = "dense", adasp
   from adaspa_jax.models import REGISTRY  # models/__init__ imports this module
 
   directory = _model_directory(path)
-  with open(os.path.join(directory, "config.json")) as f:
-    raw = json.load(f)
+  raw = read_json(os.path.join(directory, "config.json"))
   class_name = raw.get("_class_name")
   if class_name not in REGISTRY:
     raise ValueError(f"config.json _class_name={class_name!r}: expected one of "
@@ -349,8 +405,14 @@ def from_pretrained(path, *, dtype=jnp.bfloat16, attention: str = "dense", adasp
     updates["adaspa"] = adaspa
   config = dataclasses.replace(config, **updates)
   model = nnx.eval_shape(lambda: module.Model(config, rngs=nnx.Rngs(0), dtype=dtype))
-  load_state_dict(model, SafetensorsFiles(safetensors_files(directory)),
-                  module.weight_rules(config))
+  files = safetensors_files(directory)
+  try:
+    load_state_dict(model, SafetensorsFiles(files), module.weight_rules(config))
+  except ValueError as e:
+    if not str(e).startswith("load_state_dict:"):
+      raise
+    raise ValueError(f"{os.path.join(directory, 'config.json')} does not match the weights in "
+                     f"{[os.path.basename(f) for f in files]}: {e}") from None
   leftover = ["/".join(map(str, p)) for p, node in nnx.iter_graph(model)
               if isinstance(node, nnx.Variable)
               and isinstance(node.get_value(), jax.ShapeDtypeStruct)]

@@ -129,6 +129,26 @@ def diffusers_config(config) -> dict:
 _WEIGHTS = "diffusion_pytorch_model"
 
 
+def write_atomic(path, write) -> None:
+  """Calls ``write(tmp)`` to fill a temporary file beside ``path``, then renames it to
+  ``path``: a reader sees the old file or the whole new one, never a partial one."""
+  path = os.fspath(path)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json_atomic(path, value) -> None:
+  def write(tmp):
+    with open(tmp, "w") as f:
+      json.dump(value, f, indent=1)
+  write_atomic(path, write)
+
+
 def shard(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
   """Splits a state dict into groups of at most ``max_shard_bytes`` tensor bytes each
   (in key order; a tensor larger than the limit gets a group of its own)."""
@@ -160,26 +180,30 @@ def save_pretrained(model: nnx.Module, directory, *, class_name: str, rules,
   from safetensors.numpy import save_file  # a declared dependency; imported where used
 
   config = diffusers_config(model.config)
+  tensors = export_state_dict(model, rules, dtype=dtype)
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump({"_class_name": class_name, **config}, f, indent=1)
-  tensors = export_state_dict(model, rules, dtype=dtype)
+  # config.json goes first and comes back last: a save cut short leaves a directory
+  # that does not load, never old and new weights mixed.
+  config_path = os.path.join(directory, "config.json")
+  if os.path.exists(config_path):
+    os.remove(config_path)
   # Earlier weights in the directory (one file or shards) would be read with the new ones.
   for name in os.listdir(directory):
     if name.startswith(_WEIGHTS) and (name.endswith(".safetensors") or name.endswith(".json")):
       os.remove(os.path.join(directory, name))
   groups = [tensors] if max_shard_bytes is None else shard(tensors, max_shard_bytes)
+  save = lambda group: lambda tmp: save_file(group, tmp)
   if len(groups) == 1:
-    save_file(tensors, os.path.join(directory, f"{_WEIGHTS}.safetensors"))
-    return directory
-  weight_map = {}
-  for i, group in enumerate(groups):
-    name = f"{_WEIGHTS}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-    save_file(group, os.path.join(directory, name))
-    weight_map.update({key: name for key in group})
-  index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
-           "weight_map": weight_map}
-  with open(os.path.join(directory, f"{_WEIGHTS}.safetensors.index.json"), "w") as f:
-    json.dump(index, f, indent=1)
+    write_atomic(os.path.join(directory, f"{_WEIGHTS}.safetensors"), save(tensors))
+  else:
+    weight_map = {}
+    for i, group in enumerate(groups):
+      name = f"{_WEIGHTS}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+      write_atomic(os.path.join(directory, name), save(group))
+      weight_map.update({key: name for key in group})
+    index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+             "weight_map": weight_map}
+    write_json_atomic(os.path.join(directory, f"{_WEIGHTS}.safetensors.index.json"), index)
+  write_json_atomic(config_path, {"_class_name": class_name, **config})
   return directory

@@ -36,7 +36,6 @@ A checkpoint directory holds
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -444,29 +443,36 @@ def save(model: TinyT2V, directory, *, dtype: str = "bfloat16", record: dict | N
     raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}.")
   directory = os.fspath(directory)
   cfg = model.config
+  # tiny_t2v.json marks a complete checkpoint (``read_meta``): removed first, written last,
+  # so a save cut short leaves a directory that does not load.
+  os.makedirs(directory, exist_ok=True)
+  if os.path.exists(os.path.join(directory, _META)):
+    os.remove(os.path.join(directory, _META))
   saving.save_pretrained(model.transformer, os.path.join(directory, _TRANSFORMER),
                          class_name="CogVideoXTransformer3DModel",
                          rules=cogvideox.weight_rules(cfg.transformer), dtype=_DTYPES[dtype],
                          max_shard_bytes=MAX_FILE_BYTES)
   text_dir = os.path.join(directory, _TEXT)
   os.makedirs(text_dir, exist_ok=True)
-  with open(os.path.join(text_dir, "config.json"), "w") as f:
-    json.dump(dataclasses.asdict(cfg.text), f, indent=1)
+  saving.write_json_atomic(os.path.join(text_dir, "config.json"), dataclasses.asdict(cfg.text))
   tensors = {path: np.ascontiguousarray(np.asarray(var.get_value()).astype(_DTYPES[dtype]))
              for path, var in loading.model_params(model.text_encoder).items()}
-  save_file(tensors, os.path.join(text_dir, "model.safetensors"))
+  saving.write_atomic(os.path.join(text_dir, "model.safetensors"),
+                      lambda tmp: save_file(tensors, tmp))
   meta = {"frames": cfg.frames, "height": cfg.height, "width": cfg.width,
           "flow_shift": cfg.flow_shift, "guidance_scale": cfg.guidance_scale,
           "num_steps": cfg.num_steps, "adaspa_block_size": cfg.adaspa_block_size,
           "dtype": dtype, "training": record or {}}
-  with open(os.path.join(directory, _META), "w") as f:
-    json.dump(meta, f, indent=1)
+  saving.write_json_atomic(os.path.join(directory, _META), meta)
   return directory
 
 
 def _load_text_encoder(text_dir):
-  with open(os.path.join(text_dir, "config.json")) as f:
-    config = TextEncoderConfig(**json.load(f))
+  config_path = os.path.join(text_dir, "config.json")
+  try:
+    config = TextEncoderConfig(**loading.read_json(config_path))
+  except TypeError as e:
+    raise ValueError(f"{config_path}: not a text encoder config ({e}).") from None
   encoder = nnx.eval_shape(lambda: TextEncoder(config, rngs=nnx.Rngs(0)))
   files = loading.SafetensorsFiles([os.path.join(text_dir, "model.safetensors")])
   params = loading.model_params(encoder)
@@ -509,8 +515,7 @@ def read_meta(directory) -> dict:
   if not os.path.isfile(meta_path):
     raise ValueError(f"directory={os.fspath(directory)!r}: expected a tiny_t2v checkpoint "
                      f"with {_META}.")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = loading.read_json(meta_path)
   default = TinyT2VConfig.__dataclass_fields__["adaspa_block_size"].default
   return {"adaspa_block_size": default, **meta}
 
