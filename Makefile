@@ -11,11 +11,11 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.demo: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -e ".[video]"
+	$(PIP) install -e ".[cli,video,eval]"
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -e ".[test,parity,video]"
+	$(PIP) install -e ".[all,test,parity]"
 	touch $@
 
 demo: $(VENV)/.demo

@@ -13,10 +13,12 @@ import shlex
 import sys
 
 import jax.numpy as jnp
-from absl import app, flags
 
+from adaspa_jax.extras import require
 from adaspa_jax.harness import ablation_report, ablations
 from adaspa_jax.models.embedded import model as tiny_t2v
+
+app, flags = require("absl.app"), require("absl.flags")
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "checkpoints/tiny_t2v",
                                   "adaspa_jax.models.embedded.model checkpoint directory")

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
 import jax
 
 from adaspa_jax import PHASE_NAMES, AdaSpaConfig
+from adaspa_jax.extras import require
 from adaspa_jax.harness import synthetic
 import pallas_kernels as pk
+
+app, flags = require("absl.app"), require("absl.flags")
 
 _FRAMES = flags.DEFINE_integer("frames", 8, "latent frames")
 _HEIGHT = flags.DEFINE_integer("height", 12, "latent height (tokens)")

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
-
+from adaspa_jax.extras import require
 from adaspa_jax.harness import e2e, e2e_report
+
+app, flags = require("absl.app"), require("absl.flags")
 
 _MODEL = flags.DEFINE_enum("model", "hunyuan_video", sorted(e2e.VIDEOS), "model family")
 _PRESET = flags.DEFINE_string("preset", None, "the family's preset (default: the real model: "

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
-
+from adaspa_jax.extras import require
 from adaspa_jax.harness import kernel_bench
 from pallas_kernels import api
+
+app, flags = require("absl.app"), require("absl.flags")
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["32768", "118784"], "sequence lengths to time")
 _BATCH = flags.DEFINE_integer("batch", 1, "batch size")

@@ -28,12 +28,13 @@ Writes to ``--output_dir``:
 
 from __future__ import annotations
 
-from absl import app, flags
-
 from adaspa_jax import AdaSpaConfig
+from adaspa_jax.extras import require
 from adaspa_jax.harness import demo
 from adaspa_jax.harness.generation import default_search_steps, run
 from adaspa_jax.models import schedulers
+
+app, flags = require("absl.app"), require("absl.flags")
 
 _MODEL = flags.DEFINE_enum("model", "embedded", ["embedded", "wan", "hunyuan_video", "cogvideox"],
                            "model family; 'embedded' is the shipped shapes model "

@@ -20,9 +20,10 @@ import shlex
 import sys
 import time
 
-from absl import app, flags
-
+from adaspa_jax.extras import require
 from adaspa_jax.models.embedded import model as tiny_t2v, training
+
+app, flags = require("absl.app"), require("absl.flags")
 
 # The time budget counts from here (after ~1 s of imports): compilation and data
 # generation are inside it.

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import os
 
-import imageio.v3 as iio
 import numpy as np
 
-from adaspa_jax import AdaSpaConfig
+from adaspa_jax import AdaSpaConfig, checkpoints
+from adaspa_jax.extras import require
 from adaspa_jax.models.embedded import model as tiny_t2v
 
-CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "checkpoints", "tiny_t2v")
+CHECKPOINT = checkpoints.locate("tiny_t2v")
 DEFAULT_PROMPT = "a red circle moves left, a blue square falls"
 
 
@@ -38,7 +37,7 @@ def write_gif(path, video, *, scale=4, fps=8):
   """video: float [F, H, W, 3] in [0, 1]; nearest-neighbour upscaled so 48 px is visible."""
   frames = np.clip(np.asarray(video) * 255.0 + 0.5, 0, 255).astype(np.uint8)
   frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-  iio.imwrite(path, frames, extension=".gif", duration=1000 / fps, loop=0)
+  require("imageio.v3").imwrite(path, frames, extension=".gif", duration=1000 / fps, loop=0)
 
 
 def side_by_side(dense, adaspa, *, gap=2) -> np.ndarray:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from adaspa_jax.extras import require
 from adaspa_jax import PHASE_NAMES, AdaSpaConfig, models, parallel
 from adaspa_jax.harness import metrics
 from adaspa_jax.models import parallel as model_parallel, sampler, schedulers
@@ -76,7 +77,7 @@ def _family_of(model) -> str:
 def _load_embeddings(path):
   if path is None:
     return None
-  from safetensors.numpy import load_file  # optional at import time
+  load_file = require("safetensors.numpy", "cli").load_file
   return load_file(path)
 
 

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from adaspa_jax.extras import require
 from adaspa_jax.models import loading
 
 # Model config fields that are ours, not diffusers': they choose how attention runs.
@@ -177,7 +178,7 @@ def save_pretrained(model: nnx.Module, directory, *, class_name: str, rules,
   ``diffusion_pytorch_model.safetensors.index.json`` (what diffusers writes and
   ``adaspa_jax.models.loading.safetensors_files`` reads).
   """
-  from safetensors.numpy import save_file  # a declared dependency; imported where used
+  save_file = require("safetensors.numpy", "train").save_file
 
   config = diffusers_config(model.config)
   tensors = export_state_dict(model, rules, dtype=dtype)

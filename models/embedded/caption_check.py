@@ -52,9 +52,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from scipy import ndimage
 
+from adaspa_jax.extras import require
 from adaspa_jax.models.embedded import data as shapes_data
+
+ndimage = require("scipy.ndimage")
 
 SATURATION = 0.3
 COLOUR_RADIUS = 0.35   # palette hues are at least 0.73 apart

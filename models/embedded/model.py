@@ -44,6 +44,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from adaspa_jax.extras import require
 from adaspa_jax import AdaSpaConfig
 from adaspa_jax.models import cogvideox, loading, saving, schedulers
 from adaspa_jax.models.embedded.data import VOCABULARY  # the shapes grammar's words
@@ -437,7 +438,7 @@ def save(model: TinyT2V, directory, *, dtype: str = "bfloat16", record: dict | N
     record: JSON-serialisable facts stored under "training" in tiny_t2v.json
       (command, steps, final loss, ...).
   """
-  from safetensors.numpy import save_file  # a declared dependency, needed only here
+  save_file = require("safetensors.numpy", "train").save_file
 
   if dtype not in _DTYPES:
     raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}.")

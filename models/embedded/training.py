@@ -58,10 +58,12 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
+from adaspa_jax.extras import require
 from adaspa_jax.models.embedded import data as shapes_data, model as tiny_t2v
+
+optax = require("optax")
 
 # Clips for evaluation losses come from their own stream, never trained on.
 EVAL_STREAM = 1_000_003
