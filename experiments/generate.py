@@ -28,7 +28,7 @@ Writes to ``--output_dir``:
 
 from __future__ import annotations
 
-from adaspa_jax import AdaSpaConfig
+from adaspa_jax import AdaSpaConfig, checkpoints
 from adaspa_jax.extras import require
 from adaspa_jax.harness import demo
 from adaspa_jax.harness.generation import default_search_steps, run
@@ -36,10 +36,12 @@ from adaspa_jax.models import schedulers
 
 app, flags = require("absl.app"), require("absl.flags")
 
-_MODEL = flags.DEFINE_enum("model", "embedded", ["embedded", "wan", "hunyuan_video", "cogvideox"],
+_MODEL = flags.DEFINE_enum("model", "embedded",
+                           ["embedded", "long", "wan", "hunyuan_video", "cogvideox"],
                            "model family; 'embedded' is the shipped shapes model "
-                           "(checkpoints/tiny_t2v); others are ignored with --checkpoint "
-                           "(read from its config)")
+                           "(checkpoints/tiny_t2v, the CPU demo), 'long' the same at 16,384 "
+                           "video tokens (checkpoints/long_t2v, for a GPU); others are ignored "
+                           "with --checkpoint (read from its config)")
 _PROMPT = flags.DEFINE_string("prompt", demo.DEFAULT_PROMPT,
                               "caption for --model=embedded (its grammar: docs/tiny_t2v.md)")
 _PRESET = flags.DEFINE_string("preset", "tiny", "the family's preset (e.g. wan2.1-t2v-1.3b, "
@@ -57,7 +59,8 @@ _BLOCK = flags.DEFINE_integer("block_size", None, "AdaSpa block size (default: 6
                              "model: its checkpoint's, 32)")
 _SEARCH = flags.DEFINE_list("search_steps", None, "0-indexed search steps; default the paper's "
                             "10th and 30th of 50 steps, scaled to --steps")
-_HEAD_ADAPTIVE = flags.DEFINE_bool("head_adaptive", True, "AdaSpa head hierarchy")
+_HEAD_ADAPTIVE = flags.DEFINE_bool("head_adaptive", None, "AdaSpa head hierarchy (default: "
+                                   "on; the embedded models: their checkpoint's setting)")
 _LSE_CACHE = flags.DEFINE_bool("lse_cache", True, "AdaSpa LSE cache")
 _IMPL = flags.DEFINE_string("implementation", None, "kernel implementation (default: device)")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "guidance (default: the pipeline's; "
@@ -83,21 +86,26 @@ _FSDP = flags.DEFINE_bool("fsdp", False, "with --mesh: shard large weights over 
 
 def main(argv):
   del argv
-  is_embedded = _MODEL.value == "embedded"
-  steps = _STEPS.value or (demo.default_steps(_CHECKPOINT.value) if is_embedded else 50)
+  is_embedded = _MODEL.value in ("embedded", "long")
+  checkpoint = _CHECKPOINT.value
+  if _MODEL.value == "long" and checkpoint is None:
+    checkpoint = checkpoints.locate("long_t2v")
+  steps = _STEPS.value or (demo.default_steps(checkpoint) if is_embedded else 50)
   search = (tuple(int(s) for s in _SEARCH.value) if _SEARCH.value
             else default_search_steps(steps))
-  block = _BLOCK.value or (demo.default_block_size(_CHECKPOINT.value) if is_embedded
-                           else 64)
+  block = _BLOCK.value or (demo.default_block_size(checkpoint) if is_embedded else 64)
+  head_adaptive = _HEAD_ADAPTIVE.value
+  if head_adaptive is None:
+    head_adaptive = demo.default_head_adaptive(checkpoint) if is_embedded else True
   adaspa = AdaSpaConfig(sparsity=_SPARSITY.value, block_size=block,
                         num_steps=steps, search_steps=search,
-                        head_adaptive=_HEAD_ADAPTIVE.value, lse_cache=_LSE_CACHE.value,
+                        head_adaptive=head_adaptive, lse_cache=_LSE_CACHE.value,
                         implementation=_IMPL.value)
   if is_embedded:
     if _ATTENTION.value != "both":
-      raise app.UsageError("--model=embedded always compares dense and AdaSpa: "
+      raise app.UsageError(f"--model={_MODEL.value} always compares dense and AdaSpa: "
                            f"--attention={_ATTENTION.value!r}, expected 'both'.")
-    demo.run(prompt=_PROMPT.value, checkpoint=_CHECKPOINT.value, seed=_SEED.value,
+    demo.run(prompt=_PROMPT.value, checkpoint=checkpoint, seed=_SEED.value,
              adaspa=adaspa, guidance_scale=_GUIDANCE.value, output_dir=_OUT.value)
     return
   run(family=_MODEL.value, preset=_PRESET.value, checkpoint=_CHECKPOINT.value,

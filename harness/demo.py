@@ -33,6 +33,12 @@ def default_block_size(checkpoint=None) -> int:
   return int(tiny_t2v.read_meta(checkpoint or CHECKPOINT)["adaspa_block_size"])
 
 
+def default_head_adaptive(checkpoint=None) -> bool:
+  """Whether the checkpoint is sampled with AdaSpa's head tiers
+  (``TinyT2VConfig.adaspa_head_adaptive``)."""
+  return bool(tiny_t2v.read_meta(checkpoint or CHECKPOINT)["adaspa_head_adaptive"])
+
+
 def write_gif(path, video, *, scale=4, fps=8):
   """video: float [F, H, W, 3] in [0, 1]; nearest-neighbour upscaled so 48 px is visible."""
   frames = np.clip(np.asarray(video) * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -85,7 +91,8 @@ def run(*, prompt=DEFAULT_PROMPT, checkpoint=None, seed=0, adaspa: AdaSpaConfig,
   seconds = report["seconds_incl_compile"]
   print(f'prompt: "{prompt}" (seed {seed}, {report["num_steps"]} steps, guidance '
         f'{report["guidance_scale"]}, AdaSpa sparsity {adaspa.sparsity}, block '
-        f"{adaspa.block_size}, searches at {list(adaspa.search_steps)})")
+        f"{adaspa.block_size}, head tiers {'on' if adaspa.head_adaptive else 'off'}, "
+        f"searches at {list(adaspa.search_steps)})")
   for mode in ("dense", "adaspa"):
     print(f"  {mode:<6} {seconds[mode]:6.1f} s (incl. compile)  {_verdict(clip, mode)}")
   print(f"  AdaSpa vs dense: PSNR {report['psnr_db']:.2f} dB, SSIM {report['ssim']:.3f}; "

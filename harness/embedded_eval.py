@@ -88,7 +88,8 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
   guidance = probe.config.guidance_scale if guidance_scale is None else guidance_scale
   if adaspa is None:
     adaspa = AdaSpaConfig(num_steps=steps, search_steps=default_search_steps(steps),
-                          block_size=probe.config.adaspa_block_size)
+                          block_size=probe.config.adaspa_block_size,
+                          head_adaptive=probe.config.adaspa_head_adaptive)
   if adaspa.num_steps != steps:
     raise ValueError(f"adaspa.num_steps={adaspa.num_steps}: expected num_steps={steps}.")
   model = tiny_t2v.load(checkpoint, dtype=dtype, attention="adaspa", adaspa=adaspa)

@@ -68,6 +68,11 @@ class TinyT2VConfig:
       tier then keeps 3 video blocks per row. Block 32 (66 blocks) keeps twice
       the granularity: on 2 x 50 held-out pairs it passes the caption check as
       often as dense, block 64 24-30 points less (docs/tiny_t2v.md).
+    adaspa_head_adaptive: whether the model is sampled with AdaSpa's head tiers by
+      default. The tiers exist for long sequences (HunyuanVideo's top tier keeps ~186
+      blocks of 64 per row at sparsity 0.8); on the embedded model's 64 video blocks of
+      32 the top tier keeps 6, and the shipped checkpoint turns them off (its held-out
+      pass rates are in docs/tiny_t2v.md).
   """
 
   transformer: cogvideox.Config
@@ -79,10 +84,13 @@ class TinyT2VConfig:
   guidance_scale: float = 4.0
   num_steps: int = 25
   adaspa_block_size: int = 64
+  adaspa_head_adaptive: bool = True
 
   def __post_init__(self):
     t, p = self.transformer, self.transformer.patch_size
     b = self.adaspa_block_size
+    if not isinstance(self.adaspa_head_adaptive, bool):
+      raise ValueError(f"adaspa_head_adaptive={self.adaspa_head_adaptive!r}: expected a bool.")
     if not isinstance(b, (int, np.integer)) or isinstance(b, bool) or b < 16 or b & (b - 1):
       raise ValueError(f"adaspa_block_size={b!r}: expected a power of two >= 16.")
     if t.in_channels != 3 or t.out_channels != 3:
@@ -463,6 +471,7 @@ def save(model: TinyT2V, directory, *, dtype: str = "bfloat16", record: dict | N
   meta = {"frames": cfg.frames, "height": cfg.height, "width": cfg.width,
           "flow_shift": cfg.flow_shift, "guidance_scale": cfg.guidance_scale,
           "num_steps": cfg.num_steps, "adaspa_block_size": cfg.adaspa_block_size,
+          "adaspa_head_adaptive": cfg.adaspa_head_adaptive,
           "dtype": dtype, "training": record or {}}
   saving.write_json_atomic(os.path.join(directory, _META), meta)
   return directory
@@ -505,20 +514,23 @@ def load(directory, *, dtype=jnp.float32, attention: str = "dense",
   text_config, encoder = _load_text_encoder(os.path.join(directory, _TEXT))
   config = TinyT2VConfig(transformer.config, text_config, meta["frames"], meta["height"],
                          meta["width"], meta["flow_shift"], meta["guidance_scale"],
-                         meta["num_steps"], meta["adaspa_block_size"])
+                         meta["num_steps"], meta["adaspa_block_size"],
+                         meta["adaspa_head_adaptive"])
   return TinyT2V(config, transformer, encoder)
 
 
 def read_meta(directory) -> dict:
-  """A checkpoint's tiny_t2v.json without loading weights; ``adaspa_block_size`` is
-  filled in for checkpoints written before it existed (the field's default, 64)."""
+  """A checkpoint's tiny_t2v.json without loading weights; ``adaspa_block_size`` and
+  ``adaspa_head_adaptive`` are filled in for checkpoints written before they existed (the
+  fields' defaults)."""
   meta_path = os.path.join(os.fspath(directory), _META)
   if not os.path.isfile(meta_path):
     raise ValueError(f"directory={os.fspath(directory)!r}: expected a tiny_t2v checkpoint "
                      f"with {_META}.")
   meta = loading.read_json(meta_path)
-  default = TinyT2VConfig.__dataclass_fields__["adaspa_block_size"].default
-  return {"adaspa_block_size": default, **meta}
+  defaults = {name: TinyT2VConfig.__dataclass_fields__[name].default
+              for name in ("adaspa_block_size", "adaspa_head_adaptive")}
+  return {**defaults, **meta}
 
 
 def training_record(directory) -> dict:

@@ -15,6 +15,7 @@ def test_shipped_checkpoint_is_complete():
   assert record["steps"] > 0 and record["final_loss"] > 0
   assert demo.default_steps() == 25
   assert demo.default_block_size() == 32
+  assert demo.default_head_adaptive() is False
   size = sum(os.path.getsize(os.path.join(d, f))
              for d, _, files in os.walk(demo.CHECKPOINT) for f in files)
   assert size < 15 * 2**20

@@ -203,6 +203,21 @@ def test_adaspa_block_size_is_saved(model, tmp_path):
   assert tiny_t2v.load(tmp_path / "m").config.adaspa_block_size == 64
 
 
+def test_adaspa_head_adaptive_is_saved(model, tmp_path):
+  """Likewise the head tiers: saved, and on (the field's default) for older checkpoints."""
+  m = tiny_t2v.TinyT2V(dataclasses.replace(model.config, adaspa_head_adaptive=False),
+                       model.transformer, model.text_encoder)
+  tiny_t2v.save(m, tmp_path / "m", dtype="float32")
+  assert tiny_t2v.load(tmp_path / "m").config.adaspa_head_adaptive is False
+  meta_path = tmp_path / "m" / "tiny_t2v.json"
+  meta = json.loads(meta_path.read_text())
+  del meta["adaspa_head_adaptive"]
+  meta_path.write_text(json.dumps(meta))
+  assert tiny_t2v.load(tmp_path / "m").config.adaspa_head_adaptive is True
+  with pytest.raises(ValueError, match="adaspa_head_adaptive=1"):
+    dataclasses.replace(model.config, adaspa_head_adaptive=1)
+
+
 def test_latents_and_sampler_inputs(model):
   video = np.random.default_rng(0).uniform(size=(2, 2, 16, 16, 3)).astype(np.float32)
   latents = tiny_t2v.to_latents(video)
