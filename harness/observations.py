@@ -15,7 +15,8 @@ are dense) and video key blocks (text blocks are always kept):
   tiers off, so each head keeps exactly that share (``measure_recall``: the exact mass
   the lists keep at the search steps).
 
-``masks_figure`` draws the kept blocks of a few heads after the last search.
+``run(..., masks_png=...)`` draws the kept blocks of a few heads after the last search;
+``recall_figure`` the recall curves.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaspa_jax.harness import ablations, embedded_eval
+from adaspa_jax.harness.generation import plot_masks
 from adaspa_jax.models import sampler
 from adaspa_jax.models.embedded import model as tiny_t2v
 
@@ -68,16 +70,18 @@ def _video_rows_and_cols(model: tiny_t2v.TinyT2V, block_size: int):
 
 def run(checkpoint, *, n: int = 8, seed: int = 0, sparsity: float = 0.8,
         sparsities=(0.5, 0.7, 0.8, 0.9, 0.95), batch: int = 4, dtype=jnp.bfloat16,
-        block_size: int | None = None, log=print) -> dict:
+        block_size: int | None = None, masks_png=None, log=print) -> dict:
   """Measures the observations on n held-out pairs; returns a JSON-ready dict.
 
   Args:
-    checkpoint: a ``models.tiny_t2v`` checkpoint.
+    checkpoint: an embedded-model checkpoint (``adaspa_jax.models.embedded.model``).
     sparsity: AdaSpa's sparsity for the stability measurements (head tiers on, the
       paper's schedule scaled to the checkpoint's steps).
     sparsities: sparsities of the per-head recall curves (head tiers off).
     batch: prompts per sampling call (the state of every step is kept on the host).
     block_size: default: the checkpoint's ``adaspa_block_size``.
+    masks_png: if set, a path for a PNG of a few heads' kept blocks after the last search
+      (the last prompt's conditional row; ``generation.plot_masks``).
   """
   start = time.perf_counter()
   probe = tiny_t2v.load(checkpoint)
@@ -104,6 +108,7 @@ def run(checkpoint, *, n: int = 8, seed: int = 0, sparsity: float = 0.8,
     kept = [kept_blocks(idx[t], cnt[t], n_blk)[..., cols] for t in search]    # [L, 2B, H, nQ, nKv]
     per_search.append(kept)
     last_cond.append(kept[-1][:, len(chunk):])                                # conditional rows
+    last_state = res.adaspa_state
   kept = [np.concatenate([c[i] for c in per_search], axis=1) for i in range(len(search))]
   search_overlap = [jaccard(kept[i], kept[i + 1], rows).mean(1)               # [L, H]
                     for i in range(len(search) - 1)]
@@ -111,6 +116,8 @@ def run(checkpoint, *, n: int = 8, seed: int = 0, sparsity: float = 0.8,
   pairs = list(itertools.combinations(range(cond_rows.shape[1]), 2))
   prompt_overlap = np.mean([jaccard(cond_rows[:, i], cond_rows[:, j], rows)
                             for i, j in pairs], axis=0) if pairs else None
+  if masks_png is not None:
+    plot_masks(last_state, masks_png)
   # Chance level: random lists of the same sizes overlap by about k / (2 nKv - k).
   density = float(np.mean([k[..., rows, :].mean() for k in kept]))
   log(f"search overlap {np.mean(search_overlap):.3f}, prompt overlap "

@@ -49,3 +49,21 @@ def test_run_on_a_random_checkpoint(tmp_path):
   assert r5.shape == (layers, heads) and (r5 >= r9 - 1e-6).all() and (r9 > 0).all()
   png = observations.recall_figure(obs, tmp_path / "recall.png")
   assert open(png, "rb").read(4) == b"\x89PNG"
+
+
+def test_launcher_writes_json_and_figures(tmp_path):
+  import json
+  import subprocess
+  import sys
+  checkpoint = tiny_checkpoint.random_checkpoint(tmp_path / "ckpt")[0]
+  out = tmp_path / "obs"
+  proc = subprocess.run(
+      [sys.executable, "-m", "adaspa_jax.experiments.observe", f"--checkpoint={checkpoint}",
+       "--n=2", "--batch=2", "--sparsities=0.5", "--block_size=16", "--dtype=float32",
+       f"--output_dir={out}"], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  obs = json.loads((out / "observations.json").read_text())
+  assert obs["command"].startswith("python -m adaspa_jax.experiments.observe --checkpoint=")
+  assert set(obs["recall_curve"]) == {"0.5"} and obs["n"] == 2
+  for name in ("masks.png", "recall.png"):
+    assert (out / name).read_bytes()[:4] == b"\x89PNG"
