@@ -207,7 +207,7 @@ def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, wit
 
 
 # (block_q, block_k, num_warps, num_stages, fast_exp2, prefetch). Kept short: each
-# entry is one Triton compile on the device. First H200 run (docs/bench/triton.md):
+# entry is one Triton compile on the device. First H200 run (docs/log/triton.md):
 # block_k 32 beat 64 for the sparse kernel and fast_exp2 helped a little everywhere.
 SWEEP_SPARSE = [(64, 32, 4, 3, True, False), (64, 32, 4, 3, True, True),
                 (64, 32, 4, 2, True, False), (64, 32, 4, 4, True, False),

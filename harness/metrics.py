@@ -1,9 +1,12 @@
-"""Fidelity of a sparse-attention result to the dense one: PSNR and SSIM (numpy, float64).
+"""Fidelity of a sparse-attention result to the dense one: PSNR and SSIM (float64).
 
 Both take arrays whose last two axes are height and width (video frames or latents,
 [..., H, W]); SSIM is computed per 2-D slice and averaged over all slices. The
 dynamic range L defaults to the reference's max - min over the whole array,
 which suits latents (not bounded like pixels); pass ``data_range`` for images.
+
+SSIM is scikit-image's ``structural_similarity`` (the ``video`` extra installs it) with
+the settings of Wang et al. 2004.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 K1, K2, SIGMA, WINDOW = 0.01, 0.03, 1.5, 11
+# scikit-image cuts its Gaussian at TRUNCATE sigmas (fixed): 11 taps at sigma 1.5.
+TRUNCATE = 3.5
 
 
 def _pair(x, ref):
@@ -41,40 +46,38 @@ def psnr(x, ref, data_range=None) -> float:
   return float(10 * np.log10(_range(ref, data_range) ** 2 / mse))
 
 
-def gaussian_window(size: int = WINDOW, sigma: float = SIGMA) -> np.ndarray:
-  """Normalised 1-D Gaussian [size]; the 2-D window is its outer product."""
-  r = np.arange(size, dtype=np.float64) - (size - 1) / 2
-  g = np.exp(-r ** 2 / (2 * sigma ** 2))
-  return g / g.sum()
-
-
-def _filter_valid(a, g):
-  """Separable 'valid' correlation of a [..., H, W] with g along both last axes."""
-  n = len(g)
-  a = np.lib.stride_tricks.sliding_window_view(a, n, axis=-2) @ g      # [..., H', W]
-  return np.lib.stride_tricks.sliding_window_view(a, n, axis=-1) @ g   # [..., H', W']
-
-
 def window_size(height: int, width: int) -> int:
   """11 (Wang et al.), shrunk to the largest odd size that fits small inputs."""
   size = min(WINDOW, height, width)
   return size if size % 2 else size - 1 if size > 1 else 1
 
 
+def window_sigma(size: int) -> float:
+  """The Gaussian's sigma for a window of ``size`` taps: 1.5 for 11, and for a smaller
+  window the sigma whose 3.5-sigma cut (scikit-image's) gives ``size`` taps."""
+  return SIGMA if size == WINDOW else (size - 1) / 2 / TRUNCATE
+
+
 def ssim(x, ref, data_range=None) -> float:
   """Mean SSIM (Wang, Bovik, Sheikh, Simoncelli 2004) over every 2-D [H, W] slice.
 
-  Gaussian window 11 x 11 with sigma 1.5 over the 'valid' positions,
-  C1 = (0.01 L)^2, C2 = (0.03 L)^2, population (biased) local variances.
-  Slices smaller than 11 use the largest odd window that fits (same sigma).
+  ``skimage.metrics.structural_similarity`` per slice: Gaussian window 11 x 11 with
+  sigma 1.5 over the 'valid' positions, C1 = (0.01 L)^2, C2 = (0.03 L)^2, population
+  (biased) local variances. Slices smaller than 11 use the largest odd window that fits,
+  with the sigma that scikit-image's 3.5-sigma cut gives that window (``window_sigma``).
   """
   x, ref = _pair(x, ref)
-  c1 = (K1 * _range(ref, data_range)) ** 2
-  c2 = (K2 * _range(ref, data_range)) ** 2
-  g = gaussian_window(window_size(*x.shape[-2:]))
-  mu_x, mu_y = _filter_valid(x, g), _filter_valid(ref, g)
-  var_x = _filter_valid(x * x, g) - mu_x ** 2
-  var_y = _filter_valid(ref * ref, g) - mu_y ** 2
-  cov = _filter_valid(x * ref, g) - mu_x * mu_y
-  num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
-  return float(np.mean(num / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))))
+  data_range = _range(ref, data_range)
+  try:
+    from skimage.metrics import structural_similarity
+  except ImportError as e:
+    raise ImportError("adaspa_jax.harness.metrics.ssim needs scikit-image: install the "
+                      "'video' extra (pip install -e '.[video]').") from e
+  sigma = window_sigma(window_size(*x.shape[-2:]))
+  slices = zip(x.reshape(-1, *x.shape[-2:]), ref.reshape(-1, *ref.shape[-2:]))
+  # Every slice has the same number of window positions: the mean of the slices' means
+  # is the mean over all positions.
+  return float(np.mean([
+      structural_similarity(a, b, data_range=data_range, gaussian_weights=True, sigma=sigma,
+                            use_sample_covariance=False, K1=K1, K2=K2)
+      for a, b in slices]))

@@ -3,7 +3,7 @@
 Why: the block-mass kernel runs one exp2 per score and only one matmul (QK^T), so per
 64 x 256 tile the MUFU (XU) pipe, which does 16 exp2 per SM and cycle on Hopper, is
 busy as long as the tensor cores. Nsight Compute on an H200 (2026-11-30, block 64,
-S=32768, docs/bench/mosaic.md) put both pipes at 62% of the kernel's cycles and 41% of
+S=32768, docs/log/mosaic.md) put both pipes at 62% of the kernel's cycles and 41% of
 the compute warps' stall samples on the ``MUFU.EX2`` instructions themselves. Computing a
 share of each tile's exponentials with these plain float and integer operations moves
 that share onto the FMA and ALU pipes, which are otherwise idle there (FlashAttention-4

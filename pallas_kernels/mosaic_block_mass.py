@@ -16,7 +16,7 @@ passes): the kernel runs only on dense key ranges, so two adjacent blocks are on
 TMA copy, and a 64 x 128 wgmma does the work of two 64 x 64 ones for one barrier
 round trip. On an H200 (jax 0.11.2, 2026-11-30, ``tools/mosaic_variants.py
 keytile``) it took 0.637x / 0.621x of cuDNN dense time at S = 32,768 / 118,784
-against 0.700x / 0.665x with one block per tile (docs/bench/mosaic.md).
+against 0.700x / 0.665x with one block per tile (docs/log/mosaic.md).
 
 Why ``key_tile=256`` (``DEFAULT_KEY_TILE`` since 2026-11-30): one 64 x 256 wgmma per
 warpgroup and stage halves the barrier round trips again. On an H200 (jax 0.11.2,
@@ -26,7 +26,7 @@ of cuDNN dense time at block 64 (S = 32,768 / 118,784) against 0.589x / 0.581x w
 loaded by two TMA copies of 128 keys: loaded by one copy of 256 keys, the same kernel
 gave wrong masses at S = 9000 in 9 of 16 runs (and in every run with the ping-pong
 barrier or query tiles fastest), with no failure in 46 checks at S = 1000 to 32,768
-since the split (docs/bench/mosaic.md).
+since the split (docs/log/mosaic.md).
 
 Why ``pipeline=True`` exists: per score, one QK^T at D=128 costs the tensor
 cores about as many SM cycles as one exp costs the MUFU units, so the kernel can
@@ -42,11 +42,11 @@ warpgroups' interleaving already hides what this overlap would.
 
 Why ``schedule_barrier=True`` exists: FA3 makes its two warpgroups take turns so one's
 wgmma runs while the other's softmax does. Here it cost 4-8% (0.683x / 0.643x of cuDNN
-at block 64, against 0.631x / 0.611x without; docs/bench/mosaic.md), so it stays off:
+at block 64, against 0.631x / 0.611x without; docs/log/mosaic.md), so it stays off:
 the exponentials are not what it waits on (see ``row_tiles`` below).
 
 Why ``row_tiles=2`` exists: with 256 query rows per CTA each K tile is streamed half as
-often. It was 4-12% slower (docs/bench/mosaic.md), so ``DEFAULT_ROW_TILES`` is 1: the
+often. It was 4-12% slower (docs/log/mosaic.md), so ``DEFAULT_ROW_TILES`` is 1: the
 kernel's time is its QK^T plus the per-block row sums, their shared-memory stores and
 barriers, which do not overlap it; the exponentials are hidden.
 
@@ -54,7 +54,7 @@ Why ``explicit_barriers=True`` (``DEFAULT_EXPLICIT_BARRIERS``, what ``pallas_ker
 passes): Pallas puts a warpgroup barrier before and after every shared-memory store, so
 each 64-key block's row sums cost two; the kernel needs one per group of 64 blocks, before
 the table is read back. Without the others it took 4.4-4.5% less time at block 64 and
-1.6-3.1% at block 128, with the same masses at S = 1000 and 9000 (docs/bench/mosaic.md).
+1.6-3.1% at block 128, with the same masses at S = 1000 and 9000 (docs/log/mosaic.md).
 
 Why ``mma_sums=True`` exists: the per-tile math of one warpgroup (row sums, shuffles,
 table stores) is what does not overlap the QK^T. With it each tile's exponentials go
@@ -62,11 +62,11 @@ to float16 and a 64 x key_tile x 8 wgmma against a 0/1 block indicator sums them
 key block, eight blocks per accumulator. Right on an H200 (relative error 3e-6 to 8e-6
 from the float16 rounding) but slower: 0.610x / 0.614x of cuDNN at block 64 against
 0.545x / 0.563x without (S = 32,768 / 118,784; ``mosaic_variants.py mmasums``,
-docs/bench/mosaic.md), so ``DEFAULT_MMA_SUMS`` is False.
+docs/log/mosaic.md), so ``DEFAULT_MMA_SUMS`` is False.
 
 Why ``poly_keys`` exists: per 64 x 256 tile the MUFU, which does the exp2, has as much
 work as the tensor cores (Nsight Compute: both pipes at 62% of the kernel's cycles, 41% of
-the compute warps' stall samples on ``MUFU.EX2``; docs/bench/ncu_20261130.json), so the
+the compute warps' stall samples on ``MUFU.EX2``; docs/log/bench/ncu_20261130.json), so the
 last ``poly_keys`` keys of each tile can take their exp2 from ``exp2_poly`` on the FMA
 pipes instead. Right (relative error 5.7e-8 to 9.5e-8, as without) but slower: 0.743x /
 0.708x of cuDNN with a quarter of each tile, against 0.555x / 0.559x without (block 64,
@@ -459,7 +459,7 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
           plgpu.barrier_wait(k_free.at[slot])
 
         # A 256-key tile is two copies of 128 keys on one barrier (two arrivals): as one
-        # copy the H200 gave wrong masses in some runs (docs/bench/mosaic.md).
+        # copy the H200 gave wrong masses in some runs (docs/log/mosaic.md).
         for part in range(copies):
           keys = pl.ds(part * copy_keys, copy_keys)
           plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(t * kt + part * copy_keys, copy_keys), hi],

@@ -167,7 +167,7 @@ def read_entry(idx_ref, dense_ref, bi, hi, qb, step):
   (compute warpgroups) by an L2 round trip in Nsight Compute's stall samples. Read a step
   ahead the outputs are bit-identical and, on an H200 at S=118,784, the time 1-4% lower
   at densities 0.05-0.2 and 1% higher at 1.0 (``tools/sparse_ab.py``,
-  docs/bench/mosaic.md)."""
+  docs/log/mosaic.md)."""
   return idx_ref[bi, hi, qb, jnp.minimum(step, idx_ref.shape[-1] - 1)], dense_ref[bi, hi, qb]
 
 
@@ -249,7 +249,7 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
     schedule_barrier: alternate the two compute warpgroups' softmax and wgmma
       (FA3 ping-pong).
     heads_major: launch order, heads fastest (True) or query tiles fastest.
-      Heads fastest ran 1.2-1.7x faster on an H200 (docs/bench/mosaic.md).
+      Heads fastest ran 1.2-1.7x faster on an H200 (docs/log/mosaic.md).
     stages: K/V ring depth per pipeline, an int >= 2 whose rings fit in
       ``SMEM_LIMIT`` (see ``smem_bytes``); None for ``num_stages``.
     interpret: None to compile, or an ``InterpretGPUParams``.

@@ -20,7 +20,7 @@ from pallas_kernels import validation
 
 Tiles = triton_block_sparse.Tiles
 
-# Defaults from the H200 sweeps of experiments/bench_kernels.py (docs/bench/triton.md).
+# Defaults from the H200 sweeps of experiments/bench_kernels.py (docs/log/triton.md).
 # The sparse query tile is capped by the selection block (64 in AdaSpa); the
 # dense kernel is free to use 128 rows. Mass: 3 stages held up better than 2 at
 # S = 118,784 (209 vs 237 ms), though 2 won the S = 32,768 sweep.

@@ -1,7 +1,7 @@
 """Tuning variants of the Mosaic GPU kernels on an H200: launch order, ping-pong, ring depth, floor.
 
 The tuning runs behind the defaults of ``pallas_kernels.mosaic_block_sparse``
-and ``mosaic_block_mass`` (results: docs/bench/mosaic.md). The kernels are
+and ``mosaic_block_mass`` (results: docs/log/mosaic.md). The kernels are
 called directly with explicit ``schedule_barrier`` / ``heads_major`` / ``stages``
 so the numbers do not depend on the defaults of the day.
 
@@ -78,7 +78,7 @@ raises records the error and the run goes on. ``--budget`` (seconds from the
 start) skips what would start too late: ``stages`` gets 55% of it; a watchdog
 ends the process if one measurement hangs for 90 s, leaving the JSON as it is.
 At the default sizes ``all`` compiles about 32 kernels and spends about 25 s in
-them (from the H200 times in docs/bench/mosaic.md; compile times not yet measured).
+them (from the H200 times in docs/log/mosaic.md; compile times not yet measured).
 
 Inputs: B=1, H=24, D=128, bf16 normal q/k/v; random row-wise lists with the same
 count in every row (``stages``/``floor``: padded to nK columns, so one compile
@@ -597,7 +597,7 @@ def mass_without(exp=False, qk=False):
 WIDE_TILES = ((64, 128), (64, 256), (128, None), (128, 256))  # (block size, key tile)
 # Where the masses are checked: (length in CHECK_SEQs, kernel keywords). The 256-key tile
 # loaded by one TMA copy was wrong at S=9000 in most runs, every time with the ping-pong
-# barrier or query tiles fastest in the grid (docs/bench/mosaic.md), so those come again.
+# barrier or query tiles fastest in the grid (docs/log/mosaic.md), so those come again.
 WIDE_CHECKS = ((1, {}), (9, {}), (9, {"schedule_barrier": True}), (9, {"heads_major": False}),
                (18, {}))
 

@@ -12,7 +12,7 @@ tiles and multiply them with ``jnp.dot`` instead
 (``mosaic_block_sparse.qk_matmul``, ``pv_matmul``, ``load_row_vector``,
 ``with_layout``, ``column_ids``). The wgmma path is checked against the reference
 on the GPU by the correctness stage of ``experiments/bench_kernels.py``
-(results in docs/bench/mosaic.md).
+(results in docs/log/mosaic.md).
 
 Interpreting costs seconds per CTA, so each kernel case is one CTA (128 rows).
 """
