@@ -5,13 +5,15 @@ Both take arrays whose last two axes are height and width (video frames or laten
 dynamic range L defaults to the reference's max - min over the whole array,
 which suits latents (not bounded like pixels); pass ``data_range`` for images.
 
-SSIM is scikit-image's ``structural_similarity`` (the ``video`` extra installs it) with
+SSIM is scikit-image's ``structural_similarity`` (the ``eval`` extra installs it) with
 the settings of Wang et al. 2004.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from adaspa_jax.extras import require
 
 K1, K2, SIGMA, WINDOW = 0.01, 0.03, 1.5, 11
 # scikit-image cuts its Gaussian at TRUNCATE sigmas (fixed): 11 taps at sigma 1.5.
@@ -68,11 +70,7 @@ def ssim(x, ref, data_range=None) -> float:
   """
   x, ref = _pair(x, ref)
   data_range = _range(ref, data_range)
-  try:
-    from skimage.metrics import structural_similarity
-  except ImportError as e:
-    raise ImportError("adaspa_jax.harness.metrics.ssim needs scikit-image: install the "
-                      "'video' extra (pip install -e '.[video]').") from e
+  structural_similarity = require("skimage.metrics", "eval").structural_similarity
   sigma = window_sigma(window_size(*x.shape[-2:]))
   slices = zip(x.reshape(-1, *x.shape[-2:]), ref.reshape(-1, *ref.shape[-2:]))
   # Every slice has the same number of window positions: the mean of the slices' means
