@@ -26,6 +26,13 @@ lengths (``kv_lengths``, padded text at the end), and classifier-free guidance
 Stacked layers: a model that stacks its layers (``nnx.vmap`` at construction,
 ``nnx.scan`` over them) calls ``init_cache(..., num_layers=L)``, which gives
 every state leaf a leading [L] axis that the scan splits like the parameters.
+
+Padding: a model that pads its sequence once per call (``adaspa_jax.layout``)
+gives ``init_cache(..., layout=BlockLayout.create(seq_len, block_size,
+text_span=..., pad=True))`` and calls the module with q, k, v of
+``layout.padded_len`` tokens; the state keeps the real layout. A caller that
+carries the state itself (our models' functional ``adaspa_state=`` argument)
+hands it over with ``load_state(state, layout)`` and reads ``state`` back.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ device holds the whole sequence for H/n heads; AdaSpa's work is per head, so the
 kernels run unchanged on the local heads with the local slice of the state
 ([B, H, ...] sharded on H). A second all-to-all brings the output back to
 sequence shards. Joint text+video attention keeps its text tokens (a prefix or a
-suffix of the sequence, small) replicated: each device takes its heads of them,
-and the text output is all-gathered over heads.
+suffix of the sequence, small) replicated, and so does the padding a model added
+after the sequence (``BlockLayout.padded_len``): each device takes its heads of
+them, and their output is all-gathered over heads.
 
 The only cross-head step of AdaSpa, the head-tier ranking, gathers the [B, H]
 recalls over the axis (``selection.head_budgets``), so a sharded run selects the

@@ -129,3 +129,15 @@ def test_seq_multiple_is_what_the_kernels_pad_to():
   pads = _bf16_seq_pads(3 * SEQ_MULTIPLE - 20)
   assert pads and all(int(a) == 3 * SEQ_MULTIPLE - 20 and int(b) == 3 * SEQ_MULTIPLE
                       for a, b in pads)
+
+
+def test_nnx_module_keeps_the_layout_of_its_state():
+  from adaspa_jax import nnx as adaspa_nnx
+  lay = BlockLayout.create(S, 16, text_span=TEXT, pad=True)
+  m = adaspa_nnx.AdaSpaAttention(CFG)
+  m.init_cache(B, S, H, layout=lay)
+  assert m.layout == lay and m.text_span == TEXT and m.state.lse.shape == (B, H, S)
+  with pytest.raises(ValueError, match=r"state\.indices"):
+    m.load_state(init_state(CFG, B, 64, H), lay)
+  with pytest.raises(ValueError, match="text_span"):
+    m.init_cache(B, S, H, text_span=(0, 8), layout=lay)

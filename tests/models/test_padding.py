@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from adaspa_jax import AdaSpaConfig
+from adaspa_jax import nnx as adaspa_nnx
 from adaspa_jax.layout import BlockLayout
 from adaspa_jax.models import cogvideox, hunyuan_video, wan
 
@@ -130,3 +131,9 @@ def test_joint_attention_models_pad_once(family):
   out, new = fn(params, args, state, jnp.int32(1))           # the fused search runs
   assert np.isfinite(np.asarray(out)).all()
   assert jax.tree.map(jnp.shape, new) == jax.tree.map(jnp.shape, state)
+  # Every self/joint attention layer holds the NNX module (one per stack of blocks);
+  # a call with a state leaves the model's own caches empty.
+  found = adaspa_nnx.modules(model)
+  assert len(found) == (1 if family == "cogvideox" else 2)
+  model(**args, adaspa_state=state, adaspa_step=0)
+  assert all(m.cache is None for m in found)
