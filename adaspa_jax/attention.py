@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
-from adaspa_jax import blocks, policies, schedule
+from adaspa_jax import policies, schedule
 from adaspa_jax.config import AdaSpaConfig
+from adaspa_jax.layout import BlockLayout
 from adaspa_jax.selection import Selection
-from adaspa_jax.state import AdaSpaState, check_state
+from adaspa_jax.state import AdaSpaState, check_state, layout_for
 from pallas_kernels import validation
 
 
@@ -22,8 +23,8 @@ def _with_selection(state: AdaSpaState, sel: Selection, lse=None) -> AdaSpaState
 
 
 def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
-                     text_blocks=None, kv_lengths=None, sm_scale=None,
-                     implementation=None, interpret=False, head_axis=None):
+                     text_blocks=None, kv_lengths=None, layout: BlockLayout | None = None,
+                     sm_scale=None, implementation=None, interpret=False, head_axis=None):
   """AdaSpa attention at denoising step ``step``.
 
   Search steps choose block lists with ``config.policy`` (``adaspa_jax.policies``);
@@ -32,13 +33,17 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
   for the exact block mass (which also caches the LSE).
 
   Args:
-    q, k, v: [B, S, H, D] (one sequence: self or joint text+video attention).
+    q, k, v: [B, S, H, D] (one sequence: self or joint text+video attention); with
+      a padded ``layout``, [B, layout.padded_len, H, D].
     state: this layer's ``AdaSpaState`` (from ``init_state`` or the previous step).
     step: 0-indexed denoising step; a Python int or a traced int32 scalar (the
       call then compiles every phase and switches at run time, as in a scan).
     config: ``AdaSpaConfig`` (static).
     text_blocks: static bool [nK] (``text_blocks_mask``) or None when no text.
-    kv_lengths: optional int [B] valid tokens (padded text at the end).
+    kv_lengths: optional int [B] valid tokens (padded text at the end); with a
+      padded layout, None means ``layout.seq_len`` for every row.
+    layout: the call's ``BlockLayout`` (built once per model call), instead of
+      ``text_blocks``; None builds the unpadded layout of q's length here.
     sm_scale: softmax scale, default 1/sqrt(D).
     implementation: kernel implementation; None uses ``config.implementation``
       (None there: the fastest for the device).
@@ -47,33 +52,43 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
       (``adaspa_jax.parallel``), its name, so the head tiers rank all heads.
 
   Returns:
-    out [B, S, H, D] in q's dtype and the new state.
+    out [B, S, H, D] (S: q's length, padded rows zero) in q's dtype and the new state.
   """
   if not isinstance(config, AdaSpaConfig):
     raise ValueError(f"config={config!r}: expected an AdaSpaConfig.")
   b, s, h, _ = validation.check_qkv(q, k, v)
-  bs = config.block_size
-  check_state(state, b, s, h, bs)
-  text = blocks.static_text_blocks(text_blocks, validation.num_blocks(s, bs))
-  policies.check(config, text, state.indices.shape[-1])
+  if layout is None:
+    layout = BlockLayout.create(s, config.block_size, text_blocks=text_blocks)
+  else:
+    layout = layout_for(config, None, text_blocks=text_blocks, layout=layout)
+    if s != layout.padded_len:
+      raise ValueError(f"q has shape {tuple(q.shape)}: expected layout.padded_len="
+                       f"{layout.padded_len} tokens.")
+  check_state(state, b, h, layout)
+  text = layout.text_blocks
+  k_max = state.indices.shape[-1]
+  policies.check(config, text, k_max)
   impl = config.implementation if implementation is None else implementation
-  kernel_kw = dict(block_size=bs, kv_lengths=kv_lengths, sm_scale=sm_scale,
+  kv_lengths = layout.kv_lengths(kv_lengths, b)
+  kernel_kw = dict(block_size=config.block_size, kv_lengths=kv_lengths, sm_scale=sm_scale,
                    implementation=impl, interpret=interpret)
   with_mass = policies.needs_mass(config)
 
   def choose(mass, exact_mass):
-    sel = policies.select(config, q, k, v, mass=mass, text=text, k_max=state.indices.shape[-1],
-                          kv_lengths=kv_lengths, sm_scale=sm_scale, head_axis=head_axis)
+    # Policies that probe q, k, v themselves see the real tokens only.
+    sel = policies.select(config, *(layout.real(x) for x in (q, k, v)), mass=mass, text=text,
+                          k_max=k_max, kv_lengths=kv_lengths, sm_scale=sm_scale,
+                          head_axis=head_axis)
     if config.measure_recall:
       sel = policies.with_exact_recall(sel, exact_mass(), text)
     return sel
 
   def fresh_mass():  # exact block mass (fresh LSE), for measure_recall at a cached search
-    return pk.attention_with_block_mass(q, k, v, **kernel_kw)[2]
+    return layout.real_mass(pk.attention_with_block_mass(q, k, v, **kernel_kw)[2])
 
   def sparse_with(st):
-    return pk.block_sparse_attention(q, k, v, st.indices, st.counts, return_lse=False,
-                                     **kernel_kw)
+    return pk.block_sparse_attention(q, k, v, *layout.kernel_lists(st.indices, st.counts),
+                                     return_lse=False, **kernel_kw)
 
   def dense(st):
     out = pk.dense_attention(q, k, v, kv_lengths=kv_lengths, sm_scale=sm_scale,
@@ -85,13 +100,16 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
       out, _ = dense(st)
       return out, _with_selection(st, choose(None, None))
     out, lse, mass = pk.attention_with_block_mass(q, k, v, **kernel_kw)
+    lse, mass = layout.real_lse(lse), layout.real_mass(mass)
     # Only the first search's LSE is cached (without the cache, later fused
     # searches leave it as it was).
     lse = jnp.where(jnp.asarray(step) == config.first_search, lse, st.lse)
     return out, _with_selection(st, choose(mass, lambda: mass), lse)
 
   def cached_search(st):
-    mass = pk.block_mass(q, k, st.lse, **kernel_kw) if with_mass else None
+    mass = None
+    if with_mass:
+      mass = layout.real_mass(pk.block_mass(q, k, layout.kernel_lse(st.lse), **kernel_kw))
     new = _with_selection(st, choose(mass, fresh_mass))
     return sparse_with(new), new
 

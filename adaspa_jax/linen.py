@@ -25,9 +25,9 @@ from typing import Any
 
 import flax.linen as nn
 
-from adaspa_jax import blocks, parallel
+from adaspa_jax import parallel
 from adaspa_jax.config import AdaSpaConfig
-from adaspa_jax.nnx import text_span_of
+from adaspa_jax.layout import BlockLayout
 from adaspa_jax.state import init_state
 
 COLLECTION = "adaspa"
@@ -55,14 +55,13 @@ class AdaSpaAttention(nn.Module):
     if not isinstance(self.config, AdaSpaConfig):
       raise ValueError(f"config={self.config!r}: expected an adaspa_jax.AdaSpaConfig.")
     b, s, h, _ = q.shape
-    start, length = text_span_of(self.text_span, s)
-    mask = blocks.text_blocks_mask(s, self.config.block_size, start, length) if length else None
+    layout = BlockLayout.create(s, self.config.block_size, text_span=self.text_span)
     state = self.variable(COLLECTION, "state",
-                          lambda: init_state(self.config, b, s, h, text_blocks=mask))
+                          lambda: init_state(self.config, b, s, h, layout=layout))
     out, new = parallel.adaspa_attention(
         q, k, v, state.value, step, self.config, sequence_parallel=self.sequence_parallel,
-        text_span=(start, length) if length else None, kv_lengths=kv_lengths,
-        sm_scale=sm_scale, implementation=self.implementation, interpret=self.interpret)
+        layout=layout, kv_lengths=kv_lengths, sm_scale=sm_scale,
+        implementation=self.implementation, interpret=self.interpret)
     if not self.is_initializing() and self.is_mutable_collection(COLLECTION):
       state.value = new
     return out

@@ -26,6 +26,13 @@ lengths (``kv_lengths``, padded text at the end), and classifier-free guidance
 Stacked layers: a model that stacks its layers (``nnx.vmap`` at construction,
 ``nnx.scan`` over them) calls ``init_cache(..., num_layers=L)``, which gives
 every state leaf a leading [L] axis that the scan splits like the parameters.
+
+Padding: a model that pads its sequence once per call (``adaspa_jax.layout``)
+gives ``init_cache(..., layout=BlockLayout.create(seq_len, block_size,
+text_span=..., pad=True))`` and calls the module with q, k, v of
+``layout.padded_len`` tokens; the state keeps the real layout. A caller that
+carries the state itself (our models' functional ``adaspa_state=`` argument)
+hands it over with ``load_state(state, layout)`` and reads ``state`` back.
 """
 
 from __future__ import annotations
@@ -35,29 +42,15 @@ from typing import Any
 import jax
 from flax import nnx
 
-from adaspa_jax import blocks, parallel
+from adaspa_jax import parallel
 from adaspa_jax.config import AdaSpaConfig
+from adaspa_jax.layout import BlockLayout
 from adaspa_jax.parallel import SequenceParallel
-from adaspa_jax.state import AdaSpaState, init_state
-
-
-# Flax >= 0.12 tells data attributes from static ones at assignment; ``nnx.data`` marks
-# the cache slot as data while it is still None.
-_data = getattr(nnx, "data", lambda x: x)
+from adaspa_jax.state import AdaSpaState, check_state, init_state
 
 
 class AdaSpaCache(nnx.Variable):
   """The ``AdaSpaState`` of one attention layer (or a stack of them)."""
-
-
-def text_span_of(text_span, seq_len: int) -> tuple[int, int]:
-  """(start, length) of the text tokens, checked: a prefix, a suffix, or (0, 0) for none."""
-  if text_span is None:
-    return 0, 0
-  if (not isinstance(text_span, (tuple, list)) or len(text_span) != 2
-      or not all(isinstance(x, int) and not isinstance(x, bool) for x in text_span)):
-    raise ValueError(f"text_span={text_span!r}: expected None or (start, length) ints.")
-  return parallel.text_layout(text_span, seq_len)
 
 
 class AdaSpaAttention(nnx.Module):
@@ -82,11 +75,17 @@ class AdaSpaAttention(nnx.Module):
     self.sequence_parallel = sequence_parallel
     self.implementation = implementation
     self.interpret = interpret
-    self.text_span: tuple[int, int] = (0, 0)
-    self.cache: AdaSpaCache | None = _data(None)
+    # The static block layout of the cached state (``init_cache`` / ``load_state``).
+    self.layout: BlockLayout | None = None
+    self.cache: AdaSpaCache | None = nnx.data(None)
+
+  @property
+  def text_span(self) -> tuple[int, int]:
+    """(start, length) of the text tokens of the cached state ((0, 0): none)."""
+    return (0, 0) if self.layout is None else self.layout.text_tokens
 
   def init_cache(self, batch: int, seq_len: int, heads: int, *, text_span=None,
-                 num_layers: int | None = None) -> None:
+                 num_layers: int | None = None, layout: BlockLayout | None = None) -> None:
     """Allocates a fresh state (every row dense until the first search).
 
     Args:
@@ -97,23 +96,40 @@ class AdaSpaAttention(nnx.Module):
         (start + length = seq_len), or None; AdaSpa keeps text blocks dense.
       num_layers: for a module inside stacked layers, their count L (every state
         leaf gets a leading [L] axis).
+      layout: the ``BlockLayout`` instead of ``text_span`` (e.g. a padded one: q, k,
+        v then come with ``layout.padded_len`` tokens); its seq_len must be seq_len.
     """
-    start, length = text_span_of(text_span, seq_len)
-    mask = (blocks.text_blocks_mask(seq_len, self.config.block_size, start, length)
-            if length else None)
-    make = lambda: init_state(self.config, batch, seq_len, heads, text_blocks=mask,
-                              num_layers=num_layers)
+    if layout is None:
+      layout = BlockLayout.create(seq_len, self.config.block_size, text_span=text_span)
+    else:
+      layout = parallel.call_layout(layout, text_span, layout.padded_len,
+                                    self.config.block_size)
+    make = lambda: init_state(self.config, batch, seq_len, heads, num_layers=num_layers,
+                              layout=layout)
     if self.sequence_parallel is None:
       state = make()
     else:
-      parallel.check_divisible(self.sequence_parallel, heads=heads, tokens=seq_len - length,
+      lo, hi = layout.video_tokens
+      parallel.check_divisible(self.sequence_parallel, heads=heads, tokens=hi - lo,
                                seq_len=seq_len)
       shapes = jax.eval_shape(make)
       state = jax.jit(make, out_shardings=parallel.state_sharding(self.sequence_parallel,
                                                                   shapes))()
-    self.text_span = (start, length)
-    self.cache = _data(AdaSpaCache(state))
+    self.load_state(state, layout)
 
+  def load_state(self, state: AdaSpaState, layout: BlockLayout) -> None:
+    """Sets the cached state (one layer's, or [L, ...] for stacked layers) and its
+    layout, e.g. a state carried outside the module by a functional caller."""
+    if not isinstance(state, AdaSpaState):
+      raise ValueError(f"state={type(state).__name__}: expected an AdaSpaState.")
+    if not isinstance(layout, BlockLayout) or layout.block_size != self.config.block_size:
+      raise ValueError(f"layout={layout!r}: expected a BlockLayout with block_size="
+                       f"{self.config.block_size}.")
+    lead = state.recall.ndim - 2   # 1 for stacked layers
+    one_layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[lead:], x.dtype), state)
+    check_state(one_layer, state.recall.shape[-2], state.recall.shape[-1], layout)
+    self.layout = layout
+    self.cache = nnx.data(AdaSpaCache(state))
   @property
   def state(self) -> AdaSpaState:
     """The current state (``ValueError`` before ``init_cache``)."""
@@ -126,7 +142,8 @@ class AdaSpaAttention(nnx.Module):
     """AdaSpa attention at denoising step ``step``; updates the cache.
 
     Args:
-      q, k, v: [B, S, H, D] as for ``jax.nn.dot_product_attention``.
+      q, k, v: [B, S, H, D] as for ``jax.nn.dot_product_attention`` (S =
+        ``layout.padded_len`` for a padded layout).
       step: 0-indexed denoising step (Python int or traced int32 scalar).
       kv_lengths: optional int [B]: valid tokens per row (padding at the end).
       sm_scale: softmax scale, default 1/sqrt(D).
@@ -136,8 +153,8 @@ class AdaSpaAttention(nnx.Module):
     """
     out, new = parallel.adaspa_attention(
         q, k, v, self.state, step, self.config, sequence_parallel=self.sequence_parallel,
-        text_span=self.text_span if self.text_span[1] else None, kv_lengths=kv_lengths,
-        sm_scale=sm_scale, implementation=self.implementation, interpret=self.interpret)
+        layout=self.layout, kv_lengths=kv_lengths, sm_scale=sm_scale,
+        implementation=self.implementation, interpret=self.interpret)
     self.cache.set_value(new)
     return out
 

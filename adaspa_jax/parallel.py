@@ -7,8 +7,9 @@ device holds the whole sequence for H/n heads; AdaSpa's work is per head, so the
 kernels run unchanged on the local heads with the local slice of the state
 ([B, H, ...] sharded on H). A second all-to-all brings the output back to
 sequence shards. Joint text+video attention keeps its text tokens (a prefix or a
-suffix of the sequence, small) replicated: each device takes its heads of them,
-and the text output is all-gathered over heads.
+suffix of the sequence, small) replicated, and so does the padding a model added
+after the sequence (``BlockLayout.padded_len``): each device takes its heads of
+them, and their output is all-gathered over heads.
 
 The only cross-head step of AdaSpa, the head-tier ranking, gathers the [B, H]
 recalls over the axis (``selection.head_budgets``), so a sharded run selects the
@@ -46,28 +47,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from adaspa_jax import blocks
-from adaspa_jax.attention import adaspa_attention as _adaspa_attention
+from adaspa_jax.attention import adaspa_attention as single_device_attention
 from adaspa_jax.config import AdaSpaConfig
+from adaspa_jax.layout import BlockLayout, check_text_span
 from adaspa_jax.state import AdaSpaState
 import pallas_kernels as pk
 
-try:
-  _AUTO = (jax.sharding.AxisType.Auto,)
-except AttributeError:  # older jax: every mesh axis is automatic
-  _AUTO = None
-
 
 def _shard_map(f, mesh, in_specs, out_specs):
-  """``jax.shard_map`` where present (jax >= 0.6), else the experimental one.
-
-  Replication checks are off: Pallas calls and ``lax.switch`` over phases need
-  not carry replication types, and the outputs' specs are exact by construction.
-  """
-  if hasattr(jax, "shard_map"):
-    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-  from jax.experimental.shard_map import shard_map
-  return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+  """``jax.shard_map`` with replication checks off: Pallas calls and ``lax.switch``
+  over phases need not carry replication types, and the outputs' specs are exact
+  by construction."""
+  return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +94,8 @@ def make_sequence_parallel(devices: int, axis: str = "seq") -> SequenceParallel:
       or not 1 <= devices <= len(available)):
     raise ValueError(f"devices={devices!r}: expected an int in [1, {len(available)}] "
                      f"(devices available: {len(available)}).")
-  kw = {} if _AUTO is None else {"axis_types": _AUTO}
-  return SequenceParallel(Mesh(np.asarray(available[:devices]), (axis,), **kw), axis)
+  return SequenceParallel(Mesh(np.asarray(available[:devices]), (axis,),
+                               axis_types=(jax.sharding.AxisType.Auto,)), axis)
 
 
 def parse_mesh(value: str | None) -> SequenceParallel | None:
@@ -130,82 +121,95 @@ def check_divisible(sp: SequenceParallel, *, heads: int, tokens: int, seq_len: i
                      f"size {n} (the sequence is sharded evenly).")
 
 
-def text_layout(text_span, seq_len):
-  """(start, length) of the text tokens, a prefix or suffix; (0, 0) without text."""
-  if text_span is None:
-    return 0, 0
-  start, length = (int(x) for x in text_span)
-  if length == 0:
-    return 0, 0
-  if length < 0 or start < 0 or start + length > seq_len or (start and start + length != seq_len):
-    raise ValueError(f"text_span={tuple(text_span)}: expected (start, length) of a prefix "
-                     f"(start 0) or a suffix (start + length = seq_len={seq_len}).")
-  return start, length
+# (start, length) of the text tokens, a prefix or suffix; (0, 0) without text.
+text_layout = check_text_span
 
 
-def _ulysses(attend, q, k, v, state, replicated, sp, text_span):
+def call_layout(layout: BlockLayout | None, text_span, seq_len: int, block_size: int):
+  """``layout`` (checked against q's length) or, when None, the unpadded layout of
+  ``seq_len`` tokens with ``text_span``."""
+  if layout is None:
+    return BlockLayout.create(seq_len, block_size, text_span=text_span)
+  if not isinstance(layout, BlockLayout):
+    raise ValueError(f"layout={layout!r}: expected an adaspa_jax.layout.BlockLayout.")
+  if text_span is not None and check_text_span(text_span, layout.seq_len) != layout.text_tokens:
+    raise ValueError(f"text_span={tuple(text_span)}: expected None or the layout's "
+                     f"{layout.text_tokens}.")
+  if seq_len != layout.padded_len:
+    raise ValueError(f"q has {seq_len} tokens: expected layout.padded_len={layout.padded_len}.")
+  return layout
+
+
+def _ulysses(attend, q, k, v, state, replicated, sp, layout: BlockLayout):
   """Runs ``attend(q, k, v, state, replicated) -> (out, state)`` on local heads.
 
-  q, k, v: [B, S, H, D] global arrays; the video tokens enter sharded on S,
-  text tokens replicated. state: pytree of [B, H, ...] leaves (or None).
-  replicated: pytree of arrays every device sees whole (or None).
+  q, k, v: [B, S_pad, H, D] global arrays; the video tokens enter sharded on S, the
+  text (a prefix or a suffix) and the padding after the sequence replicated.
+  state: pytree of [B, H, ...] leaves (or None). replicated: pytree of arrays every
+  device sees whole (or None).
   """
-  b, s, h, d = q.shape
-  start, n_text = text_layout(text_span, s)
-  check_divisible(sp, heads=h, tokens=s - n_text, seq_len=s)
+  h = q.shape[2]
+  lo, hi = layout.video_tokens
+  check_divisible(sp, heads=h, tokens=hi - lo, seq_len=layout.seq_len)
   axis, h_local = sp.axis, h // sp.size
-  text_first = n_text and start == 0
-  video_of = lambda x: x[:, n_text:] if text_first else x[:, :s - n_text]
-  text_of = lambda x: x[:, :n_text] if text_first else x[:, s - n_text:]
-  join = lambda video, text: jnp.concatenate([text, video] if text_first else [video, text], 1)
+  has_head, has_tail = lo > 0, hi < layout.padded_len
+  head_of = lambda x: x[:, :lo]
+  video_of = lambda x: x[:, lo:hi]
+  tail_of = lambda x: x[:, hi:]
+  join = lambda head, video, tail: jnp.concatenate(
+      [p for p, on in ((head, has_head), (video, True), (tail, has_tail)) if on], axis=1)
 
-  def local(qkv_video, qkv_text, state, replicated):
+  def local(qkv_video, qkv_head, qkv_tail, state, replicated):
     to_heads = lambda x: jax.lax.all_to_all(x, axis, 2, 1, tiled=True)
     own = jax.lax.axis_index(axis) * h_local
-    heads_of = lambda x: jax.lax.dynamic_slice_in_dim(x, own, h_local, axis=2)
-    qkv = [to_heads(x) for x in qkv_video]
-    if n_text:
-      qkv = [join(x, heads_of(t)) for x, t in zip(qkv, qkv_text)]
+    heads_of = lambda x: None if x is None else jax.lax.dynamic_slice_in_dim(
+        x, own, h_local, axis=2)
+    qkv = [join(heads_of(hd), to_heads(x), heads_of(tl))
+           for x, hd, tl in zip(qkv_video, qkv_head or (None,) * 3, qkv_tail or (None,) * 3)]
     out, state = attend(*qkv, state, replicated)
+    gather = lambda x: jax.lax.all_gather(x, axis, axis=2, tiled=True)
     video = jax.lax.all_to_all(video_of(out), axis, 1, 2, tiled=True)
-    text = jax.lax.all_gather(text_of(out), axis, axis=2, tiled=True) if n_text else None
-    return video, text, state
+    head = gather(head_of(out)) if has_head else None
+    tail = gather(tail_of(out)) if has_tail else None
+    return video, head, tail, state
 
   seq, heads, whole = P(None, axis), P(None, axis), P()
   state_specs = jax.tree.map(lambda _: heads, state)
-  video, text, state = _shard_map(
+  part = lambda on, of: tuple(of(x) for x in (q, k, v)) if on else None
+  video, head, tail, state = _shard_map(
       local, sp.mesh,
-      in_specs=(seq, whole, state_specs, jax.tree.map(lambda _: whole, replicated)),
-      out_specs=(seq, whole, state_specs))(
-          tuple(video_of(x) for x in (q, k, v)),
-          tuple(text_of(x) for x in (q, k, v)) if n_text else None, state, replicated)
-  return (join(video, text) if n_text else video), state
+      in_specs=(seq, whole, whole, state_specs, jax.tree.map(lambda _: whole, replicated)),
+      out_specs=(seq, whole, whole, state_specs))(
+          part(True, video_of), part(has_head, head_of), part(has_tail, tail_of), state,
+          replicated)
+  return join(head, video, tail), state
 
 
 def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
                      sequence_parallel: SequenceParallel | None = None, text_span=None,
-                     kv_lengths=None, sm_scale=None, implementation=None, interpret=False):
+                     kv_lengths=None, layout: BlockLayout | None = None, sm_scale=None,
+                     implementation=None, interpret=False):
   """``adaspa_jax.adaspa_attention``, head-parallel over ``sequence_parallel``.
 
   Args:
-    q, k, v: [B, S, H, D] (global arrays).
+    q, k, v: [B, S, H, D] (global arrays; [B, layout.padded_len, H, D] with a layout).
     state: the layer's ``AdaSpaState`` ([B, H, ...] leaves, sharded on H).
     step, config, kv_lengths, sm_scale, implementation, interpret: as in
       ``adaspa_attention``.
     sequence_parallel: the mesh layout, or None for the single-device call.
     text_span: static (start, length) of the text tokens, a prefix or a suffix,
       or None; the text blocks AdaSpa keeps dense follow from it.
+    layout: the call's ``BlockLayout`` instead of ``text_span`` (built once per
+      model call, possibly padded).
 
   Returns:
     out [B, S, H, D] and the new state, equal to the single-device call's.
   """
-  s = q.shape[1]
-  start, n_text = text_layout(text_span, s)
-  text = (blocks.text_blocks_mask(s, config.block_size, start, n_text) if n_text else None)
-  kw = dict(text_blocks=text, sm_scale=sm_scale, implementation=implementation,
+  layout = call_layout(layout, text_span, q.shape[1], config.block_size)
+  kw = dict(layout=layout, sm_scale=sm_scale, implementation=implementation,
             interpret=interpret)
   if sequence_parallel is None:
-    return _adaspa_attention(q, k, v, state, step, config, kv_lengths=kv_lengths, **kw)
+    return single_device_attention(q, k, v, state, step, config, kv_lengths=kv_lengths, **kw)
   # A Python-int step stays static (one phase compiled); a traced one travels.
   static_step = step if isinstance(step, numbers.Integral) else None
   replicated = {"kv_lengths": kv_lengths}
@@ -213,28 +217,35 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
     replicated["step"] = jnp.asarray(step, jnp.int32)
 
   def attend(q, k, v, st, rep):
-    return _adaspa_attention(q, k, v, st, rep.get("step", static_step), config,
-                             kv_lengths=rep["kv_lengths"], head_axis=sequence_parallel.axis,
-                             **kw)
+    return single_device_attention(q, k, v, st, rep.get("step", static_step), config,
+                                   kv_lengths=rep["kv_lengths"],
+                                   head_axis=sequence_parallel.axis, **kw)
 
-  return _ulysses(attend, q, k, v, state, replicated, sequence_parallel, (start, n_text))
+  return _ulysses(attend, q, k, v, state, replicated, sequence_parallel, layout)
 
 
 def dense_attention(q, k, v, *, sequence_parallel: SequenceParallel | None = None,
-                    text_span=None, kv_lengths=None, sm_scale=None, implementation=None):
+                    text_span=None, kv_lengths=None, layout: BlockLayout | None = None,
+                    sm_scale=None, implementation=None):
   """``pallas_kernels.dense_attention``, head-parallel over ``sequence_parallel``.
 
-  q, k, v: [B, S, H, D]; text_span as in ``adaspa_attention``. Returns [B, S, H, D].
+  q, k, v: [B, S, H, D]; text_span and layout as in ``adaspa_attention`` (a padded
+  layout masks the padding: kv_lengths None means ``layout.seq_len``).
+  Returns [B, S, H, D].
   """
   kw = dict(sm_scale=sm_scale, implementation=implementation)
+  if layout is not None:
+    kv_lengths = layout.kv_lengths(kv_lengths, q.shape[0])
   if sequence_parallel is None:
     return pk.dense_attention(q, k, v, kv_lengths=kv_lengths, **kw)
+  # Any block size: only the token spans matter here.
+  layout = call_layout(layout, text_span, q.shape[1], 16)
 
   def attend(q, k, v, st, rep):
     return pk.dense_attention(q, k, v, kv_lengths=rep["kv_lengths"], **kw), st
 
   return _ulysses(attend, q, k, v, None, {"kv_lengths": kv_lengths}, sequence_parallel,
-                  text_span)[0]
+                  layout)[0]
 
 
 def row_parallel(fn, sequence_parallel: SequenceParallel | None, x, *replicated):

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaspa_jax import blocks, policies
+from adaspa_jax import policies
 from adaspa_jax.config import AdaSpaConfig
-from pallas_kernels import validation
+from adaspa_jax.layout import BlockLayout
 
 
 @jax.tree_util.register_dataclass
@@ -35,43 +35,67 @@ class AdaSpaState:
   sparsity: jax.Array
 
 
-def k_max_for(config: AdaSpaConfig, seq_len: int, text_blocks=None) -> int:
+def layout_for(config: AdaSpaConfig, seq_len: int, *, text_blocks=None,
+               layout: BlockLayout | None = None) -> BlockLayout:
+  """``layout`` checked against ``config`` and ``seq_len``, or the unpadded layout of
+  ``seq_len`` tokens with ``text_blocks`` when None."""
+  if layout is None:
+    return BlockLayout.create(seq_len, config.block_size, text_blocks=text_blocks)
+  if not isinstance(layout, BlockLayout):
+    raise ValueError(f"layout={layout!r}: expected an adaspa_jax.layout.BlockLayout.")
+  if text_blocks is not None:
+    raise ValueError("text_blocks and layout both given: expected one of them (the layout "
+                     "holds the text blocks).")
+  if layout.block_size != config.block_size:
+    raise ValueError(f"layout.block_size={layout.block_size}: expected config.block_size="
+                     f"{config.block_size}.")
+  if seq_len is not None and seq_len != layout.seq_len:
+    raise ValueError(f"seq_len={seq_len!r}: expected layout.seq_len={layout.seq_len}.")
+  return layout
+
+
+def k_max_for(config: AdaSpaConfig, seq_len: int, text_blocks=None, *,
+              layout: BlockLayout | None = None) -> int:
   """Width of the index lists for ``config.policy`` (nK for "topp")."""
-  n_blk = validation.num_blocks(seq_len, config.block_size)
-  text = blocks.static_text_blocks(text_blocks, n_blk)
-  return policies.required_k_max(config, text)
+  layout = layout_for(config, seq_len, text_blocks=text_blocks, layout=layout)
+  return policies.required_k_max(config, layout.text_blocks)
 
 
 def state_shapes(config: AdaSpaConfig, batch: int, seq_len: int, heads: int, *,
-                 text_blocks=None, num_layers: int | None = None) -> AdaSpaState:
+                 text_blocks=None, num_layers: int | None = None,
+                 layout: BlockLayout | None = None) -> AdaSpaState:
   """The state's shapes and dtypes as ``jax.ShapeDtypeStruct`` leaves."""
-  n_blk = validation.num_blocks(seq_len, config.block_size)
-  k_max = k_max_for(config, seq_len, text_blocks)
+  layout = layout_for(config, seq_len, text_blocks=text_blocks, layout=layout)
+  n_blk = layout.num_blocks
+  k_max = policies.required_k_max(config, layout.text_blocks)
   lead = () if num_layers is None else (num_layers,)
   spec = lambda *shape, dtype: jax.ShapeDtypeStruct(lead + shape, dtype)
   return AdaSpaState(
       indices=spec(batch, heads, n_blk, k_max, dtype=jnp.int32),
       counts=spec(batch, heads, n_blk, dtype=jnp.int32),
-      lse=spec(batch, heads, seq_len, dtype=jnp.float32),
+      lse=spec(batch, heads, layout.seq_len, dtype=jnp.float32),
       recall=spec(batch, heads, dtype=jnp.float32),
       sparsity=spec(batch, heads, dtype=jnp.float32))
 
 
 def init_state(config: AdaSpaConfig, batch: int, seq_len: int, heads: int, *,
-               text_blocks=None, num_layers: int | None = None) -> AdaSpaState:
+               text_blocks=None, num_layers: int | None = None,
+               layout: BlockLayout | None = None) -> AdaSpaState:
   """A state whose rows are all dense, so a sparse step before any search is exact.
 
   Args:
     config: the AdaSpa config (block size, sparsity and policy fix K_max).
-    batch, seq_len, heads: the attention's B, S, H.
+    batch, seq_len, heads: the attention's B, S, H (S: real tokens, no padding).
     text_blocks: static bool [nK] or None.
     num_layers: if given, every field gets a leading [num_layers] axis.
+    layout: the call's ``BlockLayout`` instead of ``text_blocks`` (its ``seq_len``
+      must be ``seq_len``).
   """
   for name, value in (("batch", batch), ("seq_len", seq_len), ("heads", heads)):
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"{name}={value!r}: expected a positive int.")
   shapes = state_shapes(config, batch, seq_len, heads, text_blocks=text_blocks,
-                        num_layers=num_layers)
+                        num_layers=num_layers, layout=layout)
   n_blk = shapes.indices.shape[-2]
   k_max = shapes.indices.shape[-1]
   return AdaSpaState(
@@ -84,15 +108,17 @@ def init_state(config: AdaSpaConfig, batch: int, seq_len: int, heads: int, *,
 
 
 def state_nbytes(config: AdaSpaConfig, batch: int, seq_len: int, heads: int, *,
-                 text_blocks=None, num_layers: int | None = None) -> int:
+                 text_blocks=None, num_layers: int | None = None,
+                 layout: BlockLayout | None = None) -> int:
   """Bytes the state occupies on device (e.g. to check it fits beside a model)."""
   shapes = state_shapes(config, batch, seq_len, heads, text_blocks=text_blocks,
-                        num_layers=num_layers)
+                        num_layers=num_layers, layout=layout)
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
-def check_state(state: AdaSpaState, batch: int, seq_len: int, heads: int, block_size: int):
-  n_blk = validation.num_blocks(seq_len, block_size)
+def check_state(state: AdaSpaState, batch: int, heads: int, layout: BlockLayout):
+  """``ValueError`` unless ``state`` is one layer's state for [B, S, H] in ``layout``."""
+  n_blk, seq_len = layout.num_blocks, layout.seq_len
   want = {"indices": (batch, heads, n_blk), "counts": (batch, heads, n_blk),
           "lse": (batch, heads, seq_len), "recall": (batch, heads)}
   for name, lead in want.items():
@@ -100,5 +126,5 @@ def check_state(state: AdaSpaState, batch: int, seq_len: int, heads: int, block_
     if got[:len(lead)] != lead:
       raise ValueError(
           f"state.{name} has shape {got}: expected leading dims {lead} for q of "
-          f"[B={batch}, S={seq_len}, H={heads}] at block_size={block_size} "
+          f"[B={batch}, S={seq_len}, H={heads}] at block_size={layout.block_size} "
           "(for a stack of layers, pass one layer's slice).")

@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import importlib
 import statistics
 import time
 
@@ -55,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 from adaspa_jax import PHASE_NAMES, AdaSpaConfig, parallel, phase_table
 from adaspa_jax.harness import generation
 from adaspa_jax.harness.e2e_report import summary_line
-from adaspa_jax.models import parallel as model_parallel, sampler, schedulers
+from adaspa_jax.models import families, parallel as model_parallel, sampler, schedulers
 from adaspa_jax.schedule import CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE
 from pallas_kernels import api
 
@@ -120,26 +119,15 @@ def latent_size(frames: int, height: int, width: int, patch_size_t: int = 1):
 
 
 # ----------------------------------------------------------------------------- model
-def _module(family):
-  if family not in generation.FAMILIES:
-    raise ValueError(f"model={family!r}: expected one of {sorted(generation.FAMILIES)}.")
-  return importlib.import_module(generation.FAMILIES[family].module)
-
-
 def with_layers(family: str, config, layers: int):
   """The config with ``layers`` transformer blocks; HunyuanVideo's split between dual-
   and single-stream blocks keeps the preset's ratio (20:40), rounded."""
-  if not isinstance(layers, (int, np.integer)) or isinstance(layers, bool) or layers < 1:
-    raise ValueError(f"layers={layers!r}: expected an int >= 1 (transformer blocks to build).")
-  if family == "hunyuan_video":
-    dual = round(layers * config.num_layers / config.total_layers)
-    return dataclasses.replace(config, num_layers=dual, num_single_layers=layers - dual)
-  return dataclasses.replace(config, num_layers=layers)
+  return families.get(family).with_layers(config, layers)
 
 
 def attention_layers(family: str, config) -> int:
   """Self/joint attention calls per forward: the layers AdaSpa sparsifies."""
-  return config.total_layers if family == "hunyuan_video" else config.num_layers
+  return families.get(family).attention_layers(config)
 
 
 def build_model(family: str, preset: str, layers: int, adaspa: AdaSpaConfig, *, dtype,
@@ -149,7 +137,7 @@ def build_model(family: str, preset: str, layers: int, adaspa: AdaSpaConfig, *, 
 
   Returns (model, preset config): the second gives the full depth.
   """
-  module = _module(family)
+  module = families.get(family).load()
   if preset not in module.PRESETS:
     raise ValueError(f"preset={preset!r}: expected one of {sorted(module.PRESETS)} for "
                      f"model={family}.")
@@ -209,7 +197,7 @@ class Case:
 def make_case(family, model, full_config, latent, *, text_len=None, seed=0,
               sequence_parallel=None) -> Case:
   """Inputs as the family's pipeline prepares them (``generation.build_inputs``)."""
-  fam = generation.FAMILIES[family]
+  fam = families.get(family)
   frames, height, width = latent
   inputs = generation.build_inputs(
       family, model, batch=1, frames=frames, height=height, width=width,
@@ -530,7 +518,7 @@ def prepare(*, family="hunyuan_video", preset=None, layers=2, steps=50, sparsity
   if fsdp and sp is None:
     raise ValueError("fsdp=True without mesh: expected mesh='N' (weights are sharded over "
                      "the mesh's devices).")
-  module = _module(family)
+  module = families.get(family).load()
   video = VIDEOS[family]
   preset = video.preset if preset is None else preset
   adaspa = AdaSpaConfig(sparsity=sparsity, block_size=block_size, num_steps=steps,

@@ -6,7 +6,6 @@ Kept free of absl flags so tests, notebooks and other launchers can import it.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -21,31 +20,7 @@ from flax import nnx
 from adaspa_jax.extras import require
 from adaspa_jax import PHASE_NAMES, AdaSpaConfig, models, parallel
 from adaspa_jax.harness import metrics
-from adaspa_jax.models import parallel as model_parallel, sampler, schedulers
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-  """What a diffusers pipeline fixes for one model family."""
-  module: str
-  scheduler: str          # adaspa_jax.models.schedulers preset
-  guidance_scale: float   # the pipeline's default
-  guided: bool            # classifier-free guidance with two branches
-  latent: tuple           # default latent (F, H, W): the pipeline's default video size / VAE
-  text_len: int | None    # default text tokens (None: the config's max_text_seq_length)
-
-
-FAMILIES = {
-    # WanPipeline: 480 x 832, 81 frames; T5 padded to 512 tokens; CFG 5.0.
-    "wan": Family("adaspa_jax.models.wan", "wan2.1", 5.0, True, (21, 60, 104), 512),
-    # HunyuanVideoPipeline: 720 x 1280, 129 frames; 256 LLaMA tokens; guidance 6.0 is
-    # embedded (guidance x 1000), true CFG off.
-    "hunyuan_video": Family("adaspa_jax.models.hunyuan_video", "hunyuan-video", 6.0, False,
-                            (33, 90, 160), 256),
-    # CogVideoXPipeline: 480 x 720, 49 frames; 226 T5 tokens; CFG 6.0.
-    "cogvideox": Family("adaspa_jax.models.cogvideox", "cogvideox-5b", 6.0, True, (13, 60, 90),
-                        None),
-}
+from adaspa_jax.models import families, parallel as model_parallel, sampler, schedulers
 
 
 @dataclasses.dataclass
@@ -63,15 +38,6 @@ def default_search_steps(num_steps: int) -> tuple[int, ...]:
   """The paper's searches at the 10th and 30th of 50 steps, at the same fractions."""
   steps = sorted({max(0, math.ceil(num_steps * f) - 1) for f in (0.2, 0.6)})
   return tuple(steps)
-
-
-def _family_of(model) -> str:
-  module = type(model).__module__
-  for name, fam in FAMILIES.items():
-    if fam.module == module:
-      return name
-  raise ValueError(f"checkpoint model from module {module!r}: expected one of "
-                   f"{[f.module for f in FAMILIES.values()]}.")
 
 
 def _load_embeddings(path):
@@ -154,8 +120,8 @@ def build_model(*, family, preset, checkpoint, adaspa: AdaSpaConfig, dtype, seed
   when called without a state."""
   if checkpoint is not None:
     model = models.from_pretrained(checkpoint, dtype=dtype, attention="adaspa", adaspa=adaspa)
-    return _family_of(model), model, False
-  module = importlib.import_module(FAMILIES[family].module)
+    return families.of_model(model).name, model, False
+  module = families.get(family).load()
   if preset not in module.PRESETS:
     raise ValueError(f"--preset={preset!r}: expected one of {sorted(module.PRESETS)} for "
                      f"--model={family}.")
@@ -240,7 +206,7 @@ def run(*, family="wan", preset="tiny", checkpoint=None, embeddings=None, seed=0
                                               dtype=jnp.dtype(dtype), seed=seed)
   if sp is not None:
     model_parallel.shard_model(model, sp, fsdp=fsdp)
-  fam = FAMILIES[family]
+  fam = families.get(family)
   sched = schedulers.get(scheduler or fam.scheduler)
   if shift is not None:
     if not isinstance(sched, schedulers.FlowMatchEuler):

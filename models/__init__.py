@@ -1,7 +1,8 @@
 """Flax NNX video DiTs that load diffusers checkpoints.
 
 ``from_pretrained(path)`` reads a diffusers model directory and builds the model
-named by its config's ``_class_name`` through ``REGISTRY``.
+named by its config's ``_class_name`` through ``REGISTRY``, which follows the
+family registry ``families.FAMILIES`` (the harness reads the same one).
 """
 
 from __future__ import annotations
@@ -9,15 +10,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 
+from adaspa_jax.models import families
+from adaspa_jax.models.families import FAMILIES, Family
 from adaspa_jax.models.loading import Rule, from_pretrained, load_state_dict
 
-# diffusers `_class_name` -> module implementing it. One line per model; modules
-# are imported on first use, so a model's dependencies load only when needed.
-_MODULES = {
-    "WanTransformer3DModel": "adaspa_jax.models.wan",
-    "HunyuanVideoTransformer3DModel": "adaspa_jax.models.hunyuan_video",
-    "CogVideoXTransformer3DModel": "adaspa_jax.models.cogvideox",
-}
+# diffusers `_class_name` -> module implementing it (from FAMILIES); modules are
+# imported on first use, so a model's dependencies load only when needed.
+_MODULES = families.by_class_name()
 
 
 class _Registry(Mapping):
@@ -35,4 +34,5 @@ class _Registry(Mapping):
 
 REGISTRY: Mapping = _Registry()
 
-__all__ = ["REGISTRY", "Rule", "from_pretrained", "load_state_dict"]
+__all__ = ["FAMILIES", "Family", "REGISTRY", "Rule", "families", "from_pretrained",
+           "load_state_dict"]

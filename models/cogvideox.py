@@ -10,8 +10,12 @@ T text tokens, p = patch_size, p_t = patch_size_t (1 for 1.0),
 N = (F / p_t) * (H / p) * (W / p) video tokens, S = T + N, D = heads * head_dim.
 
 Text is never masked: CogVideoX attends to all ``max_text_seq_length`` T5 tokens
-(padding included), so joint attention takes no ``kv_lengths``; padded text in
-the middle of ``[text; video]`` could not be expressed as a valid-length anyway.
+(padding included); padded text in the middle of ``[text; video]`` could not be
+expressed as a valid-length anyway. The joint sequence is padded once, at the end
+of the video stream, to the kernels' multiple (``adaspa_jax.layout``): every block
+runs on ``[text; video; padding]`` with the padded keys masked, and the padding is
+cut before the output projection. With ``attention="adaspa"`` each block's joint
+attention holds an ``adaspa_jax.nnx.AdaSpaAttention`` (``attn1.adaspa``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adaspa_jax import AdaSpaConfig, AdaSpaState, init_state, parallel, text_blocks_mask
+from adaspa_jax import AdaSpaConfig, AdaSpaState, init_state
+from adaspa_jax.layout import BlockLayout
 from adaspa_jax.parallel import SequenceParallel
 from adaspa_jax.models import layers
 from adaspa_jax.models.loading import Rule
@@ -345,24 +350,21 @@ class Attention(nnx.Module):
     self.norm_k = layers.LayerNorm(dh, _QK_NORM_EPS)
     self.to_out = _linear(d, d, rngs=rngs, dtype=dtype)
     self.heads = config.num_attention_heads
+    self.adaspa = layers.adaspa_module(config)
 
-  def __call__(self, x, n_text, rope, adaspa_state, step, config: Config):
-    """x [B, S, D] with the text prefix x[:, :n_text]; rope (cos, sin) [N, Dh] or None."""
+  def __call__(self, x, n_text, rope, ctx: layers.AttentionContext):
+    """x [B, S_pad, D] = [text prefix (n_text); video; padding]; rope (cos, sin) [N, Dh]
+    for the N video tokens, or None."""
     b, s, d = x.shape
     split = lambda y: y.reshape(b, s, self.heads, d // self.heads)
     q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
     q, k = self.norm_q(q), self.norm_k(k)
     if rope is not None:
-      q = jnp.concatenate([q[:, :n_text], apply_rotary_emb(q[:, n_text:], *rope)], axis=1)
-      k = jnp.concatenate([k[:, :n_text], apply_rotary_emb(k[:, n_text:], *rope)], axis=1)
-    sp = config.sequence_parallel
-    if adaspa_state is None:
-      out = parallel.dense_attention(q, k, v, sequence_parallel=sp, text_span=(0, n_text))
-    else:
-      out, adaspa_state = parallel.adaspa_attention(q, k, v, adaspa_state, step, config.adaspa,
-                                                    sequence_parallel=sp,
-                                                    text_span=(0, n_text))
-    return self.to_out(out.reshape(b, s, d)), adaspa_state
+      stop = n_text + rope[0].shape[0]
+      q, k = (jnp.concatenate([y[:, :n_text], apply_rotary_emb(y[:, n_text:stop], *rope),
+                               y[:, stop:]], axis=1) for y in (q, k))
+    out = layers.self_attention(self.adaspa, q, k, v, ctx)
+    return self.to_out(out.reshape(b, s, d))
 
 
 class Block(nnx.Module):
@@ -376,17 +378,16 @@ class Block(nnx.Module):
     self.ff = layers.FeedForward(d, 4 * d, approximate=config.activation_fn == "gelu-approximate",
                                  rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, text, temb, rope, adaspa_state, step, config: Config):
-    """x [B, N, D], text [B, T, D], temb [B, time_embed_dim] -> (x, text, state)."""
+  def __call__(self, x, text, temb, rope, ctx: layers.AttentionContext):
+    """x [B, N + padding, D], text [B, T, D], temb [B, time_embed_dim] -> (x, text)."""
     n_text = text.shape[1]
     nx, nt, gate, t_gate = self.norm1(x, text, temb)
-    attn, adaspa_state = self.attn1(jnp.concatenate([nt, nx], axis=1), n_text, rope,
-                                    adaspa_state, step, config)
+    attn = self.attn1(jnp.concatenate([nt, nx], axis=1), n_text, rope, ctx)
     x = x + gate * attn[:, n_text:]
     text = text + t_gate * attn[:, :n_text]
     nx, nt, gate, t_gate = self.norm2(x, text, temb)
     ff = self.ff(jnp.concatenate([nt, nx], axis=1))
-    return x + gate * ff[:, n_text:], text + t_gate * ff[:, :n_text], adaspa_state
+    return x + gate * ff[:, n_text:], text + t_gate * ff[:, :n_text]
 
 
 class AdaLayerNorm(nnx.Module):
@@ -441,10 +442,14 @@ class Model(nnx.Module):
     """AdaSpa state of every block (leading [num_layers] axis) for a latent F x H x W."""
     cfg = self.config
     t = cfg.max_text_seq_length if text_seq_length is None else text_seq_length
-    s = self.num_tokens(num_frames, height, width, t)
-    blocks = text_blocks_mask(s, cfg.adaspa.block_size, 0, t)
-    return init_state(cfg.adaspa, batch, s, cfg.num_attention_heads, text_blocks=blocks,
-                      num_layers=cfg.num_layers)
+    layout = self.adaspa_layout(self.num_tokens(num_frames, height, width, t), t)
+    return init_state(cfg.adaspa, batch, layout.seq_len, cfg.num_attention_heads,
+                      num_layers=cfg.num_layers, layout=layout)
+
+  def adaspa_layout(self, seq_len: int, text_len: int) -> BlockLayout:
+    """The joint attention's padded block layout: ``text_len`` text tokens first."""
+    return BlockLayout.create(seq_len, self.config.adaspa.block_size,
+                              text_span=(0, text_len), pad=True)
 
   def _check_inputs(self, hidden_states, encoder_hidden_states, image_rotary_emb):
     cfg = self.config
@@ -500,12 +505,8 @@ class Model(nnx.Module):
     if timestep_cond is not None:
       raise ValueError("timestep_cond is not None: CogVideoX's time embedding has no "
                        "condition projection (diffusers fails on it too).")
-    if adaspa_state is not None:
-      if cfg.attention != "adaspa":
-        raise ValueError(f"adaspa_state given but config.attention={cfg.attention!r}: expected "
-                         "'adaspa' (build the model with attention='adaspa').")
-      if adaspa_step is None:
-        raise ValueError("adaspa_step=None: expected the denoising step index with adaspa_state.")
+    use_adaspa = layers.check_adaspa_state(cfg, adaspa_state, adaspa_step,
+                                           num_layers=cfg.num_layers)
     b, f, _, h, w = hidden_states.shape
     dtype = hidden_states.dtype
     d = cfg.inner_dim
@@ -528,17 +529,20 @@ class Model(nnx.Module):
     rope = None if image_rotary_emb is None else tuple(
         jnp.asarray(r, jnp.float32) for r in image_rotary_emb)
 
-    if adaspa_state is not None:
-      # The blocks run inside a scan (a trace), where AdaSpa's schedule cannot take
-      # a Python int step; as an int32 scalar it switches phase at run time.
-      adaspa_step = jnp.asarray(adaspa_step, jnp.int32)
+    layout = self.adaspa_layout(n_text + x.shape[1], n_text)
+    x = layout.pad(x)                       # [video; padding], once for every block
+    ctx = layers.AttentionContext.create(cfg, layout, b, adaspa_step=adaspa_step,
+                                         use_adaspa=use_adaspa)
+    blocks, adaspa = self.transformer_blocks, None
+    if use_adaspa:
+      blocks, adaspa = layers.with_adaspa_state(blocks, adaspa_state, layout,
+                                                cfg.sequence_parallel)
 
-    def layer(block, carry, state):
-      x, text, state = block(*carry, emb, rope, state, adaspa_step, cfg)
-      return (x, text), state
+    def layer(block, carry, _):
+      return block(*carry, emb, rope, ctx), None
 
-    (x, text), new_state = layers.scan_layers(self.transformer_blocks, layer, (x, text),
-                                              adaspa_state)
+    (x, text), _ = layers.scan_layers(blocks, layer, (x, text))
+    x = layout.real(x)
 
     x = self.norm_out(self.norm_final(x), emb)
     x = self.proj_out(x)
@@ -546,7 +550,7 @@ class Model(nnx.Module):
     c = cfg.out_channels
     x = x.reshape(b, f // p_t, h // p, w // p, c, p_t, p, p)
     out = jnp.transpose(x, (0, 1, 5, 4, 2, 6, 3, 7)).reshape(b, f, c, h, w)
-    return out if adaspa_state is None else (out, new_state)
+    return (out, adaspa.state) if use_adaspa else out
 
 
 # ---------------------------------------------------------------- weights

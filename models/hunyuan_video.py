@@ -8,10 +8,15 @@ sequence is [video tokens (f, h, w order) | text tokens]: text is a suffix,
 padded text sits at its end and is excluded through ``kv_lengths`` = video
 tokens + valid text tokens. RoPE over (t, h, w) rotates video tokens only.
 
+The joint sequence is padded once, after the text suffix, to the kernels'
+multiple (``adaspa_jax.layout``): the text stream carries the padding through
+the dual blocks and the single blocks run on [video | text | padding], with
+the padded keys masked through ``kv_lengths``.
+
 With ``Config.attention == "adaspa"`` and an ``adaspa_state`` the joint
-attention of every block goes through ``adaspa_jax.adaspa_attention`` with
-the text suffix as its text blocks; each block owns one layer of the state
-(dual blocks first, then single blocks).
+attention of every block goes through its ``adaspa_jax.nnx.AdaSpaAttention``
+(``attn.adaspa``) with the text suffix as its text blocks; each block owns one
+layer of the state (dual blocks first, then single blocks).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adaspa_jax import AdaSpaConfig, AdaSpaState, init_state, parallel, text_blocks_mask
+from adaspa_jax import AdaSpaConfig, AdaSpaState, init_state
+from adaspa_jax.layout import BlockLayout
 from adaspa_jax.parallel import SequenceParallel
 from adaspa_jax.models.hunyuan_video_layers import (LN_EPS, FeedForward, TextProjection,
                                                     TimestepEmbedding, TokenRefiner, apply_rope,
@@ -31,9 +37,6 @@ from adaspa_jax.models.hunyuan_video_layers import (LN_EPS, FeedForward, TextPro
                                                     rope_tables, scan_layers, stacked)
 from adaspa_jax.models import layers
 from adaspa_jax.models.loading import Rule
-
-DIFFUSERS_CLASS_NAMES = ("HunyuanVideoTransformer3DModel",)
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -132,27 +135,13 @@ class _AttnContext:
   cos: jax.Array              # float32 [Nv, D] RoPE for video tokens
   sin: jax.Array
   num_video: int              # Nv: video tokens precede text tokens
-  kv_lengths: jax.Array       # int32 [B] = Nv + valid text tokens
-  config: Config
-  step: jax.Array | None
+  attention: layers.AttentionContext   # padded layout, kv_lengths = Nv + valid text, step
 
 
 def _rope_video(x, ctx):
   """RoPE on the video rows of x [B, S, H, D] (the first Nv), text rows unchanged."""
   video = apply_rope(x[:, :ctx.num_video], ctx.cos, ctx.sin)
   return jnp.concatenate([video, x[:, ctx.num_video:]], axis=1)
-
-
-def _joint_attention(q, k, v, ctx, state):
-  """q, k, v [B, S, H, D] -> ([B, S, H, D], new state or None)."""
-  text_span = (ctx.num_video, q.shape[1] - ctx.num_video)
-  sp = ctx.config.sequence_parallel
-  if state is None:
-    return parallel.dense_attention(q, k, v, sequence_parallel=sp, text_span=text_span,
-                                    kv_lengths=ctx.kv_lengths), None
-  return parallel.adaspa_attention(q, k, v, state, ctx.step, ctx.config.adaspa,
-                                   sequence_parallel=sp, text_span=text_span,
-                                   kv_lengths=ctx.kv_lengths)
 
 
 def _heads(x, heads):
@@ -177,9 +166,10 @@ class DualAttention(nnx.Module):
     self.norm_added_k = _qk_rms_norm(d, rngs, dtype)
     self.to_out = linear(c, c, rngs, dtype)
     self.to_add_out = linear(c, c, rngs, dtype)
+    self.adaspa = layers.adaspa_module(config)
 
-  def __call__(self, x, ctx_tokens, ctx, state):
-    """x [B, Nv, C] video, ctx_tokens [B, Nt, C] text -> (video out, text out, state)."""
+  def __call__(self, x, ctx_tokens, ctx):
+    """x [B, Nv, C] video, ctx_tokens [B, Nt + padding, C] text -> (video out, text out)."""
     h = self.heads
     q = apply_rope(self.norm_q(_heads(self.to_q(x), h)), ctx.cos, ctx.sin)
     k = apply_rope(self.norm_k(_heads(self.to_k(x), h)), ctx.cos, ctx.sin)
@@ -187,10 +177,10 @@ class DualAttention(nnx.Module):
     q = jnp.concatenate([q, self.norm_added_q(_heads(self.add_q_proj(ctx_tokens), h))], axis=1)
     k = jnp.concatenate([k, self.norm_added_k(_heads(self.add_k_proj(ctx_tokens), h))], axis=1)
     v = jnp.concatenate([v, _heads(self.add_v_proj(ctx_tokens), h)], axis=1)
-    out, state = _joint_attention(q, k, v, ctx, state)
+    out = layers.self_attention(self.adaspa, q, k, v, ctx.attention)
     out = out.reshape(*out.shape[:2], -1)
     n = ctx.num_video
-    return self.to_out(out[:, :n]), self.to_add_out(out[:, n:]), state
+    return self.to_out(out[:, :n]), self.to_add_out(out[:, n:])
 
 
 class AdaNormZero(nnx.Module):
@@ -215,17 +205,17 @@ class TransformerBlock(nnx.Module):
     self.ff = FeedForward(c, config.mlp_ratio, gelu_tanh, rngs=rngs, dtype=dtype)
     self.ff_context = FeedForward(c, config.mlp_ratio, gelu_tanh, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, txt, temb, ctx, state):
+  def __call__(self, x, txt, temb, ctx):
     shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
     c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
-    ax, at, state = self.attn(modulate(layer_norm(x), shift, scale),
-                              modulate(layer_norm(txt), c_shift, c_scale), ctx, state)
+    ax, at = self.attn(modulate(layer_norm(x), shift, scale),
+                       modulate(layer_norm(txt), c_shift, c_scale), ctx)
     x = x + ax * gate[:, None]
     txt = txt + at * c_gate[:, None]
     x = x + self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp)) * gate_mlp[:, None]
     ff_txt = self.ff_context(modulate(layer_norm(txt), c_shift_mlp, c_scale_mlp))
     txt = txt + ff_txt * c_gate_mlp[:, None]
-    return x, txt, state
+    return x, txt
 
 
 class SingleAttention(nnx.Module):
@@ -236,13 +226,15 @@ class SingleAttention(nnx.Module):
     self.heads = config.num_attention_heads
     self.to_q, self.to_k, self.to_v = (linear(c, c, rngs, dtype) for _ in range(3))
     self.norm_q, self.norm_k = _qk_rms_norm(d, rngs, dtype), _qk_rms_norm(d, rngs, dtype)
+    self.adaspa = layers.adaspa_module(config)
 
-  def __call__(self, h, ctx, state):
-    """h [B, S, C] joint tokens -> ([B, S, C], state)."""
+  def __call__(self, h, ctx):
+    """h [B, S_pad, C] joint tokens -> [B, S_pad, C]."""
     q = _rope_video(self.norm_q(_heads(self.to_q(h), self.heads)), ctx)
     k = _rope_video(self.norm_k(_heads(self.to_k(h), self.heads)), ctx)
-    out, state = _joint_attention(q, k, _heads(self.to_v(h), self.heads), ctx, state)
-    return out.reshape(*out.shape[:2], -1), state
+    out = layers.self_attention(self.adaspa, q, k, _heads(self.to_v(h), self.heads),
+                                ctx.attention)
+    return out.reshape(*out.shape[:2], -1)
 
 
 class SingleTransformerBlock(nnx.Module):
@@ -256,12 +248,12 @@ class SingleTransformerBlock(nnx.Module):
     self.proj_mlp = linear(c, mlp, rngs, dtype)
     self.proj_out = linear(c + mlp, c, rngs, dtype)
 
-  def __call__(self, h, temb, ctx, state):
+  def __call__(self, h, temb, ctx):
     shift, scale, gate = self.norm(temb)
     normed = modulate(layer_norm(h), shift, scale)
-    attn, state = self.attn(normed, ctx, state)
+    attn = self.attn(normed, ctx)
     mlp = gelu_tanh(self.proj_mlp(normed))
-    return h + self.proj_out(jnp.concatenate([attn, mlp], axis=-1)) * gate[:, None], state
+    return h + self.proj_out(jnp.concatenate([attn, mlp], axis=-1)) * gate[:, None]
 
 
 class PatchEmbed(nnx.Module):
@@ -359,10 +351,15 @@ class Model(nnx.Module):
                        f"{cfg.patch_size}).")
     return grid
 
+  def adaspa_layout(self, num_video: int, num_text: int) -> BlockLayout:
+    """The joint attention's padded block layout: ``num_text`` text tokens (valid and
+    padded) after ``num_video`` video tokens."""
+    return BlockLayout.create(num_video + num_text, self.config.adaspa.block_size,
+                              text_span=(num_video, num_text), pad=True)
+
   def text_blocks(self, num_video: int, num_text: int):
     """Static bool [nK]: AdaSpa key blocks holding text (the suffix after Nv video tokens)."""
-    return text_blocks_mask(num_video + num_text, self.config.adaspa.block_size, num_video,
-                            num_text)
+    return self.adaspa_layout(num_video, num_text).text_blocks
 
   def init_adaspa_state(self, batch: int, num_frames: int, height: int, width: int,
                         text_len: int) -> AdaSpaState:
@@ -371,11 +368,10 @@ class Model(nnx.Module):
     f, h, w = self._latent_grid((batch, self.config.in_channels, num_frames, height, width))
     if not isinstance(text_len, (int, np.integer)) or text_len < 0:
       raise ValueError(f"text_len={text_len!r}: expected an int >= 0.")
-    num_video = f * h * w
-    return init_state(self.config.adaspa, batch, num_video + text_len,
-                      self.config.num_attention_heads,
-                      text_blocks=self.text_blocks(num_video, text_len),
-                      num_layers=self.config.total_layers)
+    layout = self.adaspa_layout(f * h * w, text_len)
+    return init_state(self.config.adaspa, batch, layout.seq_len,
+                      self.config.num_attention_heads, num_layers=self.config.total_layers,
+                      layout=layout)
 
   def __call__(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None,
                pooled_projections=None, guidance=None, *, adaspa_state=None, adaspa_step=None):
@@ -422,18 +418,8 @@ class Model(nnx.Module):
         raise ValueError("guidance=None: expected [batch] guidance values (the config has "
                          "guidance_embeds=True).")
       guidance = _per_batch("guidance", guidance, b)
-    if adaspa_state is not None:
-      if cfg.attention != "adaspa":
-        raise ValueError(f"adaspa_state given but config.attention={cfg.attention!r}: expected "
-                         "'adaspa' (e.g. dataclasses.replace(config, attention='adaspa')).")
-      layers = adaspa_state.counts.shape[0] if adaspa_state.counts.ndim == 4 else None
-      if layers != cfg.total_layers:
-        raise ValueError(
-            f"adaspa_state.counts has shape {adaspa_state.counts.shape}: expected a leading "
-            f"[num_layers + num_single_layers = {cfg.total_layers}] axis (init_adaspa_state).")
-      if adaspa_step is None:
-        raise ValueError("adaspa_step=None: expected the denoising step (int or int32 scalar) "
-                         "alongside adaspa_state.")
+    use_adaspa = layers.check_adaspa_state(cfg, adaspa_state, adaspa_step,
+                                           num_layers=cfg.total_layers)
 
     temb = self.time_text_embed(timestep, pooled_projections.astype(dtype), guidance)
     x = self.x_embedder(hidden_states.astype(dtype))
@@ -441,36 +427,43 @@ class Model(nnx.Module):
                                 encoder_attention_mask)
     num_video = x.shape[1]
     cos, sin = rope_tables(f, h, w, cfg.rope_axes_dim, cfg.rope_theta)
+    layout = self.adaspa_layout(num_video, num_text)
+    txt = layout.pad(txt)          # [text; padding]: the joint sequence's padding, once
     kv_lengths = num_video + encoder_attention_mask.astype(jnp.int32).sum(1)
-    ctx = _AttnContext(cos=cos, sin=sin, num_video=num_video, kv_lengths=kv_lengths, config=cfg,
-                       step=adaspa_step)
+    ctx = _AttnContext(cos=cos, sin=sin, num_video=num_video,
+                       attention=layers.AttentionContext.create(
+                           cfg, layout, b, kv_lengths=kv_lengths, adaspa_step=adaspa_step,
+                           use_adaspa=use_adaspa))
 
-    dual_states = single_states = None
-    if adaspa_state is not None:
+    duals, singles = self.transformer_blocks, self.single_transformer_blocks
+    dual_attn = single_attn = None
+    if use_adaspa:
       split = lambda lo, hi: jax.tree.map(lambda s: s[lo:hi], adaspa_state)
-      dual_states = split(0, cfg.num_layers)
-      single_states = split(cfg.num_layers, cfg.total_layers)
+      sp = cfg.sequence_parallel
+      if duals is not None:
+        duals, dual_attn = layers.with_adaspa_state(duals, split(0, cfg.num_layers), layout,
+                                                    sp)
+      if singles is not None:
+        singles, single_attn = layers.with_adaspa_state(
+            singles, split(cfg.num_layers, cfg.total_layers), layout, sp)
 
-    def dual(block, carry, state):
-      xv, xt = carry
-      xv, xt, state = block(xv, xt, temb, ctx, state)
-      return (xv, xt), state
+    def dual(block, carry, _):
+      return block(*carry, temb, ctx), None
 
-    def single(block, carry, state):
-      return block(carry, temb, ctx, state)
+    def single(block, carry, _):
+      return block(carry, temb, ctx), None
 
-    (x, txt), dual_states = scan_layers(self.transformer_blocks, dual, (x, txt), dual_states)
-    joint, single_states = scan_layers(self.single_transformer_blocks, single,
-                                       jnp.concatenate([x, txt], axis=1), single_states)
+    (x, txt), _ = scan_layers(duals, dual, (x, txt))
+    joint, _ = scan_layers(singles, single, jnp.concatenate([x, txt], axis=1))
     x = self.proj_out(self.norm_out(joint[:, :num_video], temb))
 
     p, pt = cfg.patch_size, cfg.patch_size_t
     x = x.reshape(b, f, h, w, cfg.out_channels, pt, p, p)
     x = x.transpose(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, cfg.out_channels, f * pt, h * p, w * p)
-    if adaspa_state is None:
+    if not use_adaspa:
       return x
-    return x, jax.tree.map(lambda a, c: jnp.concatenate([a, c], axis=0), dual_states,
-                           single_states)
+    states = [m.state for m in (dual_attn, single_attn) if m is not None] or [adaspa_state]
+    return x, jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=0), *states)
 
 
 # --- weights ------------------------------------------------------------------------

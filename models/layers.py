@@ -11,18 +11,30 @@
   (cross-attention); cuDNN on GPU for 16-bit inputs, XLA otherwise.
 * ``stack_layers`` / ``scan_layers``: create repeated blocks with parameters
   stacked on a leading layer axis, and run them with ``jax.lax.scan``.
+* AdaSpa in a model: ``adaspa_module`` (the ``adaspa_jax.nnx.AdaSpaAttention`` a
+  self/joint attention layer holds), ``check_adaspa_state`` (the models' and the
+  sampler's one check of a given state), ``AttentionContext`` and
+  ``self_attention`` (what every layer's self/joint attention needs besides q, k,
+  v, computed once per model call: the padded ``BlockLayout``, valid lengths,
+  step), ``with_adaspa_state`` (a copy of stacked layers holding a given state).
 
 Arrays are [batch, seq, features] or [batch, seq, heads, head_dim].
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from adaspa_jax import AdaSpaConfig, AdaSpaState, parallel
+from adaspa_jax import nnx as adaspa_nnx
+from adaspa_jax.layout import BlockLayout
+from adaspa_jax.parallel import SequenceParallel
 
 
 def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool = False,
@@ -176,28 +188,31 @@ def scan_layers(layers: nnx.Module, fn: Callable, carry, xs=None):
 
   Args:
     layers: a module from ``stack_layers`` (parameters [L, ...]).
-    fn: ``fn(layer, carry, x) -> (carry, y)`` for one layer (its parameters
-      without the layer axis); it must not mutate the layer.
+    fn: ``fn(layer, carry, x) -> (carry, y)`` for one layer (its variables
+      without the layer axis); it may advance the layer's AdaSpa caches
+      (``adaspa_jax.nnx.AdaSpaCache``) and nothing else.
     carry: initial carry (e.g. hidden states).
-    xs: per-layer inputs, each leaf with a leading [L] axis (e.g. one AdaSpa
-      state per layer), or None.
+    xs: per-layer inputs, each leaf with a leading [L] axis, or None.
   Returns:
-    (final carry, ys stacked on a leading [L] axis).
+    (final carry, ys stacked on a leading [L] axis). The layers' AdaSpa caches
+    hold every layer's new state afterwards, as ``nnx.scan`` leaves them.
   """
   graphdef, state = nnx.split(layers)
 
   def body(c, inputs):
     layer_state, x = inputs
-    return fn(nnx.merge(graphdef, layer_state), c, x)
+    layer = nnx.merge(graphdef, layer_state)
+    c, y = fn(layer, c, x)
+    return c, (y, nnx.state(layer, adaspa_nnx.AdaSpaCache))
 
-  return jax.lax.scan(body, carry, (state, xs))
+  carry, (ys, caches) = jax.lax.scan(body, carry, (state, xs))
+  nnx.update(layers, caches)
+  return carry, ys
 
 
 def check_attention_fields(config) -> None:
   """Checks the attention fields every model config shares (attention, adaspa,
   sequence_parallel); raises ValueError naming the field."""
-  from adaspa_jax import AdaSpaConfig  # pylint: disable=import-outside-toplevel
-  from adaspa_jax.parallel import SequenceParallel  # pylint: disable=import-outside-toplevel
   if config.attention not in ("dense", "adaspa"):
     raise ValueError(f"attention={config.attention!r}: expected 'dense' or 'adaspa'.")
   if not isinstance(config.adaspa, AdaSpaConfig):
@@ -206,3 +221,98 @@ def check_attention_fields(config) -> None:
   if sp is not None and not isinstance(sp, SequenceParallel):
     raise ValueError(f"sequence_parallel={sp!r}: expected None or an "
                      "adaspa_jax.parallel.SequenceParallel.")
+
+
+def check_adaspa_state(config, adaspa_state, adaspa_step=None, *, num_layers=None,
+                       need_step: bool = True) -> bool:
+  """Whether a model call runs AdaSpa (a state given); ``ValueError`` for a state the
+  model cannot take. The one check of the three models and the sampler.
+
+  Args:
+    config: the model's config (``attention``, ``adaspa``).
+    adaspa_state: None (dense) or a stacked ``AdaSpaState``.
+    adaspa_step: the denoising step that must come with a state (``need_step``).
+    num_layers: attention layers the state must stack on its leading axis, or None.
+  """
+  if adaspa_state is None:
+    return False
+  attention = getattr(config, "attention", None)
+  if attention != "adaspa" or not isinstance(getattr(config, "adaspa", None), AdaSpaConfig):
+    raise ValueError(f"adaspa_state given but config.attention={attention!r}: expected "
+                     "'adaspa' (a model whose config.attention is not 'adaspa' runs dense; "
+                     "build it with attention='adaspa').")
+  if not isinstance(adaspa_state, AdaSpaState):
+    raise ValueError(f"adaspa_state={type(adaspa_state).__name__}: expected an AdaSpaState.")
+  counts = adaspa_state.counts
+  if num_layers is not None and (counts.ndim != 4 or counts.shape[0] != num_layers):
+    raise ValueError(f"adaspa_state.counts has shape {counts.shape}: expected a leading "
+                     f"[{num_layers}] layer axis (the model's init_adaspa_state).")
+  if need_step and adaspa_step is None:
+    raise ValueError("adaspa_step=None: expected the denoising step (int or int32 scalar) "
+                     "with adaspa_state.")
+  return True
+
+
+def adaspa_module(config) -> adaspa_nnx.AdaSpaAttention | None:
+  """The AdaSpa attention module of a self/joint attention layer (None unless
+  ``config.attention == "adaspa"``). It holds no state until a call gives one."""
+  if config.attention != "adaspa":
+    return None
+  return adaspa_nnx.AdaSpaAttention(config.adaspa, sequence_parallel=config.sequence_parallel)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionContext:
+  """What every layer's self/joint attention needs besides q, k, v; built once per
+  model call.
+
+  Attributes:
+    layout: the padded ``BlockLayout`` of the sequence the layers run on.
+    kv_lengths: int32 [B] valid tokens (the real ones; padded keys are masked).
+    step: int32 scalar denoising step with AdaSpa, None for dense attention.
+    sequence_parallel: the config's mesh layout, or None.
+  """
+  layout: BlockLayout
+  kv_lengths: jax.Array
+  step: jax.Array | None
+  sequence_parallel: SequenceParallel | None
+
+  @classmethod
+  def create(cls, config, layout: BlockLayout, batch: int, *, kv_lengths=None,
+             adaspa_step=None, use_adaspa: bool = False) -> "AttentionContext":
+    """kv_lengths None: every real token valid. The step becomes an int32 scalar: the
+    layer scan traces its body, so a Python int would buy no specialisation and every
+    layer takes the same ``lax.switch`` over phases."""
+    step = jnp.asarray(adaspa_step, jnp.int32) if use_adaspa else None
+    return cls(layout=layout, kv_lengths=layout.kv_lengths(kv_lengths, batch), step=step,
+               sequence_parallel=config.sequence_parallel)
+
+
+def self_attention(adaspa: adaspa_nnx.AdaSpaAttention | None, q, k, v, ctx: AttentionContext):
+  """A layer's self/joint attention on q, k, v [B, S_pad, H, D]: its AdaSpa module at
+  ``ctx.step`` (the state in the module's cache), or dense attention without a step."""
+  if ctx.step is None:
+    return parallel.dense_attention(q, k, v, sequence_parallel=ctx.sequence_parallel,
+                                    layout=ctx.layout, kv_lengths=ctx.kv_lengths)
+  return adaspa(q, k, v, step=ctx.step, kv_lengths=ctx.kv_lengths)
+
+
+def with_adaspa_state(layers: nnx.Module, adaspa_state: AdaSpaState, layout: BlockLayout,
+                      sequence_parallel: SequenceParallel | None):
+  """(copy of ``layers``, its AdaSpa module) with the module holding ``adaspa_state``.
+
+  The stacked layers hold one ``AdaSpaAttention`` (stacked like their parameters);
+  the copy's caches get the given state ([L, ...]) and layout, so a model call
+  leaves the model itself unchanged. After ``scan_layers`` over the copy, the
+  module's ``state`` is every layer's new state.
+  """
+  copy = nnx.merge(*nnx.split(layers))
+  found = adaspa_nnx.modules(copy)
+  if len(found) != 1:
+    raise ValueError(f"{type(layers).__name__}: expected one AdaSpaAttention module in the "
+                     f"stacked layers, found {len(found)} (build the model with "
+                     "attention='adaspa').")
+  module = found[0]
+  module.sequence_parallel = sequence_parallel
+  module.load_state(adaspa_state, layout)
+  return copy, module

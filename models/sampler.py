@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from adaspa_jax import AdaSpaState, schedule
+from adaspa_jax.models import layers
 
 # Traces of the jitted programs, by name: tests use it to show that a second call
 # with new inputs of the same shapes reuses the compiled program.
@@ -182,9 +183,7 @@ def _check_inputs(model, latents, cond, uncond, shared, adaspa_state, num_steps)
       if jnp.shape(v) != jnp.shape(cond[k]):
         raise ValueError(f"uncond[{k!r}] has shape {jnp.shape(v)}: expected cond's "
                          f"{jnp.shape(cond[k])}.")
-  if adaspa_state is not None:
-    if not isinstance(adaspa_state, AdaSpaState):
-      raise ValueError(f"adaspa_state={type(adaspa_state).__name__}: expected an AdaSpaState.")
+  if layers.check_adaspa_state(getattr(model, "config", None), adaspa_state, need_step=False):
     want = 2 * b if uncond is not None else b
     got = adaspa_state.recall.shape
     if len(got) != 3 or got[1] != want:
@@ -192,9 +191,7 @@ def _check_inputs(model, latents, cond, uncond, shared, adaspa_state, num_steps)
           f"adaspa_state.recall has shape {got}: expected [L, {want}, H] (a stacked state "
           f"for the denoiser's batch: {'2 x ' if uncond is not None else ''}{b} latents; "
           "build it with model.init_adaspa_state(that batch, ...)).")
-    cfg = getattr(getattr(model, "config", None), "adaspa", None)
-    if cfg is None or getattr(model.config, "attention", None) != "adaspa":
-      raise ValueError("adaspa_state given but the model's config.attention is not 'adaspa'.")
+    cfg = model.config.adaspa
     if cfg.num_steps != num_steps:
       raise ValueError(f"num_steps={num_steps}: expected the model's AdaSpa schedule length, "
                        f"config.adaspa.num_steps={cfg.num_steps}.")

@@ -4,13 +4,17 @@ Layout follows diffusers: ``hidden_states`` [B, C, F, H, W] latents,
 ``timestep`` [B], ``encoder_hidden_states`` [B, L, text_dim] (T5 features, zero
 padded, unmasked as in diffusers' pipeline). Video tokens are ordered (f, h, w)
 after the (p_t, p_h, p_w) patchifier. Self-attention over the video tokens goes
-through AdaSpa when the model config says ``attention="adaspa"`` and a state is
-passed; it has no text tokens, so ``text_blocks`` is None. Cross-attention to
-text is always dense.
+through AdaSpa (each block's ``attn1.adaspa``, an ``adaspa_jax.nnx.AdaSpaAttention``)
+when the model config says ``attention="adaspa"`` and a state is passed; it has no
+text tokens. Cross-attention to text is always dense.
+
+The token sequence is padded once, after patchifying, to the kernels' multiple
+(``adaspa_jax.layout``); every block runs on the padded sequence with the padded
+keys masked, and the padding is cut before the output projection.
 
 The 30/40 transformer blocks have their parameters stacked on a leading layer
-axis and run under ``jax.lax.scan``; the per-layer AdaSpa state is scanned with
-them. Image-to-video variants (``image_dim`` / ``added_kv_proj_dim``) and
+axis and run under ``jax.lax.scan``; the per-layer AdaSpa state (the blocks'
+AdaSpa caches) is scanned with them. Image-to-video variants (``image_dim`` / ``added_kv_proj_dim``) and
 Wan2.2's per-token timesteps are not implemented.
 """
 
@@ -25,12 +29,10 @@ import numpy as np
 from flax import nnx
 
 from adaspa_jax import AdaSpaConfig, AdaSpaState, init_state, parallel
+from adaspa_jax.layout import BlockLayout
 from adaspa_jax.parallel import SequenceParallel
 from adaspa_jax.models import layers
 from adaspa_jax.models.loading import Rule
-
-DIFFUSERS_CLASS_NAMES = ("WanTransformer3DModel",)
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -137,8 +139,10 @@ def apply_rope(x, cos, sin):
 class WanAttention(nnx.Module):
   """Multi-head attention with RMS-normed q/k across heads (diffusers ``WanAttention``)."""
 
-  def __init__(self, dim: int, heads: int, eps: float, *, rngs: nnx.Rngs, dtype):
+  def __init__(self, dim: int, heads: int, eps: float, *, rngs: nnx.Rngs, dtype, adaspa=None):
     self.heads = heads
+    # The self-attention's AdaSpa module (``layers.adaspa_module``), or None.
+    self.adaspa = adaspa
     linear = lambda: nnx.Linear(dim, dim, rngs=rngs, dtype=dtype, param_dtype=dtype)
     self.to_q, self.to_k, self.to_v, self.to_out = linear(), linear(), linear(), linear()
     self.norm_q = layers.RMSNorm(dim, eps, dtype=dtype)
@@ -186,20 +190,21 @@ class WanTransformerBlock(nnx.Module):
   def __init__(self, config: Config, *, rngs: nnx.Rngs, dtype):
     dim, eps = config.inner_dim, config.eps
     self.eps = eps
-    self.attn1 = WanAttention(dim, config.num_attention_heads, eps, rngs=rngs, dtype=dtype)
+    self.attn1 = WanAttention(dim, config.num_attention_heads, eps, rngs=rngs, dtype=dtype,
+                              adaspa=layers.adaspa_module(config))
     self.attn2 = WanAttention(dim, config.num_attention_heads, eps, rngs=rngs, dtype=dtype)
     self.norm2 = layers.LayerNorm(dim, eps) if config.cross_attn_norm else None
     self.ffn = layers.FeedForward(dim, config.ffn_dim, approximate=True, rngs=rngs, dtype=dtype)
     self.scale_shift_table = nnx.Param(
         jax.random.normal(rngs.params(), (1, 6, dim), jnp.float32) / math.sqrt(dim))
 
-  def __call__(self, x, context, temb_proj, cos, sin, self_attention,
+  def __call__(self, x, context, temb_proj, cos, sin, ctx: layers.AttentionContext,
                cross_attention=layers.attention):
-    """x [B, S, dim]; context [B, L, dim]; temb_proj [B, 6, dim].
+    """x [B, S, dim]; context [B, L, dim]; temb_proj [B, 6, dim]; cos, sin [S, D // 2].
 
-    ``self_attention(q, k, v) -> (out, aux)`` runs the self-attention proper
-    (dense, or AdaSpa with ``aux`` its new state); ``cross_attention(q, k, v)``
-    the attention to text. Returns (x, aux).
+    ``ctx`` says how the self-attention runs (dense, or AdaSpa at ``ctx.step``
+    with the state in ``attn1.adaspa``); ``cross_attention(q, k, v)`` is the
+    attention to text. Returns x.
     """
     mod = self.scale_shift_table[...] + temb_proj.astype(jnp.float32)
     shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(mod, 6, axis=1)
@@ -209,7 +214,7 @@ class WanTransformerBlock(nnx.Module):
     n = (layers.layer_norm(xf, self.eps) * (1 + scale) + shift).astype(dtype)
     q, k, v = self.attn1.project(n, n)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    a, aux = self_attention(q, k, v)
+    a = layers.self_attention(self.attn1.adaspa, q, k, v, ctx)
     x = (xf + self.attn1.output(a) * gate).astype(dtype)
 
     n = x if self.norm2 is None else self.norm2(x.astype(jnp.float32)).astype(dtype)
@@ -218,7 +223,7 @@ class WanTransformerBlock(nnx.Module):
 
     n = (layers.layer_norm(x.astype(jnp.float32), self.eps) * (1 + c_scale) + c_shift)
     f = self.ffn(n.astype(dtype))
-    return (x.astype(jnp.float32) + f.astype(jnp.float32) * c_gate).astype(dtype), aux
+    return (x.astype(jnp.float32) + f.astype(jnp.float32) * c_gate).astype(dtype)
 
 
 class Model(nnx.Module):
@@ -251,9 +256,14 @@ class Model(nnx.Module):
       num_frames, height, width: F, H, W of the latent ``hidden_states`` (before
         patchifying).
     """
-    seq = math.prod(self.grid(num_frames, height, width))
-    return init_state(self.config.adaspa, batch, seq, self.config.num_attention_heads,
-                      text_blocks=None, num_layers=self.config.num_layers)
+    layout = self.adaspa_layout(self.grid(num_frames, height, width))
+    return init_state(self.config.adaspa, batch, layout.seq_len,
+                      self.config.num_attention_heads, num_layers=self.config.num_layers,
+                      layout=layout)
+
+  def adaspa_layout(self, grid: tuple[int, int, int]) -> BlockLayout:
+    """The self-attention's padded block layout for a token grid (no text tokens)."""
+    return BlockLayout.create(math.prod(grid), self.config.adaspa.block_size, pad=True)
 
   def __call__(self, hidden_states, timestep, encoder_hidden_states,
                encoder_hidden_states_image=None, *, adaspa_state: AdaSpaState | None = None,
@@ -291,42 +301,37 @@ class Model(nnx.Module):
         or encoder_hidden_states.shape[2] != cfg.text_dim):
       raise ValueError(f"encoder_hidden_states has shape {encoder_hidden_states.shape}: "
                        f"expected [{b}, L, {cfg.text_dim}].")
-    use_adaspa = adaspa_state is not None
-    if use_adaspa and cfg.attention != "adaspa":
-      raise ValueError(f"adaspa_state given but config.attention={cfg.attention!r}: "
-                       "expected 'adaspa' (build the model with attention='adaspa').")
-    if use_adaspa and adaspa_step is None:
-      raise ValueError("adaspa_step=None: expected the denoising step with adaspa_state.")
+    use_adaspa = layers.check_adaspa_state(cfg, adaspa_state, adaspa_step,
+                                           num_layers=cfg.num_layers)
 
     grid = self.grid(*hidden_states.shape[2:])
     if min(grid) < 1 or max(grid) > cfg.rope_max_seq_len:
       raise ValueError(f"hidden_states has shape {hidden_states.shape}: token grid {grid} must "
                        f"be in [1, rope_max_seq_len={cfg.rope_max_seq_len}] per axis.")
-    angles = rope_angles(grid, cfg.attention_head_dim)
+    layout = self.adaspa_layout(grid)
+    # Padded rows rotate by angle 0 (numpy constants: no pad in the program).
+    angles = np.pad(rope_angles(grid, cfg.attention_head_dim),
+                    ((0, layout.padded_len - layout.seq_len), (0, 0)))
     cos = jnp.asarray(np.cos(angles), jnp.float32)
     sin = jnp.asarray(np.sin(angles), jnp.float32)
 
     x = jnp.moveaxis(hidden_states.astype(self.dtype), 1, -1)  # [B, F, H, W, C]
     x = self.patch_embedding(x).reshape(b, -1, cfg.inner_dim)  # tokens in (f, h, w) order
+    x = layout.pad(x)                                          # once, for every layer
     temb, temb_proj, context = self.condition_embedder(timestep, encoder_hidden_states,
                                                        self.dtype)
 
     sp = cfg.sequence_parallel
     cross = lambda q, k, v: parallel.row_parallel(layers.attention, sp, q, k, v)
-
-    def body(block, x, state):
-      if state is None:
-        attend = lambda q, k, v: (parallel.dense_attention(q, k, v, sequence_parallel=sp), None)
-      else:
-        attend = lambda q, k, v: parallel.adaspa_attention(q, k, v, state, adaspa_step,
-                                                           cfg.adaspa, sequence_parallel=sp)
-      return block(x, context, temb_proj, cos, sin, attend, cross)
-
+    ctx = layers.AttentionContext.create(cfg, layout, b, adaspa_step=adaspa_step,
+                                         use_adaspa=use_adaspa)
+    blocks, adaspa = self.blocks, None
     if use_adaspa:
-      # The layer scan traces its body, so a Python-int step would buy no
-      # specialisation; as an int32 scalar every layer takes the same switch.
-      adaspa_step = jnp.asarray(adaspa_step, jnp.int32)
-    x, new_state = layers.scan_layers(self.blocks, body, x, adaspa_state)
+      blocks, adaspa = layers.with_adaspa_state(self.blocks, adaspa_state, layout, sp)
+    x, _ = layers.scan_layers(
+        blocks, lambda block, x, _: (block(x, context, temb_proj, cos, sin, ctx, cross), None),
+        x)
+    x = layout.real(x)
 
     shift, scale = jnp.split(self.scale_shift_table[...] + temb.astype(jnp.float32)[:, None],
                              2, axis=1)
@@ -336,7 +341,7 @@ class Model(nnx.Module):
     x = x.reshape(b, *grid, pt, ph, pw, cfg.out_channels)
     x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
     out = x.reshape(b, cfg.out_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
-    return (out, new_state) if use_adaspa else out
+    return (out, adaspa.state) if use_adaspa else out
 
 
 def weight_rules(config: Config) -> list[Rule]:
