@@ -6,6 +6,8 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 
 import pallas_kernels as pk
 from adaspa_jax import policies, schedule
@@ -20,6 +22,21 @@ def _with_selection(state: AdaSpaState, sel: Selection, lse=None) -> AdaSpaState
   return AdaSpaState(indices=sel.indices, counts=sel.counts,
                      lse=state.lse if lse is None else lse,
                      recall=sel.recall, sparsity=sel.sparsity)
+
+
+def check_step(step, config: AdaSpaConfig) -> None:
+  """ValueError for a concrete step outside [0, config.num_steps) or not an integer;
+  a traced step is checked only under ``config.debug_checks`` (checkify)."""
+  if isinstance(step, jax.core.Tracer):
+    if config.debug_checks:
+      checkify.check((step >= 0) & (step < config.num_steps),
+                     f"step={{}}: expected 0 <= step < num_steps={config.num_steps}.", step)
+    return
+  value = np.asarray(step)
+  if value.shape or not np.issubdtype(value.dtype, np.integer):
+    raise ValueError(f"step={step!r}: expected an int or an int32 scalar.")
+  if not 0 <= int(value) < config.num_steps:
+    raise ValueError(f"step={int(value)}: expected 0 <= step < num_steps={config.num_steps}.")
 
 
 def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
@@ -56,6 +73,7 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
   """
   if not isinstance(config, AdaSpaConfig):
     raise ValueError(f"config={config!r}: expected an AdaSpaConfig.")
+  check_step(step, config)
   b, s, h, _ = validation.check_qkv(q, k, v)
   if layout is None:
     layout = BlockLayout.create(s, config.block_size, text_blocks=text_blocks)

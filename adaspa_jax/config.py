@@ -40,6 +40,12 @@ class AdaSpaConfig:
     measure_recall: at search steps the state's recall is the exact share of
       softmax mass the chosen blocks keep (an extra exact block-mass pass where
       the policy has none); otherwise each policy reports its own estimate.
+    debug_checks: also check traced values with ``jax.experimental.checkify``: the
+      step in [0, num_steps), kv_lengths in [0, S], and every block list the kernels
+      read (indices in range, no duplicates, counts possible). Run the jitted
+      function under ``checkify.checkify(f, errors=checkify.user_checks)`` and call
+      ``err.throw()`` on its error; without that wrapper JAX refuses to trace the
+      checks. Concrete values are always checked, with a ValueError.
   """
 
   sparsity: float = 0.8
@@ -54,6 +60,7 @@ class AdaSpaConfig:
   top_p: float = 0.9
   frame_tokens: int | None = None
   measure_recall: bool = False
+  debug_checks: bool = False
 
   def __post_init__(self):
     s = self.sparsity
@@ -86,8 +93,9 @@ class AdaSpaConfig:
     f = self.frame_tokens
     if f is not None and (not isinstance(f, numbers.Integral) or isinstance(f, bool) or f < 1):
       raise ValueError(f"frame_tokens={f!r}: expected None or an int >= 1.")
-    if not isinstance(self.measure_recall, bool):
-      raise ValueError(f"measure_recall={self.measure_recall!r}: expected a bool.")
+    for name in ("measure_recall", "debug_checks"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name}={getattr(self, name)!r}: expected a bool.")
 
   @property
   def first_search(self) -> int:
