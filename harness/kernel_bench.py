@@ -222,7 +222,7 @@ SWEEP_MASS = [(128, 64, 4, 3, True, False), (128, 64, 4, 3, True, True),
 
 def sweep(q, k, v, *, block_size, reps, key, log, interpret=False):
   """Times Triton tile choices; returns (results, best tiles per kernel)."""
-  from pallas_kernels import triton as tk  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.triton import ops as tk  # pylint: disable=g-import-not-at-top
   b, s, h, d = q.shape
   n_blk = -(-s // block_size)
   lists = [random_lists(jax.random.fold_in(key, i), b, h, n_blk,
@@ -269,7 +269,7 @@ def sweep(q, k, v, *, block_size, reps, key, log, interpret=False):
 
 def use_tiles(tiles):
   """Makes the swept tiles the Triton module's defaults for the rest of this process."""
-  from pallas_kernels import triton as tk  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.triton import ops as tk  # pylint: disable=g-import-not-at-top
   for kind, attr in (("sparse", "SPARSE_TILES"), ("dense", "DENSE_TILES"),
                      ("mass", "MASS_TILES")):
     if kind in tiles:
@@ -426,7 +426,7 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
             impl, q, k, v, densities=densities, block_size=bs, reps=reps,
             interpret=interpret, key=jax.random.fold_in(key, seq + 1))
         if impl == "triton":
-          from pallas_kernels import triton as tk  # pylint: disable=g-import-not-at-top
+          from pallas_kernels.triton import ops as tk  # pylint: disable=g-import-not-at-top
           entry["implementations"][impl]["tiles"] = {
               "sparse": vars(tk.SPARSE_TILES), "dense": vars(tk.DENSE_TILES),
               "mass": vars(tk.MASS_TILES)}

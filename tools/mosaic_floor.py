@@ -1,7 +1,7 @@
 """Load-only twin of the block-sparse Mosaic kernel: the floor its K/V traffic sets.
 
 A measurement tool for ``tools/mosaic_variants.py floor``, not a library
-kernel. It keeps what moves data in ``pallas_kernels.mosaic_block_sparse``: the
+kernel. It keeps what moves data in ``pallas_kernels.mosaic.block_sparse_kernel``: the
 grid and launch order, the per-row index lists (dense rows included), the memory
 warpgroup's TMA copies into the K/V rings, and the ready/free mbarriers of every
 stage. The compute warpgroups only wait for each stage and release it: no wgmma,
@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_block_sparse import (
+from pallas_kernels.mosaic.block_sparse_kernel import (
     COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, num_stages, smem_bytes,
     listed_block, read_entry, stream_kv_blocks)
 

@@ -1,7 +1,7 @@
 """Tuning variants of the Mosaic GPU kernels on an H200: launch order, ping-pong, ring depth, floor.
 
-The tuning runs behind the defaults of ``pallas_kernels.mosaic_block_sparse``
-and ``mosaic_block_mass`` (results: docs/bench/mosaic.md). The kernels are
+The tuning runs behind the defaults of ``pallas_kernels.mosaic.block_sparse_kernel``
+and ``block_mass_kernel`` (results: docs/bench/mosaic.md). The kernels are
 called directly with explicit ``schedule_barrier`` / ``heads_major`` / ``stages``
 so the numbers do not depend on the defaults of the day.
 
@@ -104,9 +104,12 @@ import numpy as np
 
 import pallas_kernels as pk
 from tools.mosaic_floor import expected_output, load_only_padded
-from pallas_kernels import mosaic, mosaic_block_mass, mosaic_block_sparse, mosaic_interpret
-from pallas_kernels.mosaic_block_mass import block_mass_padded
-from pallas_kernels.mosaic_block_sparse import block_sparse_attention_padded
+from pallas_kernels.mosaic import block_mass_kernel as mosaic_block_mass
+from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
+from pallas_kernels.mosaic import interpreter as mosaic_interpret
+from pallas_kernels.mosaic import ops as mosaic
+from pallas_kernels.mosaic.block_mass_kernel import block_mass_padded
+from pallas_kernels.mosaic.block_sparse_kernel import block_sparse_attention_padded
 
 B, H, D = 1, 24, 128
 SM_SCALE = 1 / math.sqrt(D)

@@ -27,8 +27,8 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags
 
-from pallas_kernels.mosaic_block_mass import WIDE_KEY_TILE, block_mass_padded
-from pallas_kernels.mosaic_block_sparse import block_sparse_attention_padded
+from pallas_kernels.mosaic.block_mass_kernel import WIDE_KEY_TILE, block_mass_padded
+from pallas_kernels.mosaic.block_sparse_kernel import block_sparse_attention_padded
 
 KERNELS = ("mass", "sparse64", "sparse128", "cudnn")
 HEAD_DIM = 128

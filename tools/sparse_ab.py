@@ -2,7 +2,7 @@
 process: same inputs, outputs compared bit for bit, times interleaved (new, old, new, ...)
 so that drift of the shared GPU hits both alike. cuDNN dense is timed in the same run.
 
-  git show COMMIT:pallas_kernels/mosaic_block_sparse.py > /tmp/old_sparse.py
+  git show COMMIT:pallas_kernels/mosaic/block_sparse_kernel.py > /tmp/old_sparse.py
   python -m tools.sparse_ab --old=/tmp/old_sparse.py   # JSON to $OUT
 
 (from the repository root; B=1, H=24, D=128, bf16, random lists.)
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from tools.mosaic_variants import cudnn_ms, lists, time_fn
-from pallas_kernels import mosaic_block_sparse
+from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
 
 B, H, D = 1, 24, 128
 

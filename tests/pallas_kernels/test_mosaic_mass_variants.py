@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import mosaic_block_mass, mosaic_interpret
-from pallas_kernels.mosaic_block_mass import block_mass_padded
+from pallas_kernels.mosaic import block_mass_kernel as mosaic_block_mass
+from pallas_kernels.mosaic import interpreter as mosaic_interpret
+from pallas_kernels.mosaic.block_mass_kernel import block_mass_padded
 from tests import numpy_ref
 from tests.pallas_kernels.kernel_suite import make_qkv
 
@@ -228,7 +229,7 @@ def test_public_block_mass_asks_for_the_module_defaults(monkeypatch):
   """``pallas_kernels.mosaic`` passes the measured defaults (256-key tiles, hand-placed
   barriers, one row tile) to the kernel, read when it traces."""
   import pallas_kernels as pk
-  from pallas_kernels import mosaic
+  from pallas_kernels.mosaic import ops as mosaic
   asked = {}
 
   def spy(q, k, lse2, lengths, **kw):

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import mosaic_block_mass, mosaic_block_sparse, mosaic_interpret
-from pallas_kernels.mosaic_block_mass import block_mass_padded
-from pallas_kernels.mosaic_block_sparse import block_sparse_attention_padded
+from pallas_kernels.mosaic import block_mass_kernel as mosaic_block_mass
+from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
+from pallas_kernels.mosaic import interpreter as mosaic_interpret
+from pallas_kernels.mosaic.block_mass_kernel import block_mass_padded
+from pallas_kernels.mosaic.block_sparse_kernel import block_sparse_attention_padded
 from tests import numpy_ref
 from tests.pallas_kernels.kernel_suite import make_qkv
 

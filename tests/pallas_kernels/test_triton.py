@@ -20,7 +20,7 @@ class TestTritonCompiled(KernelSuite):
   interpret = False
 from hypothesis import given, settings, strategies as st
 
-from pallas_kernels import triton as tk
+from pallas_kernels.triton import ops as tk
 from tests import numpy_ref
 from tests.pallas_kernels.kernel_suite import make_qkv, rows_valid
 

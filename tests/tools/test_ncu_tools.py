@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tools import ncu_probe, ncu_summary
-from pallas_kernels import mosaic_interpret
+from pallas_kernels.mosaic import interpreter as mosaic_interpret
 from tests import numpy_ref
 
 

@@ -21,10 +21,11 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import mosaic_interpret, validation
-from pallas_kernels import mosaic_block_mass
-from pallas_kernels.mosaic_block_mass import block_mass_padded
-from pallas_kernels.mosaic_block_sparse import (
+from pallas_kernels import validation
+from pallas_kernels.mosaic import interpreter
+from pallas_kernels.mosaic import block_mass_kernel
+from pallas_kernels.mosaic.block_mass_kernel import block_mass_padded
+from pallas_kernels.mosaic.block_sparse_kernel import (
     CTA_ROWS, ROWS_PER_WG, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS,
     block_sparse_attention_padded)
 
@@ -95,10 +96,10 @@ def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, interpr
   idx = _pad_seq(idx, nq_pad, 2)
   steps = _pad_seq(steps, nq_pad, 2)
   dense = _pad_seq(dense.astype(jnp.int32), nq_pad, 2)
-  with mosaic_interpret.device_context(interpret):
+  with interpreter.device_context(interpret):
     return block_sparse_attention_padded(
         qp, kp, vp, idx, steps, dense, lengths, block_size=block_size, sm_scale=scale,
-        num_kv_blocks=n_blk, interpret=mosaic_interpret.params(interpret))
+        num_kv_blocks=n_blk, interpret=interpreter.params(interpret))
 
 
 def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
@@ -106,22 +107,22 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
   b, _, h, _ = qp.shape
   n_blk = validation.num_blocks(seq, block_size)
   # Read at trace time, so a benchmark can set them (module docstring of mosaic_block_mass).
-  row_tiles = mosaic_block_mass.DEFAULT_ROW_TILES
-  key_tile = mosaic_block_mass.DEFAULT_KEY_TILE
+  row_tiles = block_mass_kernel.DEFAULT_ROW_TILES
+  key_tile = block_mass_kernel.DEFAULT_KEY_TILE
   s_pad = _padded_len(qp.shape[1], CTA_ROWS * row_tiles)
   qp = _pad_seq(qp, s_pad, 1)
   kp = _pad_seq(kp, _padded_len(kp.shape[1], max(key_tile, block_size)), 1)  # whole K tiles
   rows_ok = jnp.arange(seq)[None, None, :] < lengths[:, None, None]
   lse2 = jnp.where(rows_ok, lse * _LOG2E, jnp.inf)  # +inf rows add exp2(-inf) = 0.
   lse2 = _pad_seq(lse2, s_pad, 2, jnp.inf)
-  with mosaic_interpret.device_context(interpret):
+  with interpreter.device_context(interpret):
     chunks = block_mass_padded(qp, kp, lse2, lengths, block_size=block_size, sm_scale=scale,
                                num_kv_blocks=n_blk,
                                key_tile=key_tile, row_tiles=row_tiles,
-                               explicit_barriers=mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS,
-                               mma_sums=mosaic_block_mass.DEFAULT_MMA_SUMS,
-                               poly_keys=mosaic_block_mass.DEFAULT_POLY_KEYS,
-                               interpret=mosaic_interpret.params(interpret))
+                               explicit_barriers=block_mass_kernel.DEFAULT_EXPLICIT_BARRIERS,
+                               mma_sums=block_mass_kernel.DEFAULT_MMA_SUMS,
+                               poly_keys=block_mass_kernel.DEFAULT_POLY_KEYS,
+                               interpret=interpreter.params(interpret))
   per_block = block_size // ROWS_PER_WG
   mass = chunks.reshape(b, h, s_pad // block_size, per_block, chunks.shape[-1]).sum(3)
   return mass[:, :, :n_blk, :n_blk]

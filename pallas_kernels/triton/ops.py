@@ -2,8 +2,8 @@
 
 Same signatures and conventions as ``pallas_kernels.reference`` plus
 ``interpret``: ``interpret=True`` runs the kernels in the Pallas interpreter, so
-this path is exercised on CPU. The kernels live in ``triton_block_sparse``
-(flash attention, dense or from block lists) and ``triton_block_mass``.
+this path is exercised on CPU. The kernels live in ``block_sparse_kernel``
+(flash attention, dense or from block lists) and ``block_mass_kernel``.
 
 Preconditions beyond the reference's checks: listed block ids are distinct and in
 [0, nK) (selection produces that); ids are clamped into range so a bad list can
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from pallas_kernels import triton_block_mass
-from pallas_kernels import triton_block_sparse
+from pallas_kernels.triton import block_mass_kernel
+from pallas_kernels.triton import block_sparse_kernel
 from pallas_kernels import validation
 
-Tiles = triton_block_sparse.Tiles
+Tiles = block_sparse_kernel.Tiles
 
 # Defaults from the H200 sweeps of experiments/bench_kernels.py (docs/bench/triton.md).
 # The sparse query tile is capped by the selection block (64 in AdaSpa); the
@@ -71,7 +71,7 @@ def attention(q, k, v, *, kv_lengths=None, sm_scale=None, interpret=False, tiles
   kv_lengths = validation.check_kv_lengths(kv_lengths, b)
   scale = validation.default_scale(sm_scale, d)
   tiles = _fit_smem((tiles or DENSE_TILES).check(), d, q.dtype.itemsize, streams=2)
-  return triton_block_sparse.flash_attention(
+  return block_sparse_kernel.flash_attention(
       q, k, v, validation.valid_lengths(kv_lengths, b, s), block_size=0, sm_scale=scale,
       tiles=tiles,
       mask_keys=kv_lengths is not None, interpret=interpret)
@@ -95,7 +95,7 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   _, _, _, d, block_size, _, kv_lengths, scale, lengths = validation.block_sparse_call(
       q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale)
   tiles = _fit_smem((tiles or SPARSE_TILES).check(), d, q.dtype.itemsize, streams=2)
-  out, lse = triton_block_sparse.flash_attention(
+  out, lse = block_sparse_kernel.flash_attention(
       q, k, v, lengths, kv_block_indices, kv_block_counts,
       block_size=block_size, sm_scale=scale, tiles=tiles,
       mask_keys=kv_lengths is not None, interpret=interpret)
@@ -117,7 +117,7 @@ def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpr
   _, _, _, d, block_size, _, kv_lengths, scale, lengths = validation.block_mass_call(
       q, k, lse, block_size, kv_lengths, sm_scale)
   tiles = _fit_smem((tiles or MASS_TILES).check(), d, q.dtype.itemsize, streams=1)
-  return triton_block_mass.block_mass(
+  return block_mass_kernel.block_mass(
       q, k, lse, lengths, block_size=block_size, sm_scale=scale,
       tiles=tiles, mask_keys=kv_lengths is not None, interpret=interpret)
 

@@ -91,7 +91,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.exp2_poly import exp2_poly
-from pallas_kernels.mosaic_block_sparse import (
+from pallas_kernels.mosaic.block_sparse_kernel import (
     COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, column_ids,
     load_row_vector, qk_matmul, smem_footprint, with_layout)
 

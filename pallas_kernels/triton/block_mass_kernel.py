@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import triton_block_sparse as tbs
+from pallas_kernels.triton import block_sparse_kernel as tbs
 
 _LOG2E = math.log2(math.e)
 
@@ -89,7 +89,7 @@ def block_mass(q, k, lse, lengths, *, block_size, sm_scale, tiles, mask_keys,
     q, k: [B, S, H, D].
     lse: float32 [B, H, S], natural log.
     lengths: int32 [B], valid tokens (already clipped to S).
-    tiles: ``triton_block_sparse.Tiles``; block_q and block_k may be smaller or larger
+    tiles: ``block_sparse_kernel.Tiles``; block_q and block_k may be smaller or larger
       than the selection block, and prefetch applies when block_k >= block_size.
     mask_keys: False only when every key of the sequence is valid.
 

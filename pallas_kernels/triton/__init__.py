@@ -1,0 +1,15 @@
+"""``implementation="triton"``: the kernels in Pallas with the Triton lowering.
+
+``ops`` holds the entry points (the reference's signatures plus ``interpret``);
+``block_sparse_kernel`` the flash kernel (dense or from block lists) and
+``block_mass_kernel`` the block-mass kernel.
+"""
+
+from pallas_kernels.triton.ops import (
+    attention,
+    attention_with_block_mass,
+    block_mass,
+    block_sparse_attention,
+)
+
+__all__ = ["attention", "attention_with_block_mass", "block_mass", "block_sparse_attention"]
