@@ -1,14 +1,7 @@
 """exp2 on the FMA pipes: round, a polynomial, and a power of two from its bits.
 
-Why: the block-mass kernel runs one exp2 per score and only one matmul (QK^T), so per
-64 x 256 tile the MUFU (XU) pipe, which does 16 exp2 per SM and cycle on Hopper, is
-busy as long as the tensor cores. Nsight Compute on an H200 (2026-11-30, block 64,
-S=32768, docs/bench/mosaic.md) put both pipes at 62% of the kernel's cycles and 41% of
-the compute warps' stall samples on the ``MUFU.EX2`` instructions themselves. Computing a
-share of each tile's exponentials with these plain float and integer operations moves
-that share onto the FMA and ALU pipes, which are otherwise idle there (FlashAttention-4
-does the same for attention's softmax). Measured there it did not pay: the block-mass
-kernel's docstring says why, and its ``poly_keys`` option is off by default.
+The block-mass kernel's ``poly_keys`` option uses it (off by default; why it exists and
+what it measured: docs/log/kernel_notes.md).
 
 ``exp2_poly(x)``: ``x`` is clamped to [-127, 127]; ``t = x + M`` with
 ``M = 1.5 * 2**23 + 127`` rounds to the nearest integer ``j`` (``t`` holds ``j + 127`` in

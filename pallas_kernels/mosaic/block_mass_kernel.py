@@ -1,82 +1,25 @@
-"""Block mass from a cached LSE for Hopper in Pallas Mosaic GPU.
+"""Block mass from a cached LSE for Hopper in Pallas Mosaic GPU (``block_mass_padded``).
 
 ``mass[b, h, p, c] = sum_{i in query block p, j in key block c} exp(s_ij - lse_i)``.
 
 One CTA holds two compute warpgroups (64 query rows each) and a memory
 warpgroup that streams K through a ring of TMA stages shared by both, ``key_tile``
-keys per stage: one key block, or several (``key_tile`` 128 or 256).
+keys per stage: one key block, or several (``key_tile`` 128 or 256; a 256-key stage
+is loaded by two TMA copies of 128 keys on one barrier).
 Per tile a warpgroup runs one QK^T on wgmma, exponentiates against its rows' LSE
 and sums each row over each key block of the tile (warp shuffles only). The
 per-row sums of ``GROUP`` consecutive key blocks go to a small shared-memory
 table that is then reduced across rows once, so the cross-warp reduction is paid
 once per ``GROUP`` blocks, not once per block.
 
-Why ``key_tile=128`` at block 64 (``DEFAULT_KEY_TILE``, what ``pallas_kernels.mosaic``
-passes): the kernel runs only on dense key ranges, so two adjacent blocks are one
-TMA copy, and a 64 x 128 wgmma does the work of two 64 x 64 ones for one barrier
-round trip. On an H200 (jax 0.11.2, 2026-11-30, ``tools/mosaic_variants.py
-keytile``) it took 0.637x / 0.621x of cuDNN dense time at S = 32,768 / 118,784
-against 0.700x / 0.665x with one block per tile (docs/bench/mosaic.md).
-
-Why ``key_tile=256`` (``DEFAULT_KEY_TILE`` since 2026-11-30): one 64 x 256 wgmma per
-warpgroup and stage halves the barrier round trips again. On an H200 (jax 0.11.2,
-``mosaic_variants.py widetile``, hand-placed barriers) block mass took 0.579x / 0.560x
-of cuDNN dense time at block 64 (S = 32,768 / 118,784) against 0.589x / 0.581x with
-128-key tiles, and 0.552x / 0.553x at block 128 against 0.597x / 0.571x. Each stage is
-loaded by two TMA copies of 128 keys: loaded by one copy of 256 keys, the same kernel
-gave wrong masses at S = 9000 in 9 of 16 runs (and in every run with the ping-pong
-barrier or query tiles fastest), with no failure in 46 checks at S = 1000 to 32,768
-since the split (docs/bench/mosaic.md).
-
-Why ``pipeline=True`` exists: per score, one QK^T at D=128 costs the tensor
-cores about as many SM cycles as one exp costs the MUFU units, so the kernel can
-only reach half of dense attention's time if the exponentials of one tile run
-while the wgmma of the next is in flight. By default each warpgroup waits for
-its QK^T and then exponentiates (only the two warpgroups interleave). With
-``pipeline=True`` a warpgroup issues tile t + 1's wgmma, does tile t's exp, mask
-and row sums while it runs (the scores of tile t stay in registers as the loop's
-carry), then reads the new accumulator; the pipeline restarts at each ``GROUP``
-of key blocks. Measured in the same run it did not pay: 0.689x / 0.670x with one
-block per tile, 0.679x / 0.669x with 128-key tiles, so it stays off: the two
-warpgroups' interleaving already hides what this overlap would.
-
-Why ``schedule_barrier=True`` exists: FA3 makes its two warpgroups take turns so one's
-wgmma runs while the other's softmax does. Here it cost 4-8% (0.683x / 0.643x of cuDNN
-at block 64, against 0.631x / 0.611x without; docs/bench/mosaic.md), so it stays off:
-the exponentials are not what it waits on (see ``row_tiles`` below).
-
-Why ``row_tiles=2`` exists: with 256 query rows per CTA each K tile is streamed half as
-often. It was 4-12% slower (docs/bench/mosaic.md), so ``DEFAULT_ROW_TILES`` is 1: the
-kernel's time is its QK^T plus the per-block row sums, their shared-memory stores and
-barriers, which do not overlap it; the exponentials are hidden.
-
-Why ``explicit_barriers=True`` (``DEFAULT_EXPLICIT_BARRIERS``, what ``pallas_kernels.mosaic``
-passes): Pallas puts a warpgroup barrier before and after every shared-memory store, so
-each 64-key block's row sums cost two; the kernel needs one per group of 64 blocks, before
-the table is read back. Without the others it took 4.4-4.5% less time at block 64 and
-1.6-3.1% at block 128, with the same masses at S = 1000 and 9000 (docs/bench/mosaic.md).
-
-Why ``mma_sums=True`` exists: the per-tile math of one warpgroup (row sums, shuffles,
-table stores) is what does not overlap the QK^T. With it each tile's exponentials go
-to float16 and a 64 x key_tile x 8 wgmma against a 0/1 block indicator sums them per
-key block, eight blocks per accumulator. Right on an H200 (relative error 3e-6 to 8e-6
-from the float16 rounding) but slower: 0.610x / 0.614x of cuDNN at block 64 against
-0.545x / 0.563x without (S = 32,768 / 118,784; ``mosaic_variants.py mmasums``,
-docs/bench/mosaic.md), so ``DEFAULT_MMA_SUMS`` is False.
-
-Why ``poly_keys`` exists: per 64 x 256 tile the MUFU, which does the exp2, has as much
-work as the tensor cores (Nsight Compute: both pipes at 62% of the kernel's cycles, 41% of
-the compute warps' stall samples on ``MUFU.EX2``; docs/bench/ncu_20261130.json), so the
-last ``poly_keys`` keys of each tile can take their exp2 from ``exp2_poly`` on the FMA
-pipes instead. Right (relative error 5.7e-8 to 9.5e-8, as without) but slower: 0.743x /
-0.708x of cuDNN with a quarter of each tile, against 0.555x / 0.559x without (block 64,
-S = 32,768 / 118,784; ``mosaic_variants.py polyexp``, also with the ping-pong barrier in
-``pingpoly``). The compute warps are latency-bound (9.6 cycles per issued instruction),
-so twelve more instructions per score cost more than the MUFU time they free;
-``DEFAULT_POLY_KEYS`` is 0.
-
 Each warpgroup writes the mass of its own 64 rows; the caller adds the 64-row
 chunks of a query block together (block_size = 128 has two).
+
+Inputs are pre-padded by the caller (``pallas_kernels.mosaic.ops``): bf16/f16 q and k
+[B, S_pad, H, D] with D 64 or 128, q to a multiple of 128 rows and k to whole key
+tiles, and the row LSE in log2 units with +inf on rows that must add nothing. The
+arguments and their constraints: ``block_mass_padded``. Why the defaults
+(``DEFAULT_*``) are what they are: docs/log/kernel_notes.md.
 """
 
 from __future__ import annotations
@@ -98,8 +41,8 @@ from pallas_kernels.mosaic.block_sparse_kernel import (
 GROUP = 64  # key blocks per cross-row reduction; the output is padded to a multiple.
 KEY_TILE = 128  # keys per stage and per QK^T wgmma, beside block_size itself
 WIDE_KEY_TILE = 256  # the widest a wgmma takes (N <= 256)
-DEFAULT_KEY_TILE = WIDE_KEY_TILE  # what pallas_kernels.mosaic asks for (module docstring).
-DEFAULT_ROW_TILES = 1  # what pallas_kernels.mosaic asks for (module docstring).
+DEFAULT_KEY_TILE = WIDE_KEY_TILE  # what pallas_kernels.mosaic asks for (docs/log/kernel_notes.md).
+DEFAULT_ROW_TILES = 1  # what pallas_kernels.mosaic asks for (docs/log/kernel_notes.md).
 DEFAULT_EXPLICIT_BARRIERS = True  # likewise
 DEFAULT_MMA_SUMS = False  # likewise
 DEFAULT_POLY_KEYS = 0  # likewise
@@ -186,10 +129,10 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       (see ``smem_bytes``); None for ``num_stages``.
     key_tile: keys per stage and wgmma: None or block_size (one key block per
       tile), ``KEY_TILE`` (two blocks per tile at block_size 64, faster there:
-      see the module docstring; ``pallas_kernels.mosaic`` passes ``DEFAULT_KEY_TILE``)
+      docs/log/kernel_notes.md; ``pallas_kernels.mosaic`` passes ``DEFAULT_KEY_TILE``)
       or ``WIDE_KEY_TILE`` (a 64 x 256 accumulator per warpgroup).
     pipeline: False, or True to overlap each tile's exp with the next tile's
-      QK^T wgmma (measured slower or equal; see the module docstring).
+      QK^T wgmma (measured slower or equal; docs/log/kernel_notes.md).
     schedule_barrier: False, or True to make the two compute warpgroups take
       turns (FA3 ping-pong): one runs its QK^T while the other exponentiates.
       Not with ``pipeline``.

@@ -106,7 +106,7 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
   """Block mass from padded q/k and an unpadded [B, H, S] LSE."""
   b, _, h, _ = qp.shape
   n_blk = validation.num_blocks(seq, block_size)
-  # Read at trace time, so a benchmark can set them (module docstring of mosaic_block_mass).
+  # Read at trace time, so a benchmark can set them (docs/log/kernel_notes.md).
   row_tiles = block_mass_kernel.DEFAULT_ROW_TILES
   key_tile = block_mass_kernel.DEFAULT_KEY_TILE
   s_pad = _padded_len(qp.shape[1], CTA_ROWS * row_tiles)
