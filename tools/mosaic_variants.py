@@ -11,18 +11,17 @@ so the numbers do not depend on the defaults of the day.
   python -m tools.mosaic_variants stages [S ...]     # K/V ring depth (below)
   python -m tools.mosaic_variants floor [S ...]      # load-only floor (below)
   python -m tools.mosaic_variants all [S ...] [--budget=210]  # stages, then floor
-  python -m tools.mosaic_variants keytile [S ...]    # block-mass K tile, pipelining
-  python -m tools.mosaic_variants pingpong [S ...]   # block-mass warpgroup ping-pong
-  python -m tools.mosaic_variants rows [S ...]       # block-mass query rows per CTA
+  python -m tools.mosaic_variants keytile [S ...]    # block-mass K tile
   python -m tools.mosaic_variants anatomy [S ...]    # block-mass time without its parts
   python -m tools.mosaic_variants barriers [S ...]   # block mass, hand-placed barriers
   python -m tools.mosaic_variants widetile [S ...]   # block mass, 256-key tiles
-  python -m tools.mosaic_variants mmasums [S ...]    # block mass, sums on wgmma
-  python -m tools.mosaic_variants polyexp [S ...]    # block mass, some exp2 on FMA
-  python -m tools.mosaic_variants pingpoly [S ...]   # ping-pong, 256-key tiles, poly
   python -m tools.mosaic_variants anatomy256 [S ...] # as anatomy, 256-key tiles
 
-(from the repository root; S defaults to 32768 118784.)
+(from the repository root; S defaults to 32768 118784.) The block-mass options that
+were measured slower and removed (``pipeline``, ``schedule_barrier``, ``row_tiles``,
+``mma_sums``, ``poly_keys``) had modes here too (``pingpong``, ``rows``, ``mmasums``,
+``polyexp``, ``pingpoly``, and ``keytile`` with and without ``pipeline``): their results
+are in docs/bench/mosaic.md and the modes in git history.
 
 ``stages``: block-sparse bs 64 with rings of 2 (default) and 3 stages, bs 128
 with its default (2) and 3, densities 0.05/0.2/0.5/1.0; block mass bs 64 with
@@ -39,19 +38,9 @@ Then the floor of a 3-stage ring at bs 64, if time is left.
 
 ``keytile``: block mass at bs 64 with 64-key K tiles (one key block per
 wgmma) and with 128-key tiles (two blocks, ``key_tile=128``, the default from this
-mode's run until ``widetile``'s), each
-without and with ``pipeline`` (tile t's exp while tile t + 1's QK^T runs): four
-variants, each checked at S=1000 first, then timed; then the fused search
-(``mosaic.attention_with_block_mass``, bs 64) through the public API; cuDNN in
-the same run.
-
-``pingpong``: block mass at bs 64 (128-key tiles) and bs 128 without and with
-``schedule_barrier`` (the two compute warpgroups take turns on the tensor cores),
-each checked at S=1000 first, then timed; cuDNN in the same run.
-
-``rows``: block mass at bs 64 (128-key tiles) and bs 128 with 128 and 256 query
-rows per CTA (``row_tiles`` 1 and 2), each checked at S=1000 first, then timed;
-then the fused search through the public API with each; cuDNN in the same run.
+mode's run until ``widetile``'s), each checked at S=1000 first, then timed; then the
+fused search (``mosaic.attention_with_block_mass``, bs 64) through the public API;
+cuDNN in the same run.
 
 ``anatomy``: block mass at bs 64 (128-key tiles) as it is, with its exponentials
 replaced by a multiply, with its QK^T wgmma replaced by a constant tile, and with
@@ -65,13 +54,8 @@ the fused search through the public API with each. cuDNN in the same run.
 
 ``widetile``: block mass (hand-placed barriers) at bs 64 and 128 with 128- and 256-key
 tiles (``WIDE_TILES``), each checked twice at each of ``WIDE_CHECKS`` (S = 1000, 9000 with
-and without the ping-pong barrier and query tiles fastest, 18000), then timed; then the
-fused search through the public API with each tile. cuDNN in the same run.
-
-``mmasums``: block mass (hand-placed barriers) with its per-block row sums as now and on
-the tensor cores (``mma_sums``), at ``MMA_VARIANTS``, each checked at S = 1000, 9000 (also
-query tiles fastest), 18000 and 27000, then timed; then the fused search through the
-public API without and with. cuDNN in the same run.
+and without query tiles fastest, 18000), then timed; then the fused search through the
+public API with each tile. cuDNN in the same run.
 
 ``all`` writes one JSON, rewritten after every row; a row whose measurement
 raises records the error and the run goes on. ``--budget`` (seconds from the
@@ -394,7 +378,7 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False, **variant):
 def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None, **variant):
   """The padded block-mass kernel at a ring depth (K tile, other kernel keywords:
   ``variant``) vs the reference, from a stale LSE."""
-  cta = 128 * variant.get("row_tiles", 1)
+  cta = 128
   key, q, k, v, lengths, n_blk, _, _ = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
   _, lse, _ = pk.attention_with_block_mass(q, k, v, block_size=bs, kv_lengths=lengths,
                                            implementation="reference")
@@ -442,7 +426,7 @@ def mass_row(inp, seq, stages, bs=64, key_tile=None, **variant):
   """The block-mass kernel timed at ``seq`` with kernel keywords ``variant`` (Pallas'
   automatic barriers unless it says otherwise)."""
   _, (q, k, _) = inp.qkv(seq)
-  rows = 128 * variant.get("row_tiles", 1)  # per CTA
+  rows = 128  # per CTA
   lse2 = jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=SM_SCALE,
                          num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile, **variant)
@@ -516,23 +500,21 @@ def run_stages(run, inp, seqs, deadline):
 
 
 def run_keytile(run, inp, seqs, deadline):
-  """Block mass at block 64 with 64-key K tiles and 128-key ones, each without
-  and with ``pipeline``, each checked first; then the fused search through the public API."""
+  """Block mass at block 64 with 64-key K tiles and 128-key ones, each checked first;
+  then the fused search through the public API."""
   cudnn_rows(run, inp, seqs, "keytile", deadline)
-  variants = [(kt, pipe) for kt in (None, 128) for pipe in (False, True)]
+  variants = (None, 128)
   ok = {}
-  for kt, pipe in variants:
+  for kt in variants:
     row = run.attempt(
-        lambda kt=kt, pipe=pipe: check_mass_stages(64, None, seq=CHECK_SEQ, key_tile=kt,
-                                                   pipeline=pipe),
-        deadline=deadline, check=True, section="keytile", op="mass", bs=64, key_tile=kt,
-        pipeline=pipe)
-    ok[kt, pipe] = bool(row and row["ok"])
+        lambda kt=kt: check_mass_stages(64, None, seq=CHECK_SEQ, key_tile=kt),
+        deadline=deadline, check=True, section="keytile", op="mass", bs=64, key_tile=kt)
+    ok[kt] = bool(row and row["ok"])
   for seq in seqs:
-    for kt, pipe in variants:
-      run.attempt(lambda kt=kt, pipe=pipe: mass_row(inp, seq, None, 64, kt, pipeline=pipe),
+    for kt in variants:
+      run.attempt(lambda kt=kt: mass_row(inp, seq, None, 64, kt),
                   deadline=deadline, section="keytile", op="mass", S=seq, bs=64, key_tile=kt,
-                  pipeline=pipe, checked_ok=ok[kt, pipe])
+                  checked_ok=ok[kt])
     def fused():
       _, (q, k, v) = inp.qkv(seq)
       fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
@@ -600,9 +582,9 @@ def mass_without(exp=False, qk=False):
 WIDE_TILES = ((64, 128), (64, 256), (128, None), (128, 256))  # (block size, key tile)
 # Where the masses are checked: (length in CHECK_SEQs, kernel keywords). The 256-key tile
 # loaded by one TMA copy was wrong at S=9000 in most runs, every time with the ping-pong
-# barrier or query tiles fastest in the grid (docs/bench/mosaic.md), so those come again.
-WIDE_CHECKS = ((1, {}), (9, {}), (9, {"schedule_barrier": True}), (9, {"heads_major": False}),
-               (18, {}))
+# barrier (since removed) or query tiles fastest in the grid (docs/bench/mosaic.md), so
+# query tiles fastest comes again.
+WIDE_CHECKS = ((1, {}), (9, {}), (9, {"heads_major": False}), (18, {}))
 
 
 def run_mass_grid(run, inp, seqs, deadline, section, variants, checks, fused, repeats=1):
@@ -644,44 +626,6 @@ def run_widetile(run, inp, seqs, deadline):
                 [{"bs": bs, "key_tile": kt, "explicit_barriers": True} for bs, kt in WIDE_TILES],
                 WIDE_CHECKS,
                 [{"DEFAULT_KEY_TILE": 128}, {"DEFAULT_KEY_TILE": 256}], repeats=2)
-
-
-MMA_VARIANTS = tuple({"bs": bs, "key_tile": kt, "explicit_barriers": True, "mma_sums": mma}
-                     for bs, kt, mma in ((64, 256, False), (64, 256, True), (64, 128, True),
-                                         (128, 256, False), (128, 256, True)))
-MMA_CHECKS = ((1, {}), (9, {}), (9, {"heads_major": False}), (18, {}), (27, {}))
-
-
-def run_mmasums(run, inp, seqs, deadline):
-  """``MMA_VARIANTS`` (per-block sums on the tensor cores or not), each checked at each of
-  ``MMA_CHECKS``; then the fused search without and with."""
-  run_mass_grid(run, inp, seqs, deadline, "mmasums", MMA_VARIANTS, MMA_CHECKS,
-                [{"DEFAULT_MMA_SUMS": False}, {"DEFAULT_MMA_SUMS": True}])
-
-
-POLY_VARIANTS = tuple({"bs": bs, "key_tile": 256, "explicit_barriers": True, "poly_keys": n}
-                      for bs, n in ((64, 0), (64, 64), (64, 128), (128, 0), (128, 64)))
-POLY_CHECKS = ((1, {}), (9, {}), (18, {}))
-
-
-def run_polyexp(run, inp, seqs, deadline):
-  """``POLY_VARIANTS`` (none, a quarter or half of each tile's exp2 from ``exp2_poly``),
-  each checked at each of ``POLY_CHECKS``; then the fused search without and with."""
-  run_mass_grid(run, inp, seqs, deadline, "polyexp", POLY_VARIANTS, POLY_CHECKS,
-                [{"DEFAULT_POLY_KEYS": 0}, {"DEFAULT_POLY_KEYS": 64}])
-
-
-PINGPOLY_VARIANTS = tuple({"bs": bs, "key_tile": 256, "explicit_barriers": True,
-                          "schedule_barrier": sb, "poly_keys": n}
-                         for bs, sb, n in ((64, False, 0), (64, True, 0), (64, True, 64),
-                                           (64, True, 128), (128, False, 0), (128, True, 0),
-                                           (128, True, 64)))
-
-
-def run_pingpoly(run, inp, seqs, deadline):
-  """``PINGPOLY_VARIANTS`` (the warpgroup ping-pong with 256-key tiles, with and without
-  some exp2 from ``exp2_poly``), each checked at each of ``POLY_CHECKS``, then timed."""
-  run_mass_grid(run, inp, seqs, deadline, "pingpoly", PINGPOLY_VARIANTS, POLY_CHECKS, [])
 
 
 def run_anatomy(run, inp, seqs, deadline):
@@ -755,12 +699,12 @@ def parse_args(argv):
 
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
-  modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "pingpong", "rows",
-           "anatomy", "barriers", "widetile", "mmasums", "polyexp", "pingpoly", "anatomy256")
+  modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "anatomy", "barriers",
+           "widetile", "anatomy256")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
-  tuning = mode in ("stages", "floor", "all", "keytile", "pingpong", "rows", "anatomy",
-                    "barriers", "widetile", "mmasums", "polyexp", "pingpoly", "anatomy256")
+  tuning = mode in ("stages", "floor", "all", "keytile", "anatomy", "barriers", "widetile",
+                    "anatomy256")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -809,11 +753,6 @@ def main():
       run_floor(run, inp, seqs, run.deadline())
     if mode == "keytile":
       run_keytile(run, inp, seqs, run.deadline())
-    if mode == "pingpong":
-      run_flag(run, inp, seqs, run.deadline(), "pingpong", "schedule_barrier", (False, True))
-    if mode == "rows":
-      run_flag(run, inp, seqs, run.deadline(), "rows", "row_tiles", (1, 2),
-               fused_default="DEFAULT_ROW_TILES")
     if mode == "anatomy":
       run_anatomy(run, inp, seqs, run.deadline())
     if mode == "barriers":
@@ -822,12 +761,6 @@ def main():
                check_times=(1, 9), fused_default="DEFAULT_EXPLICIT_BARRIERS")
     if mode == "widetile":
       run_widetile(run, inp, seqs, run.deadline())
-    if mode == "mmasums":
-      run_mmasums(run, inp, seqs, run.deadline())
-    if mode == "polyexp":
-      run_polyexp(run, inp, seqs, run.deadline())
-    if mode == "pingpoly":
-      run_pingpoly(run, inp, seqs, run.deadline())
     if mode == "anatomy256":
       run_anatomy256(run, inp, seqs, run.deadline())
   run.finish()

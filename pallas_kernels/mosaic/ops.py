@@ -107,10 +107,8 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
   b, _, h, _ = qp.shape
   n_blk = validation.num_blocks(seq, block_size)
   # Read at trace time, so a benchmark can set them (docs/log/kernel_notes.md).
-  row_tiles = block_mass_kernel.DEFAULT_ROW_TILES
   key_tile = block_mass_kernel.DEFAULT_KEY_TILE
-  s_pad = _padded_len(qp.shape[1], CTA_ROWS * row_tiles)
-  qp = _pad_seq(qp, s_pad, 1)
+  s_pad = qp.shape[1]
   kp = _pad_seq(kp, _padded_len(kp.shape[1], max(key_tile, block_size)), 1)  # whole K tiles
   rows_ok = jnp.arange(seq)[None, None, :] < lengths[:, None, None]
   lse2 = jnp.where(rows_ok, lse * _LOG2E, jnp.inf)  # +inf rows add exp2(-inf) = 0.
@@ -118,10 +116,8 @@ def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
   with interpreter.device_context(interpret):
     chunks = block_mass_padded(qp, kp, lse2, lengths, block_size=block_size, sm_scale=scale,
                                num_kv_blocks=n_blk,
-                               key_tile=key_tile, row_tiles=row_tiles,
+                               key_tile=key_tile,
                                explicit_barriers=block_mass_kernel.DEFAULT_EXPLICIT_BARRIERS,
-                               mma_sums=block_mass_kernel.DEFAULT_MMA_SUMS,
-                               poly_keys=block_mass_kernel.DEFAULT_POLY_KEYS,
                                interpret=interpreter.params(interpret))
   per_block = block_size // ROWS_PER_WG
   mass = chunks.reshape(b, h, s_pad // block_size, per_block, chunks.shape[-1]).sum(3)

@@ -123,23 +123,21 @@ def _run_mode(monkeypatch, tmp_path, mode, zeros_mass, fused=None):
 def test_keytile_checks_then_times_every_variant(monkeypatch, tmp_path):
   seen = []
 
-  def zeros_mass(q, num_kv_blocks, key_tile, pipeline=False, **_):
-    seen.append((key_tile, pipeline))
+  def zeros_mass(q, num_kv_blocks, key_tile, **_):
+    seen.append(key_tile)
     return _zeros_mass(q, num_kv_blocks)
   rows = _run_mode(monkeypatch, tmp_path, "keytile", zeros_mass)
-  variants = [(kt, p) for kt in (None, 128) for p in (False, True)]
-  got = [(r["op"], r.get("key_tile"), r.get("pipeline"), bool(r.get("check"))) for r in rows
+  variants = [None, 128]
+  got = [(r["op"], r.get("key_tile"), bool(r.get("check"))) for r in rows
          if r["op"] != "cudnn"]
-  assert got == ([("mass", kt, p, True) for kt, p in variants]
-                 + [("mass", kt, p, False) for kt, p in variants]
-                 + [("fused", None, None, False)])
+  assert got == ([("mass", kt, True) for kt in variants]
+                 + [("mass", kt, False) for kt in variants]
+                 + [("fused", None, False)])
   assert set(seen) == set(variants)
 
 
 # mode, kernel keyword, its values, check lengths (CHECK_SEQ = 130), default it travels in.
 FLAG_MODES = [
-    ("pingpong", "schedule_barrier", (False, True), (130,), None),
-    ("rows", "row_tiles", (1, 2), (130,), "DEFAULT_ROW_TILES"),
     ("barriers", "explicit_barriers", (False, True), (130, 1170), "DEFAULT_EXPLICIT_BARRIERS"),
 ]
 
@@ -200,61 +198,29 @@ def test_widetile_checks_then_times_every_tile(monkeypatch, tmp_path):
   before = mbm.DEFAULT_KEY_TILE
   seen, fused_tiles = [], []
 
-  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers, schedule_barrier,
-                 heads_major, **_):
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers, heads_major, **_):
     assert explicit_barriers
-    seen.append((block_size, key_tile, schedule_barrier, heads_major))
+    seen.append((block_size, key_tile, heads_major))
     return _zeros_mass(q, num_kv_blocks)
 
   def fused(q, k, v, block_size):
     fused_tiles.append(mbm.DEFAULT_KEY_TILE)
     return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
   rows = _run_mode(monkeypatch, tmp_path, "widetile", zeros_mass, fused)
-  # CHECK_SEQ = 130: checks at 130, 1170 (three ways) and 2340, twice per tile.
-  checks = [(r["S"], r["bs"], r.get("key_tile"), r.get("schedule_barrier"),
-             r.get("heads_major")) for r in rows if r.get("check")]
-  ways = [(130, None, None), (1170, None, None), (1170, True, None), (1170, None, False),
-          (2340, None, None)]
-  assert checks == [(s, bs, kt, sb, hm) for bs, kt in mv.WIDE_TILES for _ in range(2)
-                    for s, sb, hm in ways]
+  # CHECK_SEQ = 130: checks at 130, 1170 (two ways) and 2340, twice per tile.
+  checks = [(r["S"], r["bs"], r.get("key_tile"), r.get("heads_major")) for r in rows
+            if r.get("check")]
+  ways = [(130, None), (1170, None), (1170, False), (2340, None)]
+  assert checks == [(s, bs, kt, hm) for bs, kt in mv.WIDE_TILES for _ in range(2)
+                    for s, hm in ways]
   assert not any(r["ok"] for r in rows if r.get("check"))  # the stand-in returns zeros
   timed = [(r["bs"], r.get("key_tile"), r["checked_ok"]) for r in rows
            if r["op"] == "mass" and not r.get("check")]
   assert timed == [(bs, kt, False) for bs, kt in mv.WIDE_TILES]
-  assert {(bs, kt) for bs, kt, _, _ in seen} == set(mv.WIDE_TILES)
-  assert {(sb, hm) for _, _, sb, hm in seen} == {(False, True), (True, True), (False, False)}
+  assert {(bs, kt) for bs, kt, _ in seen} == set(mv.WIDE_TILES)
+  assert {hm for _, _, hm in seen} == {True, False}
   assert [r["DEFAULT_KEY_TILE"] for r in rows if r["op"] == "fused"] == [128, 256] == fused_tiles
   assert mbm.DEFAULT_KEY_TILE == before
-
-
-@pytest.mark.parametrize("mode,flag,variants,checks,default,fused_values", [
-    ("mmasums", "mma_sums", "MMA_VARIANTS", "MMA_CHECKS", "DEFAULT_MMA_SUMS", [False, True]),
-    ("polyexp", "poly_keys", "POLY_VARIANTS", "POLY_CHECKS", "DEFAULT_POLY_KEYS", [0, 64]),
-    ("pingpoly", "poly_keys", "PINGPOLY_VARIANTS", "POLY_CHECKS", "DEFAULT_POLY_KEYS", []),
-])
-def test_mass_grid_modes_check_then_time_each_variant(mode, flag, variants, checks, default,
-                                                      fused_values, monkeypatch, tmp_path):
-  mbm = mv.mosaic_block_mass
-  seen, fused_seen = [], []
-  key = lambda bs, kt, kw: (bs, kt, kw[flag], kw.get("schedule_barrier", False))
-
-  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers, **kw):
-    assert explicit_barriers
-    seen.append(key(block_size, key_tile, kw))
-    return _zeros_mass(q, num_kv_blocks)
-
-  def fused(q, k, v, block_size):
-    fused_seen.append(getattr(mbm, default))
-    return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
-  before = getattr(mbm, default)
-  rows = _run_mode(monkeypatch, tmp_path, mode, zeros_mass, fused)
-  want = [key(v["bs"], v["key_tile"], v) for v in getattr(mv, variants)]
-  got_checks = [(r["S"], *key(r["bs"], r["key_tile"], r)) for r in rows if r.get("check")]
-  assert got_checks == [(t * 130, *v) for v in want for t, _ in getattr(mv, checks)]
-  timed = [key(r["bs"], r["key_tile"], r) for r in rows
-           if r["op"] == "mass" and not r.get("check")]
-  assert timed == want and set(seen) == set(want)
-  assert fused_seen == fused_values and getattr(mbm, default) == before
 
 
 def test_anatomy256_times_the_shipped_kernel_without_its_parts(monkeypatch, tmp_path):

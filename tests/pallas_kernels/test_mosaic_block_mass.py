@@ -1,10 +1,7 @@
-"""The Mosaic block-mass kernel's scheduling variants: ``pipeline=True`` (each tile's exp
-overlaps the next tile's QK^T, restarting at every ``GROUP`` of key blocks),
-``schedule_barrier=True`` (the two compute warpgroups take turns on the tensor cores),
-``row_tiles=2`` (256 query rows per CTA, two 64-row chunks per warpgroup),
-``explicit_barriers=True``, ``mma_sums=True`` (per-block sums on the tensor cores) and
-``poly_keys=64`` (a quarter to a whole of each tile's exp2 from ``exp2_poly``), each
-with 64-, 128- and 256-key tiles (two TMA copies per 256-key stage).
+"""The Mosaic block-mass kernel (``pallas_kernels.mosaic.block_mass_kernel``) with Pallas'
+automatic barriers and with ``explicit_barriers=True``, each with 64-, 128- and 256-key
+tiles (two TMA copies per 256-key stage); its argument checks; and what
+``pallas_kernels.mosaic.ops`` asks of it.
 
 Results run under JAX's GPU interpreter (CPU) against the numpy reference, from a
 stale cached LSE, on ragged lengths with an odd number of key blocks. A few cases
@@ -30,18 +27,14 @@ from tests.pallas_kernels.kernel_suite import make_qkv
 TOL = 3e-2  # bf16 inputs
 
 
-VARIANTS = [{"pipeline": True}, {"schedule_barrier": True}, {"row_tiles": 2},
-            {"explicit_barriers": True}, {"mma_sums": True, "explicit_barriers": True},
-            {"poly_keys": 64, "explicit_barriers": True}]
-VARIANT_IDS = ["pipeline", "ping_pong", "rows256", "explicit_barriers", "mma_sums", "poly64"]
-TOO_BIG = "two 256-key stages and a second row tile need more than 227 KiB"
+VARIANTS = [{}, {"explicit_barriers": True}]
+VARIANT_IDS = ["auto_barriers", "explicit_barriers"]
 
 
 def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile, variant):
   """block mass [B, H, nK, nK] of the kernel variant, from a natural-log LSE."""
   b, seq, h, d = q.shape
-  cta = 128 * variant.get("row_tiles", 1)
-  s_pad = -(-seq // cta) * cta
+  s_pad = -(-seq // 128) * 128
   k_pad = -(-seq // (key_tile or bs)) * (key_tile or bs)  # whole K tiles
   pad = lambda x, axis, value, n=s_pad: np.pad(
       np.asarray(x), [(0, n - seq) if a == axis else (0, 0) for a in range(x.ndim)],
@@ -74,21 +67,10 @@ CASES = [
 ]
 
 
-# One 64-key polynomial chunk per tile of two and four blocks at block 64, and in the
-# second half of a 128-key block (a block summed from two chunks), over several groups.
-POLY_CASES = [CASES[1], CASES[3], CASES[4], CASES[5]]
-
-
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"bs{c[3]}d{c[2]}kt{c[4]}g{c[6]}")
 def test_mass_variant_matches_reference(case, variant, monkeypatch):
   seq, length, d, bs, key_tile, stages, group = case
-  if variant.get("row_tiles") == 2 and key_tile == 256 and d == 128:
-    pytest.skip(TOO_BIG)
-  if variant.get("mma_sums") and group is not None and group % mosaic_block_mass.SUMS_N:
-    pytest.skip("mma_sums fills the table SUMS_N = 8 key blocks at a time")
-  if variant.get("poly_keys") and case not in POLY_CASES:
-    pytest.skip("poly_keys runs on the cases of POLY_CASES (CI time)")
   q, k, _ = make_qkv(41 + d + bs, 1, seq, 1, d, jnp.bfloat16)
   _, lse = numpy_ref.attention(q, k, k, (length,))
   lse = lse + np.random.default_rng(42).normal(0, 0.3, lse.shape)  # a cached, stale LSE
@@ -120,28 +102,8 @@ def _mass_call(bs, d, stages, key_tile, s=512, variant=VARIANTS[0]):
                                              (256, None)])
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 def test_mass_variant_lowers_for_cuda(bs, d, key_tile, stages, variant):
-  if variant.get("row_tiles") == 2 and stages == 3 and d == 128:
-    stages = 2  # the second row tile's Q and table leave room for two 128-key stages
-  if variant.get("row_tiles") == 2 and key_tile == 256 and d == 128:
-    pytest.skip(TOO_BIG)
   fn, args = _mass_call(bs, d, stages, key_tile, variant=variant)
   jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-
-
-@pytest.mark.parametrize("pipeline", [1, "True", None])
-def test_bad_pipeline_raises(pipeline):
-  fn, args = _mass_call(64, 128, None, None)
-  with pytest.raises(ValueError, match=f"pipeline={pipeline!r}"):
-    jax.eval_shape(functools.partial(fn, pipeline=pipeline), *args)
-
-
-@pytest.mark.parametrize("flag", [1, None])
-def test_bad_schedule_barrier_raises(flag):
-  fn, args = _mass_call(64, 128, None, None, variant={})
-  with pytest.raises(ValueError, match=f"schedule_barrier={flag!r}"):
-    jax.eval_shape(functools.partial(fn, schedule_barrier=flag), *args)
-  with pytest.raises(ValueError, match="not True with pipeline=True"):
-    jax.eval_shape(functools.partial(fn, schedule_barrier=True, pipeline=True), *args)
 
 
 def test_bad_key_tile_and_short_k_raise():
@@ -156,78 +118,15 @@ def test_bad_key_tile_and_short_k_raise():
     jax.eval_shape(functools.partial(fn, key_tile=256), q, short, lse, lengths)
 
 
-def test_bad_mma_sums_raise(monkeypatch):
-  fn, args = _mass_call(64, 128, None, 128, variant={})
-  for bad, match in (({"mma_sums": 1}, "mma_sums=1"), ({"mma_sums": None}, "mma_sums=None"),
-                     ({"mma_sums": True, "pipeline": True}, "True only without the others"),
-                     ({"mma_sums": True, "row_tiles": 2}, "True only without the others")):
-    with pytest.raises(ValueError, match=match):
-      jax.eval_shape(functools.partial(fn, **bad), *args)
-  monkeypatch.setattr(mosaic_block_mass, "GROUP", 4)
-  with pytest.raises(ValueError, match="mma_sums=True with GROUP=4: expected a multiple of 8"):
-    jax.eval_shape(functools.partial(fn, mma_sums=True), *args)
-
-
-def test_bad_poly_keys_raise():
-  fn, args = _mass_call(64, 128, None, 128, variant={})
-  for bad in ({"poly_keys": 32}, {"poly_keys": 192}, {"poly_keys": -64}, {"poly_keys": True},
-              {"poly_keys": 64.0}, {"poly_keys": 64, "mma_sums": True}):
-    with pytest.raises(ValueError, match=f"poly_keys={bad['poly_keys']!r} with key_tile=128"):
-      jax.eval_shape(functools.partial(fn, **bad), *args)
-  jax.eval_shape(functools.partial(fn, poly_keys=128), *args)  # the whole tile
-
-
-def test_sums_matrices_mark_each_keys_block():
-  """Tile j of a chunk puts key ``key`` of its tile in column j * per_tile + key // bs."""
-  for bs, kt in ((64, 64), (64, 128), (64, 256), (128, 256)):
-    e = np.asarray(mosaic_block_mass.sums_matrices(bs, kt), np.float32)
-    per_tile = kt // bs
-    assert e.shape == (8 // per_tile, 8, kt)
-    assert (e.sum(1) == 1).all()  # every key in exactly one block column
-    for j in range(e.shape[0]):
-      cols = e[j].argmax(0)
-      np.testing.assert_array_equal(cols, j * per_tile + np.arange(kt) // bs)
-
-
-def test_default_depth_over_shared_memory_raises():
-  """Two 256-key stages (the least depth) and a second row tile do not fit at D=128: refused
-  here, with the bytes, rather than by the GPU compiler."""
-  fn, args = _mass_call(64, 128, None, 256, variant={"row_tiles": 2})
-  with pytest.raises(ValueError, match=r"key_tile=256, row_tiles=2, head_dim=128, bfloat16: "
-                                       r"the default 2 stages need \d+ bytes .* 232448"):
+def test_rows_not_a_multiple_of_128_raise():
+  fn, args = _mass_call(64, 128, None, None, s=320, variant={})
+  with pytest.raises(ValueError, match="320 rows: expected a multiple of 128"):
     jax.eval_shape(fn, *args)
-
-
-def test_bad_row_tiles_raise():
-  fn, args = _mass_call(64, 128, None, None, variant={})
-  for bad, match in (({"row_tiles": 3}, "row_tiles=3"), ({"row_tiles": True}, "row_tiles=True"),
-                     ({"row_tiles": 2, "pipeline": True}, "expected neither")):
-    with pytest.raises(ValueError, match=match):
-      jax.eval_shape(functools.partial(fn, **bad), *args)
-  fn, args = _mass_call(64, 128, None, None, s=384, variant={"row_tiles": 2})
-  with pytest.raises(ValueError, match="384 rows: expected a multiple of 256"):
-    jax.eval_shape(fn, *args)
-
-
-def test_public_block_mass_with_256_row_ctas(monkeypatch):
-  """``pallas_kernels.mosaic`` pads Q and the LSE to 256 rows when the default asks for two
-  row tiles; the masses do not change."""
-  import pallas_kernels as pk
-  monkeypatch.setattr(mosaic_block_mass, "DEFAULT_ROW_TILES", 2)
-  q, k, _ = make_qkv(7, 2, 200, 2, 64, jnp.bfloat16)
-  lengths = (200, 131)
-  _, lse = numpy_ref.attention(q, k, k, lengths)
-  lse = lse + np.random.default_rng(3).normal(0, 0.3, lse.shape)
-  got = pk.block_mass(q, k, jnp.asarray(lse, jnp.float32), block_size=64,
-                      kv_lengths=jnp.array(lengths, jnp.int32), implementation="mosaic",
-                      interpret=True)
-  want = numpy_ref.block_mass(q, k, lse, 64, lengths)
-  np.testing.assert_allclose(np.asarray(got), want, rtol=TOL, atol=TOL * 1e-2)
 
 
 def test_public_block_mass_asks_for_the_module_defaults(monkeypatch):
   """``pallas_kernels.mosaic`` passes the measured defaults (256-key tiles, hand-placed
-  barriers, one row tile) to the kernel, read when it traces."""
+  barriers) to the kernel, read when it traces."""
   import pallas_kernels as pk
   from pallas_kernels.mosaic import ops as mosaic
   asked = {}
@@ -241,9 +140,6 @@ def test_public_block_mass_asks_for_the_module_defaults(monkeypatch):
                 implementation="mosaic", interpret=True)
   assert asked["key_tile"] == mosaic_block_mass.DEFAULT_KEY_TILE == 256
   assert asked["explicit_barriers"] is mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS is True
-  assert asked["row_tiles"] == mosaic_block_mass.DEFAULT_ROW_TILES == 1
-  assert asked["mma_sums"] is mosaic_block_mass.DEFAULT_MMA_SUMS is False
-  assert asked["poly_keys"] == mosaic_block_mass.DEFAULT_POLY_KEYS == 0
 
 
 def test_public_block_mass_pads_k_to_whole_wide_tiles():
