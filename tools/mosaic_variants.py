@@ -90,6 +90,7 @@ import pallas_kernels as pk
 from tools.mosaic_floor import expected_output, load_only_padded
 from pallas_kernels.mosaic import block_mass_kernel as mosaic_block_mass
 from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
+from pallas_kernels.mosaic import common as mosaic_common
 from pallas_kernels.mosaic import interpreter as mosaic_interpret
 from pallas_kernels.mosaic import ops as mosaic
 from pallas_kernels.mosaic.block_mass_kernel import block_mass_padded
@@ -151,14 +152,11 @@ def check_inputs(d, bs, dtype, seq=1000, b=2, h=2):
 
 
 def padded_args(q, k, v, idx, cnt, n_blk, bs):
-  """Operands of the padded kernels for a ``check_inputs`` case (as ``mosaic._sparse``)."""
-  s_pad = -(-q.shape[1] // 128) * 128
-  pad_s = lambda x: jnp.pad(x, ((0, 0), (0, s_pad - x.shape[1]), (0, 0), (0, 0)))
-  n_q = s_pad // bs
-  pad_q = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, n_q - x.shape[2])) + ((0, 0),) * (x.ndim - 3))
-  dense = cnt >= n_blk
-  steps = jnp.where(dense, n_blk, jnp.clip(cnt, 0, idx.shape[-1]))
-  return (pad_s(q), pad_s(k), pad_s(v), pad_q(idx), pad_q(steps), pad_q(dense.astype(jnp.int32)))
+  """Operands of the padded kernels for a ``check_inputs`` case, padded as
+  ``pallas_kernels.mosaic.ops`` pads them."""
+  s_pad = mosaic.padded_len(q.shape[1])
+  lists = mosaic.kernel_lists(idx, cnt, num_kv_blocks=n_blk, num_query_blocks=s_pad // bs)
+  return (*(mosaic.pad_seq(x, s_pad, 1) for x in (q, k, v)), *lists)
 
 
 def check(d, bs, dtype, seq=1000, b=2, h=2):
@@ -346,7 +344,7 @@ def fits(kind, bs, stages):
   """None if ``stages`` fits in shared memory at D=128 bf16, else why not."""
   mod = mosaic_block_mass if kind == "mass" else mosaic_block_sparse
   need = mod.smem_bytes(bs, D, 2, stages)
-  limit = mosaic_block_sparse.SMEM_LIMIT
+  limit = mosaic_common.SMEM_LIMIT
   return None if need <= limit else f"needs {need} bytes of shared memory > {limit}"
 
 
@@ -362,7 +360,7 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False, **variant):
         **variant)
   wo, wl = pk.block_sparse_attention(q, k, v, idx, cnt, block_size=bs, kv_lengths=lengths,
                                      implementation="reference")
-  # The padded kernel does not zero rows past kv_lengths (mosaic._finish does).
+  # The padded kernel does not zero rows past kv_lengths (pallas_kernels.mosaic.ops does).
   valid = np.arange(seq)[None, :] < np.asarray(lengths)[:, None]  # [B, S]
   o = np.where(valid[:, :, None, None], np.asarray(out[:, :seq], np.float32), 0.0)
   l, wl = np.asarray(lse[:, :, :seq]), np.asarray(wl)
@@ -378,22 +376,18 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False, **variant):
 def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None, **variant):
   """The padded block-mass kernel at a ring depth (K tile, other kernel keywords:
   ``variant``) vs the reference, from a stale LSE."""
-  cta = 128
   key, q, k, v, lengths, n_blk, _, _ = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
   _, lse, _ = pk.attention_with_block_mass(q, k, v, block_size=bs, kv_lengths=lengths,
                                            implementation="reference")
   cached = lse + 0.3 * jax.random.normal(jax.random.fold_in(key, 3), lse.shape)
   want = pk.block_mass(q, k, cached, block_size=bs, kv_lengths=lengths,
                        implementation="reference")
-  # As mosaic._mass: log2 units, +inf on rows that must add nothing.
-  rows_ok = jnp.arange(seq)[None, None, :] < lengths[:, None, None]
-  lse2 = jnp.where(rows_ok, cached / math.log(2), jnp.inf)
-  s_pad = -(-seq // cta) * cta
-  lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, s_pad - seq)), constant_values=jnp.inf)
-  k_pad = -(-seq // max(bs, key_tile or bs)) * max(bs, key_tile or bs)  # whole K tiles
-  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - seq), (0, 0), (0, 0)))
+  s_pad = mosaic.padded_len(seq)
+  lse2 = mosaic.log2_lse(cached, lengths, s_pad)  # as pallas_kernels.mosaic.ops passes it
+  k_pad = mosaic.padded_len(seq, max(bs, key_tile or bs))  # whole K tiles
   with mosaic_interpret.device_context(interpret):
-    chunks = block_mass_padded(pad(q, s_pad), pad(k, k_pad), lse2, lengths, block_size=bs,
+    chunks = block_mass_padded(mosaic.pad_seq(q, s_pad, 1), mosaic.pad_seq(k, k_pad, 1), lse2,
+                               lengths, block_size=bs,
                                sm_scale=SM_SCALE, num_kv_blocks=n_blk, stages=stages,
                                key_tile=key_tile, interpret=mosaic_interpret.params(interpret),
                                **variant)

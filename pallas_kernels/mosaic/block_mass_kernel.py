@@ -25,7 +25,6 @@ arguments and their constraints: ``block_mass_padded``. Why the defaults
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +32,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic.block_sparse_kernel import (
-    COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, column_ids,
-    load_row_vector, qk_matmul, smem_footprint)
+from pallas_kernels.mosaic.common import (
+    COMPUTE_WGS, CTA_ROWS, LOG2E, ROWS_PER_WG, check_stages, column_ids, load_row_vector,
+    qk_matmul, smem_footprint, smem_transforms)
 
 GROUP = 64  # key blocks per cross-row reduction; the output is padded to a multiple.
 KEY_TILE = 128  # keys per stage and per QK^T wgmma, beside block_size itself
@@ -45,7 +44,6 @@ DEFAULT_EXPLICIT_BARRIERS = True  # likewise
 _SMEM_FOR_K = 96 * 1024
 # This kernel keeps Mosaic's default reduction scratch, so its footprint counts it.
 _REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
-_LOG2E = math.log2(math.e)
 
 
 def padded_num_kv_blocks(num_kv_blocks: int) -> int:
@@ -122,9 +120,9 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
                         lambda n: smem_bytes(kt, d, itemsize, n),
                         f"block mass at block_size={bs}, key_tile={kt}, "
                         f"head_dim={d}, {jnp.dtype(dtype).name}")
-  qk_scale = sm_scale * _LOG2E
+  qk_scale = sm_scale * LOG2E
   n_groups = padded_num_kv_blocks(num_kv_blocks) // GROUP
-  transforms = _smem_transforms(dtype)
+  transforms = smem_transforms(dtype)
   emulate = interpret is not None
 
   def kernel(q_ref, k_ref, lse_ref, len_ref, mass_ref, q_smem2, k_smem, lse_smem2, rows_smem2,

@@ -13,17 +13,13 @@ exp2(s - inf) = 0 removes them without a per-element row mask.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.triton import block_sparse_kernel as tbs
-
-_LOG2E = math.log2(math.e)
-
+from pallas_kernels.triton import common
 
 def _mass_kernel(lengths_ref, q_ref, k_ref, lse_ref, mass_ref, *, scale2, block_q, block_k,
                  unit_q, unit_k, sub_steps, n_steps, mask_keys, fast_exp2, prefetch):
@@ -37,14 +33,14 @@ def _mass_kernel(lengths_ref, q_ref, k_ref, lse_ref, mass_ref, *, scale2, block_
   length = lengths_ref[b]
   q = q_ref[...]
   lse2 = lse_ref[...]
-  precision = tbs._dot_precision(q_ref.dtype)  # pylint: disable=protected-access
+  precision = common.dot_precision(q_ref.dtype)
   groups_q, groups_k = block_q // unit_q, block_k // unit_k
   row_group = lax.div(lax.broadcasted_iota(jnp.int32, (block_q,), 0), unit_q)
   col_group = lax.div(lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1), unit_k)
 
   def scores(tile):
     """Raw q k^T of key tile ``tile`` (f32 [block_q, block_k])."""
-    start = tbs.aligned(tile * block_k, block_k)
+    start = common.aligned(tile * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
     return lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                            preferred_element_type=jnp.float32)
@@ -52,7 +48,7 @@ def _mass_kernel(lengths_ref, q_ref, k_ref, lse_ref, mass_ref, *, scale2, block_
   def process(t, tiles_s):
     sums = [None] * groups_k  # per key group: [block_q] row sums
     for sub, s in enumerate(tiles_s):
-      p = tbs.exp2(s * scale2 - lse2[:, None], fast_exp2)
+      p = common.exp2(s * scale2 - lse2[:, None], fast_exp2)
       if mask_keys:
         start = (t * sub_steps + sub) * block_k
         cols = start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
@@ -103,17 +99,17 @@ def block_mass(q, k, lse, lengths, *, block_size, sm_scale, tiles, mask_keys,
   step_keys = max(block_k, block_size)
   s_pad = -(-s // max(block_q, step_keys)) * max(block_q, step_keys)
   mask_keys = mask_keys or s_pad != s
-  qp, kp = (tbs.pad_seq_and_dim(x, s_pad) for x in (q, k))
+  qp, kp = (common.pad_seq_and_dim(x, s_pad) for x in (q, k))
   d_pad = qp.shape[-1]
   # Base-2 LSE; padded rows -> +inf (they add nothing); a valid row's non-finite
   # LSE counts as 0, as the float64 test reference does.
   row_ok = jnp.arange(s_pad)[None, None, :] < lengths[:, None, None]
   lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, s_pad - s)))
-  lse2 = jnp.where(row_ok, jnp.where(jnp.isfinite(lse_p), lse_p, 0.0) * _LOG2E, jnp.inf)
+  lse2 = jnp.where(row_ok, jnp.where(jnp.isfinite(lse_p), lse_p, 0.0) * common.LOG2E, jnp.inf)
   n_col_blocks = s_pad // block_size
 
   kernel = functools.partial(
-      _mass_kernel, scale2=sm_scale * _LOG2E, block_q=block_q, block_k=block_k,
+      _mass_kernel, scale2=sm_scale * common.LOG2E, block_q=block_q, block_k=block_k,
       unit_q=unit_q, unit_k=unit_k, sub_steps=step_keys // block_k,
       n_steps=s_pad // step_keys, mask_keys=mask_keys,
       fast_exp2=tiles.fast_exp2 and not interpret, prefetch=tiles.prefetch)
@@ -129,7 +125,7 @@ def block_mass(q, k, lse, lengths, *, block_size, sm_scale, tiles, mask_keys,
       out_specs=pl.BlockSpec((None, None, block_q // unit_q, n_col_blocks),
                              lambda i, bi, hi: (bi, hi, i, 0)),
       out_shape=jax.ShapeDtypeStruct((b, h, s_pad // unit_q, n_col_blocks), jnp.float32),
-      compiler_params=None if interpret else tbs._compiler_params(tiles),  # pylint: disable=protected-access
+      compiler_params=None if interpret else common.compiler_params(tiles),
       interpret=interpret,
       name="adaspa_block_mass",
   )(lengths, qp, kp, lse2.astype(jnp.float32))

@@ -39,7 +39,7 @@ def _interpreted_mass(q, k, lse, length, *, bs, stages, key_tile, variant):
   pad = lambda x, axis, value, n=s_pad: np.pad(
       np.asarray(x), [(0, n - seq) if a == axis else (0, 0) for a in range(x.ndim)],
       constant_values=value)
-  # As mosaic._mass: log2 units, +inf on rows that must add nothing.
+  # As pallas_kernels.mosaic.ops.log2_lse: log2 units, +inf on rows that must add nothing.
   lse2 = np.where(np.arange(seq) < length, lse / math.log(2), np.inf)
   n_blk = -(-seq // bs)
   with mosaic_interpret.device_context(True):

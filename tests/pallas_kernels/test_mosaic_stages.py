@@ -18,6 +18,7 @@ import pytest
 
 from pallas_kernels.mosaic import block_mass_kernel as mosaic_block_mass
 from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
+from pallas_kernels.mosaic import common as mosaic_common
 from pallas_kernels.mosaic import interpreter as mosaic_interpret
 from pallas_kernels.mosaic.block_mass_kernel import block_mass_padded
 from pallas_kernels.mosaic.block_sparse_kernel import block_sparse_attention_padded
@@ -51,7 +52,7 @@ def test_block_sparse_stages_match_reference(case):
   # from the list (past a 3-deep ring), two, one.
   idx = np.stack([rng.permutation(n_blk) for _ in range(n_blk)]).astype(np.int32)[None, None]
   cnt = np.array([n_blk, 0, n_blk - 1, 2, 1][:n_blk], np.int32)[None, None]
-  dense = (cnt >= n_blk).astype(np.int32)  # as mosaic._sparse
+  dense = (cnt >= n_blk).astype(np.int32)  # as pallas_kernels.mosaic.ops.kernel_lists
   s_pad = -(-seq // 128) * 128
   n_q = s_pad // bs
   with mosaic_interpret.device_context(True):
@@ -82,7 +83,7 @@ def test_block_mass_stages_match_reference(key_tile):
   lse = lse + np.random.default_rng(34).normal(0, 0.3, lse.shape)  # a cached, stale LSE
   s_pad = 384
   rows_ok = np.arange(seq) < length
-  lse2 = np.where(rows_ok, lse / math.log(2), np.inf)  # as mosaic._mass
+  lse2 = np.where(rows_ok, lse / math.log(2), np.inf)  # as pallas_kernels.mosaic.ops.log2_lse
   lse2 = _pad_rows(lse2, s_pad, axis=2, value=np.inf).astype(np.float32)
   n_blk = -(-seq // bs)
   with mosaic_interpret.device_context(True):
@@ -153,7 +154,7 @@ KERNELS = {
 @pytest.mark.parametrize("kind,bs,d,stages", FITS, ids=lambda x: str(x))
 def test_deepest_rings_lower_for_cuda(kind, bs, d, stages):
   make, footprint = KERNELS[kind]
-  assert footprint(bs, d, 2, stages) <= mosaic_block_sparse.SMEM_LIMIT
+  assert footprint(bs, d, 2, stages) <= mosaic_common.SMEM_LIMIT
   _lower_for_cuda(*make(bs, d, stages))
 
 
@@ -161,8 +162,8 @@ def test_deepest_rings_lower_for_cuda(kind, bs, d, stages):
 def test_footprint_is_what_mosaic_allocates(kind, bs, d, stages, monkeypatch):
   make, footprint = KERNELS[kind]
   want = footprint(bs, d, 2, stages)
-  assert want > mosaic_block_sparse.SMEM_LIMIT
+  assert want > mosaic_common.SMEM_LIMIT
   # Past our own check, Mosaic GPU refuses the kernel and says how much it needed.
-  monkeypatch.setattr(mosaic_block_sparse, "SMEM_LIMIT", 10**9)
+  monkeypatch.setattr(mosaic_common, "SMEM_LIMIT", 10**9)
   with pytest.raises(ValueError, match=rf"smem_bytes={want} > max_smem_bytes=232448"):
     _lower_for_cuda(*make(bs, d, stages))

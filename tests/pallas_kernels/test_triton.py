@@ -4,8 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from tests.pallas_kernels.kernel_suite import KernelSuite
+from pallas_kernels.triton import ops as tk
+from tests import numpy_ref
+from tests.pallas_kernels.kernel_suite import KernelSuite, make_qkv, rows_valid
 
 
 class TestTriton(KernelSuite):
@@ -18,11 +21,7 @@ class TestTritonCompiled(KernelSuite):
   """The same suite through the compiled kernels (default tiles, approximate exp2)."""
   implementation = "triton"
   interpret = False
-from hypothesis import given, settings, strategies as st
 
-from pallas_kernels.triton import ops as tk
-from tests import numpy_ref
-from tests.pallas_kernels.kernel_suite import make_qkv, rows_valid
 
 _TOL = {jnp.float32: (2e-5, 2e-5, 1e-4), jnp.bfloat16: (3e-2, 2e-2, 3e-2)}
 
