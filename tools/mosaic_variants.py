@@ -1,9 +1,12 @@
 """Tuning variants of the Mosaic GPU kernels on an H200: launch order, ping-pong, ring depth, floor.
 
-The tuning runs behind the defaults of ``pallas_kernels.mosaic.block_sparse_kernel``
-and ``block_mass_kernel`` (results: docs/bench/mosaic.md). The kernels are
-called directly with explicit ``schedule_barrier`` / ``heads_major`` / ``stages``
-so the numbers do not depend on the defaults of the day.
+The tuning runs behind the ``DEFAULT_CONFIG`` of ``pallas_kernels.mosaic.block_sparse_kernel``
+and ``block_mass_kernel`` (results: docs/bench/mosaic.md). The kernels are called
+directly with explicit configs (``BlockSparseConfig``, ``BlockMassConfig``; the
+block mass with Pallas' automatic barriers and one key block per K tile unless a
+mode says otherwise, as the kernel's defaults were when these runs began), so the
+numbers do not depend on the defaults of the day; the fused search through the public
+API gets its ``mass_config``.
 
   python -m tools.mosaic_variants check             # every variant vs reference
   python -m tools.mosaic_variants time 32768 118784  # sparse variants, all densities
@@ -70,10 +73,9 @@ serves every density). Timing: one warm-up call, then the median of 3-5 calls
 each blocked on (host wall clock). JSON goes to $OUT (default /tmp).
 """
 
-import contextlib
+import dataclasses
 import functools
 import json
-import types
 import math
 import os
 import statistics
@@ -93,8 +95,9 @@ from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
 from pallas_kernels.mosaic import common as mosaic_common
 from pallas_kernels.mosaic import interpreter as mosaic_interpret
 from pallas_kernels.mosaic import ops as mosaic
-from pallas_kernels.mosaic.block_mass_kernel import block_mass_padded
-from pallas_kernels.mosaic.block_sparse_kernel import block_sparse_attention_padded
+from pallas_kernels.mosaic.block_mass_kernel import BlockMassConfig, block_mass_padded
+from pallas_kernels.mosaic.block_sparse_kernel import (
+    BlockSparseConfig, block_sparse_attention_padded)
 
 B, H, D = 1, 24, 128
 SM_SCALE = 1 / math.sqrt(D)
@@ -130,10 +133,19 @@ def time_fn(fn, *args, reps=5):
   return statistics.median(times)
 
 
+def mass_config(stages=None, key_tile=None, **fields):
+  """The ``BlockMassConfig`` of a tuning run: Pallas' automatic barriers and ``key_tile``
+  None (one key block per K tile) unless ``fields`` say otherwise."""
+  return BlockMassConfig(**{"explicit_barriers": False, "key_tile": key_tile, "stages": stages,
+                            **fields})
+
+
 def sparse_fn(bs, n_blk, lengths, **variant):
+  """The padded block-sparse kernel, jitted, with ``BlockSparseConfig(**variant)``."""
+  config = BlockSparseConfig(**variant)
   return jax.jit(lambda q, k, v, i, c, z: block_sparse_attention_padded(
       q, k, v, i, c, z, lengths, block_size=bs, sm_scale=1 / math.sqrt(D),
-      num_kv_blocks=n_blk, **variant))
+      num_kv_blocks=n_blk, config=config))
 
 
 def check_inputs(d, bs, dtype, seq=1000, b=2, h=2):
@@ -356,8 +368,8 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False, **variant):
   with mosaic_interpret.device_context(interpret):
     out, lse = block_sparse_attention_padded(
         *padded_args(q, k, v, idx, cnt, n_blk, bs), lengths, block_size=bs, sm_scale=SM_SCALE,
-        num_kv_blocks=n_blk, stages=stages, interpret=mosaic_interpret.params(interpret),
-        **variant)
+        num_kv_blocks=n_blk, config=BlockSparseConfig(stages=stages, **variant),
+        interpret=mosaic_interpret.params(interpret))
   wo, wl = pk.block_sparse_attention(q, k, v, idx, cnt, block_size=bs, kv_lengths=lengths,
                                      implementation="reference")
   # The padded kernel does not zero rows past kv_lengths (pallas_kernels.mosaic.ops does).
@@ -374,8 +386,8 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False, **variant):
 
 
 def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None, **variant):
-  """The padded block-mass kernel at a ring depth (K tile, other kernel keywords:
-  ``variant``) vs the reference, from a stale LSE."""
+  """The padded block-mass kernel at a ring depth (K tile, other config fields:
+  ``variant``; see ``mass_config``) vs the reference, from a stale LSE."""
   key, q, k, v, lengths, n_blk, _, _ = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
   _, lse, _ = pk.attention_with_block_mass(q, k, v, block_size=bs, kv_lengths=lengths,
                                            implementation="reference")
@@ -388,9 +400,9 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
   with mosaic_interpret.device_context(interpret):
     chunks = block_mass_padded(mosaic.pad_seq(q, s_pad, 1), mosaic.pad_seq(k, k_pad, 1), lse2,
                                lengths, block_size=bs,
-                               sm_scale=SM_SCALE, num_kv_blocks=n_blk, stages=stages,
-                               key_tile=key_tile, interpret=mosaic_interpret.params(interpret),
-                               **variant)
+                               sm_scale=SM_SCALE, num_kv_blocks=n_blk,
+                               config=mass_config(stages, key_tile, **variant),
+                               interpret=mosaic_interpret.params(interpret))
   b = q.shape[0]
   got = chunks.reshape(b, h, s_pad // bs, bs // 64, -1).sum(3)[:, :, :n_blk, :n_blk]
   r = {"mass_rel": rel(got, want), "nan": bool(np.isnan(np.asarray(got)).any())}
@@ -399,12 +411,13 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
 
 
 def sparse_row(inp, seq, bs, density, stages, **variant):
-  """The real block-sparse kernel on ``Inputs`` lists, with kernel keywords ``variant``;
+  """The real block-sparse kernel on ``Inputs`` lists, with config fields ``variant``;
   memoised for the floor when there are none."""
   _, (q, k, v) = inp.qkv(seq)
   idx, cnt, count = inp.lists(seq, bs, density)
   fn = functools.partial(block_sparse_attention_padded, block_size=bs, sm_scale=SM_SCALE,
-                         num_kv_blocks=seq // bs, stages=stages, **variant)
+                         num_kv_blocks=seq // bs,
+                         config=BlockSparseConfig(stages=stages, **variant))
   t = time_fn(fn, q, k, v, idx, cnt, jnp.zeros_like(cnt), jnp.full((B,), seq, jnp.int32),
               reps=inp.reps)
   td = inp.cudnn_ms(seq) / 1e3
@@ -417,13 +430,13 @@ def sparse_row(inp, seq, bs, density, stages, **variant):
 
 
 def mass_row(inp, seq, stages, bs=64, key_tile=None, **variant):
-  """The block-mass kernel timed at ``seq`` with kernel keywords ``variant`` (Pallas'
-  automatic barriers unless it says otherwise)."""
+  """The block-mass kernel timed at ``seq`` with config fields ``variant`` (see
+  ``mass_config``)."""
   _, (q, k, _) = inp.qkv(seq)
   rows = 128  # per CTA
   lse2 = jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=SM_SCALE,
-                         num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile, **variant)
+                         num_kv_blocks=seq // bs, config=mass_config(stages, key_tile, **variant))
   t = time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps)
   k_bytes = B * H * (seq // rows) * seq * D * 2  # every CTA streams every K block once
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq), "k_GBps": k_bytes / t / 1e9}
@@ -517,60 +530,33 @@ def run_keytile(run, inp, seqs, deadline):
     run.attempt(fused, deadline=deadline, section="keytile", op="fused", S=seq, bs=64)
 
 
-def run_flag(run, inp, seqs, deadline, section, flag, values, check_times=(1,),
-             fused_default=None):
-  """Block mass at bs 64 (128-key tiles) and bs 128 for each value of the kernel keyword
-  ``flag``, each checked at ``check_times`` x CHECK_SEQ, then timed; then, when
-  ``fused_default`` names the ``mosaic_block_mass`` default that carries the flag through
-  the public API, the fused search with each value (``run_mass_grid``)."""
+def run_flag(run, inp, seqs, deadline, section, flag, values, check_times=(1,), fused=False):
+  """Block mass at bs 64 (128-key tiles) and bs 128 for each value of the config field
+  ``flag``, each checked at ``check_times`` x CHECK_SEQ, then timed; then, with ``fused``,
+  the fused search through the public API with each value (``run_mass_grid``)."""
   variants = [{"bs": bs, "key_tile": kt, flag: value} for bs, kt in ((64, 128), (128, None))
               for value in values]
-  fused = [] if fused_default is None else [{fused_default: value} for value in values]
+  fused = [{flag: value} for value in values] if fused else []
   run_mass_grid(run, inp, seqs, deadline, section, variants,
                 [(times, {}) for times in check_times], fused)
 
 
-def fused_with(inp, seq, defaults):
-  """The fused search (bs 64) through the public API, traced with ``mosaic_block_mass``
-  module defaults ``{name: value}`` set (restored after)."""
-  saved = {name: getattr(mosaic_block_mass, name) for name in defaults}
-  for name, value in defaults.items():
-    setattr(mosaic_block_mass, name, value)
-  try:
-    _, (q, k, v) = inp.qkv(seq)
-    fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
-    t = time_fn(fn, q, k, v, reps=inp.reps)
-  finally:
-    for name, value in saved.items():
-      setattr(mosaic_block_mass, name, value)
+def fused_with(inp, seq, fields):
+  """The fused search (bs 64) through the public API, its ``mass_config`` the shipped one
+  (``block_mass_kernel.DEFAULT_CONFIG``) with ``fields`` replaced."""
+  config = dataclasses.replace(mosaic_block_mass.DEFAULT_CONFIG, **fields)
+  _, (q, k, v) = inp.qkv(seq)
+  fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64,
+                                                                mass_config=config))
+  t = time_fn(fn, q, k, v, reps=inp.reps)
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
 
 
-@contextlib.contextmanager
-def mass_without(exp=False, qk=False):
-  """The block-mass kernel with its exp2 (a multiply instead) and/or its QK^T wgmma (a
-  constant tile instead) taken out: wrong masses, for timing what is left."""
-  mbm = mosaic_block_mass
-  real_jnp, real_qk = mbm.jnp, mbm.qk_matmul
-  if exp:
-    mbm.jnp = types.SimpleNamespace(**{n: getattr(real_jnp, n) for n in dir(real_jnp)
-                                       if not n.startswith("__")})
-    mbm.jnp.exp2 = lambda x: x * 1.0001
-
-  def constant_tile(q_smem, k_smem, *, after_issue=None, emulate=False):
-    del emulate
-    if after_issue is not None:
-      after_issue()
-    tile = jnp.full((q_smem.shape[0], k_smem.shape[0]), 0.5, jnp.float32)
-    return mbm.plgpu.layout_cast(tile, mbm.plgpu.Layout.WGMMA)
-  if qk:
-    mbm.qk_matmul = constant_tile
-  mbm.block_mass_padded.clear_cache()
-  try:
-    yield
-  finally:
-    mbm.jnp, mbm.qk_matmul = real_jnp, real_qk
-    mbm.block_mass_padded.clear_cache()
+def stand_ins(exp=False, qk=False):
+  """``BlockMassConfig.timing_stand_ins`` for the kernel without its exp2 (a multiply
+  instead) and/or its QK^T wgmma (a constant tile instead): wrong masses, for timing
+  what is left."""
+  return (("exp2",) if exp else ()) + (("qk",) if qk else ())
 
 
 WIDE_TILES = ((64, 128), (64, 256), (128, None), (128, 256))  # (block size, key tile)
@@ -582,10 +568,10 @@ WIDE_CHECKS = ((1, {}), (9, {}), (9, {"heads_major": False}), (18, {}))
 
 
 def run_mass_grid(run, inp, seqs, deadline, section, variants, checks, fused, repeats=1):
-  """Block mass with each of ``variants`` (kernel keywords, ``bs`` and ``key_tile`` among
+  """Block mass with each of ``variants`` (config fields, ``bs`` and ``key_tile`` among
   them), checked ``repeats`` times at each of ``checks`` ((length in CHECK_SEQs, more
-  keywords)), then timed; then the fused search through the public API with each of
-  ``fused`` ({name: value} of ``mosaic_block_mass`` defaults)."""
+  fields)), then timed; then the fused search through the public API with each of
+  ``fused`` ({field: value} of its ``mass_config``, see ``fused_with``)."""
   cudnn_rows(run, inp, seqs, section, deadline)
   split = lambda v: (v["bs"], v["key_tile"],
                      {k: x for k, x in v.items() if k not in ("bs", "key_tile")})
@@ -619,7 +605,7 @@ def run_widetile(run, inp, seqs, deadline):
   run_mass_grid(run, inp, seqs, deadline, "widetile",
                 [{"bs": bs, "key_tile": kt, "explicit_barriers": True} for bs, kt in WIDE_TILES],
                 WIDE_CHECKS,
-                [{"DEFAULT_KEY_TILE": 128}, {"DEFAULT_KEY_TILE": 256}], repeats=2)
+                [{"key_tile": 128}, {"key_tile": 256}], repeats=2)
 
 
 def run_anatomy(run, inp, seqs, deadline):
@@ -628,8 +614,7 @@ def run_anatomy(run, inp, seqs, deadline):
   for seq in seqs:
     for exp, qk in ((False, False), (True, False), (False, True), (True, True)):
       def parts(exp=exp, qk=qk):
-        with mass_without(exp=exp, qk=qk):
-          return mass_row(inp, seq, None, 64, 128)
+        return mass_row(inp, seq, None, 64, 128, timing_stand_ins=stand_ins(exp, qk))
       run.attempt(parts, deadline=deadline, section="anatomy", op="mass", S=seq, bs=64,
                   key_tile=128, without_exp=exp, without_qk=qk)
     for stages, hm in ((2, True), (3, True), (4, True), (3, False)):
@@ -670,8 +655,8 @@ def run_anatomy256(run, inp, seqs, deadline):
     for bs in (64, 128):
       for exp, qk in parts:
         def timed(exp=exp, qk=qk, bs=bs):
-          with mass_without(exp=exp, qk=qk):
-            return mass_row(inp, seq, None, bs, 256, explicit_barriers=True)
+          return mass_row(inp, seq, None, bs, 256, explicit_barriers=True,
+                          timing_stand_ins=stand_ins(exp, qk))
         run.attempt(timed, deadline=deadline, section="anatomy256", op="mass", S=seq, bs=bs,
                     key_tile=256, without_exp=exp, without_qk=qk)
 
@@ -733,7 +718,7 @@ def main():
       def mass(hm=hm):
         fn = jax.jit(lambda q, k, l: block_mass_padded(
             q, k, l, lengths, block_size=64, sm_scale=1 / math.sqrt(D), num_kv_blocks=seq // 64,
-            heads_major=hm))
+            config=mass_config(heads_major=hm)))
         t = time_fn(fn, q, k, lse2, reps=3)
         return {"S": seq, "op": "mass", "bs": 64, "heads_major": hm, "ms": t * 1e3,
                 "x_dense": t / td}
@@ -752,7 +737,7 @@ def main():
     if mode == "barriers":
       # Also at 9x the length: several groups of key blocks, where a missing barrier shows.
       run_flag(run, inp, seqs, run.deadline(), "barriers", "explicit_barriers", (False, True),
-               check_times=(1, 9), fused_default="DEFAULT_EXPLICIT_BARRIERS")
+               check_times=(1, 9), fused=True)
     if mode == "widetile":
       run_widetile(run, inp, seqs, run.deadline())
     if mode == "anatomy256":

@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags
 
-from pallas_kernels.mosaic.block_mass_kernel import WIDE_KEY_TILE, block_mass_padded
+from pallas_kernels.mosaic.block_mass_kernel import DEFAULT_CONFIG, WIDE_KEY_TILE, block_mass_padded
 from pallas_kernels.mosaic.block_sparse_kernel import block_sparse_attention_padded
 
 KERNELS = ("mass", "sparse64", "sparse128", "cudnn")
@@ -59,8 +59,8 @@ def kernel_call(kernel, seq, heads, density=0.2, interpret=None):
   if kernel == "mass":
     lse2 = jnp.asarray(np.full((1, heads, seq), math.log2(seq) + 1.0, np.float32))
     return lambda: block_mass_padded(q, k, lse2, lengths, block_size=64, sm_scale=scale,
-                                     num_kv_blocks=seq // 64, key_tile=WIDE_KEY_TILE,
-                                     explicit_barriers=True, interpret=interpret)
+                                     num_kv_blocks=seq // 64, config=DEFAULT_CONFIG,
+                                     interpret=interpret)
   if kernel == "cudnn":
     return lambda: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   bs = int(kernel[len("sparse"):])

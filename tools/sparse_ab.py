@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ def load_module(path):
     raise ValueError(f"--old={path!r}: expected the path of a mosaic_block_sparse.py.")
   spec = importlib.util.spec_from_file_location("old_mosaic_block_sparse", path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclasses (e.g. the kernel's config) look it up
   spec.loader.exec_module(module)
   return module
 

@@ -8,11 +8,14 @@ the padding the kernels need; ``block_sparse_kernel`` the block-sparse flash ker
 
 from pallas_kernels.mosaic.ops import (
     SUPPORTED_DTYPES,
+    BlockMassConfig,
+    BlockSparseConfig,
     attention_with_block_mass,
     block_mass,
     block_sparse_attention,
     unsupported_reason,
 )
 
-__all__ = ["SUPPORTED_DTYPES", "attention_with_block_mass", "block_mass",
-           "block_sparse_attention", "unsupported_reason"]
+__all__ = ["SUPPORTED_DTYPES", "BlockMassConfig", "BlockSparseConfig",
+           "attention_with_block_mass", "block_mass", "block_sparse_attention",
+           "unsupported_reason"]

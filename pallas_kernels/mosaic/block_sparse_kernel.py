@@ -10,11 +10,16 @@ per CTA, one K/V ring each); blocks of 128 rows are split over both compute
 warpgroups, which then share one list and one ring (as in FA3).
 
 Inputs are pre-padded by the caller (``pallas_kernels.mosaic.ops``): the sequence to
-a multiple of 128 and the block lists to ``S_pad / block_size`` query blocks.
+a multiple of 128 and the block lists to ``S_pad / block_size`` query blocks. Constraints:
+bf16/f16, head_dim in ``SUPPORTED_HEAD_DIMS``, block_size in ``SUPPORTED_BLOCK_SIZES``.
+
+Tuning: ``BlockSparseConfig`` (ping-pong, launch order, ring depth), a static argument;
+``DEFAULT_CONFIG`` is what ``pallas_kernels.mosaic.ops`` passes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -24,8 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (
-    COMPUTE_WGS, CTA_ROWS, LN2, LOG2E, ROWS_PER_WG, check_stages, column_ids, pv_matmul,
-    qk_matmul, smem_footprint, smem_transforms, with_layout)
+    COMPUTE_WGS, CTA_ROWS, LN2, LOG2E, ROWS_PER_WG, check_flag, check_ring_depth, check_stages,
+    column_ids, pv_matmul, qk_matmul, smem_footprint, smem_transforms, with_layout)
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -34,6 +39,32 @@ _SMEM_FOR_KV = 160 * 1024  # bytes of K/V stages; leaves room for Q/O, LSE and b
 # reduces WGMMA rows, which stay inside a warp, so it asks for none: that 2 KiB is
 # what a third K/V stage at block 64, D 128 lacks.
 _REDUCTION_SCRATCH = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseConfig:
+  """Tuning of ``block_sparse_attention_padded`` (a static argument; checked when made).
+
+  Fields:
+    schedule_barrier: alternate the two compute warpgroups' softmax and wgmma
+      (FA3 ping-pong).
+    heads_major: launch order, heads fastest (True) or query tiles fastest.
+      Heads fastest ran 1.2-1.7x faster on an H200 (docs/bench/mosaic.md).
+    stages: K/V ring depth per pipeline, an int >= 2 whose rings fit in
+      ``common.SMEM_LIMIT`` (see ``smem_bytes``; checked when the kernel traces); None for
+      ``num_stages``.
+  """
+  schedule_barrier: bool = True
+  heads_major: bool = True
+  stages: int | None = None
+
+  def __post_init__(self):
+    check_flag(self, "schedule_barrier")
+    check_flag(self, "heads_major")
+    check_ring_depth(self.stages, "BlockSparseConfig.stages")
+
+
+DEFAULT_CONFIG = BlockSparseConfig()
 
 
 def num_stages(block_size: int, head_dim: int, itemsize: int = 2) -> int:
@@ -127,12 +158,10 @@ def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, read, ke
 
 @functools.partial(
     jax.jit,
-    static_argnames=("block_size", "sm_scale", "num_kv_blocks", "schedule_barrier",
-                     "heads_major", "stages", "interpret"))
+    static_argnames=("block_size", "sm_scale", "num_kv_blocks", "config", "interpret"))
 def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, lengths,
                                   *, block_size, sm_scale, num_kv_blocks,
-                                  schedule_barrier=True, heads_major=True, stages=None,
-                                  interpret=None):
+                                  config=DEFAULT_CONFIG, interpret=None):
   """Block-sparse attention on padded operands.
 
   Args:
@@ -143,24 +172,22 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       (its list is not read).
     lengths: int32 [B], valid keys per batch element (<= S).
     num_kv_blocks: nK, blocks that hold any real key.
-    schedule_barrier: alternate the two compute warpgroups' softmax and wgmma
-      (FA3 ping-pong).
-    heads_major: launch order, heads fastest (True) or query tiles fastest.
-      Heads fastest ran 1.2-1.7x faster on an H200 (docs/bench/mosaic.md).
-    stages: K/V ring depth per pipeline, an int >= 2 whose rings fit in
-      ``SMEM_LIMIT`` (see ``smem_bytes``); None for ``num_stages``.
+    config: a ``BlockSparseConfig``.
     interpret: None to compile, or an ``InterpretGPUParams``.
 
   Returns:
     out [B, S_pad, H, D] in q's dtype and lse float32 [B, H, S_pad] (natural log,
     -inf for rows that read no valid key). Rows past ``lengths`` are not zeroed.
   """
+  if not isinstance(config, BlockSparseConfig):
+    raise ValueError(f"config={config!r}: expected a BlockSparseConfig.")
+  schedule_barrier, heads_major = config.schedule_barrier, config.heads_major
   b, s_pad, h, d = q.shape
   dtype = q.dtype
   bs = block_size
   pipes = 2 if bs == ROWS_PER_WG else 1
   itemsize = jnp.dtype(dtype).itemsize
-  stages = check_stages(stages, num_stages(bs, d, itemsize),
+  stages = check_stages(config.stages, num_stages(bs, d, itemsize),
                         lambda n: smem_bytes(bs, d, itemsize, n),
                         f"block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
   qk_scale = sm_scale * LOG2E  # scores are kept in log2 units so exp2 is one FMA away.

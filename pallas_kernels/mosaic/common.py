@@ -93,6 +93,21 @@ def smem_footprint(buffer_bytes, num_barriers: int, reduction_scratch: int) -> i
           + BARRIER_BYTES * num_barriers)
 
 
+def check_flag(config, field: str):
+  """Raises ``ValueError`` unless ``config.<field>`` is True or False."""
+  val = getattr(config, field)
+  if not isinstance(val, bool):
+    raise ValueError(f"{type(config).__name__}.{field}={val!r}: expected True or False.")
+
+
+def check_ring_depth(stages, name: str = "stages"):
+  """Raises ``ValueError`` unless ``stages`` is None or an int >= 2 (a ring depth)."""
+  if stages is not None and (not isinstance(stages, (int, np.integer))
+                             or isinstance(stages, bool) or stages < 2):
+    raise ValueError(f"{name}={stages!r}: expected an int >= 2 (ring depth) or None for "
+                     "the kernel's default.")
+
+
 def check_stages(stages, default: int, smem_of, what: str) -> int:
   """The ring depth to use: ``default`` for None, else ``stages``, if it fits.
 
@@ -100,15 +115,13 @@ def check_stages(stages, default: int, smem_of, what: str) -> int:
   ``SMEM_LIMIT`` is refused here rather than by the GPU compiler (the default
   too: it is 2 at least, which some tiles do not leave room for).
   """
+  check_ring_depth(stages)
   if stages is None:
     need = smem_of(default)
     if need > SMEM_LIMIT:
       raise ValueError(f"{what}: the default {default} stages need {need} bytes of shared "
                        f"memory, over the {SMEM_LIMIT} (227 KiB) of an sm90 CTA.")
     return default
-  if not isinstance(stages, (int, np.integer)) or isinstance(stages, bool) or stages < 2:
-    raise ValueError(f"stages={stages!r}: expected an int >= 2 (ring depth) or None for "
-                     f"the default {default}.")
   need = smem_of(int(stages))
   if need > SMEM_LIMIT:
     fits = [n for n in range(2, int(stages)) if smem_of(n) <= SMEM_LIMIT]

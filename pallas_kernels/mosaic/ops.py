@@ -9,8 +9,13 @@ one-line warning, never to a kernel that would answer wrongly.
 
 Padding done here so the kernels see whole tiles: the sequence is padded to a
 multiple of 128 (padded keys are masked through the valid lengths, padded rows
-are cut off), and the block lists to the padded number of query blocks with
-count 0.
+are cut off), K for the block mass to whole key tiles, and the block lists to the
+padded number of query blocks with count 0 (``padded_len``, ``pad_seq``,
+``kernel_lists``, ``log2_lse``).
+
+Tuning: ``config`` (a ``BlockSparseConfig``: the block-sparse kernel, and the fused
+search's dense pass) and ``mass_config`` / ``config`` of ``block_mass`` (a
+``BlockMassConfig``); None for the kernel modules' ``DEFAULT_CONFIG``.
 """
 
 from __future__ import annotations
@@ -21,11 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import validation
-from pallas_kernels.mosaic import interpreter
-from pallas_kernels.mosaic import block_mass_kernel
-from pallas_kernels.mosaic.block_mass_kernel import block_mass_padded
+from pallas_kernels.mosaic import block_mass_kernel, block_sparse_kernel, interpreter
+from pallas_kernels.mosaic.block_mass_kernel import BlockMassConfig, block_mass_padded
 from pallas_kernels.mosaic.block_sparse_kernel import (
-    SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, block_sparse_attention_padded)
+    SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, BlockSparseConfig, block_sparse_attention_padded)
 from pallas_kernels.mosaic.common import CTA_ROWS, LOG2E, ROWS_PER_WG
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -124,7 +128,7 @@ def log2_lse(lse, lengths, s_pad):
   return pad_seq(jnp.where(rows_ok, lse * LOG2E, jnp.inf), s_pad, 2, jnp.inf)
 
 
-def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, interpret):
+def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, config, interpret):
   """Runs the sparse kernel on padded q/k/v; returns unpadded-row outputs [.., S_pad]."""
   n_blk = validation.num_blocks(seq, block_size)
   idx, steps, dense = kernel_lists(idx, counts, num_kv_blocks=n_blk,
@@ -132,23 +136,22 @@ def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, interpr
   with interpreter.device_context(interpret):
     return block_sparse_attention_padded(
         qp, kp, vp, idx, steps, dense, lengths, block_size=block_size, sm_scale=scale,
-        num_kv_blocks=n_blk, interpret=interpreter.params(interpret))
+        num_kv_blocks=n_blk, config=config, interpret=interpreter.params(interpret))
 
 
-def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
+def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, config, interpret):
   """Block mass from padded q/k and an unpadded [B, H, S] LSE."""
   b, _, h, _ = qp.shape
   n_blk = validation.num_blocks(seq, block_size)
-  # Read at trace time, so a benchmark can set them (docs/log/kernel_notes.md).
-  key_tile = block_mass_kernel.DEFAULT_KEY_TILE
   s_pad = qp.shape[1]
+  if not isinstance(config, BlockMassConfig):
+    raise ValueError(f"config={config!r}: expected a pallas_kernels.mosaic.BlockMassConfig.")
+  key_tile = config.key_tile or block_size
   kp = pad_seq(kp, padded_len(kp.shape[1], max(key_tile, block_size)), 1)  # whole K tiles
   lse2 = log2_lse(lse, lengths, s_pad)
   with interpreter.device_context(interpret):
     chunks = block_mass_padded(qp, kp, lse2, lengths, block_size=block_size, sm_scale=scale,
-                               num_kv_blocks=n_blk,
-                               key_tile=key_tile,
-                               explicit_barriers=block_mass_kernel.DEFAULT_EXPLICIT_BARRIERS,
+                               num_kv_blocks=n_blk, config=config,
                                interpret=interpreter.params(interpret))
   per_block = block_size // ROWS_PER_WG
   mass = chunks.reshape(b, h, s_pad // block_size, per_block, chunks.shape[-1]).sum(3)
@@ -166,13 +169,15 @@ def _finish(out, lse, kv_lengths, lengths, seq):
 
 
 def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
-                           kv_lengths=None, sm_scale=None, return_lse=True, interpret=False):
+                           kv_lengths=None, sm_scale=None, return_lse=True, interpret=False,
+                           config=None):
   """Block-sparse flash attention; see ``reference.block_sparse_attention``.
 
   Args:
     q, k, v: [B, S, H, D].
     kv_block_indices: int32 [B, H, nQ, K_max]; kv_block_counts: int32 [B, H, nQ].
     interpret: run under JAX's GPU interpreter (CPU).
+    config: a ``BlockSparseConfig``, or None for ``block_sparse_kernel.DEFAULT_CONFIG``.
 
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
@@ -188,16 +193,19 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   s_pad = padded_len(s)
   qp, kp, vp = (pad_seq(x, s_pad, 1) for x in (q, k, v))
   out, lse = _sparse(qp, kp, vp, kv_block_indices, kv_block_counts, lengths, seq=s,
-                     block_size=block_size, scale=scale, interpret=interpret)
+                     block_size=block_size, scale=scale, interpret=interpret,
+                     config=block_sparse_kernel.DEFAULT_CONFIG if config is None else config)
   out, lse = _finish(out, lse, kv_lengths, lengths, s)
   return (out, lse) if return_lse else out
 
 
-def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpret=False):
+def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpret=False,
+               config=None):
   """Per-block softmax mass from a given LSE; see ``reference.block_mass``.
 
   Args:
     q, k: [B, S, H, D]; lse: float32 [B, H, S] (natural log).
+    config: a ``BlockMassConfig``, or None for ``block_mass_kernel.DEFAULT_CONFIG``.
 
   Returns:
     float32 [B, H, nQ, nK].
@@ -211,12 +219,16 @@ def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpr
   _check_device(interpret)
   s_pad = padded_len(s)
   return _mass(pad_seq(q, s_pad, 1), pad_seq(k, s_pad, 1), lse, lengths, seq=s,
-               block_size=block_size, scale=scale, interpret=interpret)
+               block_size=block_size, scale=scale, interpret=interpret,
+               config=block_mass_kernel.DEFAULT_CONFIG if config is None else config)
 
 
 def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=None,
-                              interpret=False):
+                              interpret=False, config=None, mass_config=None):
   """Fused search: the sparse kernel at full density with LSE, then the mass kernel.
+
+  ``config`` (a ``BlockSparseConfig``) tunes the dense pass, ``mass_config`` (a
+  ``BlockMassConfig``) the block mass; None for their defaults.
 
   Returns:
     out [B, S, H, D] (q's dtype), lse float32 [B, H, S], mass float32 [B, H, nQ, nK].
@@ -238,8 +250,10 @@ def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=
   idx = jnp.zeros((b, h, n_dense, 1), jnp.int32)
   counts = jnp.full((b, h, n_dense), n_dense, jnp.int32)
   out, lse = _sparse(qp, kp, vp, idx, counts, lengths, seq=s, block_size=DENSE_PASS_BLOCK,
-                     scale=scale, interpret=interpret)
+                     scale=scale, interpret=interpret,
+                     config=block_sparse_kernel.DEFAULT_CONFIG if config is None else config)
   out, lse = _finish(out, lse, kv_lengths, lengths, s)
   mass = _mass(qp, kp, lse, lengths, seq=s, block_size=block_size, scale=scale,
-               interpret=interpret)
+               interpret=interpret,
+               config=block_mass_kernel.DEFAULT_CONFIG if mass_config is None else mass_config)
   return out, lse, mass

@@ -6,10 +6,13 @@
 """
 
 from pallas_kernels.triton.ops import (
+    BlockMassConfig,
+    BlockSparseConfig,
     attention,
     attention_with_block_mass,
     block_mass,
     block_sparse_attention,
 )
 
-__all__ = ["attention", "attention_with_block_mass", "block_mass", "block_sparse_attention"]
+__all__ = ["BlockMassConfig", "BlockSparseConfig", "attention", "attention_with_block_mass",
+           "block_mass", "block_sparse_attention"]

@@ -10,6 +10,10 @@ Arrays are [B, S, H, D]; the kernel reads the [S, D] slab of one (batch, head)
 through strided loads, so no transpose is made. The softmax runs in base 2 with
 log2(e) folded into the scale (scaling and max subtraction are one FMA per score,
 then one exp2), and the natural-log LSE is recovered at the end.
+
+Tuning: ``BlockSparseConfig`` (tiles and launch parameters), a static argument;
+``DEFAULT_CONFIG`` (block-sparse calls) and ``DEFAULT_DENSE_CONFIG`` (dense calls) are
+what ``pallas_kernels.triton.ops`` passes.
 """
 
 from __future__ import annotations
@@ -32,35 +36,21 @@ _INIT_MAX = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
-class Tiles:
-  """Tile sizes and Triton launch parameters of one kernel.
+class BlockSparseConfig(common.TileConfig):
+  """Tiles and launch parameters of ``flash_attention`` (fields: ``common.TileConfig``).
 
-  block_q: query rows per program. block_k: keys per loop step. The block-mass
-  kernel takes the same tiles (any power-of-two sizes). In sparse mode
-  both must divide the selection block size (they are clamped to it).
-  fast_exp2: on GPU, exp2 by ``ex2.approx.ftz.f32`` (one MUFU op) instead of
-  libdevice's exp2f, which adds subnormal handling around it; ignored when
-  interpreting.
-  prefetch: compute the next tile's scores before this tile's softmax (software
-  pipelining across loop steps; one wasted QK^T tile per program).
+  In sparse mode block_q and block_k are clamped to the selection block size, which
+  they then divide; in dense mode they are free.
   """
-  block_q: int = 64
-  block_k: int = 64
-  num_warps: int = 4
-  num_stages: int = 3
-  fast_exp2: bool = False
-  prefetch: bool = False
 
-  def check(self):
-    for name in ("block_q", "block_k"):
-      val = getattr(self, name)
-      if val < 16 or val & (val - 1):
-        raise ValueError(f"Tiles.{name}={val}: expected a power of two >= 16.")
-    if self.num_warps not in (1, 2, 4, 8, 16):
-      raise ValueError(f"Tiles.num_warps={self.num_warps}: expected 1, 2, 4, 8 or 16.")
-    if self.num_stages < 1:
-      raise ValueError(f"Tiles.num_stages={self.num_stages}: expected >= 1.")
-    return self
+
+# From the H200 sweeps of experiments/bench_kernels.py (docs/bench/triton.md). The sparse
+# query tile is capped by the selection block (64 in AdaSpa); the dense kernel is free to
+# use 128 rows.
+DEFAULT_CONFIG = BlockSparseConfig(block_q=64, block_k=64, num_warps=4, num_stages=2,
+                                   fast_exp2=True, prefetch=True)  # block-sparse calls
+DEFAULT_DENSE_CONFIG = BlockSparseConfig(block_q=128, block_k=128, num_warps=8, num_stages=3,
+                                         fast_exp2=True)  # dense calls (no lists)
 
 
 def _flash_kernel(lengths_ref, *refs, scale2, block_q, block_k, keys_per_block,
@@ -157,9 +147,9 @@ def _flash_kernel(lengths_ref, *refs, scale2, block_q, block_k, keys_per_block,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "block_size", "sm_scale", "tiles", "mask_keys", "interpret"))
+    "block_size", "sm_scale", "config", "mask_keys", "interpret"))
 def flash_attention(q, k, v, lengths, kv_block_indices=None, kv_block_counts=None, *,
-                    block_size, sm_scale, tiles, mask_keys, interpret=False):
+                    block_size, sm_scale, config, mask_keys, interpret=False):
   """Dense (no lists) or block-sparse flash attention on validated inputs.
 
   Args:
@@ -169,22 +159,25 @@ def flash_attention(q, k, v, lengths, kv_block_indices=None, kv_block_counts=Non
     kv_block_counts: int32 [B, H, nQ] or None.
     block_size: selection block size (sparse mode; ignored when dense).
     sm_scale: softmax scale.
-    tiles: ``Tiles``; in sparse mode block_q and block_k are clamped to block_size.
+    config: ``BlockSparseConfig`` (static); in sparse mode block_q and block_k are
+      clamped to block_size.
     mask_keys: False only when every key of the padded sequence is valid.
 
   Returns:
     out [B, S, H, D] in q's dtype, lse float32 [B, H, S].
   """
+  if not isinstance(config, BlockSparseConfig):
+    raise ValueError(f"config={config!r}: expected a BlockSparseConfig.")
   b, s, h, d = q.shape
   sparse = kv_block_indices is not None
   if sparse:
-    block_q = min(tiles.block_q, block_size)
-    block_k = min(tiles.block_k, block_size)
+    block_q = min(config.block_q, block_size)
+    block_k = min(config.block_k, block_size)
     s_pad = common.round_up(s, block_size)
     n_blocks = s_pad // block_size
     k_max = kv_block_indices.shape[-1]
   else:
-    block_q, block_k = tiles.block_q, tiles.block_k
+    block_q, block_k = config.block_q, config.block_k
     s_pad = common.round_up(s, max(block_q, block_k))
     n_blocks, k_max = 1, 1
   mask_keys = mask_keys or s_pad != s
@@ -196,8 +189,8 @@ def flash_attention(q, k, v, lengths, kv_block_indices=None, kv_block_counts=Non
       keys_per_block=block_size // block_k if sparse else 1,
       q_tiles_per_block=block_size // block_q if sparse else 1,
       n_key_tiles=s_pad // block_k, n_blocks=n_blocks, k_max=k_max,
-      mask_keys=mask_keys, sparse=sparse, fast_exp2=tiles.fast_exp2 and not interpret,
-      prefetch=tiles.prefetch)
+      mask_keys=mask_keys, sparse=sparse, fast_exp2=config.fast_exp2 and not interpret,
+      prefetch=config.prefetch)
   whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
   row_tile = pl.BlockSpec((None, block_q, None, d_pad), lambda i, bi, hi: (bi, i, hi, 0))
   seq_slab = pl.BlockSpec((None, s_pad, None, d_pad), lambda i, bi, hi: (bi, 0, hi, 0))
@@ -216,7 +209,7 @@ def flash_attention(q, k, v, lengths, kv_block_indices=None, kv_block_counts=Non
                  pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))],
       out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, s_pad), jnp.float32)],
-      compiler_params=None if interpret else common.compiler_params(tiles),
+      compiler_params=None if interpret else common.compiler_params(config),
       interpret=interpret,
       name="adaspa_block_sparse_flash" if sparse else "adaspa_dense_flash",
   )(*operands)

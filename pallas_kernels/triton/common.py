@@ -1,4 +1,5 @@
-"""Pieces both Triton kernels use: launch parameters, the exp2, offsets, padding.
+"""Pieces both Triton kernels use: the tile config, launch parameters, the exp2, offsets,
+padding.
 
 ``block_sparse_kernel`` (flash attention) and ``block_mass_kernel`` share them; none
 holds state.
@@ -6,6 +7,7 @@ holds state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -15,10 +17,55 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 LOG2E = math.log2(math.e)  # scores are scaled by it so that exp becomes exp2
+NUM_WARPS = (1, 2, 4, 8, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+  """Tile sizes and Triton launch parameters of one kernel (each kernel subclasses it).
+
+  Passed to the kernels as a static argument; validated when made (``ValueError``
+  naming the field).
+
+  Fields:
+    block_q: query rows per program, a power of two >= 16.
+    block_k: keys per loop step, a power of two >= 16.
+    num_warps: Triton warps per program: 1, 2, 4, 8 or 16.
+    num_stages: Triton software-pipelining stages, an int >= 1.
+    fast_exp2: on GPU, exp2 by ``ex2.approx.ftz.f32`` (one MUFU op) instead of
+      libdevice's exp2f, which adds subnormal handling around it; ignored when
+      interpreting.
+    prefetch: compute the next tile's scores before this tile's softmax (software
+      pipelining across loop steps; one wasted QK^T tile per program).
+  """
+  block_q: int = 64
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 3
+  fast_exp2: bool = False
+  prefetch: bool = False
+
+  def __post_init__(self):
+    name = type(self).__name__
+    for field in ("block_q", "block_k"):
+      val = getattr(self, field)
+      if not _is_int(val) or val < 16 or val & (val - 1):
+        raise ValueError(f"{name}.{field}={val!r}: expected a power of two >= 16.")
+    if not _is_int(self.num_warps) or self.num_warps not in NUM_WARPS:
+      raise ValueError(f"{name}.num_warps={self.num_warps!r}: expected 1, 2, 4, 8 or 16.")
+    if not _is_int(self.num_stages) or self.num_stages < 1:
+      raise ValueError(f"{name}.num_stages={self.num_stages!r}: expected an int >= 1.")
+    for field in ("fast_exp2", "prefetch"):
+      if not isinstance(getattr(self, field), bool):
+        raise ValueError(f"{name}.{field}={getattr(self, field)!r}: expected True or False.")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
 
 
 def compiler_params(config):
-  """Triton launch parameters (``num_warps``, ``num_stages``) of a kernel config."""
+  """Triton launch parameters (``num_warps``, ``num_stages``) of a ``TileConfig``."""
   return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 

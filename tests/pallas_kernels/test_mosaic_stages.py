@@ -1,4 +1,4 @@
-"""The ``stages`` override of the Mosaic kernels: results, argument checks, shared memory.
+"""The ``stages`` field of the Mosaic kernels' configs: results, checks, shared memory.
 
 Results run under JAX's GPU interpreter (CPU) against the numpy references, with
 lists long enough that a 3-deep ring wraps (its mbarrier phases flip). The
@@ -20,8 +20,9 @@ from pallas_kernels.mosaic import block_mass_kernel as mosaic_block_mass
 from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
 from pallas_kernels.mosaic import common as mosaic_common
 from pallas_kernels.mosaic import interpreter as mosaic_interpret
-from pallas_kernels.mosaic.block_mass_kernel import block_mass_padded
-from pallas_kernels.mosaic.block_sparse_kernel import block_sparse_attention_padded
+from pallas_kernels.mosaic.block_mass_kernel import BlockMassConfig, block_mass_padded
+from pallas_kernels.mosaic.block_sparse_kernel import (
+    BlockSparseConfig, block_sparse_attention_padded)
 from tests import numpy_ref
 from tests.pallas_kernels.kernel_suite import make_qkv
 
@@ -60,7 +61,7 @@ def test_block_sparse_stages_match_reference(case):
         *(jnp.asarray(_pad_rows(x, s_pad)) for x in (q, k, v)),
         *(jnp.asarray(_pad_rows(x, n_q, axis=2)) for x in (idx, cnt, dense)),
         jnp.array([length], jnp.int32), block_size=bs,
-        sm_scale=1 / math.sqrt(d), num_kv_blocks=n_blk, stages=stages,
+        sm_scale=1 / math.sqrt(d), num_kv_blocks=n_blk, config=BlockSparseConfig(stages=stages),
         interpret=mosaic_interpret.params(True))
   want_out, want_lse = numpy_ref.block_sparse_attention(q, k, v, idx, cnt, bs, (length,))
   out = np.asarray(out, np.float64)[:, :length]
@@ -90,28 +91,35 @@ def test_block_mass_stages_match_reference(key_tile):
     chunks = block_mass_padded(
         jnp.asarray(_pad_rows(q, s_pad)), jnp.asarray(_pad_rows(k, s_pad)), jnp.asarray(lse2),
         jnp.array([length], jnp.int32), block_size=bs, sm_scale=1 / math.sqrt(d),
-        num_kv_blocks=n_blk, stages=stages, key_tile=key_tile,
+        num_kv_blocks=n_blk, config=_mass_config(stages, key_tile),
         interpret=mosaic_interpret.params(True))
   mass = np.asarray(chunks)[:, :, :n_blk, :n_blk]  # bs 64: one 64-row chunk per block
   want = numpy_ref.block_mass(q, k, lse, bs, (length,))
   np.testing.assert_allclose(mass, want, rtol=TOL[dtype], atol=TOL[dtype] * 1e-2)
 
 
+def _mass_config(stages, key_tile=None):
+  """A ``BlockMassConfig`` with Pallas' automatic barriers."""
+  return BlockMassConfig(stages=stages, key_tile=key_tile, explicit_barriers=False)
+
+
 def _sparse_call(bs, d, stages, s=256, dtype=jnp.bfloat16):
-  """The padded sparse kernel at abstract shapes, ready to trace or lower."""
+  """The padded sparse kernel at abstract shapes, ready to trace or lower (its config is
+  made when it is called)."""
   h = 1
   qkv = jax.ShapeDtypeStruct((1, s, h, d), dtype)
   idx = jax.ShapeDtypeStruct((1, h, s // bs, 4), jnp.int32)
   rows = jax.ShapeDtypeStruct((1, h, s // bs), jnp.int32)
-  fn = functools.partial(block_sparse_attention_padded, block_size=bs, sm_scale=0.125,
-                         num_kv_blocks=s // bs, stages=stages)
+  fn = lambda *a: block_sparse_attention_padded(
+      *a, block_size=bs, sm_scale=0.125, num_kv_blocks=s // bs,
+      config=BlockSparseConfig(stages=stages))
   return fn, (qkv, qkv, qkv, idx, rows, rows, jax.ShapeDtypeStruct((1,), jnp.int32))
 
 
 def _mass_call(bs, d, stages, s=256, dtype=jnp.bfloat16, key_tile=None):
   qk = jax.ShapeDtypeStruct((1, s, 1, d), dtype)
-  fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=0.125,
-                         num_kv_blocks=s // bs, stages=stages, key_tile=key_tile)
+  fn = lambda *a: block_mass_padded(*a, block_size=bs, sm_scale=0.125, num_kv_blocks=s // bs,
+                                    config=_mass_config(stages, key_tile))
   return fn, (qk, qk, jax.ShapeDtypeStruct((1, 1, s), jnp.float32),
               jax.ShapeDtypeStruct((1,), jnp.int32))
 
