@@ -11,10 +11,10 @@ the same count for every row), ``block_mass`` and ``attention_with_block_mass``.
 Prints a table, writes JSON and a PNG of time vs density with the ideal line
 (cuDNN dense time x density).
 
-Timing: after a warm-up call (compile), each rep launches the function back to
-back n times (n chosen so a rep lasts >= 20 ms) and blocks once; the rep time
-is the wall time / n, so host dispatch overlaps device work; the reported time
-is the median rep. Effective TFLOP/s = 4 * D * (computed query x key pairs,
+Timing (``harness/timing.py``): after a warm-up call (compile), each rep launches the
+function back to back n times (n chosen so a rep lasts >= 20 ms, ``MIN_REP_S``) and
+blocks once; the rep time is the wall time / n, so host dispatch overlaps device work;
+the reported time is the median rep. Effective TFLOP/s = 4 * D * (computed query x key pairs,
 summed over batch and heads) / time.
 """
 
@@ -25,14 +25,13 @@ import datetime
 import functools
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from adaspa_jax.harness import timing
 from pallas_kernels.triton import block_mass_kernel, block_sparse_kernel
 from pallas_kernels.triton import ops as tk
 
@@ -69,22 +68,7 @@ def computed_pairs(indices, counts, seq, block_size):
   return int((np.asarray(keys, np.int64) * np.asarray(sizes, np.int64)).sum())
 
 
-# ----------------------------------------------------------------------------- timing
-def time_fn(fn, *args, reps, min_rep_s=0.02):
-  """Median seconds per call; see the module docstring."""
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  once = time.perf_counter() - t0
-  inner = max(1, min(100, int(min_rep_s / max(once, 1e-6))))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner)
-  return statistics.median(times), times
+MIN_REP_S = 0.02  # a timed rep launches back-to-back calls for about this long (``timing``)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -196,10 +180,10 @@ def typical_lse(q):
   return jnp.full((b, h, s), np.log(s) + 0.5, jnp.float32)
 
 
-def time_dense(q, k, v, reps, implementation="cudnn"):
+def time_dense(q, k, v, reps, implementation="cudnn") -> timing.Timing:
   fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
                                                             implementation=implementation))
-  return time_fn(fn, q, k, v, reps=reps)
+  return timing.time_fn(fn, q, k, v, reps=reps, min_rep_s=MIN_REP_S)
 
 
 def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, with_search=True,
@@ -215,7 +199,8 @@ def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, wit
     # One list width for every density: one compile per size.
     idx, cnt = random_lists(jax.random.fold_in(key, i), b, h, n_blk, count, k_max=n_blk)
     pairs = computed_pairs(idx, cnt, s, block_size)
-    sec, reps_s = time_fn(sparse, q, k, v, idx, cnt, block_size, reps=reps)
+    t = timing.time_fn(sparse, q, k, v, idx, cnt, block_size, reps=reps, min_rep_s=MIN_REP_S)
+    sec, reps_s = t.median_s, t.reps_s
     rows.append({"density": density, "count": min(count, n_blk), "pairs": pairs,
                  "ms": sec * 1e3, "rep_ms": [t * 1e3 for t in reps_s],
                  "tflops": 4.0 * d * pairs / sec / 1e12})  # pairs already sum over B, H
@@ -225,7 +210,7 @@ def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, wit
     for field, fn, args in (("block_mass_ms", mass, (q, k, typical_lse(q), block_size)),
                             ("fused_ms", fused, (q, k, v, block_size))):
       try:
-        res[field] = time_fn(fn, *args, reps=reps)[0] * 1e3
+        res[field] = timing.time_fn(fn, *args, reps=reps, min_rep_s=MIN_REP_S).median_s * 1e3
       except Exception as e:  # pylint: disable=broad-except
         res[field.replace("_ms", "_error")] = f"{type(e).__name__}: {e}"[:2000]
   return res
@@ -270,18 +255,19 @@ def sweep(q, k, v, *, block_size, reps, key, log, interpret=False):
   def sparse_fn(t):
     fn = jax.jit(lambda q, k, v, i, c: tk.block_sparse_attention(
         q, k, v, i, c, block_size=block_size, return_lse=False, config=t, interpret=interpret))
-    return lambda: sum(time_fn(fn, q, k, v, i, c, reps=reps)[0] for i, c in lists)
+    return lambda: sum(timing.time_fn(fn, q, k, v, i, c, reps=reps, min_rep_s=MIN_REP_S).median_s
+                       for i, c in lists)
 
   def dense_fn(t):
     fn = jax.jit(lambda q, k, v: tk.attention(q, k, v, config=t, interpret=interpret))
-    return lambda: time_fn(fn, q, k, v, reps=reps)[0]
+    return lambda: timing.time_fn(fn, q, k, v, reps=reps, min_rep_s=MIN_REP_S).median_s
 
   lse = typical_lse(q)
 
   def mass_fn(t):
     fn = jax.jit(lambda q, k, l: tk.block_mass(q, k, l, block_size=block_size, config=t,
                                                interpret=interpret))
-    return lambda: time_fn(fn, q, k, lse, reps=reps)[0]
+    return lambda: timing.time_fn(fn, q, k, lse, reps=reps, min_rep_s=MIN_REP_S).median_s
 
   kinds = (("sparse", SWEEP_SPARSE, tk.BlockSparseConfig, sparse_fn),
            ("dense", SWEEP_DENSE, tk.BlockSparseConfig, dense_fn),
@@ -437,8 +423,8 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
       log("check triton (swept tiles): " + json.dumps(res))
       save()
     try:
-      base_s, base_reps = time_dense(q, k, v, reps, baseline)
-      base_err = None
+      base = time_dense(q, k, v, reps, baseline)
+      base_s, base_reps, base_err = base.median_s, base.reps_s, None
     except Exception as e:  # pylint: disable=broad-except
       base_s, base_reps, base_err = float("nan"), [], f"{type(e).__name__}: {e}"[:2000]
       log(f"baseline failed: {base_err}")
@@ -462,8 +448,7 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
       log(f"S={seq} {impl}: " + json.dumps(entry["implementations"][impl])[:600])
       save()
     if base_err is None:
-      again, _ = time_dense(q, k, v, reps, baseline)
-      entry["baseline"]["ms_again"] = again * 1e3
+      entry["baseline"]["ms_again"] = time_dense(q, k, v, reps, baseline).median_s * 1e3
     save()
     del q, k, v
   log(table(results))

@@ -69,8 +69,8 @@ them (from the H200 times in docs/bench/mosaic.md; compile times not yet measure
 
 Inputs: B=1, H=24, D=128, bf16 normal q/k/v; random row-wise lists with the same
 count in every row (``stages``/``floor``: padded to nK columns, so one compile
-serves every density). Timing: one warm-up call, then the median of 3-5 calls
-each blocked on (host wall clock). JSON goes to $OUT (default /tmp).
+serves every density). Timing (``adaspa_jax.harness.timing``): one warm-up call, then the
+median of 3-5 calls each blocked on (host wall clock). JSON goes to $OUT (default /tmp).
 """
 
 import dataclasses
@@ -78,7 +78,6 @@ import functools
 import json
 import math
 import os
-import statistics
 import sys
 import threading
 import time
@@ -89,6 +88,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from adaspa_jax.harness import timing
 from tools.mosaic_floor import expected_output, load_only_padded
 from pallas_kernels.mosaic import block_mass_kernel as mosaic_block_mass
 from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
@@ -121,16 +121,6 @@ def lists(key, b, h, n_blk, count, k_max):
   chosen = jnp.sort(jnp.argsort(keys, -1)[..., :count], -1).astype(jnp.int32)
   chosen = jnp.pad(chosen, ((0, 0), (0, 0), (0, 0), (0, k_max - count)), mode="edge")
   return chosen, jnp.full((b, h, n_blk), count, jnp.int32)
-
-
-def time_fn(fn, *args, reps=5):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def mass_config(stages=None, key_tile=None, **fields):
@@ -214,7 +204,7 @@ def qkv(seq):
 
 def cudnn_ms(q, k, v, reps):
   fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-  return time_fn(fn, q, k, v, reps=reps)
+  return timing.time_fn(fn, q, k, v, reps=reps).median_s
 
 
 def time_sparse(seq, key, q, k, v, td, bs, density, reps, **variant):
@@ -222,8 +212,8 @@ def time_sparse(seq, key, q, k, v, td, bs, density, reps, **variant):
   count = max(1, round(density * n_blk))
   idx, cnt = lists(jax.random.fold_in(key, int(density * 100)), B, H, n_blk, count, count)
   lengths = jnp.full((B,), seq, jnp.int32)
-  t = time_fn(sparse_fn(bs, n_blk, lengths, **variant), q, k, v, idx, cnt, jnp.zeros_like(cnt),
-              reps=reps)
+  t = timing.time_fn(sparse_fn(bs, n_blk, lengths, **variant), q, k, v, idx, cnt,
+                     jnp.zeros_like(cnt), reps=reps).median_s
   flops = 4.0 * B * H * D * count * bs * seq
   return {"S": seq, "op": "sparse", "bs": bs, "density": density, **variant, "ms": t * 1e3,
           "tflops": flops / t / 1e12, "pct_cudnn": 100 * td / (t / (count * bs / seq))}
@@ -418,8 +408,8 @@ def sparse_row(inp, seq, bs, density, stages, **variant):
   fn = functools.partial(block_sparse_attention_padded, block_size=bs, sm_scale=SM_SCALE,
                          num_kv_blocks=seq // bs,
                          config=BlockSparseConfig(stages=stages, **variant))
-  t = time_fn(fn, q, k, v, idx, cnt, jnp.zeros_like(cnt), jnp.full((B,), seq, jnp.int32),
-              reps=inp.reps)
+  t = timing.time_fn(fn, q, k, v, idx, cnt, jnp.zeros_like(cnt), jnp.full((B,), seq, jnp.int32),
+                     reps=inp.reps).median_s
   td = inp.cudnn_ms(seq) / 1e3
   flops = 4.0 * B * H * D * count * bs * seq
   row = {"ms": t * 1e3, "tflops": flops / t / 1e12,
@@ -437,7 +427,7 @@ def mass_row(inp, seq, stages, bs=64, key_tile=None, **variant):
   lse2 = jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=SM_SCALE,
                          num_kv_blocks=seq // bs, config=mass_config(stages, key_tile, **variant))
-  t = time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps)
+  t = timing.time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps).median_s
   k_bytes = B * H * (seq // rows) * seq * D * 2  # every CTA streams every K block once
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq), "k_GBps": k_bytes / t / 1e9}
 
@@ -452,7 +442,7 @@ def floor_row(inp, seq, bs, density, stages=None):
   want = expected_output(q, v, idx, cnt, dense, block_size=bs, num_kv_blocks=seq // bs)
   row = {"copy_exact": bool(jnp.array_equal(fn(q, k, v, idx, cnt, dense), want))}
   del want
-  t = time_fn(fn, q, k, v, idx, cnt, dense, reps=inp.reps)
+  t = timing.time_fn(fn, q, k, v, idx, cnt, dense, reps=inp.reps).median_s
   moved = kv_bytes(cnt, bs)
   row.update(floor_ms=t * 1e3, kv_GB=moved / 1e9, floor_GBps=moved / t / 1e9)
   real = inp.real.get((seq, bs, density, stages))
@@ -525,7 +515,7 @@ def run_keytile(run, inp, seqs, deadline):
     def fused():
       _, (q, k, v) = inp.qkv(seq)
       fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
-      t = time_fn(fn, q, k, v, reps=inp.reps)
+      t = timing.time_fn(fn, q, k, v, reps=inp.reps).median_s
       return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
     run.attempt(fused, deadline=deadline, section="keytile", op="fused", S=seq, bs=64)
 
@@ -548,7 +538,7 @@ def fused_with(inp, seq, fields):
   _, (q, k, v) = inp.qkv(seq)
   fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64,
                                                                 mass_config=config))
-  t = time_fn(fn, q, k, v, reps=inp.reps)
+  t = timing.time_fn(fn, q, k, v, reps=inp.reps).median_s
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
 
 
@@ -719,7 +709,7 @@ def main():
         fn = jax.jit(lambda q, k, l: block_mass_padded(
             q, k, l, lengths, block_size=64, sm_scale=1 / math.sqrt(D), num_kv_blocks=seq // 64,
             config=mass_config(heads_major=hm)))
-        t = time_fn(fn, q, k, lse2, reps=3)
+        t = timing.time_fn(fn, q, k, lse2, reps=3).median_s
         return {"S": seq, "op": "mass", "bs": 64, "heads_major": hm, "ms": t * 1e3,
                 "x_dense": t / td}
       attempt(mass, op="mass", heads_major=hm)

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from tools.mosaic_variants import cudnn_ms, lists, time_fn
+from adaspa_jax.harness import timing
+from tools.mosaic_variants import cudnn_ms, lists
 from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
 
 B, H, D = 1, 24, 128
@@ -68,7 +69,7 @@ def compare(modules, seq, bs, density, key, q, k, v, rounds, reps=5, interpret=N
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
-      times[name].append(time_fn(fn, q, k, v, reps=reps) * 1e3)
+      times[name].append(timing.time_fn(fn, q, k, v, reps=reps).median_s * 1e3)
   return {"S": seq, "bs": bs, "density": density, "count": count, "identical": same,
           **{f"{name}_ms": min(t) for name, t in times.items()},
           **{f"{name}_rounds_ms": t for name, t in times.items()}}
