@@ -227,8 +227,8 @@ def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=
                               interpret=False, config=None, mass_config=None):
   """Fused search: the sparse kernel at full density with LSE, then the mass kernel.
 
-  ``config`` (a ``BlockSparseConfig``) tunes the dense pass, ``mass_config`` (a
-  ``BlockMassConfig``) the block mass; None for their defaults.
+  The dense pass runs the block-sparse kernel on ``DENSE_PASS_BLOCK``-row blocks, every
+  row dense, tuned by ``config``; the block mass from its LSE by ``mass_config``.
 
   Returns:
     out [B, S, H, D] (q's dtype), lse float32 [B, H, S], mass float32 [B, H, nQ, nK].
