@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
+from time import perf_counter
 from typing import Any
 
 import jax
@@ -56,20 +56,20 @@ def time_fn(fn, *args, reps: int, min_rep_s: float = 0.0) -> Timing:
     raise ValueError(f"reps={reps!r}: expected an int >= 1.")
   if not isinstance(min_rep_s, (int, float)) or isinstance(min_rep_s, bool) or min_rep_s < 0:
     raise ValueError(f"min_rep_s={min_rep_s!r}: expected a number >= 0 (seconds).")
-  start = time.perf_counter()
+  start = perf_counter()
   output = jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - start
+  first = perf_counter() - start
   calls = 1
   if min_rep_s > 0:
-    start = time.perf_counter()
+    start = perf_counter()
     jax.block_until_ready(fn(*args))
-    once = time.perf_counter() - start
+    once = perf_counter() - start
     calls = max(1, min(MAX_CALLS_PER_REP, int(min_rep_s / max(once, 1e-6))))
   times = []
   for _ in range(int(reps)):
-    start = time.perf_counter()
+    start = perf_counter()
     for _ in range(calls):
       out = fn(*args)
     jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / calls)
+    times.append((perf_counter() - start) / calls)
   return Timing(statistics.median(times), times, first, calls, output)

@@ -16,7 +16,7 @@ class FakeDevice:
   def __init__(self, monkeypatch, durations):
     self.now, self.queued, self.calls, self.blocks = 0.0, 0.0, 0, 0
     self.durations = iter(durations)
-    monkeypatch.setattr(timing.time, "perf_counter", lambda: self.now)
+    monkeypatch.setattr(timing, "perf_counter", lambda: self.now)
 
   def fn(self, x):
     self.calls += 1
