@@ -18,8 +18,8 @@ transformer blocks (the per-block cost is what scales with depth), and
   (``adaspa_jax.parallel``): one dense call, and each layer's sparse call at
   the lists that layer selected.
 
-Each timing: jit, one warm-up call (compile, reported as ``first_s``), then
-the median of ``reps`` calls, each ended by ``block_until_ready``.
+Each timing (``harness/timing.py``): jit, one warm-up call (compile, reported as
+``first_s``), then the median of ``reps`` calls, each ended by ``block_until_ready``.
 
 From these, ``compose`` multiplies each phase's step time by its number of
 steps in ``adaspa_jax.phase_table`` (the paper's schedule by default) and
@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import statistics
 import time
 
 import jax
@@ -53,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from adaspa_jax import PHASE_NAMES, AdaSpaConfig, parallel, phase_table
 from adaspa_jax.harness import generation
+from adaspa_jax.harness.timing import time_fn
 from adaspa_jax.harness.e2e_report import summary_line
 from adaspa_jax.models import families, parallel as model_parallel, sampler, schedulers
 from adaspa_jax.schedule import CACHED_SEARCH, DENSE, FUSED_SEARCH, SPARSE
@@ -240,23 +240,6 @@ def denoiser_inputs(case: Case, step: int) -> dict:
               timestep=jnp.broadcast_to(jnp.asarray(ts[step]), (x.shape[0],)))
 
 
-# ----------------------------------------------------------------------------- timing
-def time_call(fn, *args, reps: int):
-  """(timing dict, output of the warm-up call). Timing: ``first_s`` (the warm-up call,
-  compile included), ``reps_s`` (each call ended by block_until_ready), ``median_s``."""
-  if not isinstance(reps, (int, np.integer)) or reps < 1:
-    raise ValueError(f"reps={reps!r}: expected an int >= 1.")
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return {"median_s": statistics.median(times), "reps_s": times, "first_s": first}, out
-
-
 def phase_counts(config: AdaSpaConfig) -> dict:
   """Steps of each phase in the schedule, by ``PHASE_NAMES``."""
   table = phase_table(config)
@@ -346,23 +329,24 @@ def measure(case: Case, *, reps: int, log=print) -> dict:
     log(f"  {name:15s} {timing['median_s'] * 1e3:10.2f} ms/step  (first call "
         f"{timing['first_s']:.1f} s)")
 
-  res["steps"]["dense_baseline"], _ = time_call(dense_forward, params,
-                                                denoiser_inputs(case, 0), reps=reps)
+  res["steps"]["dense_baseline"] = time_fn(dense_forward, params, denoiser_inputs(case, 0),
+                                          reps=reps).as_dict()
   record("dense_baseline", res["steps"]["dense_baseline"])
   counts = phase_counts(ada)
   state0 = init_state(case)
   t_fused = first_step(ada, FUSED_SEARCH)
   step = lambda t: jnp.asarray(t, jnp.int32)
-  timing, (_, searched) = time_call(adaspa_forward, params, denoiser_inputs(case, t_fused),
-                                    state0, step(t_fused), reps=reps)
-  record("fused_search", timing)
+  timing = time_fn(adaspa_forward, params, denoiser_inputs(case, t_fused), state0,
+                   step(t_fused), reps=reps)
+  _, searched = timing.output
+  record("fused_search", timing.as_dict())
   for phase, state in ((DENSE, state0), (CACHED_SEARCH, searched), (SPARSE, searched)):
     t = first_step(ada, phase)
     if t is None:
       continue
-    timing, _ = time_call(adaspa_forward, params, denoiser_inputs(case, t), state, step(t),
-                          reps=reps)
-    record(PHASE_NAMES[phase], timing)
+    timing = time_fn(adaspa_forward, params, denoiser_inputs(case, t), state, step(t),
+                     reps=reps)
+    record(PHASE_NAMES[phase], timing.as_dict())
   del state0
 
   pairs = computed_pairs(searched, case.seq_len, ada.block_size)
@@ -373,20 +357,20 @@ def measure(case: Case, *, reps: int, log=print) -> dict:
 
   q, k, v = _random_qkv(case, sampler.input_dtype(case.model))
   sp, span, kvl = case.sequence_parallel, case.text_span, case.kv_lengths
-  timing, _ = time_call(_dense_attention, q, k, v, kvl, sp, span, reps=reps)
-  res["attention"]["dense_per_call"] = timing
+  res["attention"]["dense_per_call"] = time_fn(_dense_attention, q, k, v, kvl, sp, span,
+                                               reps=reps).as_dict()
   sparse_step = first_step(ada, SPARSE)
   if sparse_step is not None:
     res["attention"]["sparse_per_layer"] = []
     for layer in range(n_attn):
       st = jax.tree.map(lambda x, layer=layer: x[layer], searched)
-      timing, _ = time_call(_sparse_attention, q, k, v, st, kvl, sparse_step, ada, sp, span,
-                            reps=reps)
-      res["attention"]["sparse_per_layer"].append(timing)
+      timing = time_fn(_sparse_attention, q, k, v, st, kvl, sparse_step, ada, sp, span,
+                       reps=reps)
+      res["attention"]["sparse_per_layer"].append(timing.as_dict())
   del q, k, v, searched
   # Again at the end: the drift of the device clock over the measurement.
-  res["dense_baseline_again"], _ = time_call(dense_forward, params, denoiser_inputs(case, 0),
-                                             reps=reps)
+  res["dense_baseline_again"] = time_fn(dense_forward, params, denoiser_inputs(case, 0),
+                                       reps=reps).as_dict()
   att = res["attention"]
   log(f"  attention alone: dense {att['dense_per_call']['median_s'] * 1e3:.2f} ms/call x "
       f"{n_attn}, sparse "

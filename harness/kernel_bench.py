@@ -11,26 +11,29 @@ the same count for every row), ``block_mass`` and ``attention_with_block_mass``.
 Prints a table, writes JSON and a PNG of time vs density with the ideal line
 (cuDNN dense time x density).
 
-Timing: after a warm-up call (compile), each rep launches the function back to
-back n times (n chosen so a rep lasts >= 20 ms) and blocks once; the rep time
-is the wall time / n, so host dispatch overlaps device work; the reported time
-is the median rep. Effective TFLOP/s = 4 * D * (computed query x key pairs,
+Timing (``harness/timing.py``): after a warm-up call (compile), each rep launches the
+function back to back n times (n chosen so a rep lasts >= 20 ms, ``MIN_REP_S``) and
+blocks once; the rep time is the wall time / n, so host dispatch overlaps device work;
+the reported time is the median rep. Effective TFLOP/s = 4 * D * (computed query x key pairs,
 summed over batch and heads) / time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import functools
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from adaspa_jax.harness import timing
+from pallas_kernels.triton import block_mass_kernel, block_sparse_kernel
+from pallas_kernels.triton import ops as tk
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -65,34 +68,40 @@ def computed_pairs(indices, counts, seq, block_size):
   return int((np.asarray(keys, np.int64) * np.asarray(sizes, np.int64)).sum())
 
 
-# ----------------------------------------------------------------------------- timing
-def time_fn(fn, *args, reps, min_rep_s=0.02):
-  """Median seconds per call; see the module docstring."""
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  once = time.perf_counter() - t0
-  inner = max(1, min(100, int(min_rep_s / max(once, 1e-6))))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner)
-  return statistics.median(times), times
+MIN_REP_S = 0.02  # a timed rep launches back-to-back calls for about this long (``timing``)
 
 
 # ----------------------------------------------------------------------------- kernels
-def kernels(name, interpret):
-  """(block_sparse, block_mass, fused) callables of one implementation, jitted."""
+def implementation_ops(name, interpret, configs=None):
+  """(block_sparse_attention, block_mass, attention_with_block_mass) of one implementation,
+  with the reference's signatures.
+
+  ``configs`` ({"sparse", "dense", "mass"}: Triton configs, e.g. from ``sweep``) only for
+  ``"triton"``: its ops are then called with them (a missing kind: the default).
+  """
+  if configs:
+    if name != "triton":
+      raise ValueError(f"configs={configs!r} with implementation={name!r}: expected configs "
+                       "only for 'triton'.")
+    return (functools.partial(tk.block_sparse_attention, interpret=interpret,
+                              config=configs.get("sparse")),
+            functools.partial(tk.block_mass, interpret=interpret, config=configs.get("mass")),
+            functools.partial(tk.attention_with_block_mass, interpret=interpret,
+                              config=configs.get("dense"), mass_config=configs.get("mass")))
   kw = dict(implementation=name)
   if name != "reference":
     kw["interpret"] = interpret
-  sparse = lambda q, k, v, i, c, bs: pk.block_sparse_attention(
-      q, k, v, i, c, block_size=bs, return_lse=False, **kw)
-  mass = lambda q, k, lse, bs: pk.block_mass(q, k, lse, block_size=bs, **kw)
-  fused = lambda q, k, v, bs: pk.attention_with_block_mass(q, k, v, block_size=bs, **kw)
+  return tuple(functools.partial(op, **kw) for op in (
+      pk.block_sparse_attention, pk.block_mass, pk.attention_with_block_mass))
+
+
+def kernels(name, interpret, configs=None):
+  """(block_sparse, block_mass, fused) callables of one implementation, jitted
+  (``configs``: see ``implementation_ops``)."""
+  sparse_op, mass_op, fused_op = implementation_ops(name, interpret, configs)
+  sparse = lambda q, k, v, i, c, bs: sparse_op(q, k, v, i, c, block_size=bs, return_lse=False)
+  mass = lambda q, k, lse, bs: mass_op(q, k, lse, block_size=bs)
+  fused = lambda q, k, v, bs: fused_op(q, k, v, block_size=bs)
   return (jax.jit(sparse, static_argnums=5), jax.jit(mass, static_argnums=3),
           jax.jit(fused, static_argnums=3))
 
@@ -104,8 +113,9 @@ def _rel(x, ref, mask=None):
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def check(name, *, seq, heads, head_dim, dtype, block_size, interpret, key):
-  """Compares one implementation with the reference at a small size; returns a dict."""
+def check(name, *, seq, heads, head_dim, dtype, block_size, interpret, key, configs=None):
+  """Compares one implementation with the reference at a small size; returns a dict
+  (``configs``: see ``implementation_ops``)."""
   b = 2
   q, k, v = random_qkv(key, b, seq, heads, head_dim, dtype)
   lengths = jnp.array([seq, max(1, (seq * 7) // 10)], jnp.int32)
@@ -114,13 +124,12 @@ def check(name, *, seq, heads, head_dim, dtype, block_size, interpret, key):
   # Mixed counts: some rows keep 1 block, some are dense (count = nK).
   sel = jax.random.randint(jax.random.fold_in(key, 2), cnt.shape, 0, 3)
   cnt = jnp.where(sel == 0, 1, jnp.where(sel == 1, n_blk, cnt)).astype(jnp.int32)
-  kw = dict(interpret=interpret) if name != "reference" else {}
+  sparse_op, mass_op, fused_op = implementation_ops(name, interpret, configs)
   ref = dict(implementation="reference")
   res = {"implementation": name, "seq": seq, "batch": b, "heads": heads, "head_dim": head_dim,
          "dtype": jnp.dtype(dtype).name, "block_size": block_size}
   try:
-    out, lse = pk.block_sparse_attention(q, k, v, idx, cnt, block_size=block_size,
-                                         kv_lengths=lengths, implementation=name, **kw)
+    out, lse = sparse_op(q, k, v, idx, cnt, block_size=block_size, kv_lengths=lengths)
     want_out, want_lse = pk.block_sparse_attention(q, k, v, idx, cnt, block_size=block_size,
                                                    kv_lengths=lengths, **ref)
     finite = np.isfinite(np.asarray(want_lse))
@@ -131,8 +140,7 @@ def check(name, *, seq, heads, head_dim, dtype, block_size, interpret, key):
         np.array_equal(np.isfinite(np.asarray(lse)), finite))
     res["block_sparse_nan"] = bool(np.isnan(np.asarray(out, np.float32)).any()
                                    or np.isnan(np.asarray(lse)).any())
-    f_out, f_lse, f_mass = pk.attention_with_block_mass(
-        q, k, v, block_size=block_size, kv_lengths=lengths, implementation=name, **kw)
+    f_out, f_lse, f_mass = fused_op(q, k, v, block_size=block_size, kv_lengths=lengths)
     w_out, w_lse, w_mass = pk.attention_with_block_mass(
         q, k, v, block_size=block_size, kv_lengths=lengths, **ref)
     finite = np.isfinite(np.asarray(w_lse))
@@ -142,8 +150,7 @@ def check(name, *, seq, heads, head_dim, dtype, block_size, interpret, key):
     res["fused_mass_rel_err"] = _rel(f_mass, w_mass)
     # A cached LSE from another step: the dense one, shifted (finite on every valid row).
     cached = w_lse + 0.3 * jax.random.normal(jax.random.fold_in(key, 3), w_lse.shape)
-    mass = pk.block_mass(q, k, cached, block_size=block_size, kv_lengths=lengths,
-                         implementation=name, **kw)
+    mass = mass_op(q, k, cached, block_size=block_size, kv_lengths=lengths)
     want_mass = pk.block_mass(q, k, cached, block_size=block_size, kv_lengths=lengths, **ref)
     res["block_mass_rel_err"] = _rel(mass, want_mass)
     tol = 1e-4 if dtype == jnp.float32 else 2e-2
@@ -173,24 +180,27 @@ def typical_lse(q):
   return jnp.full((b, h, s), np.log(s) + 0.5, jnp.float32)
 
 
-def time_dense(q, k, v, reps, implementation="cudnn"):
+def time_dense(q, k, v, reps, implementation="cudnn") -> timing.Timing:
   fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
                                                             implementation=implementation))
-  return time_fn(fn, q, k, v, reps=reps)
+  return timing.time_fn(fn, q, k, v, reps=reps, min_rep_s=MIN_REP_S)
 
 
-def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, with_search=True):
-  """Times one implementation's kernels at one size; returns a dict (ms, TFLOP/s)."""
+def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, with_search=True,
+              configs=None):
+  """Times one implementation's kernels at one size; returns a dict (ms, TFLOP/s)
+  (``configs``: see ``implementation_ops``)."""
   b, s, h, d = q.shape
   n_blk = -(-s // block_size)
-  sparse, mass, fused = kernels(name, interpret)
+  sparse, mass, fused = kernels(name, interpret, configs)
   rows = []
   for i, density in enumerate(densities):
     count = max(1, round(density * n_blk))
     # One list width for every density: one compile per size.
     idx, cnt = random_lists(jax.random.fold_in(key, i), b, h, n_blk, count, k_max=n_blk)
     pairs = computed_pairs(idx, cnt, s, block_size)
-    sec, reps_s = time_fn(sparse, q, k, v, idx, cnt, block_size, reps=reps)
+    t = timing.time_fn(sparse, q, k, v, idx, cnt, block_size, reps=reps, min_rep_s=MIN_REP_S)
+    sec, reps_s = t.median_s, t.reps_s
     rows.append({"density": density, "count": min(count, n_blk), "pairs": pairs,
                  "ms": sec * 1e3, "rep_ms": [t * 1e3 for t in reps_s],
                  "tflops": 4.0 * d * pairs / sec / 1e12})  # pairs already sum over B, H
@@ -200,13 +210,14 @@ def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, wit
     for field, fn, args in (("block_mass_ms", mass, (q, k, typical_lse(q), block_size)),
                             ("fused_ms", fused, (q, k, v, block_size))):
       try:
-        res[field] = time_fn(fn, *args, reps=reps)[0] * 1e3
+        res[field] = timing.time_fn(fn, *args, reps=reps, min_rep_s=MIN_REP_S).median_s * 1e3
       except Exception as e:  # pylint: disable=broad-except
         res[field.replace("_ms", "_error")] = f"{type(e).__name__}: {e}"[:2000]
   return res
 
 
-# (block_q, block_k, num_warps, num_stages, fast_exp2, prefetch). Kept short: each
+# (block_q, block_k, num_warps, num_stages, fast_exp2, prefetch) of a Triton config
+# (BlockSparseConfig for sparse and dense, BlockMassConfig for mass). Kept short: each
 # entry is one Triton compile on the device. First H200 run (docs/log/triton.md):
 # block_k 32 beat 64 for the sparse kernel and fast_exp2 helped a little everywhere.
 SWEEP_SPARSE = [(64, 32, 4, 3, True, False), (64, 32, 4, 3, True, True),
@@ -221,8 +232,7 @@ SWEEP_MASS = [(128, 64, 4, 3, True, False), (128, 64, 4, 3, True, True),
 
 
 def sweep(q, k, v, *, block_size, reps, key, log, interpret=False):
-  """Times Triton tile choices; returns (results, best tiles per kernel)."""
-  from pallas_kernels import triton as tk  # pylint: disable=g-import-not-at-top
+  """Times Triton tile choices; returns (results, best config per kernel kind)."""
   b, s, h, d = q.shape
   n_blk = -(-s // block_size)
   lists = [random_lists(jax.random.fold_in(key, i), b, h, n_blk,
@@ -244,36 +254,39 @@ def sweep(q, k, v, *, block_size, reps, key, log, interpret=False):
 
   def sparse_fn(t):
     fn = jax.jit(lambda q, k, v, i, c: tk.block_sparse_attention(
-        q, k, v, i, c, block_size=block_size, return_lse=False, tiles=t, interpret=interpret))
-    return lambda: sum(time_fn(fn, q, k, v, i, c, reps=reps)[0] for i, c in lists)
+        q, k, v, i, c, block_size=block_size, return_lse=False, config=t, interpret=interpret))
+    return lambda: sum(timing.time_fn(fn, q, k, v, i, c, reps=reps, min_rep_s=MIN_REP_S).median_s
+                       for i, c in lists)
 
   def dense_fn(t):
-    fn = jax.jit(lambda q, k, v: tk.attention(q, k, v, tiles=t, interpret=interpret))
-    return lambda: time_fn(fn, q, k, v, reps=reps)[0]
+    fn = jax.jit(lambda q, k, v: tk.attention(q, k, v, config=t, interpret=interpret))
+    return lambda: timing.time_fn(fn, q, k, v, reps=reps, min_rep_s=MIN_REP_S).median_s
 
   lse = typical_lse(q)
 
   def mass_fn(t):
-    fn = jax.jit(lambda q, k, l: tk.block_mass(q, k, l, block_size=block_size, tiles=t,
+    fn = jax.jit(lambda q, k, l: tk.block_mass(q, k, l, block_size=block_size, config=t,
                                                interpret=interpret))
-    return lambda: time_fn(fn, q, k, lse, reps=reps)[0]
+    return lambda: timing.time_fn(fn, q, k, lse, reps=reps, min_rep_s=MIN_REP_S).median_s
 
-  kinds = (("sparse", SWEEP_SPARSE, tk.Tiles, sparse_fn), ("dense", SWEEP_DENSE, tk.Tiles, dense_fn),
-           ("mass", SWEEP_MASS, tk.Tiles, mass_fn))
-  for kind, configs, cls, make in kinds:
-    for cfg in configs:
+  kinds = (("sparse", SWEEP_SPARSE, tk.BlockSparseConfig, sparse_fn),
+           ("dense", SWEEP_DENSE, tk.BlockSparseConfig, dense_fn),
+           ("mass", SWEEP_MASS, tk.BlockMassConfig, mass_fn))
+  for kind, choices, cls, make in kinds:
+    for cfg in choices:
       run(kind, cfg, make(cls(*cfg)))
   chosen = {kind: cls(*best[kind][0]) for kind, _, cls, _ in kinds if kind in best}
   return out, chosen
 
 
-def use_tiles(tiles):
-  """Makes the swept tiles the Triton module's defaults for the rest of this process."""
-  from pallas_kernels import triton as tk  # pylint: disable=g-import-not-at-top
-  for kind, attr in (("sparse", "SPARSE_TILES"), ("dense", "DENSE_TILES"),
-                     ("mass", "MASS_TILES")):
-    if kind in tiles:
-      setattr(tk, attr, tiles[kind])
+def triton_configs(configs):
+  """The Triton configs a run uses ({"sparse", "dense", "mass"}: ``configs``' or the
+  defaults), as JSON-ready dicts."""
+  defaults = {"sparse": block_sparse_kernel.DEFAULT_CONFIG,
+              "dense": block_sparse_kernel.DEFAULT_DENSE_CONFIG,
+              "mass": block_mass_kernel.DEFAULT_CONFIG}
+  return {kind: dataclasses.asdict(configs.get(kind, default))
+          for kind, default in defaults.items()}
 
 
 # ----------------------------------------------------------------------------- report
@@ -382,6 +395,7 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
     print(msg, flush=True)
 
   key = jax.random.key(0)
+  configs = {}  # Triton configs: the defaults, or the sweep's choice
   for impl in implementations:
     res = check(impl, seq=check_seq, heads=min(2, heads), head_dim=head_dim, dtype=dtype,
                 block_size=bs, interpret=interpret, key=jax.random.fold_in(key, 7))
@@ -398,18 +412,19 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
       sweep_res, tiles = sweep(q, k, v, block_size=bs, reps=max(3, reps // 2),
                                key=jax.random.fold_in(key, 99), log=log, interpret=interpret)
       results["sweep"] = {"seq": seq, "densities": [0.1, 0.5, 1.0], "results": sweep_res,
-                          "chosen": {k_: vars(t) for k_, t in tiles.items()}}
-      use_tiles(tiles)
+                          "chosen": {k_: dataclasses.asdict(t) for k_, t in tiles.items()}}
+      configs = tiles  # the Triton timings below use the chosen tiles
       # The chosen tiles (perhaps with the approximate exp2) pass the same check.
       res = check("triton", seq=check_seq, heads=min(2, heads), head_dim=head_dim, dtype=dtype,
-                  block_size=bs, interpret=interpret, key=jax.random.fold_in(key, 8))
+                  block_size=bs, interpret=interpret, key=jax.random.fold_in(key, 8),
+                  configs=configs)
       res["tiles"] = results["sweep"]["chosen"]
       results["checks"].append(res)
       log("check triton (swept tiles): " + json.dumps(res))
       save()
     try:
-      base_s, base_reps = time_dense(q, k, v, reps, baseline)
-      base_err = None
+      base = time_dense(q, k, v, reps, baseline)
+      base_s, base_reps, base_err = base.median_s, base.reps_s, None
     except Exception as e:  # pylint: disable=broad-except
       base_s, base_reps, base_err = float("nan"), [], f"{type(e).__name__}: {e}"[:2000]
       log(f"baseline failed: {base_err}")
@@ -424,19 +439,16 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
       try:
         entry["implementations"][impl] = time_impl(
             impl, q, k, v, densities=densities, block_size=bs, reps=reps,
-            interpret=interpret, key=jax.random.fold_in(key, seq + 1))
+            interpret=interpret, key=jax.random.fold_in(key, seq + 1),
+            configs=configs if impl == "triton" else None)
         if impl == "triton":
-          from pallas_kernels import triton as tk  # pylint: disable=g-import-not-at-top
-          entry["implementations"][impl]["tiles"] = {
-              "sparse": vars(tk.SPARSE_TILES), "dense": vars(tk.DENSE_TILES),
-              "mass": vars(tk.MASS_TILES)}
+          entry["implementations"][impl]["tiles"] = triton_configs(configs)
       except Exception as e:  # pylint: disable=broad-except
         entry["implementations"][impl] = {"error": f"{type(e).__name__}: {e}"[:2000]}
       log(f"S={seq} {impl}: " + json.dumps(entry["implementations"][impl])[:600])
       save()
     if base_err is None:
-      again, _ = time_dense(q, k, v, reps, baseline)
-      entry["baseline"]["ms_again"] = again * 1e3
+      entry["baseline"]["ms_again"] = time_dense(q, k, v, reps, baseline).median_s * 1e3
     save()
     del q, k, v
   log(table(results))

@@ -1,7 +1,7 @@
 """Load-only twin of the block-sparse Mosaic kernel: the floor its K/V traffic sets.
 
 A measurement tool for ``tools/mosaic_variants.py floor``, not a library
-kernel. It keeps what moves data in ``pallas_kernels.mosaic_block_sparse``: the
+kernel. It keeps what moves data in ``pallas_kernels.mosaic.block_sparse_kernel``: the
 grid and launch order, the per-row index lists (dense rows included), the memory
 warpgroup's TMA copies into the K/V rings, and the ready/free mbarriers of every
 stage. The compute warpgroups only wait for each stage and release it: no wgmma,
@@ -24,9 +24,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_block_sparse import (
-    COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, _smem_transforms, check_stages, num_stages, smem_bytes,
-    listed_block, read_entry, stream_kv_blocks)
+from pallas_kernels.mosaic.block_sparse_kernel import (
+    listed_block, num_stages, read_entry, smem_bytes, stream_kv_blocks)
+from pallas_kernels.mosaic.common import (
+    COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, check_stages, smem_transforms)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "num_kv_blocks", "heads_major",
@@ -54,7 +55,7 @@ def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_s
   stages = check_stages(stages, num_stages(bs, d, itemsize),
                         lambda n: smem_bytes(bs, d, itemsize, n),
                         f"block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
-  transforms = _smem_transforms(dtype)
+  transforms = smem_transforms(dtype)
 
   block_of = functools.partial(listed_block, num_kv_blocks=num_kv_blocks)
 

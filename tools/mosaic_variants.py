@@ -1,9 +1,12 @@
 """Tuning variants of the Mosaic GPU kernels on an H200: launch order, ping-pong, ring depth, floor.
 
-The tuning runs behind the defaults of ``pallas_kernels.mosaic_block_sparse``
-and ``mosaic_block_mass`` (results: docs/log/mosaic.md). The kernels are
-called directly with explicit ``schedule_barrier`` / ``heads_major`` / ``stages``
-so the numbers do not depend on the defaults of the day.
+The tuning runs behind the ``DEFAULT_CONFIG`` of ``pallas_kernels.mosaic.block_sparse_kernel``
+and ``block_mass_kernel`` (results: docs/log/mosaic.md). The kernels are called
+directly with explicit configs (``BlockSparseConfig``, ``BlockMassConfig``; the
+block mass with Pallas' automatic barriers and one key block per K tile unless a
+mode says otherwise, as the kernel's defaults were when these runs began), so the
+numbers do not depend on the defaults of the day; the fused search through the public
+API gets its ``mass_config``.
 
   python -m tools.mosaic_variants check             # every variant vs reference
   python -m tools.mosaic_variants time 32768 118784  # sparse variants, all densities
@@ -11,18 +14,17 @@ so the numbers do not depend on the defaults of the day.
   python -m tools.mosaic_variants stages [S ...]     # K/V ring depth (below)
   python -m tools.mosaic_variants floor [S ...]      # load-only floor (below)
   python -m tools.mosaic_variants all [S ...] [--budget=210]  # stages, then floor
-  python -m tools.mosaic_variants keytile [S ...]    # block-mass K tile, pipelining
-  python -m tools.mosaic_variants pingpong [S ...]   # block-mass warpgroup ping-pong
-  python -m tools.mosaic_variants rows [S ...]       # block-mass query rows per CTA
+  python -m tools.mosaic_variants keytile [S ...]    # block-mass K tile
   python -m tools.mosaic_variants anatomy [S ...]    # block-mass time without its parts
   python -m tools.mosaic_variants barriers [S ...]   # block mass, hand-placed barriers
   python -m tools.mosaic_variants widetile [S ...]   # block mass, 256-key tiles
-  python -m tools.mosaic_variants mmasums [S ...]    # block mass, sums on wgmma
-  python -m tools.mosaic_variants polyexp [S ...]    # block mass, some exp2 on FMA
-  python -m tools.mosaic_variants pingpoly [S ...]   # ping-pong, 256-key tiles, poly
   python -m tools.mosaic_variants anatomy256 [S ...] # as anatomy, 256-key tiles
 
-(from the repository root; S defaults to 32768 118784.)
+(from the repository root; S defaults to 32768 118784.) The block-mass options that
+were measured slower and removed (``pipeline``, ``schedule_barrier``, ``row_tiles``,
+``mma_sums``, ``poly_keys``) had modes here too (``pingpong``, ``rows``, ``mmasums``,
+``polyexp``, ``pingpoly``, and ``keytile`` with and without ``pipeline``): their results
+are in docs/log/mosaic.md and the modes in git history.
 
 ``stages``: block-sparse bs 64 with rings of 2 (default) and 3 stages, bs 128
 with its default (2) and 3, densities 0.05/0.2/0.5/1.0; block mass bs 64 with
@@ -39,19 +41,9 @@ Then the floor of a 3-stage ring at bs 64, if time is left.
 
 ``keytile``: block mass at bs 64 with 64-key K tiles (one key block per
 wgmma) and with 128-key tiles (two blocks, ``key_tile=128``, the default from this
-mode's run until ``widetile``'s), each
-without and with ``pipeline`` (tile t's exp while tile t + 1's QK^T runs): four
-variants, each checked at S=1000 first, then timed; then the fused search
-(``mosaic.attention_with_block_mass``, bs 64) through the public API; cuDNN in
-the same run.
-
-``pingpong``: block mass at bs 64 (128-key tiles) and bs 128 without and with
-``schedule_barrier`` (the two compute warpgroups take turns on the tensor cores),
-each checked at S=1000 first, then timed; cuDNN in the same run.
-
-``rows``: block mass at bs 64 (128-key tiles) and bs 128 with 128 and 256 query
-rows per CTA (``row_tiles`` 1 and 2), each checked at S=1000 first, then timed;
-then the fused search through the public API with each; cuDNN in the same run.
+mode's run until ``widetile``'s), each checked at S=1000 first, then timed; then the
+fused search (``mosaic.attention_with_block_mass``, bs 64) through the public API;
+cuDNN in the same run.
 
 ``anatomy``: block mass at bs 64 (128-key tiles) as it is, with its exponentials
 replaced by a multiply, with its QK^T wgmma replaced by a constant tile, and with
@@ -65,13 +57,8 @@ the fused search through the public API with each. cuDNN in the same run.
 
 ``widetile``: block mass (hand-placed barriers) at bs 64 and 128 with 128- and 256-key
 tiles (``WIDE_TILES``), each checked twice at each of ``WIDE_CHECKS`` (S = 1000, 9000 with
-and without the ping-pong barrier and query tiles fastest, 18000), then timed; then the
-fused search through the public API with each tile. cuDNN in the same run.
-
-``mmasums``: block mass (hand-placed barriers) with its per-block row sums as now and on
-the tensor cores (``mma_sums``), at ``MMA_VARIANTS``, each checked at S = 1000, 9000 (also
-query tiles fastest), 18000 and 27000, then timed; then the fused search through the
-public API without and with. cuDNN in the same run.
+and without query tiles fastest, 18000), then timed; then the fused search through the
+public API with each tile. cuDNN in the same run.
 
 ``all`` writes one JSON, rewritten after every row; a row whose measurement
 raises records the error and the run goes on. ``--budget`` (seconds from the
@@ -82,17 +69,15 @@ them (from the H200 times in docs/log/mosaic.md; compile times not yet measured)
 
 Inputs: B=1, H=24, D=128, bf16 normal q/k/v; random row-wise lists with the same
 count in every row (``stages``/``floor``: padded to nK columns, so one compile
-serves every density). Timing: one warm-up call, then the median of 3-5 calls
-each blocked on (host wall clock). JSON goes to $OUT (default /tmp).
+serves every density). Timing (``adaspa_jax.harness.timing``): one warm-up call, then the
+median of 3-5 calls each blocked on (host wall clock). JSON goes to $OUT (default /tmp).
 """
 
-import contextlib
+import dataclasses
 import functools
 import json
-import types
 import math
 import os
-import statistics
 import sys
 import threading
 import time
@@ -103,10 +88,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from adaspa_jax.harness import timing
 from tools.mosaic_floor import expected_output, load_only_padded
-from pallas_kernels import mosaic, mosaic_block_mass, mosaic_block_sparse, mosaic_interpret
-from pallas_kernels.mosaic_block_mass import block_mass_padded
-from pallas_kernels.mosaic_block_sparse import block_sparse_attention_padded
+from pallas_kernels.mosaic import block_mass_kernel as mosaic_block_mass
+from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
+from pallas_kernels.mosaic import common as mosaic_common
+from pallas_kernels.mosaic import interpreter as mosaic_interpret
+from pallas_kernels.mosaic import ops as mosaic
+from pallas_kernels.mosaic.block_mass_kernel import BlockMassConfig, block_mass_padded
+from pallas_kernels.mosaic.block_sparse_kernel import (
+    BlockSparseConfig, block_sparse_attention_padded)
 
 B, H, D = 1, 24, 128
 SM_SCALE = 1 / math.sqrt(D)
@@ -132,20 +123,19 @@ def lists(key, b, h, n_blk, count, k_max):
   return chosen, jnp.full((b, h, n_blk), count, jnp.int32)
 
 
-def time_fn(fn, *args, reps=5):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+def mass_config(stages=None, key_tile=None, **fields):
+  """The ``BlockMassConfig`` of a tuning run: Pallas' automatic barriers and ``key_tile``
+  None (one key block per K tile) unless ``fields`` say otherwise."""
+  return BlockMassConfig(**{"explicit_barriers": False, "key_tile": key_tile, "stages": stages,
+                            **fields})
 
 
 def sparse_fn(bs, n_blk, lengths, **variant):
+  """The padded block-sparse kernel, jitted, with ``BlockSparseConfig(**variant)``."""
+  config = BlockSparseConfig(**variant)
   return jax.jit(lambda q, k, v, i, c, z: block_sparse_attention_padded(
       q, k, v, i, c, z, lengths, block_size=bs, sm_scale=1 / math.sqrt(D),
-      num_kv_blocks=n_blk, **variant))
+      num_kv_blocks=n_blk, config=config))
 
 
 def check_inputs(d, bs, dtype, seq=1000, b=2, h=2):
@@ -164,14 +154,11 @@ def check_inputs(d, bs, dtype, seq=1000, b=2, h=2):
 
 
 def padded_args(q, k, v, idx, cnt, n_blk, bs):
-  """Operands of the padded kernels for a ``check_inputs`` case (as ``mosaic._sparse``)."""
-  s_pad = -(-q.shape[1] // 128) * 128
-  pad_s = lambda x: jnp.pad(x, ((0, 0), (0, s_pad - x.shape[1]), (0, 0), (0, 0)))
-  n_q = s_pad // bs
-  pad_q = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, n_q - x.shape[2])) + ((0, 0),) * (x.ndim - 3))
-  dense = cnt >= n_blk
-  steps = jnp.where(dense, n_blk, jnp.clip(cnt, 0, idx.shape[-1]))
-  return (pad_s(q), pad_s(k), pad_s(v), pad_q(idx), pad_q(steps), pad_q(dense.astype(jnp.int32)))
+  """Operands of the padded kernels for a ``check_inputs`` case, padded as
+  ``pallas_kernels.mosaic.ops`` pads them."""
+  s_pad = mosaic.padded_len(q.shape[1])
+  lists = mosaic.kernel_lists(idx, cnt, num_kv_blocks=n_blk, num_query_blocks=s_pad // bs)
+  return (*(mosaic.pad_seq(x, s_pad, 1) for x in (q, k, v)), *lists)
 
 
 def check(d, bs, dtype, seq=1000, b=2, h=2):
@@ -217,7 +204,7 @@ def qkv(seq):
 
 def cudnn_ms(q, k, v, reps):
   fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-  return time_fn(fn, q, k, v, reps=reps)
+  return timing.time_fn(fn, q, k, v, reps=reps).median_s
 
 
 def time_sparse(seq, key, q, k, v, td, bs, density, reps, **variant):
@@ -225,8 +212,8 @@ def time_sparse(seq, key, q, k, v, td, bs, density, reps, **variant):
   count = max(1, round(density * n_blk))
   idx, cnt = lists(jax.random.fold_in(key, int(density * 100)), B, H, n_blk, count, count)
   lengths = jnp.full((B,), seq, jnp.int32)
-  t = time_fn(sparse_fn(bs, n_blk, lengths, **variant), q, k, v, idx, cnt, jnp.zeros_like(cnt),
-              reps=reps)
+  t = timing.time_fn(sparse_fn(bs, n_blk, lengths, **variant), q, k, v, idx, cnt,
+                     jnp.zeros_like(cnt), reps=reps).median_s
   flops = 4.0 * B * H * D * count * bs * seq
   return {"S": seq, "op": "sparse", "bs": bs, "density": density, **variant, "ms": t * 1e3,
           "tflops": flops / t / 1e12, "pct_cudnn": 100 * td / (t / (count * bs / seq))}
@@ -359,7 +346,7 @@ def fits(kind, bs, stages):
   """None if ``stages`` fits in shared memory at D=128 bf16, else why not."""
   mod = mosaic_block_mass if kind == "mass" else mosaic_block_sparse
   need = mod.smem_bytes(bs, D, 2, stages)
-  limit = mosaic_block_sparse.SMEM_LIMIT
+  limit = mosaic_common.SMEM_LIMIT
   return None if need <= limit else f"needs {need} bytes of shared memory > {limit}"
 
 
@@ -371,11 +358,11 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False, **variant):
   with mosaic_interpret.device_context(interpret):
     out, lse = block_sparse_attention_padded(
         *padded_args(q, k, v, idx, cnt, n_blk, bs), lengths, block_size=bs, sm_scale=SM_SCALE,
-        num_kv_blocks=n_blk, stages=stages, interpret=mosaic_interpret.params(interpret),
-        **variant)
+        num_kv_blocks=n_blk, config=BlockSparseConfig(stages=stages, **variant),
+        interpret=mosaic_interpret.params(interpret))
   wo, wl = pk.block_sparse_attention(q, k, v, idx, cnt, block_size=bs, kv_lengths=lengths,
                                      implementation="reference")
-  # The padded kernel does not zero rows past kv_lengths (mosaic._finish does).
+  # The padded kernel does not zero rows past kv_lengths (pallas_kernels.mosaic.ops does).
   valid = np.arange(seq)[None, :] < np.asarray(lengths)[:, None]  # [B, S]
   o = np.where(valid[:, :, None, None], np.asarray(out[:, :seq], np.float32), 0.0)
   l, wl = np.asarray(lse[:, :, :seq]), np.asarray(wl)
@@ -389,27 +376,23 @@ def check_sparse_stages(bs, stages, seq=1000, h=2, interpret=False, **variant):
 
 
 def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None, **variant):
-  """The padded block-mass kernel at a ring depth (K tile, other kernel keywords:
-  ``variant``) vs the reference, from a stale LSE."""
-  cta = 128 * variant.get("row_tiles", 1)
+  """The padded block-mass kernel at a ring depth (K tile, other config fields:
+  ``variant``; see ``mass_config``) vs the reference, from a stale LSE."""
   key, q, k, v, lengths, n_blk, _, _ = check_inputs(D, bs, jnp.bfloat16, seq, h=h)
   _, lse, _ = pk.attention_with_block_mass(q, k, v, block_size=bs, kv_lengths=lengths,
                                            implementation="reference")
   cached = lse + 0.3 * jax.random.normal(jax.random.fold_in(key, 3), lse.shape)
   want = pk.block_mass(q, k, cached, block_size=bs, kv_lengths=lengths,
                        implementation="reference")
-  # As mosaic._mass: log2 units, +inf on rows that must add nothing.
-  rows_ok = jnp.arange(seq)[None, None, :] < lengths[:, None, None]
-  lse2 = jnp.where(rows_ok, cached / math.log(2), jnp.inf)
-  s_pad = -(-seq // cta) * cta
-  lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, s_pad - seq)), constant_values=jnp.inf)
-  k_pad = -(-seq // max(bs, key_tile or bs)) * max(bs, key_tile or bs)  # whole K tiles
-  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - seq), (0, 0), (0, 0)))
+  s_pad = mosaic.padded_len(seq)
+  lse2 = mosaic.log2_lse(cached, lengths, s_pad)  # as pallas_kernels.mosaic.ops passes it
+  k_pad = mosaic.padded_len(seq, max(bs, key_tile or bs))  # whole K tiles
   with mosaic_interpret.device_context(interpret):
-    chunks = block_mass_padded(pad(q, s_pad), pad(k, k_pad), lse2, lengths, block_size=bs,
-                               sm_scale=SM_SCALE, num_kv_blocks=n_blk, stages=stages,
-                               key_tile=key_tile, interpret=mosaic_interpret.params(interpret),
-                               **variant)
+    chunks = block_mass_padded(mosaic.pad_seq(q, s_pad, 1), mosaic.pad_seq(k, k_pad, 1), lse2,
+                               lengths, block_size=bs,
+                               sm_scale=SM_SCALE, num_kv_blocks=n_blk,
+                               config=mass_config(stages, key_tile, **variant),
+                               interpret=mosaic_interpret.params(interpret))
   b = q.shape[0]
   got = chunks.reshape(b, h, s_pad // bs, bs // 64, -1).sum(3)[:, :, :n_blk, :n_blk]
   r = {"mass_rel": rel(got, want), "nan": bool(np.isnan(np.asarray(got)).any())}
@@ -418,14 +401,15 @@ def check_mass_stages(bs, stages, seq=1000, h=2, interpret=False, key_tile=None,
 
 
 def sparse_row(inp, seq, bs, density, stages, **variant):
-  """The real block-sparse kernel on ``Inputs`` lists, with kernel keywords ``variant``;
+  """The real block-sparse kernel on ``Inputs`` lists, with config fields ``variant``;
   memoised for the floor when there are none."""
   _, (q, k, v) = inp.qkv(seq)
   idx, cnt, count = inp.lists(seq, bs, density)
   fn = functools.partial(block_sparse_attention_padded, block_size=bs, sm_scale=SM_SCALE,
-                         num_kv_blocks=seq // bs, stages=stages, **variant)
-  t = time_fn(fn, q, k, v, idx, cnt, jnp.zeros_like(cnt), jnp.full((B,), seq, jnp.int32),
-              reps=inp.reps)
+                         num_kv_blocks=seq // bs,
+                         config=BlockSparseConfig(stages=stages, **variant))
+  t = timing.time_fn(fn, q, k, v, idx, cnt, jnp.zeros_like(cnt), jnp.full((B,), seq, jnp.int32),
+                     reps=inp.reps).median_s
   td = inp.cudnn_ms(seq) / 1e3
   flops = 4.0 * B * H * D * count * bs * seq
   row = {"ms": t * 1e3, "tflops": flops / t / 1e12,
@@ -436,14 +420,14 @@ def sparse_row(inp, seq, bs, density, stages, **variant):
 
 
 def mass_row(inp, seq, stages, bs=64, key_tile=None, **variant):
-  """The block-mass kernel timed at ``seq`` with kernel keywords ``variant`` (Pallas'
-  automatic barriers unless it says otherwise)."""
+  """The block-mass kernel timed at ``seq`` with config fields ``variant`` (see
+  ``mass_config``)."""
   _, (q, k, _) = inp.qkv(seq)
-  rows = 128 * variant.get("row_tiles", 1)  # per CTA
+  rows = 128  # per CTA
   lse2 = jnp.full((B, H, seq), math.log2(seq) + 1.0, jnp.float32)
   fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=SM_SCALE,
-                         num_kv_blocks=seq // bs, stages=stages, key_tile=key_tile, **variant)
-  t = time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps)
+                         num_kv_blocks=seq // bs, config=mass_config(stages, key_tile, **variant))
+  t = timing.time_fn(fn, q, k, lse2, jnp.full((B,), seq, jnp.int32), reps=inp.reps).median_s
   k_bytes = B * H * (seq // rows) * seq * D * 2  # every CTA streams every K block once
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq), "k_GBps": k_bytes / t / 1e9}
 
@@ -458,7 +442,7 @@ def floor_row(inp, seq, bs, density, stages=None):
   want = expected_output(q, v, idx, cnt, dense, block_size=bs, num_kv_blocks=seq // bs)
   row = {"copy_exact": bool(jnp.array_equal(fn(q, k, v, idx, cnt, dense), want))}
   del want
-  t = time_fn(fn, q, k, v, idx, cnt, dense, reps=inp.reps)
+  t = timing.time_fn(fn, q, k, v, idx, cnt, dense, reps=inp.reps).median_s
   moved = kv_bytes(cnt, bs)
   row.update(floor_ms=t * 1e3, kv_GB=moved / 1e9, floor_GBps=moved / t / 1e9)
   real = inp.real.get((seq, bs, density, stages))
@@ -513,100 +497,71 @@ def run_stages(run, inp, seqs, deadline):
 
 
 def run_keytile(run, inp, seqs, deadline):
-  """Block mass at block 64 with 64-key K tiles and 128-key ones, each without
-  and with ``pipeline``, each checked first; then the fused search through the public API."""
+  """Block mass at block 64 with 64-key K tiles and 128-key ones, each checked first;
+  then the fused search through the public API."""
   cudnn_rows(run, inp, seqs, "keytile", deadline)
-  variants = [(kt, pipe) for kt in (None, 128) for pipe in (False, True)]
+  variants = (None, 128)
   ok = {}
-  for kt, pipe in variants:
+  for kt in variants:
     row = run.attempt(
-        lambda kt=kt, pipe=pipe: check_mass_stages(64, None, seq=CHECK_SEQ, key_tile=kt,
-                                                   pipeline=pipe),
-        deadline=deadline, check=True, section="keytile", op="mass", bs=64, key_tile=kt,
-        pipeline=pipe)
-    ok[kt, pipe] = bool(row and row["ok"])
+        lambda kt=kt: check_mass_stages(64, None, seq=CHECK_SEQ, key_tile=kt),
+        deadline=deadline, check=True, section="keytile", op="mass", bs=64, key_tile=kt)
+    ok[kt] = bool(row and row["ok"])
   for seq in seqs:
-    for kt, pipe in variants:
-      run.attempt(lambda kt=kt, pipe=pipe: mass_row(inp, seq, None, 64, kt, pipeline=pipe),
+    for kt in variants:
+      run.attempt(lambda kt=kt: mass_row(inp, seq, None, 64, kt),
                   deadline=deadline, section="keytile", op="mass", S=seq, bs=64, key_tile=kt,
-                  pipeline=pipe, checked_ok=ok[kt, pipe])
+                  checked_ok=ok[kt])
     def fused():
       _, (q, k, v) = inp.qkv(seq)
       fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
-      t = time_fn(fn, q, k, v, reps=inp.reps)
+      t = timing.time_fn(fn, q, k, v, reps=inp.reps).median_s
       return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
     run.attempt(fused, deadline=deadline, section="keytile", op="fused", S=seq, bs=64)
 
 
-def run_flag(run, inp, seqs, deadline, section, flag, values, check_times=(1,),
-             fused_default=None):
-  """Block mass at bs 64 (128-key tiles) and bs 128 for each value of the kernel keyword
-  ``flag``, each checked at ``check_times`` x CHECK_SEQ, then timed; then, when
-  ``fused_default`` names the ``mosaic_block_mass`` default that carries the flag through
-  the public API, the fused search with each value (``run_mass_grid``)."""
+def run_flag(run, inp, seqs, deadline, section, flag, values, check_times=(1,), fused=False):
+  """Block mass at bs 64 (128-key tiles) and bs 128 for each value of the config field
+  ``flag``, each checked at ``check_times`` x CHECK_SEQ, then timed; then, with ``fused``,
+  the fused search through the public API with each value (``run_mass_grid``)."""
   variants = [{"bs": bs, "key_tile": kt, flag: value} for bs, kt in ((64, 128), (128, None))
               for value in values]
-  fused = [] if fused_default is None else [{fused_default: value} for value in values]
+  fused = [{flag: value} for value in values] if fused else []
   run_mass_grid(run, inp, seqs, deadline, section, variants,
                 [(times, {}) for times in check_times], fused)
 
 
-def fused_with(inp, seq, defaults):
-  """The fused search (bs 64) through the public API, traced with ``mosaic_block_mass``
-  module defaults ``{name: value}`` set (restored after)."""
-  saved = {name: getattr(mosaic_block_mass, name) for name in defaults}
-  for name, value in defaults.items():
-    setattr(mosaic_block_mass, name, value)
-  try:
-    _, (q, k, v) = inp.qkv(seq)
-    fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64))
-    t = time_fn(fn, q, k, v, reps=inp.reps)
-  finally:
-    for name, value in saved.items():
-      setattr(mosaic_block_mass, name, value)
+def fused_with(inp, seq, fields):
+  """The fused search (bs 64) through the public API, its ``mass_config`` the shipped one
+  (``block_mass_kernel.DEFAULT_CONFIG``) with ``fields`` replaced."""
+  config = dataclasses.replace(mosaic_block_mass.DEFAULT_CONFIG, **fields)
+  _, (q, k, v) = inp.qkv(seq)
+  fn = jax.jit(lambda q, k, v: mosaic.attention_with_block_mass(q, k, v, block_size=64,
+                                                                mass_config=config))
+  t = timing.time_fn(fn, q, k, v, reps=inp.reps).median_s
   return {"ms": t * 1e3, "x_dense": t * 1e3 / inp.cudnn_ms(seq)}
 
 
-@contextlib.contextmanager
-def mass_without(exp=False, qk=False):
-  """The block-mass kernel with its exp2 (a multiply instead) and/or its QK^T wgmma (a
-  constant tile instead) taken out: wrong masses, for timing what is left."""
-  mbm = mosaic_block_mass
-  real_jnp, real_qk = mbm.jnp, mbm.qk_matmul
-  if exp:
-    mbm.jnp = types.SimpleNamespace(**{n: getattr(real_jnp, n) for n in dir(real_jnp)
-                                       if not n.startswith("__")})
-    mbm.jnp.exp2 = lambda x: x * 1.0001
-
-  def constant_tile(q_smem, k_smem, *, after_issue=None, emulate=False):
-    del emulate
-    if after_issue is not None:
-      after_issue()
-    tile = jnp.full((q_smem.shape[0], k_smem.shape[0]), 0.5, jnp.float32)
-    return mbm.plgpu.layout_cast(tile, mbm.plgpu.Layout.WGMMA)
-  if qk:
-    mbm.qk_matmul = constant_tile
-  mbm.block_mass_padded.clear_cache()
-  try:
-    yield
-  finally:
-    mbm.jnp, mbm.qk_matmul = real_jnp, real_qk
-    mbm.block_mass_padded.clear_cache()
+def stand_ins(exp=False, qk=False):
+  """``BlockMassConfig.timing_stand_ins`` for the kernel without its exp2 (a multiply
+  instead) and/or its QK^T wgmma (a constant tile instead): wrong masses, for timing
+  what is left."""
+  return (("exp2",) if exp else ()) + (("qk",) if qk else ())
 
 
 WIDE_TILES = ((64, 128), (64, 256), (128, None), (128, 256))  # (block size, key tile)
 # Where the masses are checked: (length in CHECK_SEQs, kernel keywords). The 256-key tile
 # loaded by one TMA copy was wrong at S=9000 in most runs, every time with the ping-pong
-# barrier or query tiles fastest in the grid (docs/log/mosaic.md), so those come again.
-WIDE_CHECKS = ((1, {}), (9, {}), (9, {"schedule_barrier": True}), (9, {"heads_major": False}),
-               (18, {}))
+# barrier (since removed) or query tiles fastest in the grid (docs/log/mosaic.md), so
+# query tiles fastest comes again.
+WIDE_CHECKS = ((1, {}), (9, {}), (9, {"heads_major": False}), (18, {}))
 
 
 def run_mass_grid(run, inp, seqs, deadline, section, variants, checks, fused, repeats=1):
-  """Block mass with each of ``variants`` (kernel keywords, ``bs`` and ``key_tile`` among
+  """Block mass with each of ``variants`` (config fields, ``bs`` and ``key_tile`` among
   them), checked ``repeats`` times at each of ``checks`` ((length in CHECK_SEQs, more
-  keywords)), then timed; then the fused search through the public API with each of
-  ``fused`` ({name: value} of ``mosaic_block_mass`` defaults)."""
+  fields)), then timed; then the fused search through the public API with each of
+  ``fused`` ({field: value} of its ``mass_config``, see ``fused_with``)."""
   cudnn_rows(run, inp, seqs, section, deadline)
   split = lambda v: (v["bs"], v["key_tile"],
                      {k: x for k, x in v.items() if k not in ("bs", "key_tile")})
@@ -640,45 +595,7 @@ def run_widetile(run, inp, seqs, deadline):
   run_mass_grid(run, inp, seqs, deadline, "widetile",
                 [{"bs": bs, "key_tile": kt, "explicit_barriers": True} for bs, kt in WIDE_TILES],
                 WIDE_CHECKS,
-                [{"DEFAULT_KEY_TILE": 128}, {"DEFAULT_KEY_TILE": 256}], repeats=2)
-
-
-MMA_VARIANTS = tuple({"bs": bs, "key_tile": kt, "explicit_barriers": True, "mma_sums": mma}
-                     for bs, kt, mma in ((64, 256, False), (64, 256, True), (64, 128, True),
-                                         (128, 256, False), (128, 256, True)))
-MMA_CHECKS = ((1, {}), (9, {}), (9, {"heads_major": False}), (18, {}), (27, {}))
-
-
-def run_mmasums(run, inp, seqs, deadline):
-  """``MMA_VARIANTS`` (per-block sums on the tensor cores or not), each checked at each of
-  ``MMA_CHECKS``; then the fused search without and with."""
-  run_mass_grid(run, inp, seqs, deadline, "mmasums", MMA_VARIANTS, MMA_CHECKS,
-                [{"DEFAULT_MMA_SUMS": False}, {"DEFAULT_MMA_SUMS": True}])
-
-
-POLY_VARIANTS = tuple({"bs": bs, "key_tile": 256, "explicit_barriers": True, "poly_keys": n}
-                      for bs, n in ((64, 0), (64, 64), (64, 128), (128, 0), (128, 64)))
-POLY_CHECKS = ((1, {}), (9, {}), (18, {}))
-
-
-def run_polyexp(run, inp, seqs, deadline):
-  """``POLY_VARIANTS`` (none, a quarter or half of each tile's exp2 from ``exp2_poly``),
-  each checked at each of ``POLY_CHECKS``; then the fused search without and with."""
-  run_mass_grid(run, inp, seqs, deadline, "polyexp", POLY_VARIANTS, POLY_CHECKS,
-                [{"DEFAULT_POLY_KEYS": 0}, {"DEFAULT_POLY_KEYS": 64}])
-
-
-PINGPOLY_VARIANTS = tuple({"bs": bs, "key_tile": 256, "explicit_barriers": True,
-                          "schedule_barrier": sb, "poly_keys": n}
-                         for bs, sb, n in ((64, False, 0), (64, True, 0), (64, True, 64),
-                                           (64, True, 128), (128, False, 0), (128, True, 0),
-                                           (128, True, 64)))
-
-
-def run_pingpoly(run, inp, seqs, deadline):
-  """``PINGPOLY_VARIANTS`` (the warpgroup ping-pong with 256-key tiles, with and without
-  some exp2 from ``exp2_poly``), each checked at each of ``POLY_CHECKS``, then timed."""
-  run_mass_grid(run, inp, seqs, deadline, "pingpoly", PINGPOLY_VARIANTS, POLY_CHECKS, [])
+                [{"key_tile": 128}, {"key_tile": 256}], repeats=2)
 
 
 def run_anatomy(run, inp, seqs, deadline):
@@ -687,8 +604,7 @@ def run_anatomy(run, inp, seqs, deadline):
   for seq in seqs:
     for exp, qk in ((False, False), (True, False), (False, True), (True, True)):
       def parts(exp=exp, qk=qk):
-        with mass_without(exp=exp, qk=qk):
-          return mass_row(inp, seq, None, 64, 128)
+        return mass_row(inp, seq, None, 64, 128, timing_stand_ins=stand_ins(exp, qk))
       run.attempt(parts, deadline=deadline, section="anatomy", op="mass", S=seq, bs=64,
                   key_tile=128, without_exp=exp, without_qk=qk)
     for stages, hm in ((2, True), (3, True), (4, True), (3, False)):
@@ -729,8 +645,8 @@ def run_anatomy256(run, inp, seqs, deadline):
     for bs in (64, 128):
       for exp, qk in parts:
         def timed(exp=exp, qk=qk, bs=bs):
-          with mass_without(exp=exp, qk=qk):
-            return mass_row(inp, seq, None, bs, 256, explicit_barriers=True)
+          return mass_row(inp, seq, None, bs, 256, explicit_barriers=True,
+                          timing_stand_ins=stand_ins(exp, qk))
         run.attempt(timed, deadline=deadline, section="anatomy256", op="mass", S=seq, bs=bs,
                     key_tile=256, without_exp=exp, without_qk=qk)
 
@@ -752,12 +668,12 @@ def parse_args(argv):
 
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
-  modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "pingpong", "rows",
-           "anatomy", "barriers", "widetile", "mmasums", "polyexp", "pingpoly", "anatomy256")
+  modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "anatomy", "barriers",
+           "widetile", "anatomy256")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
-  tuning = mode in ("stages", "floor", "all", "keytile", "pingpong", "rows", "anatomy",
-                    "barriers", "widetile", "mmasums", "polyexp", "pingpoly", "anatomy256")
+  tuning = mode in ("stages", "floor", "all", "keytile", "anatomy", "barriers", "widetile",
+                    "anatomy256")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -792,8 +708,8 @@ def main():
       def mass(hm=hm):
         fn = jax.jit(lambda q, k, l: block_mass_padded(
             q, k, l, lengths, block_size=64, sm_scale=1 / math.sqrt(D), num_kv_blocks=seq // 64,
-            heads_major=hm))
-        t = time_fn(fn, q, k, lse2, reps=3)
+            config=mass_config(heads_major=hm)))
+        t = timing.time_fn(fn, q, k, lse2, reps=3).median_s
         return {"S": seq, "op": "mass", "bs": 64, "heads_major": hm, "ms": t * 1e3,
                 "x_dense": t / td}
       attempt(mass, op="mass", heads_major=hm)
@@ -806,25 +722,14 @@ def main():
       run_floor(run, inp, seqs, run.deadline())
     if mode == "keytile":
       run_keytile(run, inp, seqs, run.deadline())
-    if mode == "pingpong":
-      run_flag(run, inp, seqs, run.deadline(), "pingpong", "schedule_barrier", (False, True))
-    if mode == "rows":
-      run_flag(run, inp, seqs, run.deadline(), "rows", "row_tiles", (1, 2),
-               fused_default="DEFAULT_ROW_TILES")
     if mode == "anatomy":
       run_anatomy(run, inp, seqs, run.deadline())
     if mode == "barriers":
       # Also at 9x the length: several groups of key blocks, where a missing barrier shows.
       run_flag(run, inp, seqs, run.deadline(), "barriers", "explicit_barriers", (False, True),
-               check_times=(1, 9), fused_default="DEFAULT_EXPLICIT_BARRIERS")
+               check_times=(1, 9), fused=True)
     if mode == "widetile":
       run_widetile(run, inp, seqs, run.deadline())
-    if mode == "mmasums":
-      run_mmasums(run, inp, seqs, run.deadline())
-    if mode == "polyexp":
-      run_polyexp(run, inp, seqs, run.deadline())
-    if mode == "pingpoly":
-      run_pingpoly(run, inp, seqs, run.deadline())
     if mode == "anatomy256":
       run_anatomy256(run, inp, seqs, run.deadline())
   run.finish()

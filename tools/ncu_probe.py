@@ -10,7 +10,7 @@ besides copies (``ncu -c N`` then catches just its launches). On an H200 machine
   python -m tools.ncu_summary --details=mass_details.txt --sass=mass_sass.csv > mass.json
 
 Kernels (the first argument): ``mass`` (the block-mass kernel at its shipped settings:
-256-key tiles, hand-placed barriers; ``--poly_keys`` for ``exp2_poly``), ``sparse64`` /
+256-key tiles, hand-placed barriers), ``sparse64`` /
 ``sparse128`` (block-sparse attention on random lists at ``--density``), ``cudnn``
 (``jax.nn.dot_product_attention``, the dense baseline). Shapes: B=1, H=24, D=128, bf16,
 ``--seq`` (default 32768). Each runs twice (a warm launch and one more).
@@ -27,8 +27,8 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags
 
-from pallas_kernels.mosaic_block_mass import WIDE_KEY_TILE, block_mass_padded
-from pallas_kernels.mosaic_block_sparse import block_sparse_attention_padded
+from pallas_kernels.mosaic.block_mass_kernel import DEFAULT_CONFIG, WIDE_KEY_TILE, block_mass_padded
+from pallas_kernels.mosaic.block_sparse_kernel import block_sparse_attention_padded
 
 KERNELS = ("mass", "sparse64", "sparse128", "cudnn")
 HEAD_DIM = 128
@@ -36,7 +36,6 @@ HEAD_DIM = 128
 _SEQ = flags.DEFINE_integer("seq", 32768, "sequence length (a multiple of 256)")
 _HEADS = flags.DEFINE_integer("heads", 24, "attention heads")
 _DENSITY = flags.DEFINE_float("density", 0.2, "share of key blocks each sparse row reads")
-_POLY_KEYS = flags.DEFINE_integer("poly_keys", 0, "block mass: keys per tile from exp2_poly")
 
 
 def host_qkv(seq, heads):
@@ -46,7 +45,7 @@ def host_qkv(seq, heads):
                .astype(ml_dtypes.bfloat16) for _ in range(3))
 
 
-def kernel_call(kernel, seq, heads, density=0.2, poly_keys=0, interpret=None):
+def kernel_call(kernel, seq, heads, density=0.2, interpret=None):
   """A no-argument function that launches ``kernel`` once on host-made inputs (copied
   to the device here, by ``jnp.asarray`` of numpy arrays: no kernel of XLA's runs)."""
   if kernel not in KERNELS:
@@ -60,8 +59,7 @@ def kernel_call(kernel, seq, heads, density=0.2, poly_keys=0, interpret=None):
   if kernel == "mass":
     lse2 = jnp.asarray(np.full((1, heads, seq), math.log2(seq) + 1.0, np.float32))
     return lambda: block_mass_padded(q, k, lse2, lengths, block_size=64, sm_scale=scale,
-                                     num_kv_blocks=seq // 64, key_tile=WIDE_KEY_TILE,
-                                     explicit_barriers=True, poly_keys=poly_keys,
+                                     num_kv_blocks=seq // 64, config=DEFAULT_CONFIG,
                                      interpret=interpret)
   if kernel == "cudnn":
     return lambda: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
@@ -80,7 +78,7 @@ def kernel_call(kernel, seq, heads, density=0.2, poly_keys=0, interpret=None):
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f"expected one kernel name ({', '.join(KERNELS)}).")
-  fn = kernel_call(argv[1], _SEQ.value, _HEADS.value, _DENSITY.value, _POLY_KEYS.value)
+  fn = kernel_call(argv[1], _SEQ.value, _HEADS.value, _DENSITY.value)
   for _ in range(2):
     jax.block_until_ready(fn())
   print("launched", argv[1])

@@ -2,7 +2,7 @@
 process: same inputs, outputs compared bit for bit, times interleaved (new, old, new, ...)
 so that drift of the shared GPU hits both alike. cuDNN dense is timed in the same run.
 
-  git show COMMIT:pallas_kernels/mosaic_block_sparse.py > /tmp/old_sparse.py
+  git show COMMIT:pallas_kernels/mosaic/block_sparse_kernel.py > /tmp/old_sparse.py
   python -m tools.sparse_ab --old=/tmp/old_sparse.py   # JSON to $OUT
 
 (from the repository root; B=1, H=24, D=128, bf16, random lists.)
@@ -14,13 +14,15 @@ import importlib.util
 import json
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from tools.mosaic_variants import cudnn_ms, lists, time_fn
-from pallas_kernels import mosaic_block_sparse
+from adaspa_jax.harness import timing
+from tools.mosaic_variants import cudnn_ms, lists
+from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
 
 B, H, D = 1, 24, 128
 
@@ -37,6 +39,7 @@ def load_module(path):
     raise ValueError(f"--old={path!r}: expected the path of a mosaic_block_sparse.py.")
   spec = importlib.util.spec_from_file_location("old_mosaic_block_sparse", path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclasses (e.g. the kernel's config) look it up
   spec.loader.exec_module(module)
   return module
 
@@ -66,7 +69,7 @@ def compare(modules, seq, bs, density, key, q, k, v, rounds, reps=5, interpret=N
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
-      times[name].append(time_fn(fn, q, k, v, reps=reps) * 1e3)
+      times[name].append(timing.time_fn(fn, q, k, v, reps=reps).median_s * 1e3)
   return {"S": seq, "bs": bs, "density": density, "count": count, "identical": same,
           **{f"{name}_ms": min(t) for name, t in times.items()},
           **{f"{name}_rounds_ms": t for name, t in times.items()}}

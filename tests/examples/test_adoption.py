@@ -8,7 +8,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from adaspa_jax import AdaSpaConfig, adaspa_attention, init_state, text_blocks_mask

@@ -1,7 +1,6 @@
 """The observations harness: kept-block masks, overlaps, and a run on a random checkpoint."""
 
 import numpy as np
-import pytest
 
 from adaspa_jax.harness import observations
 from tests.models.embedded import tiny_checkpoint

@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels import mosaic, mosaic_interpret
-from pallas_kernels.mosaic_block_sparse import block_sparse_attention_padded
+from pallas_kernels.mosaic import interpreter as mosaic_interpret
+from pallas_kernels.mosaic import ops as mosaic
+from pallas_kernels.mosaic.block_sparse_kernel import block_sparse_attention_padded
 from tests import numpy_ref
 from tests.pallas_kernels.kernel_suite import KernelSuite, make_qkv, rows_valid
 

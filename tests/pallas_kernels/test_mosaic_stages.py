@@ -1,4 +1,4 @@
-"""The ``stages`` override of the Mosaic kernels: results, argument checks, shared memory.
+"""The ``stages`` field of the Mosaic kernels' configs: results, checks, shared memory.
 
 Results run under JAX's GPU interpreter (CPU) against the numpy references, with
 lists long enough that a 3-deep ring wraps (its mbarrier phases flip). The
@@ -16,9 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import mosaic_block_mass, mosaic_block_sparse, mosaic_interpret
-from pallas_kernels.mosaic_block_mass import block_mass_padded
-from pallas_kernels.mosaic_block_sparse import block_sparse_attention_padded
+from pallas_kernels.mosaic import block_mass_kernel as mosaic_block_mass
+from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
+from pallas_kernels.mosaic import common as mosaic_common
+from pallas_kernels.mosaic import interpreter as mosaic_interpret
+from pallas_kernels.mosaic.block_mass_kernel import BlockMassConfig, block_mass_padded
+from pallas_kernels.mosaic.block_sparse_kernel import (
+    BlockSparseConfig, block_sparse_attention_padded)
 from tests import numpy_ref
 from tests.pallas_kernels.kernel_suite import make_qkv
 
@@ -49,7 +53,7 @@ def test_block_sparse_stages_match_reference(case):
   # from the list (past a 3-deep ring), two, one.
   idx = np.stack([rng.permutation(n_blk) for _ in range(n_blk)]).astype(np.int32)[None, None]
   cnt = np.array([n_blk, 0, n_blk - 1, 2, 1][:n_blk], np.int32)[None, None]
-  dense = (cnt >= n_blk).astype(np.int32)  # as mosaic._sparse
+  dense = (cnt >= n_blk).astype(np.int32)  # as pallas_kernels.mosaic.ops.kernel_lists
   s_pad = -(-seq // 128) * 128
   n_q = s_pad // bs
   with mosaic_interpret.device_context(True):
@@ -57,7 +61,7 @@ def test_block_sparse_stages_match_reference(case):
         *(jnp.asarray(_pad_rows(x, s_pad)) for x in (q, k, v)),
         *(jnp.asarray(_pad_rows(x, n_q, axis=2)) for x in (idx, cnt, dense)),
         jnp.array([length], jnp.int32), block_size=bs,
-        sm_scale=1 / math.sqrt(d), num_kv_blocks=n_blk, stages=stages,
+        sm_scale=1 / math.sqrt(d), num_kv_blocks=n_blk, config=BlockSparseConfig(stages=stages),
         interpret=mosaic_interpret.params(True))
   want_out, want_lse = numpy_ref.block_sparse_attention(q, k, v, idx, cnt, bs, (length,))
   out = np.asarray(out, np.float64)[:, :length]
@@ -80,35 +84,42 @@ def test_block_mass_stages_match_reference(key_tile):
   lse = lse + np.random.default_rng(34).normal(0, 0.3, lse.shape)  # a cached, stale LSE
   s_pad = 384
   rows_ok = np.arange(seq) < length
-  lse2 = np.where(rows_ok, lse / math.log(2), np.inf)  # as mosaic._mass
+  lse2 = np.where(rows_ok, lse / math.log(2), np.inf)  # as pallas_kernels.mosaic.ops.log2_lse
   lse2 = _pad_rows(lse2, s_pad, axis=2, value=np.inf).astype(np.float32)
   n_blk = -(-seq // bs)
   with mosaic_interpret.device_context(True):
     chunks = block_mass_padded(
         jnp.asarray(_pad_rows(q, s_pad)), jnp.asarray(_pad_rows(k, s_pad)), jnp.asarray(lse2),
         jnp.array([length], jnp.int32), block_size=bs, sm_scale=1 / math.sqrt(d),
-        num_kv_blocks=n_blk, stages=stages, key_tile=key_tile,
+        num_kv_blocks=n_blk, config=_mass_config(stages, key_tile),
         interpret=mosaic_interpret.params(True))
   mass = np.asarray(chunks)[:, :, :n_blk, :n_blk]  # bs 64: one 64-row chunk per block
   want = numpy_ref.block_mass(q, k, lse, bs, (length,))
   np.testing.assert_allclose(mass, want, rtol=TOL[dtype], atol=TOL[dtype] * 1e-2)
 
 
+def _mass_config(stages, key_tile=None):
+  """A ``BlockMassConfig`` with Pallas' automatic barriers."""
+  return BlockMassConfig(stages=stages, key_tile=key_tile, explicit_barriers=False)
+
+
 def _sparse_call(bs, d, stages, s=256, dtype=jnp.bfloat16):
-  """The padded sparse kernel at abstract shapes, ready to trace or lower."""
+  """The padded sparse kernel at abstract shapes, ready to trace or lower (its config is
+  made when it is called)."""
   h = 1
   qkv = jax.ShapeDtypeStruct((1, s, h, d), dtype)
   idx = jax.ShapeDtypeStruct((1, h, s // bs, 4), jnp.int32)
   rows = jax.ShapeDtypeStruct((1, h, s // bs), jnp.int32)
-  fn = functools.partial(block_sparse_attention_padded, block_size=bs, sm_scale=0.125,
-                         num_kv_blocks=s // bs, stages=stages)
+  fn = lambda *a: block_sparse_attention_padded(
+      *a, block_size=bs, sm_scale=0.125, num_kv_blocks=s // bs,
+      config=BlockSparseConfig(stages=stages))
   return fn, (qkv, qkv, qkv, idx, rows, rows, jax.ShapeDtypeStruct((1,), jnp.int32))
 
 
 def _mass_call(bs, d, stages, s=256, dtype=jnp.bfloat16, key_tile=None):
   qk = jax.ShapeDtypeStruct((1, s, 1, d), dtype)
-  fn = functools.partial(block_mass_padded, block_size=bs, sm_scale=0.125,
-                         num_kv_blocks=s // bs, stages=stages, key_tile=key_tile)
+  fn = lambda *a: block_mass_padded(*a, block_size=bs, sm_scale=0.125, num_kv_blocks=s // bs,
+                                    config=_mass_config(stages, key_tile))
   return fn, (qk, qk, jax.ShapeDtypeStruct((1, 1, s), jnp.float32),
               jax.ShapeDtypeStruct((1,), jnp.int32))
 
@@ -151,7 +162,7 @@ KERNELS = {
 @pytest.mark.parametrize("kind,bs,d,stages", FITS, ids=lambda x: str(x))
 def test_deepest_rings_lower_for_cuda(kind, bs, d, stages):
   make, footprint = KERNELS[kind]
-  assert footprint(bs, d, 2, stages) <= mosaic_block_sparse.SMEM_LIMIT
+  assert footprint(bs, d, 2, stages) <= mosaic_common.SMEM_LIMIT
   _lower_for_cuda(*make(bs, d, stages))
 
 
@@ -159,8 +170,8 @@ def test_deepest_rings_lower_for_cuda(kind, bs, d, stages):
 def test_footprint_is_what_mosaic_allocates(kind, bs, d, stages, monkeypatch):
   make, footprint = KERNELS[kind]
   want = footprint(bs, d, 2, stages)
-  assert want > mosaic_block_sparse.SMEM_LIMIT
+  assert want > mosaic_common.SMEM_LIMIT
   # Past our own check, Mosaic GPU refuses the kernel and says how much it needed.
-  monkeypatch.setattr(mosaic_block_sparse, "SMEM_LIMIT", 10**9)
+  monkeypatch.setattr(mosaic_common, "SMEM_LIMIT", 10**9)
   with pytest.raises(ValueError, match=rf"smem_bytes={want} > max_smem_bytes=232448"):
     _lower_for_cuda(*make(bs, d, stages))

@@ -4,8 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from tests.pallas_kernels.kernel_suite import KernelSuite
+from pallas_kernels.triton import ops as tk
+from pallas_kernels.triton.block_mass_kernel import BlockMassConfig
+from pallas_kernels.triton.block_sparse_kernel import BlockSparseConfig
+from tests import numpy_ref
+from tests.pallas_kernels.kernel_suite import KernelSuite, make_qkv, rows_valid
 
 
 class TestTriton(KernelSuite):
@@ -18,11 +23,7 @@ class TestTritonCompiled(KernelSuite):
   """The same suite through the compiled kernels (default tiles, approximate exp2)."""
   implementation = "triton"
   interpret = False
-from hypothesis import given, settings, strategies as st
 
-from pallas_kernels import triton as tk
-from tests import numpy_ref
-from tests.pallas_kernels.kernel_suite import make_qkv, rows_valid
 
 _TOL = {jnp.float32: (2e-5, 2e-5, 1e-4), jnp.bfloat16: (3e-2, 2e-2, 3e-2)}
 
@@ -39,22 +40,22 @@ def _check_attention(out, lse, want_out, want_lse, dtype, valid):
   np.testing.assert_allclose(lse[finite], want_lse[finite], atol=lse_tol, rtol=0)
 
 
-def _sparse(q, k, v, idx, cnt, bs, lengths=None, tiles=None):
+def _sparse(q, k, v, idx, cnt, bs, lengths=None, config=None):
   lens = None if lengths is None else jnp.asarray(lengths, jnp.int32)
   return tk.block_sparse_attention(q, k, v, jnp.asarray(idx), jnp.asarray(cnt), block_size=bs,
-                                   kv_lengths=lens, tiles=tiles, interpret=True)
+                                   kv_lengths=lens, config=config, interpret=True)
 
 
-@pytest.mark.parametrize("tiles", [tk.Tiles(block_q=16, block_k=32),
-                                   tk.Tiles(block_q=32, block_k=16, prefetch=True)],
+@pytest.mark.parametrize("config", [BlockSparseConfig(block_q=16, block_k=32),
+                                    BlockSparseConfig(block_q=32, block_k=16, prefetch=True)],
                          ids=["q16k32", "q32k16_prefetch"])
-def test_sub_block_tiles_match_reference(tiles):
+def test_sub_block_tiles_match_reference(config):
   # Tiles smaller than the selection block: several query programs share a list
   # and each listed block is walked in several key steps.
   b, s, h, d, bs, lengths = 1, 150, 2, 64, 64, (101,)
   q, k, v = make_qkv(20, b, s, h, d, jnp.float32)
   idx, cnt = numpy_ref.random_block_lists(np.random.default_rng(21), b, h, 3, 2)
-  out, lse = _sparse(q, k, v, idx, cnt, bs, lengths, tiles)
+  out, lse = _sparse(q, k, v, idx, cnt, bs, lengths, config)
   want_out, want_lse = numpy_ref.block_sparse_attention(q, k, v, idx, cnt, bs, lengths)
   _check_attention(out, lse, want_out, want_lse, jnp.float32, rows_valid(b, s, lengths))
 
@@ -100,15 +101,16 @@ def test_lengths_empty_batch_and_rows_without_valid_keys():
                              rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("tiles,bs", [(tk.Tiles(block_q=16, block_k=16), 32),
-                                      (tk.Tiles(block_q=128, block_k=128, prefetch=True), 32)],
+@pytest.mark.parametrize("config,bs", [(BlockMassConfig(block_q=16, block_k=16), 32),
+                                       (BlockMassConfig(block_q=128, block_k=128, prefetch=True),
+                                        32)],
                          ids=["tiles_below_block", "tiles_above_block_prefetch"])
-def test_block_mass_tiles(tiles, bs):
+def test_block_mass_tiles(config, bs):
   b, s, h, d, lengths = 2, 200, 2, 64, (200, 131)
   q, k, _ = make_qkv(25, b, s, h, d, jnp.float32)
   _, lse = numpy_ref.attention(q, k, k, lengths)
   mass = tk.block_mass(q, k, jnp.asarray(lse, jnp.float32), block_size=bs,
-                       kv_lengths=jnp.asarray(lengths, jnp.int32), interpret=True, tiles=tiles)
+                       kv_lengths=jnp.asarray(lengths, jnp.int32), interpret=True, config=config)
   np.testing.assert_allclose(np.asarray(mass), numpy_ref.block_mass(q, k, lse, bs, lengths),
                              rtol=1e-4, atol=1e-6)
 
@@ -180,22 +182,54 @@ def test_kernels_lower_to_triton_at_benchmark_tiles(verify_triton_modules):
       _lower_for_cuda(lambda q, k, v, i, c: tk.block_sparse_attention(
           q, k, v, i, c, block_size=bs), x, x, x, idx, cnt),
       _lower_for_cuda(lambda q, k, v, i, c, n: tk.block_sparse_attention(
-          q, k, v, i, c, block_size=bs, kv_lengths=n, tiles=tk.Tiles(32, 16)),
+          q, k, v, i, c, block_size=bs, kv_lengths=n, config=BlockSparseConfig(32, 16)),
           x, x, x, idx, cnt, lens),
       _lower_for_cuda(lambda q, k, v: tk.attention_with_block_mass(q, k, v, block_size=bs),
                       x, x, x),
       _lower_for_cuda(lambda q, k, l: tk.block_mass(q, k, l, block_size=16,
-                                                    tiles=tk.Tiles(128, 64)), x, x, lse),
+                                                    config=BlockMassConfig(128, 64)), x, x, lse),
       _lower_for_cuda(lambda q, k, v, i, c: tk.block_sparse_attention(
-          q, k, v, i, c, block_size=bs, tiles=tk.Tiles(fast_exp2=True)), x, x, x, idx, cnt),
-      _lower_for_cuda(lambda q, k, l: tk.block_mass(
-          q, k, l, block_size=bs, tiles=tk.Tiles(128, 64, fast_exp2=True, prefetch=True)), x, x, lse),
-      _lower_for_cuda(lambda q, k, v, i, c: tk.block_sparse_attention(
-          q, k, v, i, c, block_size=bs, tiles=tk.Tiles(block_k=32, prefetch=True)),
+          q, k, v, i, c, block_size=bs, config=BlockSparseConfig(fast_exp2=True)),
           x, x, x, idx, cnt),
-      _lower_for_cuda(lambda q, k, v: tk.attention(q, k, v, tiles=tk.Tiles(128, 64, 8, 3)),
+      _lower_for_cuda(lambda q, k, l: tk.block_mass(
+          q, k, l, block_size=bs, config=BlockMassConfig(128, 64, fast_exp2=True, prefetch=True)),
+          x, x, lse),
+      _lower_for_cuda(lambda q, k, v, i, c: tk.block_sparse_attention(
+          q, k, v, i, c, block_size=bs, config=BlockSparseConfig(block_k=32, prefetch=True)),
+          x, x, x, idx, cnt),
+      _lower_for_cuda(lambda q, k, v: tk.attention(q, k, v,
+                                                   config=BlockSparseConfig(128, 64, 8, 3)),
                       x, x, x),
   ]
   for text in texts:
     assert "triton" in text and "stablehlo.custom_call" in text
   assert len(verify_triton_modules) == len(texts) + 1  # the fused search lowers two kernels
+
+
+@pytest.mark.parametrize("cls", [BlockSparseConfig, BlockMassConfig])
+@pytest.mark.parametrize("field,bad,want", [
+    ("block_q", 48, "a power of two >= 16"), ("block_k", 8, "a power of two >= 16"),
+    ("block_q", 64.0, "a power of two >= 16"), ("num_warps", 3, "1, 2, 4, 8 or 16"),
+    ("num_stages", 0, "an int >= 1"), ("fast_exp2", 1, "True or False"),
+    ("prefetch", None, "True or False")])
+def test_bad_config_raises(cls, field, bad, want):
+  with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field}={bad!r}: expected {want}"):
+    cls(**{field: bad})
+
+
+def test_config_of_the_other_kernel_raises():
+  q, k, v = make_qkv(27, 1, 64, 1, 64, jnp.float32)
+  idx, cnt = numpy_ref.random_block_lists(np.random.default_rng(28), 1, 1, 4, 2)
+  with pytest.raises(ValueError, match="expected a BlockSparseConfig"):
+    _sparse(q, k, v, idx, cnt, 16, config=BlockMassConfig())
+  with pytest.raises(ValueError, match="expected a BlockMassConfig"):
+    tk.block_mass(q, k, jnp.zeros((1, 1, 64), jnp.float32), block_size=16, interpret=True,
+                  config=BlockSparseConfig())
+
+
+def test_default_configs_are_the_swept_tiles():
+  """What ``ops`` passes when no config is given (docs/log/triton.md)."""
+  from pallas_kernels.triton import block_mass_kernel, block_sparse_kernel
+  assert block_sparse_kernel.DEFAULT_CONFIG == BlockSparseConfig(64, 64, 4, 2, True, True)
+  assert block_sparse_kernel.DEFAULT_DENSE_CONFIG == BlockSparseConfig(128, 128, 8, 3, True)
+  assert block_mass_kernel.DEFAULT_CONFIG == BlockMassConfig(128, 64, 4, 3, True)

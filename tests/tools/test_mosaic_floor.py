@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tools.mosaic_floor import expected_output, load_only_padded
-from pallas_kernels import mosaic_interpret
+from pallas_kernels.mosaic import interpreter as mosaic_interpret
 from tests.pallas_kernels.kernel_suite import make_qkv
 
 

@@ -2,6 +2,7 @@
 interpreter, and the ``all`` run end to end with stand-ins for the GPU-only calls
 (so that a slip in the driver shows here, not in the one GPU run)."""
 
+import dataclasses
 import inspect
 import json
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from adaspa_jax.harness import timing
 from tools import mosaic_floor, mosaic_variants as mv
 
 
@@ -19,13 +21,17 @@ def test_stage_checks_pass_on_the_interpreted_kernels(check):
 
 
 def _stand_in(real, make_out):
-  """Binds the call to the real kernel's signature, then returns ``make_out``'s result."""
+  """Binds the call to the real kernel's signature, then returns ``make_out``'s result
+  (called with the arguments, and the fields of a ``config`` among them beside it)."""
   sig = inspect.signature(real)
 
   def fake(*args, **kwargs):
     bound = sig.bind(*args, **kwargs)
     bound.apply_defaults()
-    return make_out(**bound.arguments)
+    arguments = dict(bound.arguments)
+    if dataclasses.is_dataclass(arguments.get("config")):
+      arguments.update(dataclasses.asdict(arguments["config"]))
+    return make_out(**arguments)
   return fake
 
 
@@ -34,9 +40,9 @@ def _zeros_attention(q, lengths, **_):
   return jnp.zeros_like(q), jnp.zeros((b, h, s), jnp.float32)
 
 
-def _zeros_mass(q, num_kv_blocks, **_):
+def _zeros_mass(q, num_kv_blocks, group=64, **_):
   b, s, h, _ = q.shape
-  cols = mv.mosaic_block_mass.padded_num_kv_blocks(num_kv_blocks)
+  cols = mv.mosaic_block_mass.padded_num_kv_blocks(num_kv_blocks, group)
   return jnp.zeros((b, h, s // 64, cols), jnp.float32)
 
 
@@ -51,8 +57,8 @@ def test_all_writes_every_row(monkeypatch, tmp_path, capsys):
                       _stand_in(mv.block_sparse_attention_padded, _zeros_attention))
   monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, _zeros_mass))
   monkeypatch.setattr(mv, "load_only_padded", _stand_in(mv.load_only_padded, _copying_floor))
-  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: mv.time_fn(
-      jax.jit(jax.nn.dot_product_attention), q, k, v, reps=reps))
+  monkeypatch.setattr(mv, "cudnn_ms", lambda q, k, v, reps: timing.time_fn(
+      jax.jit(jax.nn.dot_product_attention), q, k, v, reps=reps).median_s)
   monkeypatch.setattr(mv, "H", 2)
   monkeypatch.setattr(mv, "CHECK_SEQ", 130)
   monkeypatch.setattr(mv.sys, "argv", ["mosaic_variants.py", "all", "256"])
@@ -104,8 +110,8 @@ def _run_mode(monkeypatch, tmp_path, mode, zeros_mass, fused=None):
   """Runs ``mosaic_variants.py MODE 256`` (H=2, checks at S=130) with stand-ins for the
   block-mass kernel, the fused search and cuDNN; returns its JSON rows, none an error."""
   if fused is None:
-    def fused(q, k, v, block_size):
-      del k, v, block_size
+    def fused(q, k, v, block_size, mass_config=None):
+      del k, v, block_size, mass_config
       return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
   monkeypatch.setattr(mv, "block_mass_padded", _stand_in(mv.block_mass_padded, zeros_mass))
   monkeypatch.setattr(mv.mosaic, "attention_with_block_mass", fused)
@@ -123,40 +129,41 @@ def _run_mode(monkeypatch, tmp_path, mode, zeros_mass, fused=None):
 def test_keytile_checks_then_times_every_variant(monkeypatch, tmp_path):
   seen = []
 
-  def zeros_mass(q, num_kv_blocks, key_tile, pipeline=False, **_):
-    seen.append((key_tile, pipeline))
+  def zeros_mass(q, num_kv_blocks, key_tile, **_):
+    seen.append(key_tile)
     return _zeros_mass(q, num_kv_blocks)
   rows = _run_mode(monkeypatch, tmp_path, "keytile", zeros_mass)
-  variants = [(kt, p) for kt in (None, 128) for p in (False, True)]
-  got = [(r["op"], r.get("key_tile"), r.get("pipeline"), bool(r.get("check"))) for r in rows
+  variants = [None, 128]
+  got = [(r["op"], r.get("key_tile"), bool(r.get("check"))) for r in rows
          if r["op"] != "cudnn"]
-  assert got == ([("mass", kt, p, True) for kt, p in variants]
-                 + [("mass", kt, p, False) for kt, p in variants]
-                 + [("fused", None, None, False)])
+  assert got == ([("mass", kt, True) for kt in variants]
+                 + [("mass", kt, False) for kt in variants]
+                 + [("fused", None, False)])
   assert set(seen) == set(variants)
 
 
-# mode, kernel keyword, its values, check lengths (CHECK_SEQ = 130), default it travels in.
+# mode, config field, its values, check lengths (CHECK_SEQ = 130), whether the fused
+# search runs with each value too.
 FLAG_MODES = [
-    ("pingpong", "schedule_barrier", (False, True), (130,), None),
-    ("rows", "row_tiles", (1, 2), (130,), "DEFAULT_ROW_TILES"),
-    ("barriers", "explicit_barriers", (False, True), (130, 1170), "DEFAULT_EXPLICIT_BARRIERS"),
+    ("barriers", "explicit_barriers", (False, True), (130, 1170), True),
 ]
 
 
-@pytest.mark.parametrize("mode,flag,values,check_seqs,default", FLAG_MODES,
+@pytest.mark.parametrize("mode,flag,values,check_seqs,with_fused", FLAG_MODES,
                          ids=[m[0] for m in FLAG_MODES])
-def test_flag_modes_check_then_time_every_variant(mode, flag, values, check_seqs, default,
+def test_flag_modes_check_then_time_every_variant(mode, flag, values, check_seqs, with_fused,
                                                   monkeypatch, tmp_path):
   seen, fused_values = [], []
-  before = None if default is None else getattr(mv.mosaic_block_mass, default)
+  before = mv.mosaic_block_mass.DEFAULT_CONFIG
 
   def zeros_mass(q, num_kv_blocks, key_tile, block_size, **kw):
     seen.append((block_size, key_tile, kw[flag]))
     return _zeros_mass(q, num_kv_blocks)
 
-  def fused(q, k, v, block_size):
-    fused_values.append(getattr(mv.mosaic_block_mass, default))
+  def fused(q, k, v, block_size, mass_config):
+    # The shipped config with the flag's value, nothing else changed.
+    assert mass_config == dataclasses.replace(before, **{flag: getattr(mass_config, flag)})
+    fused_values.append(getattr(mass_config, flag))
     return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
   rows = _run_mode(monkeypatch, tmp_path, mode, zeros_mass, fused)
   variants = [(bs, kt, v) for bs, kt in ((64, 128), (128, None)) for v in values]
@@ -166,13 +173,13 @@ def test_flag_modes_check_then_time_every_variant(mode, flag, values, check_seqs
            if r["op"] == "mass" and not r.get("check")]
   assert timed == variants
   assert set(seen) == set(variants)
-  fused_rows = [r[default] for r in rows if r["op"] == "fused"]
-  if default is None:
+  fused_rows = [r[flag] for r in rows if r["op"] == "fused"]
+  if not with_fused:
     assert not fused_rows and not fused_values
   else:
-    # Each fused call traced with its own setting, and the default is restored after.
+    # Each fused call traced with its own setting; the shipped config is left as it was.
     assert fused_rows == list(values) and set(fused_values) == set(values)
-    assert getattr(mv.mosaic_block_mass, default) == before
+    assert mv.mosaic_block_mass.DEFAULT_CONFIG is before
 
 
 def test_anatomy_times_the_kernel_without_its_parts(monkeypatch, tmp_path):
@@ -180,9 +187,10 @@ def test_anatomy_times_the_kernel_without_its_parts(monkeypatch, tmp_path):
   real_jnp, real_qk = mbm.jnp, mbm.qk_matmul
   seen = []
 
-  def zeros_mass(q, num_kv_blocks, stages, heads_major, **_):
-    # What the kernel module would trace with right now.
-    seen.append((mbm.jnp.exp2 is real_jnp.exp2, mbm.qk_matmul is real_qk, stages, heads_major))
+  def zeros_mass(q, num_kv_blocks, stages, heads_major, timing_stand_ins, **_):
+    # What the kernel would trace with.
+    seen.append(("exp2" not in timing_stand_ins, "qk" not in timing_stand_ins, stages,
+                 heads_major))
     return _zeros_mass(q, num_kv_blocks)
   rows = _run_mode(monkeypatch, tmp_path, "anatomy", zeros_mass)
   parts = [(r["without_exp"], r["without_qk"]) for r in rows if "without_exp" in r]
@@ -197,64 +205,33 @@ def test_anatomy_times_the_kernel_without_its_parts(monkeypatch, tmp_path):
 
 def test_widetile_checks_then_times_every_tile(monkeypatch, tmp_path):
   mbm = mv.mosaic_block_mass
-  before = mbm.DEFAULT_KEY_TILE
+  before = mbm.DEFAULT_CONFIG
   seen, fused_tiles = [], []
 
-  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers, schedule_barrier,
-                 heads_major, **_):
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers, heads_major, **_):
     assert explicit_barriers
-    seen.append((block_size, key_tile, schedule_barrier, heads_major))
+    seen.append((block_size, key_tile, heads_major))
     return _zeros_mass(q, num_kv_blocks)
 
-  def fused(q, k, v, block_size):
-    fused_tiles.append(mbm.DEFAULT_KEY_TILE)
+  def fused(q, k, v, block_size, mass_config):
+    assert mass_config == dataclasses.replace(before, key_tile=mass_config.key_tile)
+    fused_tiles.append(mass_config.key_tile)
     return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
   rows = _run_mode(monkeypatch, tmp_path, "widetile", zeros_mass, fused)
-  # CHECK_SEQ = 130: checks at 130, 1170 (three ways) and 2340, twice per tile.
-  checks = [(r["S"], r["bs"], r.get("key_tile"), r.get("schedule_barrier"),
-             r.get("heads_major")) for r in rows if r.get("check")]
-  ways = [(130, None, None), (1170, None, None), (1170, True, None), (1170, None, False),
-          (2340, None, None)]
-  assert checks == [(s, bs, kt, sb, hm) for bs, kt in mv.WIDE_TILES for _ in range(2)
-                    for s, sb, hm in ways]
+  # CHECK_SEQ = 130: checks at 130, 1170 (two ways) and 2340, twice per tile.
+  checks = [(r["S"], r["bs"], r.get("key_tile"), r.get("heads_major")) for r in rows
+            if r.get("check")]
+  ways = [(130, None), (1170, None), (1170, False), (2340, None)]
+  assert checks == [(s, bs, kt, hm) for bs, kt in mv.WIDE_TILES for _ in range(2)
+                    for s, hm in ways]
   assert not any(r["ok"] for r in rows if r.get("check"))  # the stand-in returns zeros
   timed = [(r["bs"], r.get("key_tile"), r["checked_ok"]) for r in rows
            if r["op"] == "mass" and not r.get("check")]
   assert timed == [(bs, kt, False) for bs, kt in mv.WIDE_TILES]
-  assert {(bs, kt) for bs, kt, _, _ in seen} == set(mv.WIDE_TILES)
-  assert {(sb, hm) for _, _, sb, hm in seen} == {(False, True), (True, True), (False, False)}
-  assert [r["DEFAULT_KEY_TILE"] for r in rows if r["op"] == "fused"] == [128, 256] == fused_tiles
-  assert mbm.DEFAULT_KEY_TILE == before
-
-
-@pytest.mark.parametrize("mode,flag,variants,checks,default,fused_values", [
-    ("mmasums", "mma_sums", "MMA_VARIANTS", "MMA_CHECKS", "DEFAULT_MMA_SUMS", [False, True]),
-    ("polyexp", "poly_keys", "POLY_VARIANTS", "POLY_CHECKS", "DEFAULT_POLY_KEYS", [0, 64]),
-    ("pingpoly", "poly_keys", "PINGPOLY_VARIANTS", "POLY_CHECKS", "DEFAULT_POLY_KEYS", []),
-])
-def test_mass_grid_modes_check_then_time_each_variant(mode, flag, variants, checks, default,
-                                                      fused_values, monkeypatch, tmp_path):
-  mbm = mv.mosaic_block_mass
-  seen, fused_seen = [], []
-  key = lambda bs, kt, kw: (bs, kt, kw[flag], kw.get("schedule_barrier", False))
-
-  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers, **kw):
-    assert explicit_barriers
-    seen.append(key(block_size, key_tile, kw))
-    return _zeros_mass(q, num_kv_blocks)
-
-  def fused(q, k, v, block_size):
-    fused_seen.append(getattr(mbm, default))
-    return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2]), None
-  before = getattr(mbm, default)
-  rows = _run_mode(monkeypatch, tmp_path, mode, zeros_mass, fused)
-  want = [key(v["bs"], v["key_tile"], v) for v in getattr(mv, variants)]
-  got_checks = [(r["S"], *key(r["bs"], r["key_tile"], r)) for r in rows if r.get("check")]
-  assert got_checks == [(t * 130, *v) for v in want for t, _ in getattr(mv, checks)]
-  timed = [key(r["bs"], r["key_tile"], r) for r in rows
-           if r["op"] == "mass" and not r.get("check")]
-  assert timed == want and set(seen) == set(want)
-  assert fused_seen == fused_values and getattr(mbm, default) == before
+  assert {(bs, kt) for bs, kt, _ in seen} == set(mv.WIDE_TILES)
+  assert {hm for _, _, hm in seen} == {True, False}
+  assert [r["key_tile"] for r in rows if r["op"] == "fused"] == [128, 256] == fused_tiles
+  assert mbm.DEFAULT_CONFIG is before
 
 
 def test_anatomy256_times_the_shipped_kernel_without_its_parts(monkeypatch, tmp_path):
@@ -262,9 +239,10 @@ def test_anatomy256_times_the_shipped_kernel_without_its_parts(monkeypatch, tmp_
   real_jnp, real_qk = mbm.jnp, mbm.qk_matmul
   seen = []
 
-  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers, **_):
+  def zeros_mass(q, num_kv_blocks, key_tile, block_size, explicit_barriers, timing_stand_ins,
+                 **_):
     assert key_tile == 256 and explicit_barriers
-    seen.append((block_size, mbm.jnp.exp2 is not real_jnp.exp2, mbm.qk_matmul is not real_qk))
+    seen.append((block_size, "exp2" in timing_stand_ins, "qk" in timing_stand_ins))
     return _zeros_mass(q, num_kv_blocks)
   rows = _run_mode(monkeypatch, tmp_path, "anatomy256", zeros_mass)
   parts = [(r["S"], r["bs"], r["without_exp"], r["without_qk"]) for r in rows

@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 
 from tools import ncu_probe, ncu_summary
-from pallas_kernels import mosaic_interpret
+from pallas_kernels.mosaic import interpreter as mosaic_interpret
 from tests import numpy_ref
 
 
 def test_probe_mass_is_the_block_mass_of_its_inputs():
   seq = 256
   with mosaic_interpret.device_context(True):
-    chunks = ncu_probe.kernel_call("mass", seq, 1, poly_keys=64,
-                                   interpret=mosaic_interpret.params(True))()
+    chunks = ncu_probe.kernel_call("mass", seq, 1, interpret=mosaic_interpret.params(True))()
   q, k, _ = ncu_probe.host_qkv(seq, 1)
   lse = np.full((1, 1, seq), (math.log2(seq) + 1.0) * math.log(2))
   want = numpy_ref.block_mass(q, k, lse, 64)

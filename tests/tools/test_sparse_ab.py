@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import pytest
 
 from tools import sparse_ab
-from pallas_kernels import mosaic_block_sparse, mosaic_interpret
+from pallas_kernels.mosaic import block_sparse_kernel as mosaic_block_sparse
+from pallas_kernels.mosaic import interpreter as mosaic_interpret
 
 
 def test_a_version_against_itself_is_identical(monkeypatch):

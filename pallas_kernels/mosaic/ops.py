@@ -9,31 +9,34 @@ one-line warning, never to a kernel that would answer wrongly.
 
 Padding done here so the kernels see whole tiles: the sequence is padded to a
 multiple of 128 (padded keys are masked through the valid lengths, padded rows
-are cut off), and the block lists to the padded number of query blocks with
-count 0.
+are cut off), K for the block mass to whole key tiles, and the block lists to the
+padded number of query blocks with count 0 (``padded_len``, ``pad_seq``,
+``kernel_lists``, ``log2_lse``).
+
+Tuning: ``config`` (a ``BlockSparseConfig``: the block-sparse kernel, and the fused
+search's dense pass) and ``mass_config`` / ``config`` of ``block_mass`` (a
+``BlockMassConfig``); None for the kernel modules' ``DEFAULT_CONFIG``.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import mosaic_interpret, validation
-from pallas_kernels import mosaic_block_mass
-from pallas_kernels.mosaic_block_mass import block_mass_padded
-from pallas_kernels.mosaic_block_sparse import (
-    CTA_ROWS, ROWS_PER_WG, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS,
-    block_sparse_attention_padded)
+from pallas_kernels import validation
+from pallas_kernels.mosaic import block_mass_kernel, block_sparse_kernel, interpreter
+from pallas_kernels.mosaic.block_mass_kernel import BlockMassConfig, block_mass_padded
+from pallas_kernels.mosaic.block_sparse_kernel import (
+    SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, BlockSparseConfig, block_sparse_attention_padded)
+from pallas_kernels.mosaic.common import CTA_ROWS, LOG2E, ROWS_PER_WG
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 # The fused search's dense pass reads every block, so its tiling is free of the
 # selection block size: 128-row query blocks let both compute warpgroups share
 # one K/V stream.
 DENSE_PASS_BLOCK = 128
-_LOG2E = math.log2(math.e)
 
 
 def unsupported_reason(dtype, head_dim: int, block_size: int) -> str | None:
@@ -75,53 +78,81 @@ def _check_device(interpret: bool):
         "(sm90) only; pass interpret=True to run them on the CPU.")
 
 
-def _padded_len(seq: int, multiple: int = CTA_ROWS) -> int:
+def padded_len(seq: int, multiple: int = CTA_ROWS) -> int:
+  """The least multiple of ``multiple`` (default: the rows of a CTA) >= seq."""
   return -(-seq // multiple) * multiple
 
 
-def _pad_seq(x, s_pad, axis, value=0):
+def pad_seq(x, s_pad, axis, value=0):
+  """``x`` padded with ``value`` to ``s_pad`` entries along ``axis`` (as is if it has them)."""
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, s_pad - x.shape[axis])
   return jnp.pad(x, pad, constant_values=value) if s_pad != x.shape[axis] else x
 
 
-def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, interpret):
+def kernel_lists(kv_block_indices, kv_block_counts, *, num_kv_blocks, num_query_blocks):
+  """Block lists as ``block_sparse_attention_padded`` reads them.
+
+  Args:
+    kv_block_indices: int32 [B, H, nQ, K_max]; kv_block_counts: int32 [B, H, nQ]
+      (the API's lists: a count >= nK marks a dense row).
+    num_kv_blocks: nK.
+    num_query_blocks: nQ_pad >= nQ, the query blocks of the padded sequence.
+
+  Returns:
+    (indices, steps, dense_rows), each padded to nQ_pad query blocks with zeros:
+    int32 [B, H, nQ_pad, K_max], int32 [B, H, nQ_pad] (key blocks each row reads,
+    nK for a dense row, else its count clipped to [0, K_max]) and int32 [B, H, nQ_pad]
+    (1 on dense rows).
+  """
+  dense = kv_block_counts >= num_kv_blocks
+  steps = jnp.where(dense, num_kv_blocks,
+                    jnp.clip(kv_block_counts, 0, kv_block_indices.shape[-1])).astype(jnp.int32)
+  return (pad_seq(kv_block_indices, num_query_blocks, 2), pad_seq(steps, num_query_blocks, 2),
+          pad_seq(dense.astype(jnp.int32), num_query_blocks, 2))
+
+
+def log2_lse(lse, lengths, s_pad):
+  """The row LSE as ``block_mass_padded`` takes it.
+
+  Args:
+    lse: float32 [B, H, S], natural log.
+    lengths: int32 [B], valid rows per batch element.
+    s_pad: rows of the padded q.
+
+  Returns:
+    float32 [B, H, s_pad] in log2 units, +inf on rows past ``lengths`` and on the
+    padding (they add exp2(-inf) = 0).
+  """
+  rows_ok = jnp.arange(lse.shape[2])[None, None, :] < lengths[:, None, None]
+  return pad_seq(jnp.where(rows_ok, lse * LOG2E, jnp.inf), s_pad, 2, jnp.inf)
+
+
+def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, config, interpret):
   """Runs the sparse kernel on padded q/k/v; returns unpadded-row outputs [.., S_pad]."""
   n_blk = validation.num_blocks(seq, block_size)
-  nq_pad = qp.shape[1] // block_size
-  k_max = idx.shape[-1]
-  dense = counts >= n_blk
-  steps = jnp.where(dense, n_blk, jnp.clip(counts, 0, k_max)).astype(jnp.int32)
-  idx = _pad_seq(idx, nq_pad, 2)
-  steps = _pad_seq(steps, nq_pad, 2)
-  dense = _pad_seq(dense.astype(jnp.int32), nq_pad, 2)
-  with mosaic_interpret.device_context(interpret):
+  idx, steps, dense = kernel_lists(idx, counts, num_kv_blocks=n_blk,
+                                   num_query_blocks=qp.shape[1] // block_size)
+  with interpreter.device_context(interpret):
     return block_sparse_attention_padded(
         qp, kp, vp, idx, steps, dense, lengths, block_size=block_size, sm_scale=scale,
-        num_kv_blocks=n_blk, interpret=mosaic_interpret.params(interpret))
+        num_kv_blocks=n_blk, config=config, interpret=interpreter.params(interpret))
 
 
-def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, interpret):
+def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, config, interpret):
   """Block mass from padded q/k and an unpadded [B, H, S] LSE."""
   b, _, h, _ = qp.shape
   n_blk = validation.num_blocks(seq, block_size)
-  # Read at trace time, so a benchmark can set them (module docstring of mosaic_block_mass).
-  row_tiles = mosaic_block_mass.DEFAULT_ROW_TILES
-  key_tile = mosaic_block_mass.DEFAULT_KEY_TILE
-  s_pad = _padded_len(qp.shape[1], CTA_ROWS * row_tiles)
-  qp = _pad_seq(qp, s_pad, 1)
-  kp = _pad_seq(kp, _padded_len(kp.shape[1], max(key_tile, block_size)), 1)  # whole K tiles
-  rows_ok = jnp.arange(seq)[None, None, :] < lengths[:, None, None]
-  lse2 = jnp.where(rows_ok, lse * _LOG2E, jnp.inf)  # +inf rows add exp2(-inf) = 0.
-  lse2 = _pad_seq(lse2, s_pad, 2, jnp.inf)
-  with mosaic_interpret.device_context(interpret):
+  s_pad = qp.shape[1]
+  if not isinstance(config, BlockMassConfig):
+    raise ValueError(f"config={config!r}: expected a pallas_kernels.mosaic.BlockMassConfig.")
+  key_tile = config.key_tile or block_size
+  kp = pad_seq(kp, padded_len(kp.shape[1], max(key_tile, block_size)), 1)  # whole K tiles
+  lse2 = log2_lse(lse, lengths, s_pad)
+  with interpreter.device_context(interpret):
     chunks = block_mass_padded(qp, kp, lse2, lengths, block_size=block_size, sm_scale=scale,
-                               num_kv_blocks=n_blk,
-                               key_tile=key_tile, row_tiles=row_tiles,
-                               explicit_barriers=mosaic_block_mass.DEFAULT_EXPLICIT_BARRIERS,
-                               mma_sums=mosaic_block_mass.DEFAULT_MMA_SUMS,
-                               poly_keys=mosaic_block_mass.DEFAULT_POLY_KEYS,
-                               interpret=mosaic_interpret.params(interpret))
+                               num_kv_blocks=n_blk, config=config,
+                               interpret=interpreter.params(interpret))
   per_block = block_size // ROWS_PER_WG
   mass = chunks.reshape(b, h, s_pad // block_size, per_block, chunks.shape[-1]).sum(3)
   return mass[:, :, :n_blk, :n_blk]
@@ -138,13 +169,15 @@ def _finish(out, lse, kv_lengths, lengths, seq):
 
 
 def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
-                           kv_lengths=None, sm_scale=None, return_lse=True, interpret=False):
+                           kv_lengths=None, sm_scale=None, return_lse=True, interpret=False,
+                           config=None):
   """Block-sparse flash attention; see ``reference.block_sparse_attention``.
 
   Args:
     q, k, v: [B, S, H, D].
     kv_block_indices: int32 [B, H, nQ, K_max]; kv_block_counts: int32 [B, H, nQ].
     interpret: run under JAX's GPU interpreter (CPU).
+    config: a ``BlockSparseConfig``, or None for ``block_sparse_kernel.DEFAULT_CONFIG``.
 
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
@@ -157,19 +190,22 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
                           kv_block_indices, kv_block_counts, block_size=block_size,
                           kv_lengths=kv_lengths, sm_scale=scale, return_lse=return_lse)
   _check_device(interpret)
-  s_pad = _padded_len(s)
-  qp, kp, vp = (_pad_seq(x, s_pad, 1) for x in (q, k, v))
+  s_pad = padded_len(s)
+  qp, kp, vp = (pad_seq(x, s_pad, 1) for x in (q, k, v))
   out, lse = _sparse(qp, kp, vp, kv_block_indices, kv_block_counts, lengths, seq=s,
-                     block_size=block_size, scale=scale, interpret=interpret)
+                     block_size=block_size, scale=scale, interpret=interpret,
+                     config=block_sparse_kernel.DEFAULT_CONFIG if config is None else config)
   out, lse = _finish(out, lse, kv_lengths, lengths, s)
   return (out, lse) if return_lse else out
 
 
-def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpret=False):
+def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpret=False,
+               config=None):
   """Per-block softmax mass from a given LSE; see ``reference.block_mass``.
 
   Args:
     q, k: [B, S, H, D]; lse: float32 [B, H, S] (natural log).
+    config: a ``BlockMassConfig``, or None for ``block_mass_kernel.DEFAULT_CONFIG``.
 
   Returns:
     float32 [B, H, nQ, nK].
@@ -181,14 +217,18 @@ def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpr
     return _call_fallback("block_mass", reason, interpret, q, k, lse, block_size=block_size,
                           kv_lengths=kv_lengths, sm_scale=scale)
   _check_device(interpret)
-  s_pad = _padded_len(s)
-  return _mass(_pad_seq(q, s_pad, 1), _pad_seq(k, s_pad, 1), lse, lengths, seq=s,
-               block_size=block_size, scale=scale, interpret=interpret)
+  s_pad = padded_len(s)
+  return _mass(pad_seq(q, s_pad, 1), pad_seq(k, s_pad, 1), lse, lengths, seq=s,
+               block_size=block_size, scale=scale, interpret=interpret,
+               config=block_mass_kernel.DEFAULT_CONFIG if config is None else config)
 
 
 def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=None,
-                              interpret=False):
+                              interpret=False, config=None, mass_config=None):
   """Fused search: the sparse kernel at full density with LSE, then the mass kernel.
+
+  The dense pass runs the block-sparse kernel on ``DENSE_PASS_BLOCK``-row blocks, every
+  row dense, tuned by ``config``; the block mass from its LSE by ``mass_config``.
 
   Returns:
     out [B, S, H, D] (q's dtype), lse float32 [B, H, S], mass float32 [B, H, nQ, nK].
@@ -202,16 +242,18 @@ def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=
     return _call_fallback("attention_with_block_mass", reason, interpret, q, k, v,
                           block_size=block_size, kv_lengths=kv_lengths, sm_scale=scale)
   _check_device(interpret)
-  s_pad = _padded_len(s)
+  s_pad = padded_len(s)
   n_dense = validation.num_blocks(s, DENSE_PASS_BLOCK)
   lengths = validation.valid_lengths(kv_lengths, b, s)
-  qp, kp, vp = (_pad_seq(x, s_pad, 1) for x in (q, k, v))
+  qp, kp, vp = (pad_seq(x, s_pad, 1) for x in (q, k, v))
   # Count nK marks every row dense, so the one-column list is never read.
   idx = jnp.zeros((b, h, n_dense, 1), jnp.int32)
   counts = jnp.full((b, h, n_dense), n_dense, jnp.int32)
   out, lse = _sparse(qp, kp, vp, idx, counts, lengths, seq=s, block_size=DENSE_PASS_BLOCK,
-                     scale=scale, interpret=interpret)
+                     scale=scale, interpret=interpret,
+                     config=block_sparse_kernel.DEFAULT_CONFIG if config is None else config)
   out, lse = _finish(out, lse, kv_lengths, lengths, s)
   mass = _mass(qp, kp, lse, lengths, seq=s, block_size=block_size, scale=scale,
-               interpret=interpret)
+               interpret=interpret,
+               config=block_mass_kernel.DEFAULT_CONFIG if mass_config is None else mass_config)
   return out, lse, mass

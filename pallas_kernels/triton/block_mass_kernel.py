@@ -8,21 +8,37 @@ programs (summed afterwards) or several key steps (summed in registers).
 
 The row LSE arrives pre-scaled to base 2, with padded rows set to +inf so that
 exp2(s - inf) = 0 removes them without a per-element row mask.
+
+Tuning: ``BlockMassConfig`` (tiles and launch parameters), a static argument;
+``DEFAULT_CONFIG`` is what ``pallas_kernels.triton.ops`` passes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import triton_block_sparse as tbs
+from pallas_kernels.triton import common
 
-_LOG2E = math.log2(math.e)
+
+@dataclasses.dataclass(frozen=True)
+class BlockMassConfig(common.TileConfig):
+  """Tiles and launch parameters of ``block_mass`` (fields: ``common.TileConfig``).
+
+  block_q and block_k may be smaller or larger than the selection block; prefetch
+  applies when block_k >= block_size.
+  """
+
+
+# From the H200 sweeps (docs/log/triton.md): 3 stages held up better than 2 at
+# S = 118,784 (209 vs 237 ms), though 2 won the S = 32,768 sweep.
+DEFAULT_CONFIG = BlockMassConfig(block_q=128, block_k=64, num_warps=4, num_stages=3,
+                                 fast_exp2=True)
 
 
 def _mass_kernel(lengths_ref, q_ref, k_ref, lse_ref, mass_ref, *, scale2, block_q, block_k,
@@ -37,14 +53,14 @@ def _mass_kernel(lengths_ref, q_ref, k_ref, lse_ref, mass_ref, *, scale2, block_
   length = lengths_ref[b]
   q = q_ref[...]
   lse2 = lse_ref[...]
-  precision = tbs._dot_precision(q_ref.dtype)  # pylint: disable=protected-access
+  precision = common.dot_precision(q_ref.dtype)
   groups_q, groups_k = block_q // unit_q, block_k // unit_k
   row_group = lax.div(lax.broadcasted_iota(jnp.int32, (block_q,), 0), unit_q)
   col_group = lax.div(lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1), unit_k)
 
   def scores(tile):
     """Raw q k^T of key tile ``tile`` (f32 [block_q, block_k])."""
-    start = tbs.aligned(tile * block_k, block_k)
+    start = common.aligned(tile * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
     return lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                            preferred_element_type=jnp.float32)
@@ -52,7 +68,7 @@ def _mass_kernel(lengths_ref, q_ref, k_ref, lse_ref, mass_ref, *, scale2, block_
   def process(t, tiles_s):
     sums = [None] * groups_k  # per key group: [block_q] row sums
     for sub, s in enumerate(tiles_s):
-      p = tbs.exp2(s * scale2 - lse2[:, None], fast_exp2)
+      p = common.exp2(s * scale2 - lse2[:, None], fast_exp2)
       if mask_keys:
         start = (t * sub_steps + sub) * block_k
         cols = start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
@@ -80,8 +96,8 @@ def _mass_kernel(lengths_ref, q_ref, k_ref, lse_ref, mass_ref, *, scale2, block_
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "block_size", "sm_scale", "tiles", "mask_keys", "interpret"))
-def block_mass(q, k, lse, lengths, *, block_size, sm_scale, tiles, mask_keys,
+    "block_size", "sm_scale", "config", "mask_keys", "interpret"))
+def block_mass(q, k, lse, lengths, *, block_size, sm_scale, config, mask_keys,
                interpret=False):
   """Block mass on validated inputs.
 
@@ -89,34 +105,35 @@ def block_mass(q, k, lse, lengths, *, block_size, sm_scale, tiles, mask_keys,
     q, k: [B, S, H, D].
     lse: float32 [B, H, S], natural log.
     lengths: int32 [B], valid tokens (already clipped to S).
-    tiles: ``triton_block_sparse.Tiles``; block_q and block_k may be smaller or larger
-      than the selection block, and prefetch applies when block_k >= block_size.
+    config: ``BlockMassConfig`` (static).
     mask_keys: False only when every key of the sequence is valid.
 
   Returns:
     float32 [B, H, nQ, nK], nQ = nK = ceil(S / block_size).
   """
+  if not isinstance(config, BlockMassConfig):
+    raise ValueError(f"config={config!r}: expected a BlockMassConfig.")
   b, s, h, _ = q.shape
   n_blocks = -(-s // block_size)
-  block_q, block_k = tiles.block_q, tiles.block_k
+  block_q, block_k = config.block_q, config.block_k
   unit_q, unit_k = min(block_q, block_size), min(block_k, block_size)
   step_keys = max(block_k, block_size)
   s_pad = -(-s // max(block_q, step_keys)) * max(block_q, step_keys)
   mask_keys = mask_keys or s_pad != s
-  qp, kp = (tbs.pad_seq_and_dim(x, s_pad) for x in (q, k))
+  qp, kp = (common.pad_seq_and_dim(x, s_pad) for x in (q, k))
   d_pad = qp.shape[-1]
   # Base-2 LSE; padded rows -> +inf (they add nothing); a valid row's non-finite
   # LSE counts as 0, as the float64 test reference does.
   row_ok = jnp.arange(s_pad)[None, None, :] < lengths[:, None, None]
   lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, s_pad - s)))
-  lse2 = jnp.where(row_ok, jnp.where(jnp.isfinite(lse_p), lse_p, 0.0) * _LOG2E, jnp.inf)
+  lse2 = jnp.where(row_ok, jnp.where(jnp.isfinite(lse_p), lse_p, 0.0) * common.LOG2E, jnp.inf)
   n_col_blocks = s_pad // block_size
 
   kernel = functools.partial(
-      _mass_kernel, scale2=sm_scale * _LOG2E, block_q=block_q, block_k=block_k,
+      _mass_kernel, scale2=sm_scale * common.LOG2E, block_q=block_q, block_k=block_k,
       unit_q=unit_q, unit_k=unit_k, sub_steps=step_keys // block_k,
       n_steps=s_pad // step_keys, mask_keys=mask_keys,
-      fast_exp2=tiles.fast_exp2 and not interpret, prefetch=tiles.prefetch)
+      fast_exp2=config.fast_exp2 and not interpret, prefetch=config.prefetch)
   mass = pl.pallas_call(
       kernel,
       grid=(s_pad // block_q, b, h),
@@ -129,7 +146,7 @@ def block_mass(q, k, lse, lengths, *, block_size, sm_scale, tiles, mask_keys,
       out_specs=pl.BlockSpec((None, None, block_q // unit_q, n_col_blocks),
                              lambda i, bi, hi: (bi, hi, i, 0)),
       out_shape=jax.ShapeDtypeStruct((b, h, s_pad // unit_q, n_col_blocks), jnp.float32),
-      compiler_params=None if interpret else tbs._compiler_params(tiles),  # pylint: disable=protected-access
+      compiler_params=None if interpret else common.compiler_params(config),
       interpret=interpret,
       name="adaspa_block_mass",
   )(lengths, qp, kp, lse2.astype(jnp.float32))

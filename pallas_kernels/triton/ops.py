@@ -2,8 +2,12 @@
 
 Same signatures and conventions as ``pallas_kernels.reference`` plus
 ``interpret``: ``interpret=True`` runs the kernels in the Pallas interpreter, so
-this path is exercised on CPU. The kernels live in ``triton_block_sparse``
-(flash attention, dense or from block lists) and ``triton_block_mass``.
+this path is exercised on CPU. The kernels live in ``block_sparse_kernel``
+(flash attention, dense or from block lists) and ``block_mass_kernel``.
+
+Tuning: each entry point takes an optional ``config`` (``BlockSparseConfig`` for the
+flash kernel, ``BlockMassConfig`` for the block mass; None for the kernel module's
+default), shrunk here if its tiles would not fit in shared memory.
 
 Preconditions beyond the reference's checks: listed block ids are distinct and in
 [0, nK) (selection produces that); ids are clamped into range so a bad list can
@@ -14,27 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 
-from pallas_kernels import triton_block_mass
-from pallas_kernels import triton_block_sparse
+from pallas_kernels.triton import block_mass_kernel
+from pallas_kernels.triton import block_sparse_kernel
 from pallas_kernels import validation
 
-Tiles = triton_block_sparse.Tiles
-
-# Defaults from the H200 sweeps of experiments/bench_kernels.py (docs/log/triton.md).
-# The sparse query tile is capped by the selection block (64 in AdaSpa); the
-# dense kernel is free to use 128 rows. Mass: 3 stages held up better than 2 at
-# S = 118,784 (209 vs 237 ms), though 2 won the S = 32,768 sweep.
-SPARSE_TILES = Tiles(block_q=64, block_k=64, num_warps=4, num_stages=2, fast_exp2=True,
-                     prefetch=True)
-DENSE_TILES = Tiles(block_q=128, block_k=128, num_warps=8, num_stages=3, fast_exp2=True)
-MASS_TILES = Tiles(block_q=128, block_k=64, num_warps=4, num_stages=3, fast_exp2=True)
+BlockSparseConfig = block_sparse_kernel.BlockSparseConfig
+BlockMassConfig = block_mass_kernel.BlockMassConfig
 
 
 _SMEM_BYTES = 220 * 1024  # a little under the 227 KB an H100/H200 block may use
 
 
-def _fit_smem(tiles, head_dim, itemsize, streams):
-  """Shrinks tiles whose shared memory would not fit (float32 inputs at large tiles).
+def _fit_smem(config, head_dim, itemsize, streams):
+  """Shrinks a config's tiles whose shared memory would not fit (float32 inputs at large
+  tiles).
 
   Estimate: the query tile plus (num_stages - 1) buffered key tiles of each
   streamed operand (K and V: streams=2; K only: 1), which is what Triton's
@@ -43,26 +40,27 @@ def _fit_smem(tiles, head_dim, itemsize, streams):
   d = max(16, 1 << (head_dim - 1).bit_length())
   def need(t):
     return (t.block_q + max(1, t.num_stages - 1) * streams * t.block_k) * d * itemsize
-  while need(tiles) > _SMEM_BYTES:
-    if tiles.num_stages > 2:
-      tiles = dataclasses.replace(tiles, num_stages=tiles.num_stages - 1)
-    elif tiles.block_k > 32:
-      tiles = dataclasses.replace(tiles, block_k=tiles.block_k // 2)
-    elif tiles.block_q > 32:
-      tiles = dataclasses.replace(tiles, block_q=tiles.block_q // 2)
+  while need(config) > _SMEM_BYTES:
+    if config.num_stages > 2:
+      config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+    elif config.block_k > 32:
+      config = dataclasses.replace(config, block_k=config.block_k // 2)
+    elif config.block_q > 32:
+      config = dataclasses.replace(config, block_q=config.block_q // 2)
     else:
       break
-  return tiles
+  return config
 
 
-def attention(q, k, v, *, kv_lengths=None, sm_scale=None, interpret=False, tiles=None):
+def attention(q, k, v, *, kv_lengths=None, sm_scale=None, interpret=False, config=None):
   """Exact dense attention by the flash kernel.
 
   Args:
     q, k, v: [B, S, H, D].
     kv_lengths: optional int [B]; keys at or past it are masked, rows at or past
       it output 0 with LSE -inf.
-    tiles: optional ``Tiles`` (default ``DENSE_TILES``).
+    config: optional ``BlockSparseConfig`` (default
+      ``block_sparse_kernel.DEFAULT_DENSE_CONFIG``).
 
   Returns:
     out [B, S, H, D] in q's dtype, lse float32 [B, H, S].
@@ -70,16 +68,18 @@ def attention(q, k, v, *, kv_lengths=None, sm_scale=None, interpret=False, tiles
   b, s, _, d = validation.check_qkv(q, k, v)
   kv_lengths = validation.check_kv_lengths(kv_lengths, b)
   scale = validation.default_scale(sm_scale, d)
-  tiles = _fit_smem((tiles or DENSE_TILES).check(), d, q.dtype.itemsize, streams=2)
-  return triton_block_sparse.flash_attention(
+  if config is None:
+    config = block_sparse_kernel.DEFAULT_DENSE_CONFIG
+  config = _fit_smem(config, d, q.dtype.itemsize, streams=2)
+  return block_sparse_kernel.flash_attention(
       q, k, v, validation.valid_lengths(kv_lengths, b, s), block_size=0, sm_scale=scale,
-      tiles=tiles,
+      config=config,
       mask_keys=kv_lengths is not None, interpret=interpret)
 
 
 def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
                            kv_lengths=None, sm_scale=None, return_lse=True,
-                           interpret=False, tiles=None):
+                           interpret=False, config=None):
   """Attention restricted to the key blocks listed per (batch, head, query block).
 
   Args:
@@ -87,51 +87,59 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
     kv_block_indices: int32 [B, H, nQ, K_max], nQ = ceil(S / block_size).
     kv_block_counts: int32 [B, H, nQ]; a count >= nQ means every key block.
     block_size: tokens per selection block (power of two >= 16).
-    tiles: optional ``Tiles`` (default ``SPARSE_TILES``), clamped to block_size.
+    config: optional ``BlockSparseConfig`` (default ``block_sparse_kernel.DEFAULT_CONFIG``),
+      its tiles clamped to block_size.
 
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
   """
   _, _, _, d, block_size, _, kv_lengths, scale, lengths = validation.block_sparse_call(
       q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale)
-  tiles = _fit_smem((tiles or SPARSE_TILES).check(), d, q.dtype.itemsize, streams=2)
-  out, lse = triton_block_sparse.flash_attention(
+  if config is None:
+    config = block_sparse_kernel.DEFAULT_CONFIG
+  config = _fit_smem(config, d, q.dtype.itemsize, streams=2)
+  out, lse = block_sparse_kernel.flash_attention(
       q, k, v, lengths, kv_block_indices, kv_block_counts,
-      block_size=block_size, sm_scale=scale, tiles=tiles,
+      block_size=block_size, sm_scale=scale, config=config,
       mask_keys=kv_lengths is not None, interpret=interpret)
   return (out, lse) if return_lse else out
 
 
 def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpret=False,
-               tiles=None):
+               config=None):
   """Softmax mass per (query block, key block) from a given row LSE.
 
   Args:
     q, k: [B, S, H, D].
     lse: float32 [B, H, S] (natural log), e.g. cached from an earlier step.
-    tiles: optional ``Tiles`` (default ``MASS_TILES``).
+    config: optional ``BlockMassConfig`` (default ``block_mass_kernel.DEFAULT_CONFIG``).
 
   Returns:
     float32 [B, H, nQ, nK].
   """
   _, _, _, d, block_size, _, kv_lengths, scale, lengths = validation.block_mass_call(
       q, k, lse, block_size, kv_lengths, sm_scale)
-  tiles = _fit_smem((tiles or MASS_TILES).check(), d, q.dtype.itemsize, streams=1)
-  return triton_block_mass.block_mass(
+  if config is None:
+    config = block_mass_kernel.DEFAULT_CONFIG
+  config = _fit_smem(config, d, q.dtype.itemsize, streams=1)
+  return block_mass_kernel.block_mass(
       q, k, lse, lengths, block_size=block_size, sm_scale=scale,
-      tiles=tiles, mask_keys=kv_lengths is not None, interpret=interpret)
+      config=config, mask_keys=kv_lengths is not None, interpret=interpret)
 
 
 def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=None,
-                              interpret=False, tiles=None, mass_tiles=None):
+                              interpret=False, config=None, mass_config=None):
   """The fused search: dense attention (out, LSE), then the block mass from that LSE.
+
+  ``config`` (a ``BlockSparseConfig``) tunes the dense pass, ``mass_config`` (a
+  ``BlockMassConfig``) the block mass; None for their defaults.
 
   Returns:
     out [B, S, H, D] (q's dtype), lse float32 [B, H, S], mass float32 [B, H, nQ, nK].
   """
   block_size = validation.check_block_size(block_size)
   out, lse = attention(q, k, v, kv_lengths=kv_lengths, sm_scale=sm_scale,
-                       interpret=interpret, tiles=tiles)
+                       interpret=interpret, config=config)
   mass = block_mass(q, k, lse, block_size=block_size, kv_lengths=kv_lengths,
-                    sm_scale=sm_scale, interpret=interpret, tiles=mass_tiles)
+                    sm_scale=sm_scale, interpret=interpret, config=mass_config)
   return out, lse, mass

@@ -9,96 +9,62 @@ Query blocks of 64 rows give each compute warpgroup its own list (two pipelines
 per CTA, one K/V ring each); blocks of 128 rows are split over both compute
 warpgroups, which then share one list and one ring (as in FA3).
 
-Inputs are pre-padded by the caller (``pallas_kernels.mosaic``): the sequence to
-a multiple of 128 and the block lists to ``S_pad / block_size`` query blocks.
+Inputs are pre-padded by the caller (``pallas_kernels.mosaic.ops``): the sequence to
+a multiple of 128 and the block lists to ``S_pad / block_size`` query blocks. Constraints:
+bf16/f16, head_dim in ``SUPPORTED_HEAD_DIMS``, block_size in ``SUPPORTED_BLOCK_SIZES``.
+
+Tuning: ``BlockSparseConfig`` (ping-pong, launch order, ring depth), a static argument;
+``DEFAULT_CONFIG`` is what ``pallas_kernels.mosaic.ops`` passes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-ROWS_PER_WG = 64  # wgmma M of one warpgroup.
-COMPUTE_WGS = 2
-CTA_ROWS = ROWS_PER_WG * COMPUTE_WGS
+from pallas_kernels.mosaic.common import (
+    COMPUTE_WGS, CTA_ROWS, LN2, LOG2E, ROWS_PER_WG, check_flag, check_ring_depth, check_stages,
+    column_ids, pv_matmul, qk_matmul, smem_footprint, smem_transforms, with_layout)
+
 SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_HEAD_DIMS = (64, 128)
 _SMEM_FOR_KV = 160 * 1024  # bytes of K/V stages; leaves room for Q/O, LSE and barriers.
-SMEM_LIMIT = 232448  # bytes of shared memory one sm90 CTA may opt in to (227 KiB).
-# Mosaic GPU rounds every scoped buffer and the reduction scratch up to 1 KiB and
-# puts the 8-byte mbarriers after them; the footprints below follow that layout.
-_SMEM_ALIGN = 1024
-_BARRIER_BYTES = 8
 # Mosaic reserves 2 KiB for cross-warp reductions by default. This kernel only
 # reduces WGMMA rows, which stay inside a warp, so it asks for none: that 2 KiB is
 # what a third K/V stage at block 64, D 128 lacks.
 _REDUCTION_SCRATCH = 0
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 
 
-def qk_matmul(q_smem, k_smem, *, after_issue=None, emulate=False):
-  """q_smem [M, D] @ k_smem[N, D]^T -> float32 [M, N] in the WGMMA layout.
+@dataclasses.dataclass(frozen=True)
+class BlockSparseConfig:
+  """Tuning of ``block_sparse_attention_padded`` (a static argument; checked when made).
 
-  ``after_issue`` runs while the wgmma is in flight. ``emulate`` (the GPU
-  interpreter, whose wgmma takes neither transposed operands nor register
-  operands) reads both tiles and multiplies with ``jnp.dot`` instead.
+  Fields:
+    schedule_barrier: alternate the two compute warpgroups' softmax and wgmma
+      (FA3 ping-pong).
+    heads_major: launch order, heads fastest (True) or query tiles fastest.
+      Heads fastest ran 1.2-1.7x faster on an H200 (docs/log/mosaic.md).
+    stages: K/V ring depth per pipeline, an int >= 2 whose rings fit in
+      ``common.SMEM_LIMIT`` (see ``smem_bytes``; checked when the kernel traces); None for
+      ``num_stages``.
   """
-  if emulate:
-    qk = jnp.dot(q_smem[...], k_smem[...].T, preferred_element_type=jnp.float32)
-    if after_issue is not None:
-      after_issue()
-    return qk
+  schedule_barrier: bool = True
+  heads_major: bool = True
+  stages: int | None = None
 
-  def scope(acc_ref):
-    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
-    if after_issue is not None:
-      after_issue()
-    return acc_ref[...]
-
-  return pl.run_scoped(scope, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
+  def __post_init__(self):
+    check_flag(self, "schedule_barrier")
+    check_flag(self, "heads_major")
+    check_ring_depth(self.stages, "BlockSparseConfig.stages")
 
 
-def pv_matmul(acc, p, v_smem, *, after_issue=None, emulate=False):
-  """acc + p @ v_smem with p [M, N] in registers, v_smem [N, D]; see ``qk_matmul``."""
-  if emulate:
-    out = acc + jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
-    if after_issue is not None:
-      after_issue()
-    return out
-
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, p, v_smem)
-    if after_issue is not None:
-      after_issue()
-
-  return pl.run_state(body)(plgpu.ACC.init(acc))
-
-
-def load_row_vector(ref, emulate=False):
-  """A [64] float32 shared-memory vector in the layout of a WGMMA row reduction."""
-  if emulate:  # The interpreter has no plgpu.load.
-    return ref[...]
-  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
-
-
-def with_layout(x, layout, emulate=False):
-  """``plgpu.layout_cast`` on the GPU; the interpreter has no layouts."""
-  return x if emulate else plgpu.layout_cast(x, layout)
-
-
-def column_ids(shape, emulate=False):
-  """int32 column index of each element of a [M, N] WGMMA-layout tile."""
-  if emulate:
-    return lax.broadcasted_iota(jnp.int32, shape, 1)
-  return plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+DEFAULT_CONFIG = BlockSparseConfig()
 
 
 def num_stages(block_size: int, head_dim: int, itemsize: int = 2) -> int:
@@ -106,13 +72,6 @@ def num_stages(block_size: int, head_dim: int, itemsize: int = 2) -> int:
   pipelines = 2 if block_size == ROWS_PER_WG else 1
   per_stage = 2 * pipelines * block_size * head_dim * itemsize
   return int(max(2, min(4, _SMEM_FOR_KV // per_stage)))
-
-
-def smem_footprint(buffer_bytes, num_barriers: int, reduction_scratch: int) -> int:
-  """Dynamic shared memory of one CTA as Mosaic GPU allocates it, in bytes."""
-  aligned = lambda n: -(-n // _SMEM_ALIGN) * _SMEM_ALIGN
-  return (sum(aligned(n) for n in buffer_bytes) + aligned(reduction_scratch)
-          + _BARRIER_BYTES * num_barriers)
 
 
 def smem_bytes(block_size: int, head_dim: int, itemsize: int, stages: int) -> int:
@@ -125,37 +84,6 @@ def smem_bytes(block_size: int, head_dim: int, itemsize: int, stages: int) -> in
   # ready/free for K and V per slot, one Q barrier per warpgroup, the ping-pong one.
   barriers = 4 * pipes * stages + COMPUTE_WGS + 1
   return smem_footprint(buffers, barriers, _REDUCTION_SCRATCH)
-
-
-def check_stages(stages, default: int, smem_of, what: str) -> int:
-  """The ring depth to use: ``default`` for None, else ``stages``, if it fits.
-
-  ``smem_of(stages)`` is the kernel's shared memory in bytes; a depth over
-  ``SMEM_LIMIT`` is refused here rather than by the GPU compiler (the default
-  too: it is 2 at least, which some tiles do not leave room for).
-  """
-  if stages is None:
-    need = smem_of(default)
-    if need > SMEM_LIMIT:
-      raise ValueError(f"{what}: the default {default} stages need {need} bytes of shared "
-                       f"memory, over the {SMEM_LIMIT} (227 KiB) of an sm90 CTA.")
-    return default
-  if not isinstance(stages, (int, np.integer)) or isinstance(stages, bool) or stages < 2:
-    raise ValueError(f"stages={stages!r}: expected an int >= 2 (ring depth) or None for "
-                     f"the default {default}.")
-  need = smem_of(int(stages))
-  if need > SMEM_LIMIT:
-    fits = [n for n in range(2, int(stages)) if smem_of(n) <= SMEM_LIMIT]
-    most = f"at most {fits[-1]} stages fit" if fits else "no depth >= 2 fits"
-    raise ValueError(f"stages={stages}: {what} needs {need} bytes of shared memory, over "
-                     f"the {SMEM_LIMIT} (227 KiB) of an sm90 CTA; {most}.")
-  return int(stages)
-
-
-def _smem_transforms(dtype):
-  swizzle = 128
-  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-          plgpu.SwizzleTransform(swizzle))
 
 
 def read_entry(idx_ref, dense_ref, bi, hi, qb, step):
@@ -230,12 +158,10 @@ def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, read, ke
 
 @functools.partial(
     jax.jit,
-    static_argnames=("block_size", "sm_scale", "num_kv_blocks", "schedule_barrier",
-                     "heads_major", "stages", "interpret"))
+    static_argnames=("block_size", "sm_scale", "num_kv_blocks", "config", "interpret"))
 def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, lengths,
                                   *, block_size, sm_scale, num_kv_blocks,
-                                  schedule_barrier=True, heads_major=True, stages=None,
-                                  interpret=None):
+                                  config=DEFAULT_CONFIG, interpret=None):
   """Block-sparse attention on padded operands.
 
   Args:
@@ -246,29 +172,27 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       (its list is not read).
     lengths: int32 [B], valid keys per batch element (<= S).
     num_kv_blocks: nK, blocks that hold any real key.
-    schedule_barrier: alternate the two compute warpgroups' softmax and wgmma
-      (FA3 ping-pong).
-    heads_major: launch order, heads fastest (True) or query tiles fastest.
-      Heads fastest ran 1.2-1.7x faster on an H200 (docs/log/mosaic.md).
-    stages: K/V ring depth per pipeline, an int >= 2 whose rings fit in
-      ``SMEM_LIMIT`` (see ``smem_bytes``); None for ``num_stages``.
+    config: a ``BlockSparseConfig``.
     interpret: None to compile, or an ``InterpretGPUParams``.
 
   Returns:
     out [B, S_pad, H, D] in q's dtype and lse float32 [B, H, S_pad] (natural log,
     -inf for rows that read no valid key). Rows past ``lengths`` are not zeroed.
   """
+  if not isinstance(config, BlockSparseConfig):
+    raise ValueError(f"config={config!r}: expected a BlockSparseConfig.")
+  schedule_barrier, heads_major = config.schedule_barrier, config.heads_major
   b, s_pad, h, d = q.shape
   dtype = q.dtype
   bs = block_size
   pipes = 2 if bs == ROWS_PER_WG else 1
   itemsize = jnp.dtype(dtype).itemsize
-  stages = check_stages(stages, num_stages(bs, d, itemsize),
+  stages = check_stages(config.stages, num_stages(bs, d, itemsize),
                         lambda n: smem_bytes(bs, d, itemsize, n),
                         f"block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
-  qk_scale = sm_scale * _LOG2E  # scores are kept in log2 units so exp2 is one FMA away.
+  qk_scale = sm_scale * LOG2E  # scores are kept in log2 units so exp2 is one FMA away.
   n_tiles = s_pad // CTA_ROWS
-  transforms = _smem_transforms(dtype)
+  transforms = smem_transforms(dtype)
   emulate = interpret is not None
 
   block_of = functools.partial(listed_block, num_kv_blocks=num_kv_blocks)
@@ -380,7 +304,7 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       inv_l = 1.0 / jnp.where(has_keys, l_i, 1.0)
       acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
       qo_smem[...] = acc.astype(dtype)
-      lse_smem[...] = jnp.where(has_keys, m_i * _LN2 + jnp.log(jnp.where(has_keys, l_i, 1.0)),
+      lse_smem[...] = jnp.where(has_keys, m_i * LN2 + jnp.log(jnp.where(has_keys, l_i, 1.0)),
                                 -jnp.inf)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi])

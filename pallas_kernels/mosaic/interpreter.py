@@ -3,6 +3,9 @@
 The interpreter simulates a Hopper CTA's warpgroups, shared memory, TMA copies and
 mbarriers on the host. Kernel code that asks the abstract mesh for the device
 (e.g. the number of SMs) sees an H100, so callers need no setup of their own.
+
+JAX exports no public API for this interpreter yet: its entry points are imported from
+``jax._src`` here, and only here.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import contextlib
 
 import jax
-from jax._src import mesh as mesh_lib
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
@@ -35,7 +37,8 @@ def device_context(interpret: bool):
   if not interpret:
     yield
     return
-  device = mesh_lib.AbstractDevice(device_kind=DEVICE_KIND, num_cores=NUM_SMS, platform="gpu")
+  device = jax.sharding.AbstractDevice(device_kind=DEVICE_KIND, num_cores=NUM_SMS,
+                                       platform="gpu")
   mesh = jax.sharding.AbstractMesh((), (), abstract_device=device)
   try:
     with jax.sharding.use_abstract_mesh(mesh):

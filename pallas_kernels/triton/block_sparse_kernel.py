@@ -10,6 +10,10 @@ Arrays are [B, S, H, D]; the kernel reads the [S, D] slab of one (batch, head)
 through strided loads, so no transpose is made. The softmax runs in base 2 with
 log2(e) folded into the scale (scaling and max subtraction are one FMA per score,
 then one exp2), and the natural-log LSE is recovered at the end.
+
+Tuning: ``BlockSparseConfig`` (tiles and launch parameters), a static argument;
+``DEFAULT_CONFIG`` (block-sparse calls) and ``DEFAULT_DENSE_CONFIG`` (dense calls) are
+what ``pallas_kernels.triton.ops`` passes.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-_LOG2E = math.log2(math.e)
+from pallas_kernels.triton import common
+
 _LN2 = math.log(2.0)
 # Finite start for the running max: a row that has seen only masked (-inf) keys
 # keeps max = -1e30 and sum = 0, so exp2(-inf - max) = 0 and no inf - inf appears.
@@ -31,68 +36,21 @@ _INIT_MAX = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
-class Tiles:
-  """Tile sizes and Triton launch parameters of one kernel.
+class BlockSparseConfig(common.TileConfig):
+  """Tiles and launch parameters of ``flash_attention`` (fields: ``common.TileConfig``).
 
-  block_q: query rows per program. block_k: keys per loop step. The block-mass
-  kernel takes the same tiles (any power-of-two sizes). In sparse mode
-  both must divide the selection block size (they are clamped to it).
-  fast_exp2: on GPU, exp2 by ``ex2.approx.ftz.f32`` (one MUFU op) instead of
-  libdevice's exp2f, which adds subnormal handling around it; ignored when
-  interpreting.
-  prefetch: compute the next tile's scores before this tile's softmax (software
-  pipelining across loop steps; one wasted QK^T tile per program).
+  In sparse mode block_q and block_k are clamped to the selection block size, which
+  they then divide; in dense mode they are free.
   """
-  block_q: int = 64
-  block_k: int = 64
-  num_warps: int = 4
-  num_stages: int = 3
-  fast_exp2: bool = False
-  prefetch: bool = False
-
-  def check(self):
-    for name in ("block_q", "block_k"):
-      val = getattr(self, name)
-      if val < 16 or val & (val - 1):
-        raise ValueError(f"Tiles.{name}={val}: expected a power of two >= 16.")
-    if self.num_warps not in (1, 2, 4, 8, 16):
-      raise ValueError(f"Tiles.num_warps={self.num_warps}: expected 1, 2, 4, 8 or 16.")
-    if self.num_stages < 1:
-      raise ValueError(f"Tiles.num_stages={self.num_stages}: expected >= 1.")
-    return self
 
 
-def _compiler_params(tiles):
-  # Imported here so CPU-only installs without the Triton Pallas backend still
-  # import this module; interpret mode ignores the params.
-  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  return plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-
-
-def exp2(x, fast):
-  """2**x in float32; ``fast`` uses the approximate PTX instruction (GPU only)."""
-  if not fast:
-    return jnp.exp2(x)
-  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  [y] = plgpu.elementwise_inline_asm(
-      "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
-  return y
-
-
-def aligned(offset, multiple):
-  """Marks a traced offset as a multiple of ``multiple``.
-
-  A Python int is returned as is: the Triton lowering cannot attach the hint to a
-  constant.
-  """
-  return offset if isinstance(offset, int) else pl.multiple_of(offset, multiple)
-
-
-def _dot_precision(dtype):
-  # float32 inputs: full-precision products (Triton "ieee"), not tf32, so f32
-  # results match the float64 references; bf16/f16 use the tensor cores as is.
-  return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
+# From the H200 sweeps of experiments/bench_kernels.py (docs/log/triton.md). The sparse
+# query tile is capped by the selection block (64 in AdaSpa); the dense kernel is free to
+# use 128 rows.
+DEFAULT_CONFIG = BlockSparseConfig(block_q=64, block_k=64, num_warps=4, num_stages=2,
+                                   fast_exp2=True, prefetch=True)  # block-sparse calls
+DEFAULT_DENSE_CONFIG = BlockSparseConfig(block_q=128, block_k=128, num_warps=8, num_stages=3,
+                                         fast_exp2=True)  # dense calls (no lists)
 
 
 def _flash_kernel(lengths_ref, *refs, scale2, block_q, block_k, keys_per_block,
@@ -109,7 +67,7 @@ def _flash_kernel(lengths_ref, *refs, scale2, block_q, block_k, keys_per_block,
     q_ref, k_ref, v_ref, o_ref, lse_ref = refs
   qi, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   length = lengths_ref[b]
-  precision = _dot_precision(q_ref.dtype)
+  precision = common.dot_precision(q_ref.dtype)
 
   # Integer indices here are non-negative: lax.div/lax.rem, because jnp's
   # sign-correcting // and % do not lower to Triton for int32.
@@ -143,7 +101,7 @@ def _flash_kernel(lengths_ref, *refs, scale2, block_q, block_k, keys_per_block,
 
   def scores(t):
     """Raw q k^T of key tile t (f32 [block_q, block_k], masked keys -inf) and its start."""
-    start = aligned(key_tile(t) * block_k, block_k)
+    start = common.aligned(key_tile(t) * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                         preferred_element_type=jnp.float32)
@@ -158,8 +116,8 @@ def _flash_kernel(lengths_ref, *refs, scale2, block_q, block_k, keys_per_block,
     # The scale is applied after the max (it is positive) so that scaling and
     # subtracting the max fuse into one FMA per score.
     m_new = jnp.maximum(m, s.max(axis=1) * scale2)
-    alpha = exp2(m - m_new, fast_exp2)
-    p = exp2(s * scale2 - m_new[:, None], fast_exp2)
+    alpha = common.exp2(m - m_new, fast_exp2)
+    p = common.exp2(s * scale2 - m_new[:, None], fast_exp2)
     l = alpha * l + p.sum(axis=1)
     pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                          precision=precision, preferred_element_type=jnp.float32)
@@ -188,23 +146,10 @@ def _flash_kernel(lengths_ref, *refs, scale2, block_q, block_k, keys_per_block,
   lse_ref[...] = jnp.where(has_keys, (m + jnp.log2(l_safe)) * _LN2, -jnp.inf)
 
 
-def _round_up(x, m):
-  return -(-x // m) * m
-
-
-def pad_seq_and_dim(x, seq_len):
-  """[B, S, H, D] -> [B, seq_len, H, D_pow2] with zeros (Triton tiles need power-of-two D)."""
-  d = x.shape[-1]
-  d_pad = max(16, 1 << (d - 1).bit_length())
-  if x.shape[1] == seq_len and d_pad == d:
-    return x
-  return jnp.pad(x, ((0, 0), (0, seq_len - x.shape[1]), (0, 0), (0, d_pad - d)))
-
-
 @functools.partial(jax.jit, static_argnames=(
-    "block_size", "sm_scale", "tiles", "mask_keys", "interpret"))
+    "block_size", "sm_scale", "config", "mask_keys", "interpret"))
 def flash_attention(q, k, v, lengths, kv_block_indices=None, kv_block_counts=None, *,
-                    block_size, sm_scale, tiles, mask_keys, interpret=False):
+                    block_size, sm_scale, config, mask_keys, interpret=False):
   """Dense (no lists) or block-sparse flash attention on validated inputs.
 
   Args:
@@ -214,35 +159,38 @@ def flash_attention(q, k, v, lengths, kv_block_indices=None, kv_block_counts=Non
     kv_block_counts: int32 [B, H, nQ] or None.
     block_size: selection block size (sparse mode; ignored when dense).
     sm_scale: softmax scale.
-    tiles: ``Tiles``; in sparse mode block_q and block_k are clamped to block_size.
+    config: ``BlockSparseConfig`` (static); in sparse mode block_q and block_k are
+      clamped to block_size.
     mask_keys: False only when every key of the padded sequence is valid.
 
   Returns:
     out [B, S, H, D] in q's dtype, lse float32 [B, H, S].
   """
+  if not isinstance(config, BlockSparseConfig):
+    raise ValueError(f"config={config!r}: expected a BlockSparseConfig.")
   b, s, h, d = q.shape
   sparse = kv_block_indices is not None
   if sparse:
-    block_q = min(tiles.block_q, block_size)
-    block_k = min(tiles.block_k, block_size)
-    s_pad = _round_up(s, block_size)
+    block_q = min(config.block_q, block_size)
+    block_k = min(config.block_k, block_size)
+    s_pad = common.round_up(s, block_size)
     n_blocks = s_pad // block_size
     k_max = kv_block_indices.shape[-1]
   else:
-    block_q, block_k = tiles.block_q, tiles.block_k
-    s_pad = _round_up(s, max(block_q, block_k))
+    block_q, block_k = config.block_q, config.block_k
+    s_pad = common.round_up(s, max(block_q, block_k))
     n_blocks, k_max = 1, 1
   mask_keys = mask_keys or s_pad != s
-  qp, kp, vp = (pad_seq_and_dim(x, s_pad) for x in (q, k, v))
+  qp, kp, vp = (common.pad_seq_and_dim(x, s_pad) for x in (q, k, v))
   d_pad = qp.shape[-1]
 
   kernel = functools.partial(
-      _flash_kernel, scale2=sm_scale * _LOG2E, block_q=block_q, block_k=block_k,
+      _flash_kernel, scale2=sm_scale * common.LOG2E, block_q=block_q, block_k=block_k,
       keys_per_block=block_size // block_k if sparse else 1,
       q_tiles_per_block=block_size // block_q if sparse else 1,
       n_key_tiles=s_pad // block_k, n_blocks=n_blocks, k_max=k_max,
-      mask_keys=mask_keys, sparse=sparse, fast_exp2=tiles.fast_exp2 and not interpret,
-      prefetch=tiles.prefetch)
+      mask_keys=mask_keys, sparse=sparse, fast_exp2=config.fast_exp2 and not interpret,
+      prefetch=config.prefetch)
   whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
   row_tile = pl.BlockSpec((None, block_q, None, d_pad), lambda i, bi, hi: (bi, i, hi, 0))
   seq_slab = pl.BlockSpec((None, s_pad, None, d_pad), lambda i, bi, hi: (bi, 0, hi, 0))
@@ -261,7 +209,7 @@ def flash_attention(q, k, v, lengths, kv_block_indices=None, kv_block_counts=Non
                  pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))],
       out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, s_pad), jnp.float32)],
-      compiler_params=None if interpret else _compiler_params(tiles),
+      compiler_params=None if interpret else common.compiler_params(config),
       interpret=interpret,
       name="adaspa_block_sparse_flash" if sparse else "adaspa_dense_flash",
   )(*operands)

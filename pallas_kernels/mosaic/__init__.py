@@ -1,0 +1,21 @@
+"""``implementation="mosaic"``: the Hopper (sm90) kernels in Pallas Mosaic GPU.
+
+``ops`` holds the entry points (the reference's signatures plus ``interpret``) and
+the padding the kernels need; ``block_sparse_kernel`` the block-sparse flash kernel
+(also the fused search's dense pass), ``block_mass_kernel`` the block-mass kernel,
+``common`` what both use, ``interpreter`` what runs them on the CPU.
+"""
+
+from pallas_kernels.mosaic.ops import (
+    SUPPORTED_DTYPES,
+    BlockMassConfig,
+    BlockSparseConfig,
+    attention_with_block_mass,
+    block_mass,
+    block_sparse_attention,
+    unsupported_reason,
+)
+
+__all__ = ["SUPPORTED_DTYPES", "BlockMassConfig", "BlockSparseConfig",
+           "attention_with_block_mass", "block_mass", "block_sparse_attention",
+           "unsupported_reason"]

@@ -1,0 +1,12 @@
+"""``implementation="reference"``: the pure-jnp references (``ops``), exact on any device."""
+
+from pallas_kernels.reference.ops import (
+    attention,
+    attention_with_block_mass,
+    block_mask_from_lists,
+    block_mass,
+    block_sparse_attention,
+)
+
+__all__ = ["attention", "attention_with_block_mass", "block_mask_from_lists", "block_mass",
+           "block_sparse_attention"]
