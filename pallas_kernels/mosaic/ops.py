@@ -29,7 +29,7 @@ from pallas_kernels import validation
 from pallas_kernels.mosaic import block_mass_kernel, block_sparse_kernel, interpreter
 from pallas_kernels.mosaic.block_mass_kernel import BlockMassConfig, block_mass_padded
 from pallas_kernels.mosaic.block_sparse_kernel import (
-    SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, BlockSparseConfig, block_sparse_attention_padded)
+    SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, block_sparse_attention_padded)
 from pallas_kernels.mosaic.common import CTA_ROWS, LOG2E, ROWS_PER_WG
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
