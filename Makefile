@@ -1,11 +1,12 @@
-# The README's two commands. Each builds its own virtual environment from a fresh
-# clone (nothing preinstalled) and is a no-op to reinstall when pyproject.toml is unchanged.
+# The README's two commands, and `make fuzz` (its Tests section). Each builds its own
+# virtual environment from a fresh clone (nothing preinstalled) and is a no-op to reinstall
+# when pyproject.toml is unchanged.
 PYTHON ?= python3
 VENV   ?= .venv
 PIP     = $(VENV)/bin/pip -q --disable-pip-version-check
 PY      = $(VENV)/bin/python
 
-.PHONY: demo test clean
+.PHONY: demo test fuzz clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,10 @@ demo: $(VENV)/.demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest
+
+# The kernels' property-based sweep with 200 cases per implementation and op (make test: 4).
+fuzz: $(VENV)/.test
+	ADASPA_FUZZ_EXAMPLES=200 $(PY) -m pytest -q tests/pallas_kernels/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

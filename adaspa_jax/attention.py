@@ -87,9 +87,13 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
   k_max = state.indices.shape[-1]
   policies.check(config, text, k_max)
   impl = config.implementation if implementation is None else implementation
+  # Lengths count real tokens: at most layout.seq_len, also in a padded layout.
+  validation.check_kv_lengths(kv_lengths, b, layout.seq_len)
+  if config.debug_checks and kv_lengths is not None:
+    validation.debug_checks(kv_lengths=kv_lengths, seq=layout.seq_len)
   kv_lengths = layout.kv_lengths(kv_lengths, b)
   kernel_kw = dict(block_size=config.block_size, kv_lengths=kv_lengths, sm_scale=sm_scale,
-                   implementation=impl, interpret=interpret)
+                   implementation=impl, interpret=interpret, debug_checks=config.debug_checks)
   with_mass = policies.needs_mass(config)
 
   def choose(mass, exact_mass):
@@ -110,6 +114,7 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
 
   def dense(st):
     out = pk.dense_attention(q, k, v, kv_lengths=kv_lengths, sm_scale=sm_scale,
+                             debug_checks=config.debug_checks,
                              implementation="reference" if impl == "reference" else None)
     return out, st
 

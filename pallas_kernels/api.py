@@ -82,28 +82,42 @@ def _call(op, implementation, interpret, *args, **kwargs):
 
 def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
                            kv_lengths=None, sm_scale=None, return_lse=True,
-                           implementation=None, interpret=False):
-  """Block-sparse flash attention; see ``reference.block_sparse_attention``."""
+                           implementation=None, interpret=False, debug_checks=False):
+  """Block-sparse flash attention; see ``reference.block_sparse_attention``.
+
+  Concrete lists and lengths are checked (ValueError naming the first bad entry);
+  traced ones are kept in bounds (``validation.safe_block_lists``) and, with
+  ``debug_checks``, checked with ``checkify`` (run under ``checkify.checkify``).
+  """
+  if debug_checks:
+    validation.debug_checks(kv_lengths=kv_lengths, seq=q.shape[1], indices=kv_block_indices,
+                            counts=kv_block_counts,
+                            num_kv_blocks=validation.num_blocks(q.shape[1], block_size))
   return _call("block_sparse_attention", implementation, interpret, q, k, v,
                kv_block_indices, kv_block_counts, block_size=block_size,
                kv_lengths=kv_lengths, sm_scale=sm_scale, return_lse=return_lse)
 
 
 def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None,
-               implementation=None, interpret=False):
+               implementation=None, interpret=False, debug_checks=False):
   """Per-block softmax mass from a given LSE; see ``reference.block_mass``."""
+  if debug_checks:
+    validation.debug_checks(kv_lengths=kv_lengths, seq=q.shape[1])
   return _call("block_mass", implementation, interpret, q, k, lse, block_size=block_size,
                kv_lengths=kv_lengths, sm_scale=sm_scale)
 
 
 def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=None,
-                              implementation=None, interpret=False):
+                              implementation=None, interpret=False, debug_checks=False):
   """Fused search: dense output, LSE and block mass; see the reference."""
+  if debug_checks:
+    validation.debug_checks(kv_lengths=kv_lengths, seq=q.shape[1])
   return _call("attention_with_block_mass", implementation, interpret, q, k, v,
                block_size=block_size, kv_lengths=kv_lengths, sm_scale=sm_scale)
 
 
-def dense_attention(q, k, v, *, kv_lengths=None, sm_scale=None, implementation=None):
+def dense_attention(q, k, v, *, kv_lengths=None, sm_scale=None, implementation=None,
+                    debug_checks=False):
   """Dense attention without LSE: cuDNN on GPU where it applies, else XLA.
 
   Padded query rows (at or past ``kv_lengths``) are zero, as in every kernel.
@@ -116,7 +130,9 @@ def dense_attention(q, k, v, *, kv_lengths=None, sm_scale=None, implementation=N
     out [B, S, H, D] in q's dtype.
   """
   b, s, h, d = validation.check_qkv(q, k, v)
-  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
+  kv_lengths = validation.check_kv_lengths(kv_lengths, b, s)
+  if debug_checks and kv_lengths is not None:
+    validation.debug_checks(kv_lengths=kv_lengths, seq=s)
   scale = validation.default_scale(sm_scale, d)
   if implementation == "reference":
     return _module("reference").attention(q, k, v, kv_lengths=kv_lengths, sm_scale=scale)[0]

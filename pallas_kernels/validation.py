@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -39,6 +41,9 @@ def check_qkv(q, k, v=None):
     if x.dtype not in FLOAT_DTYPES:
       raise ValueError(
           f"{name} has dtype {x.dtype}: expected one of float32, bfloat16, float16.")
+  if min(q.shape) < 1:
+    raise ValueError(f"q has shape {tuple(q.shape)}: expected every dimension >= 1 "
+                     "[batch, seq, heads, head_dim].")
   for name, x in (("k", k), ("v", v)):
     if x is None:
       continue
@@ -51,7 +56,14 @@ def check_qkv(q, k, v=None):
   return q.shape
 
 
-def check_kv_lengths(kv_lengths, batch: int):
+def is_concrete(x) -> bool:
+  """Whether ``x`` has values now (not a tracer inside jit, vmap or a scan)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_kv_lengths(kv_lengths, batch: int, seq: int | None = None):
+  """Checks kv_lengths [B] (shape, integer dtype and, when concrete and ``seq`` is
+  given, values in [0, seq]); returns it as int32, or None."""
   if kv_lengths is None:
     return None
   if getattr(kv_lengths, "ndim", None) != 1 or kv_lengths.shape[0] != batch:
@@ -60,6 +72,12 @@ def check_kv_lengths(kv_lengths, batch: int):
         "(one valid length per batch element).")
   if not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
     raise ValueError(f"kv_lengths has dtype {kv_lengths.dtype}: expected an integer dtype.")
+  if seq is not None and is_concrete(kv_lengths):
+    values = np.asarray(kv_lengths)
+    bad = np.nonzero((values < 0) | (values > seq))[0]
+    if len(bad):
+      raise ValueError(f"kv_lengths[{bad[0]}]={values[bad[0]]}: expected valid lengths in "
+                       f"[0, seq={seq}].")
   return kv_lengths.astype(jnp.int32)
 
 
@@ -84,6 +102,71 @@ def check_block_lists(indices, counts, batch: int, heads: int, n_q: int):
         f"kv_block_counts has shape {tuple(counts.shape)}: expected {(batch, heads, n_q)}.")
   if counts.dtype != jnp.int32:
     raise ValueError(f"kv_block_counts has dtype {counts.dtype}: expected int32.")
+
+
+def check_block_list_values(indices, counts, num_kv_blocks: int) -> None:
+  """ValueError naming the first bad entry of concrete block lists; no-op when traced.
+
+  Valid: counts >= 0, and either <= K_max (the entries a row reads) or >= nK (a dense
+  row, whose list is not read); the entries a row reads are block ids in [0, nK),
+  without repeats.
+  """
+  if not (is_concrete(indices) and is_concrete(counts)):
+    return
+  idx, cnt = np.asarray(indices), np.asarray(counts)
+  k_max = idx.shape[-1]
+  bad = np.argwhere((cnt < 0) | ((cnt > k_max) & (cnt < num_kv_blocks)))
+  if len(bad):
+    at = tuple(int(i) for i in bad[0])
+    raise ValueError(f"kv_block_counts{list(at)}={cnt[at]}: expected a count in [0, "
+                     f"K_max={k_max}] or >= nK={num_kv_blocks} (a dense row).")
+  used = (np.arange(k_max) < cnt[..., None]) & (cnt[..., None] < num_kv_blocks)
+  bad = np.argwhere(used & ((idx < 0) | (idx >= num_kv_blocks)))
+  if len(bad):
+    at = tuple(int(i) for i in bad[0])
+    raise ValueError(f"kv_block_indices{list(at)}={idx[at]}: expected a key block in "
+                     f"[0, nK={num_kv_blocks}).")
+  ordered = np.sort(np.where(used, idx, -1 - np.arange(k_max)), axis=-1)
+  dup = np.argwhere(ordered[..., 1:] == ordered[..., :-1])
+  if len(dup):
+    row = tuple(int(i) for i in dup[0][:-1])
+    raise ValueError(f"kv_block_indices{list(row)} lists key block "
+                     f"{ordered[row][dup[0][-1]]} twice: expected distinct blocks.")
+
+
+def safe_block_lists(indices, counts, num_kv_blocks: int):
+  """The lists with every value a kernel could read kept in bounds, whatever a traced
+  list holds: ids clipped to [0, nK), counts to [0, K_max] unless >= nK (dense).
+
+  Valid lists come back unchanged; invalid ones give wrong numbers but never an
+  out-of-bounds read (``check_block_list_values`` and ``debug_checks`` catch them).
+  """
+  k_max = indices.shape[-1]
+  indices = jnp.clip(indices, 0, num_kv_blocks - 1)
+  counts = jnp.where(counts >= num_kv_blocks, counts, jnp.clip(counts, 0, k_max))
+  return indices, counts
+
+
+def debug_checks(*, kv_lengths=None, seq=None, indices=None, counts=None,
+                 num_kv_blocks=None) -> None:
+  """``checkify.check`` of traced kv_lengths ([0, seq]) and block lists (as
+  ``check_block_list_values``). Only under ``checkify.checkify``: see
+  ``AdaSpaConfig.debug_checks``."""
+  if kv_lengths is not None:
+    checkify.check(jnp.all((kv_lengths >= 0) & (kv_lengths <= seq)),
+                   f"kv_lengths={{}}: expected valid lengths in [0, seq={seq}].", kv_lengths)
+  if indices is None:
+    return
+  k_max = indices.shape[-1]
+  checkify.check(jnp.all((counts >= 0) & ((counts <= k_max) | (counts >= num_kv_blocks))),
+                 f"kv_block_counts: expected counts in [0, K_max={k_max}] or >= "
+                 f"nK={num_kv_blocks}; min {{}}, max {{}}.", counts.min(), counts.max())
+  used = (jnp.arange(k_max) < counts[..., None]) & (counts[..., None] < num_kv_blocks)
+  checkify.check(jnp.all(~used | ((indices >= 0) & (indices < num_kv_blocks))),
+                 f"kv_block_indices: expected read entries in [0, nK={num_kv_blocks}).")
+  ordered = jnp.sort(jnp.where(used, indices, -1 - jnp.arange(k_max)), axis=-1)
+  checkify.check(jnp.all(ordered[..., 1:] != ordered[..., :-1]),
+                 "kv_block_indices: a row lists a key block twice; expected distinct blocks.")
 
 
 def default_scale(sm_scale, head_dim: int) -> float:
@@ -117,7 +200,7 @@ def valid_lengths(kv_lengths, batch: int, seq: int):
 def _call(q, k, v, block_size, kv_lengths, sm_scale):
   b, s, h, d = check_qkv(q, k, v)
   block_size = check_block_size(block_size)
-  kv_lengths = check_kv_lengths(kv_lengths, b)
+  kv_lengths = check_kv_lengths(kv_lengths, b, s)
   return Call(b, s, h, d, block_size, num_blocks(s, block_size), kv_lengths,
               default_scale(sm_scale, d), valid_lengths(kv_lengths, b, s))
 
@@ -127,6 +210,7 @@ def block_sparse_call(q, k, v, kv_block_indices, kv_block_counts, block_size, kv
   """Checks the arguments of ``block_sparse_attention`` (every implementation)."""
   call = _call(q, k, v, block_size, kv_lengths, sm_scale)
   check_block_lists(kv_block_indices, kv_block_counts, call.batch, call.heads, call.num_blocks)
+  check_block_list_values(kv_block_indices, kv_block_counts, call.num_blocks)
   return call
 
 

@@ -6,10 +6,10 @@ the padding the kernels need; ``block_sparse_kernel`` the block-sparse flash ker
 ``common`` what both use, ``interpreter`` what runs them on the CPU.
 """
 
+from pallas_kernels.mosaic.block_sparse_kernel import BlockSparseConfig
 from pallas_kernels.mosaic.ops import (
     SUPPORTED_DTYPES,
     BlockMassConfig,
-    BlockSparseConfig,
     attention_with_block_mass,
     block_mass,
     block_sparse_attention,

@@ -29,7 +29,7 @@ from pallas_kernels import validation
 from pallas_kernels.mosaic import block_mass_kernel, block_sparse_kernel, interpreter
 from pallas_kernels.mosaic.block_mass_kernel import BlockMassConfig, block_mass_padded
 from pallas_kernels.mosaic.block_sparse_kernel import (
-    SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, BlockSparseConfig, block_sparse_attention_padded)
+    SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, block_sparse_attention_padded)
 from pallas_kernels.mosaic.common import CTA_ROWS, LOG2E, ROWS_PER_WG
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -182,8 +182,10 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
   """
-  b, s, h, d, block_size, _, kv_lengths, scale, lengths = validation.block_sparse_call(
+  b, s, h, d, block_size, n_blk, kv_lengths, scale, lengths = validation.block_sparse_call(
       q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale)
+  kv_block_indices, kv_block_counts = validation.safe_block_lists(
+      kv_block_indices, kv_block_counts, n_blk)
   reason = unsupported_reason(q.dtype, d, block_size)
   if reason:
     return _call_fallback("block_sparse_attention", reason, interpret, q, k, v,
@@ -235,7 +237,7 @@ def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=
   """
   b, s, h, d = validation.check_qkv(q, k, v)
   block_size = validation.check_block_size(block_size)
-  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
+  kv_lengths = validation.check_kv_lengths(kv_lengths, b, s)
   scale = validation.default_scale(sm_scale, d)
   reason = unsupported_reason(q.dtype, d, block_size)
   if reason:

@@ -132,7 +132,7 @@ def attention(q, k, v, *, kv_lengths=None, sm_scale=None):
     out [B, S, H, D] in q's dtype, lse float32 [B, H, S].
   """
   b, s, h, d = validation.check_qkv(q, k, v)
-  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
+  kv_lengths = validation.check_kv_lengths(kv_lengths, b, s)
   scale = validation.default_scale(sm_scale, d)
   out, lse = _masked_flash(q, k, v, validation.valid_lengths(kv_lengths, b, s), scale, 16,
                            None)
@@ -168,6 +168,8 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   """
   _, _, _, _, block_size, n_blk, _, scale, lengths = validation.block_sparse_call(
       q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale)
+  kv_block_indices, kv_block_counts = validation.safe_block_lists(
+      kv_block_indices, kv_block_counts, n_blk)
   mask = block_mask_from_lists(kv_block_indices, kv_block_counts, n_blk)
   out, lse = _masked_flash(q, k, v, lengths, scale, block_size, mask)
   out = out.astype(q.dtype)

@@ -66,7 +66,7 @@ def attention(q, k, v, *, kv_lengths=None, sm_scale=None, interpret=False, confi
     out [B, S, H, D] in q's dtype, lse float32 [B, H, S].
   """
   b, s, _, d = validation.check_qkv(q, k, v)
-  kv_lengths = validation.check_kv_lengths(kv_lengths, b)
+  kv_lengths = validation.check_kv_lengths(kv_lengths, b, s)
   scale = validation.default_scale(sm_scale, d)
   if config is None:
     config = block_sparse_kernel.DEFAULT_DENSE_CONFIG
@@ -93,8 +93,10 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
   """
-  _, _, _, d, block_size, _, kv_lengths, scale, lengths = validation.block_sparse_call(
+  _, _, _, d, block_size, n_blk, kv_lengths, scale, lengths = validation.block_sparse_call(
       q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale)
+  kv_block_indices, kv_block_counts = validation.safe_block_lists(
+      kv_block_indices, kv_block_counts, n_blk)
   if config is None:
     config = block_sparse_kernel.DEFAULT_CONFIG
   config = _fit_smem(config, d, q.dtype.itemsize, streams=2)
