@@ -181,6 +181,12 @@ def memory(seq_lens: Sequence[int], *, num_layers: int = 60, heads: int = 24,
                      "dtype": jnp.dtype(dtype).name}, "rows": rows}
 
 
+# A search step's XLA temporaries over one float32 block-mass matrix: measured 3.0x at
+# 262,144, 327,680 and 360,448 tokens (24 heads, block 64, H100, jax 0.11.2;
+# docs/benchmarks.md, "Determinism and memory").
+WORKSPACE_PER_MASS = 3
+
+
 def largest_seq_len(card_bytes: int, *, num_layers: int = 60, heads: int = 24,
                     head_dim: int = 128, block_size: int = 64, sparsity: float = 0.8,
                     workspace: Callable[[int], int] | None = None,
@@ -189,13 +195,13 @@ def largest_seq_len(card_bytes: int, *, num_layers: int = 60, heads: int = 24,
   AdaSpa state, one layer's q/k/v/out in bf16, ``workspace(S)`` and ``reserved_bytes``
   (weights, activations) fit in ``card_bytes``.
 
-  ``workspace`` defaults to one float32 block-mass matrix [heads, nQ, nK], the largest
-  buffer of a search step.
+  ``workspace`` defaults to ``WORKSPACE_PER_MASS`` float32 block-mass matrices [heads,
+  nQ, nK]: a search step's temporaries (the mass, the top-k's sort and the lists).
   """
   step = multiple or block_size
   config = AdaSpaConfig(block_size=block_size, sparsity=sparsity)
   if workspace is None:
-    workspace = lambda s: heads * math.ceil(s / block_size) ** 2 * 4
+    workspace = lambda s: WORKSPACE_PER_MASS * heads * math.ceil(s / block_size) ** 2 * 4
 
   def need(s):
     return (state_lib.state_nbytes(config, 1, s, heads, num_layers=num_layers)
