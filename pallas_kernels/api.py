@@ -11,6 +11,12 @@ Implementations:
 mosaic on sm90, triton on other NVIDIA GPUs, the reference elsewhere.
 An implementation module provides ``block_sparse_attention``, ``block_mass`` and
 ``attention_with_block_mass`` with the reference's signatures plus ``interpret``.
+
+``query_block_size`` (every op; None: ``block_size``): rows per query block when
+they differ from the ``block_size`` keys of a key block, e.g. 128 x 64. Lists are
+then [B, H, nQ, K_max] with nQ = ceil(S / query_block_size) and entries key-block
+ids of ``block_size`` keys; a block mass is [B, H, nQ, nK]. See
+``pallas_kernels.query_blocks``.
 """
 
 from __future__ import annotations
@@ -82,38 +88,49 @@ def _call(op, implementation, interpret, *args, **kwargs):
 
 def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
                            kv_lengths=None, sm_scale=None, return_lse=True,
-                           implementation=None, interpret=False, debug_checks=False):
+                           implementation=None, interpret=False, debug_checks=False,
+                           query_block_size=None):
   """Block-sparse flash attention; see ``reference.block_sparse_attention``.
 
   Concrete lists and lengths are checked (ValueError naming the first bad entry);
   traced ones are kept in bounds (``validation.safe_block_lists``) and, with
   ``debug_checks``, checked with ``checkify`` (run under ``checkify.checkify``).
+  ``query_block_size``: rows per list row (None: ``block_size``); see the module
+  docstring.
   """
+  validation.check_query_block_size(query_block_size, block_size)
   if debug_checks:
     validation.debug_checks(kv_lengths=kv_lengths, seq=q.shape[1], indices=kv_block_indices,
                             counts=kv_block_counts,
                             num_kv_blocks=validation.num_blocks(q.shape[1], block_size))
   return _call("block_sparse_attention", implementation, interpret, q, k, v,
                kv_block_indices, kv_block_counts, block_size=block_size,
-               kv_lengths=kv_lengths, sm_scale=sm_scale, return_lse=return_lse)
+               kv_lengths=kv_lengths, sm_scale=sm_scale, return_lse=return_lse,
+               query_block_size=query_block_size)
 
 
 def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None,
-               implementation=None, interpret=False, debug_checks=False):
-  """Per-block softmax mass from a given LSE; see ``reference.block_mass``."""
+               implementation=None, interpret=False, debug_checks=False,
+               query_block_size=None):
+  """Per-block softmax mass from a given LSE; see ``reference.block_mass``
+  ([B, H, nQ, nK], nQ at ``query_block_size``)."""
+  validation.check_query_block_size(query_block_size, block_size)
   if debug_checks:
     validation.debug_checks(kv_lengths=kv_lengths, seq=q.shape[1])
   return _call("block_mass", implementation, interpret, q, k, lse, block_size=block_size,
-               kv_lengths=kv_lengths, sm_scale=sm_scale)
+               kv_lengths=kv_lengths, sm_scale=sm_scale, query_block_size=query_block_size)
 
 
 def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=None,
-                              implementation=None, interpret=False, debug_checks=False):
+                              implementation=None, interpret=False, debug_checks=False,
+                              query_block_size=None):
   """Fused search: dense output, LSE and block mass; see the reference."""
+  validation.check_query_block_size(query_block_size, block_size)
   if debug_checks:
     validation.debug_checks(kv_lengths=kv_lengths, seq=q.shape[1])
   return _call("attention_with_block_mass", implementation, interpret, q, k, v,
-               block_size=block_size, kv_lengths=kv_lengths, sm_scale=sm_scale)
+               block_size=block_size, kv_lengths=kv_lengths, sm_scale=sm_scale,
+               query_block_size=query_block_size)
 
 
 def dense_attention(q, k, v, *, kv_lengths=None, sm_scale=None, implementation=None,

@@ -30,6 +30,29 @@ def check_block_size(block_size) -> int:
   return int(block_size)
 
 
+# Largest query block a call may ask for beside smaller key blocks: 128 rows are one
+# CTA of the Mosaic kernels (two warpgroups of 64 rows sharing one K/V ring).
+MAX_QUERY_BLOCK_SIZE = 128
+
+
+def check_query_block_size(query_block_size, block_size) -> int:
+  """The query block size of a call: ``block_size`` for None, else ``query_block_size``
+  checked to be a power-of-two multiple of ``block_size`` of at most
+  ``max(MAX_QUERY_BLOCK_SIZE, block_size)`` (e.g. 128-row query blocks over 64-key blocks).
+  """
+  block_size = check_block_size(block_size)
+  qbs = query_block_size
+  if qbs is None:
+    return block_size
+  top = max(MAX_QUERY_BLOCK_SIZE, block_size)
+  if (not isinstance(qbs, (int, np.integer)) or isinstance(qbs, bool) or qbs < block_size
+      or qbs % block_size or qbs & (qbs - 1) or qbs > top):
+    raise ValueError(
+        f"query_block_size={qbs!r}: expected None (= block_size) or a power-of-two multiple "
+        f"of block_size={block_size} that is at most {top} (e.g. 128 over blocks of 64).")
+  return int(qbs)
+
+
 def check_qkv(q, k, v=None):
   """Checks [B, S, H, D] query/key/value shapes and dtypes; returns (B, S, H, D)."""
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -90,16 +113,23 @@ def check_lse(lse, batch: int, seq: int, heads: int):
     raise ValueError(f"lse has dtype {lse.dtype}: expected float32 (natural log).")
 
 
-def check_block_lists(indices, counts, batch: int, heads: int, n_q: int):
+def check_block_lists(indices, counts, batch: int, heads: int, n_q: int, *, seq=None,
+                      query_block_size=None):
+  """Shapes and dtypes of block lists with ``n_q`` query blocks (``seq`` and
+  ``query_block_size``, when given, only explain nQ in the message)."""
+  why = ("" if seq is None else
+         f" (nQ = ceil(S={seq} / query_block_size={query_block_size}) = {n_q})")
   if indices.ndim != 4 or indices.shape[:3] != (batch, heads, n_q):
     raise ValueError(
         f"kv_block_indices has shape {tuple(indices.shape)}: expected "
-        f"[batch, heads, num_query_blocks, K_max] with leading dims {(batch, heads, n_q)}.")
+        f"[batch, heads, num_query_blocks, K_max] with leading dims {(batch, heads, n_q)}"
+        f"{why}.")
   if indices.dtype != jnp.int32:
     raise ValueError(f"kv_block_indices has dtype {indices.dtype}: expected int32.")
   if counts.shape != (batch, heads, n_q):
     raise ValueError(
-        f"kv_block_counts has shape {tuple(counts.shape)}: expected {(batch, heads, n_q)}.")
+        f"kv_block_counts has shape {tuple(counts.shape)}: expected {(batch, heads, n_q)}"
+        f"{why}.")
   if counts.dtype != jnp.int32:
     raise ValueError(f"kv_block_counts has dtype {counts.dtype}: expected int32.")
 
@@ -206,10 +236,16 @@ def _call(q, k, v, block_size, kv_lengths, sm_scale):
 
 
 def block_sparse_call(q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths,
-                      sm_scale) -> Call:
-  """Checks the arguments of ``block_sparse_attention`` (every implementation)."""
+                      sm_scale, query_block_size=None) -> Call:
+  """Checks the arguments of ``block_sparse_attention`` (every implementation).
+
+  The lists have one row per query block of ``query_block_size`` rows (None: of
+  ``block_size`` rows); their entries are key blocks of ``block_size`` keys.
+  """
   call = _call(q, k, v, block_size, kv_lengths, sm_scale)
-  check_block_lists(kv_block_indices, kv_block_counts, call.batch, call.heads, call.num_blocks)
+  qbs = check_query_block_size(query_block_size, call.block_size)
+  check_block_lists(kv_block_indices, kv_block_counts, call.batch, call.heads,
+                    num_blocks(call.seq, qbs), seq=call.seq, query_block_size=qbs)
   check_block_list_values(kv_block_indices, kv_block_counts, call.num_blocks)
   return call
 

@@ -40,47 +40,63 @@ def attention(q, k, v, kv_lengths=None):
   return masked_attention(q, k, v, np.broadcast_to(_valid(b, s, kv_lengths), (b, h, s, s)))
 
 
-def block_sparse_attention(q, k, v, indices, counts, block_size, kv_lengths=None):
-  b, s, h, _ = q.shape
+def token_mask(indices, counts, seq, block_size, query_block_size=None):
+  """bool [B, H, S, S]: the (query, key) tokens block lists allow. Rows of the lists are
+  query blocks of ``query_block_size`` rows (None: ``block_size``), entries key blocks
+  of ``block_size`` keys; a count >= nK reads every key."""
   indices, counts = np.asarray(indices), np.asarray(counts)
-  n_blk = -(-s // block_size)
-  allowed = np.zeros((b, h, s, s), bool)
+  b, h, n_q, _ = indices.shape
+  qbs = block_size if query_block_size is None else query_block_size
+  n_k = -(-seq // block_size)
+  allowed = np.zeros((b, h, seq, seq), bool)
   for bi in range(b):
     for hi in range(h):
-      for p in range(n_blk):
+      for p in range(n_q):
         c = counts[bi, hi, p]
-        blocks = range(n_blk) if c >= n_blk else indices[bi, hi, p, :c]
+        blocks = range(n_k) if c >= n_k else indices[bi, hi, p, :c]
         for blk in blocks:
-          allowed[bi, hi, p * block_size:(p + 1) * block_size,
-                  blk * block_size:(blk + 1) * block_size] = True
+          allowed[bi, hi, p * qbs:(p + 1) * qbs, blk * block_size:(blk + 1) * block_size] = True
+  return allowed
+
+
+def block_sparse_attention(q, k, v, indices, counts, block_size, kv_lengths=None,
+                           query_block_size=None):
+  b, s, h, _ = q.shape
+  allowed = token_mask(indices, counts, s, block_size, query_block_size)
   return masked_attention(q, k, v, allowed & _valid(b, s, kv_lengths))
 
 
-def block_mass(q, k, lse, block_size, kv_lengths=None):
+def block_mass(q, k, lse, block_size, kv_lengths=None, query_block_size=None):
+  """[B, H, nQ, nK]: softmax mass summed over query blocks of ``query_block_size`` rows
+  (None: ``block_size``) and key blocks of ``block_size`` keys."""
   b, s, h, _ = q.shape
+  qbs = block_size if query_block_size is None else query_block_size
   ok = np.broadcast_to(_valid(b, s, kv_lengths), (b, h, s, s))
   lse = np.asarray(lse, np.float64)
   p = np.where(ok, np.exp(scores(q, k) - np.where(np.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-  n_blk = -(-s // block_size)
-  mass = np.zeros((b, h, n_blk, n_blk))
-  for i in range(n_blk):
-    for j in range(n_blk):
-      mass[:, :, i, j] = p[:, :, i * block_size:(i + 1) * block_size,
+  n_q, n_k = -(-s // qbs), -(-s // block_size)
+  mass = np.zeros((b, h, n_q, n_k))
+  for i in range(n_q):
+    for j in range(n_k):
+      mass[:, :, i, j] = p[:, :, i * qbs:(i + 1) * qbs,
                            j * block_size:(j + 1) * block_size].sum((-1, -2))
   return mass
 
 
-def random_block_lists(rng, batch, heads, n_blk, k_max, dense_fraction=0.15):
-  """Distinct ascending ids per row, counts in [1, K_max], some rows dense (count = nK)."""
+def random_block_lists(rng, batch, heads, n_blk, k_max, dense_fraction=0.15, n_kv=None):
+  """Distinct ascending ids per row, counts in [1, K_max], some rows dense (count = nK).
+
+  ``n_blk`` rows (query blocks) over ``n_kv`` key blocks (None: ``n_blk``)."""
+  n_kv = n_blk if n_kv is None else n_kv
   idx = np.zeros((batch, heads, n_blk, k_max), np.int32)
   cnt = rng.integers(1, k_max + 1, (batch, heads, n_blk)).astype(np.int32)
   cnt[..., 0] = 1
   cnt[..., -1] = k_max
   for pos in np.ndindex(batch, heads, n_blk):
-    chosen = np.sort(rng.choice(n_blk, size=k_max, replace=False))
+    chosen = np.sort(rng.choice(n_kv, size=k_max, replace=False))
     idx[pos] = chosen
     # Unread slots repeat the last read id, as selection does; kernels may prefetch them.
     idx[pos][cnt[pos]:] = chosen[cnt[pos] - 1]
   dense = rng.random((batch, heads, n_blk)) < dense_fraction
-  cnt[dense] = n_blk
+  cnt[dense] = n_kv
   return idx, cnt

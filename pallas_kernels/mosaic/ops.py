@@ -13,6 +13,11 @@ are cut off), K for the block mass to whole key tiles, and the block lists to th
 padded number of query blocks with count 0 (``padded_len``, ``pad_seq``,
 ``kernel_lists``, ``log2_lse``).
 
+Query blocks larger than key blocks (``query_block_size=``, e.g. 128 x 64): for now
+the lists are expanded to ``block_size``-row query blocks (``_expand_query_blocks``)
+and the block mass summed over them (``query_blocks.coarsen_mass``), so the kernels
+run as at square blocks; a native 128 x 64 kernel path replaces the expansion.
+
 Tuning: ``config`` (a ``BlockSparseConfig``: the block-sparse kernel, and the fused
 search's dense pass) and ``mass_config`` / ``config`` of ``block_mass`` (a
 ``BlockMassConfig``); None for the kernel modules' ``DEFAULT_CONFIG``.
@@ -25,7 +30,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import validation
+from pallas_kernels import query_blocks, validation
 from pallas_kernels.mosaic import block_mass_kernel, block_sparse_kernel, interpreter
 from pallas_kernels.mosaic.block_mass_kernel import BlockMassConfig, block_mass_padded
 from pallas_kernels.mosaic.block_sparse_kernel import (
@@ -128,6 +133,18 @@ def log2_lse(lse, lengths, s_pad):
   return pad_seq(jnp.where(rows_ok, lse * LOG2E, jnp.inf), s_pad, 2, jnp.inf)
 
 
+def _expand_query_blocks(indices, counts, *, seq, block_size, query_block_size):
+  """Lists at ``query_block_size`` rows -> at ``block_size`` rows, for the square kernel.
+
+  The stopgap for query blocks larger than key blocks: each fine query block reads
+  its query block's list (``query_blocks.expand_lists``), so the kernel computes the
+  same pairs with two lists per 128-row CTA. A native 128 x 64 path, which reads one
+  list per CTA and shares one K/V ring, bypasses this. Unchanged when the sizes agree.
+  """
+  return query_blocks.expand_lists(indices, counts, seq=seq, block_size=block_size,
+                                   query_block_size=query_block_size)
+
+
 def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, config, interpret):
   """Runs the sparse kernel on padded q/k/v; returns unpadded-row outputs [.., S_pad]."""
   n_blk = validation.num_blocks(seq, block_size)
@@ -170,28 +187,35 @@ def _finish(out, lse, kv_lengths, lengths, seq):
 
 def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
                            kv_lengths=None, sm_scale=None, return_lse=True, interpret=False,
-                           config=None):
+                           config=None, query_block_size=None):
   """Block-sparse flash attention; see ``reference.block_sparse_attention``.
 
   Args:
     q, k, v: [B, S, H, D].
-    kv_block_indices: int32 [B, H, nQ, K_max]; kv_block_counts: int32 [B, H, nQ].
+    kv_block_indices: int32 [B, H, nQ, K_max]; kv_block_counts: int32 [B, H, nQ],
+      nQ = ceil(S / query_block_size).
     interpret: run under JAX's GPU interpreter (CPU).
     config: a ``BlockSparseConfig``, or None for ``block_sparse_kernel.DEFAULT_CONFIG``.
+    query_block_size: rows per query block (None: block_size); see
+      ``_expand_query_blocks``.
 
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
   """
+  qbs = validation.check_query_block_size(query_block_size, block_size)
   b, s, h, d, block_size, n_blk, kv_lengths, scale, lengths = validation.block_sparse_call(
-      q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale)
+      q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale, qbs)
   kv_block_indices, kv_block_counts = validation.safe_block_lists(
       kv_block_indices, kv_block_counts, n_blk)
   reason = unsupported_reason(q.dtype, d, block_size)
   if reason:
     return _call_fallback("block_sparse_attention", reason, interpret, q, k, v,
                           kv_block_indices, kv_block_counts, block_size=block_size,
-                          kv_lengths=kv_lengths, sm_scale=scale, return_lse=return_lse)
+                          kv_lengths=kv_lengths, sm_scale=scale, return_lse=return_lse,
+                          query_block_size=qbs)
   _check_device(interpret)
+  kv_block_indices, kv_block_counts = _expand_query_blocks(
+      kv_block_indices, kv_block_counts, seq=s, block_size=block_size, query_block_size=qbs)
   s_pad = padded_len(s)
   qp, kp, vp = (pad_seq(x, s_pad, 1) for x in (q, k, v))
   out, lse = _sparse(qp, kp, vp, kv_block_indices, kv_block_counts, lengths, seq=s,
@@ -202,47 +226,55 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
 
 
 def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpret=False,
-               config=None):
+               config=None, query_block_size=None):
   """Per-block softmax mass from a given LSE; see ``reference.block_mass``.
 
   Args:
     q, k: [B, S, H, D]; lse: float32 [B, H, S] (natural log).
     config: a ``BlockMassConfig``, or None for ``block_mass_kernel.DEFAULT_CONFIG``.
+    query_block_size: rows per query block (None: block_size); the kernel's
+      block_size rows are summed into them.
 
   Returns:
-    float32 [B, H, nQ, nK].
+    float32 [B, H, nQ, nK], nQ = ceil(S / query_block_size).
   """
+  qbs = validation.check_query_block_size(query_block_size, block_size)
   b, s, h, d, block_size, _, kv_lengths, scale, lengths = validation.block_mass_call(
       q, k, lse, block_size, kv_lengths, sm_scale)
   reason = unsupported_reason(q.dtype, d, block_size)
   if reason:
     return _call_fallback("block_mass", reason, interpret, q, k, lse, block_size=block_size,
-                          kv_lengths=kv_lengths, sm_scale=scale)
+                          kv_lengths=kv_lengths, sm_scale=scale, query_block_size=qbs)
   _check_device(interpret)
   s_pad = padded_len(s)
-  return _mass(pad_seq(q, s_pad, 1), pad_seq(k, s_pad, 1), lse, lengths, seq=s,
+  mass = _mass(pad_seq(q, s_pad, 1), pad_seq(k, s_pad, 1), lse, lengths, seq=s,
                block_size=block_size, scale=scale, interpret=interpret,
                config=block_mass_kernel.DEFAULT_CONFIG if config is None else config)
+  return query_blocks.coarsen_mass(mass, seq=s, block_size=block_size, query_block_size=qbs)
 
 
 def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=None,
-                              interpret=False, config=None, mass_config=None):
+                              interpret=False, config=None, mass_config=None,
+                              query_block_size=None):
   """Fused search: the sparse kernel at full density with LSE, then the mass kernel.
 
   The dense pass runs the block-sparse kernel on ``DENSE_PASS_BLOCK``-row blocks, every
   row dense, tuned by ``config``; the block mass from its LSE by ``mass_config``.
 
   Returns:
-    out [B, S, H, D] (q's dtype), lse float32 [B, H, S], mass float32 [B, H, nQ, nK].
+    out [B, S, H, D] (q's dtype), lse float32 [B, H, S], mass float32 [B, H, nQ, nK]
+    (nQ at ``query_block_size``, as in ``block_mass``).
   """
   b, s, h, d = validation.check_qkv(q, k, v)
   block_size = validation.check_block_size(block_size)
+  qbs = validation.check_query_block_size(query_block_size, block_size)
   kv_lengths = validation.check_kv_lengths(kv_lengths, b, s)
   scale = validation.default_scale(sm_scale, d)
   reason = unsupported_reason(q.dtype, d, block_size)
   if reason:
     return _call_fallback("attention_with_block_mass", reason, interpret, q, k, v,
-                          block_size=block_size, kv_lengths=kv_lengths, sm_scale=scale)
+                          block_size=block_size, kv_lengths=kv_lengths, sm_scale=scale,
+                          query_block_size=qbs)
   _check_device(interpret)
   s_pad = padded_len(s)
   n_dense = validation.num_blocks(s, DENSE_PASS_BLOCK)
@@ -258,4 +290,5 @@ def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=
   mass = _mass(qp, kp, lse, lengths, seq=s, block_size=block_size, scale=scale,
                interpret=interpret,
                config=block_mass_kernel.DEFAULT_CONFIG if mass_config is None else mass_config)
-  return out, lse, mass
+  return out, lse, query_blocks.coarsen_mass(mass, seq=s, block_size=block_size,
+                                             query_block_size=qbs)

@@ -14,9 +14,11 @@ Conventions shared by every implementation (see ``pallas_kernels.api``):
 * A valid row that attends to no valid key also gets output 0 and LSE -inf
   (never NaN).
 * Block lists: ``kv_block_indices`` int32 [B, H, nQ, K_max], ``kv_block_counts``
-  int32 [B, H, nQ]. A row reads its first ``count`` entries (distinct block ids
-  in [0, nK); ascending order is what selection produces and what kernels
-  prefetch best). A row whose count is >= nK attends to every key block and its
+  int32 [B, H, nQ], nQ = ceil(S / query_block_size) (``query_block_size`` None:
+  ``block_size``; larger query blocks: ``pallas_kernels.query_blocks``); entries
+  are key blocks of ``block_size`` keys, nK = ceil(S / block_size). A row reads its
+  first ``count`` entries (distinct block ids in [0, nK); ascending order is what
+  selection produces and what kernels prefetch best). A row whose count is >= nK attends to every key block and its
   entries are not read: this lets dense rows (text queries) live beside sparse
   rows without widening K_max to nK.
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import validation
+from pallas_kernels import query_blocks, validation
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TARGET_CHUNK = 512  # tokens per query/key chunk; bounds memory at ~B*H*512*512 floats.
@@ -154,41 +156,60 @@ def block_mask_from_lists(kv_block_indices, kv_block_counts, num_kv_blocks):
 
 
 def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
-                           kv_lengths=None, sm_scale=None, return_lse=True):
+                           kv_lengths=None, sm_scale=None, return_lse=True,
+                           query_block_size=None):
   """Attention restricted to the key blocks listed per (batch, head, query block).
 
   Args:
     q, k, v: [B, S, H, D].
-    kv_block_indices: int32 [B, H, nQ, K_max], nQ = ceil(S / block_size).
+    kv_block_indices: int32 [B, H, nQ, K_max], nQ = ceil(S / query_block_size).
     kv_block_counts: int32 [B, H, nQ].
-    block_size: tokens per block (power of two >= 16).
+    block_size: tokens per key block (power of two >= 16).
+    query_block_size: rows per query block, a power-of-two multiple of block_size
+      (at most 128 unless equal to it); None for block_size.
 
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
   """
-  _, _, _, _, block_size, n_blk, _, scale, lengths = validation.block_sparse_call(
-      q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale)
+  qbs = validation.check_query_block_size(query_block_size, block_size)
+  _, s, _, _, block_size, n_blk, _, scale, lengths = validation.block_sparse_call(
+      q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale, qbs)
   kv_block_indices, kv_block_counts = validation.safe_block_lists(
       kv_block_indices, kv_block_counts, n_blk)
+  kv_block_indices, kv_block_counts = query_blocks.expand_lists(
+      kv_block_indices, kv_block_counts, seq=s, block_size=block_size, query_block_size=qbs)
   mask = block_mask_from_lists(kv_block_indices, kv_block_counts, n_blk)
   out, lse = _masked_flash(q, k, v, lengths, scale, block_size, mask)
   out = out.astype(q.dtype)
   return (out, lse) if return_lse else out
 
 
-def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None):
+def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None,
+               query_block_size=None):
   """Softmax mass per (query block, key block), from a given row LSE.
 
   ``mass[b,h,p,c] = sum_{i in block p, j in block c} exp(s_ij - lse[b,h,i])``
-  over valid rows i and keys j, with ``s = sm_scale * q_i . k_j``.
+  over valid rows i and keys j, with ``s = sm_scale * q_i . k_j``: a sum over the
+  rows of the query block (not a mean), so a valid row of exact attention adds 1.
 
   Args:
     q, k: [B, S, H, D].
     lse: float32 [B, H, S] (natural log), e.g. cached from an earlier step.
+    query_block_size: rows per query block p (None: block_size); key blocks c
+      have block_size keys.
 
   Returns:
-    float32 [B, H, nQ, nK].
+    float32 [B, H, nQ, nK], nQ = ceil(S / query_block_size), nK = ceil(S / block_size).
   """
+  qbs = validation.check_query_block_size(query_block_size, block_size)
+  mass = _block_mass(q, k, lse, block_size=block_size, kv_lengths=kv_lengths,
+                     sm_scale=sm_scale)
+  return query_blocks.coarsen_mass(mass, seq=q.shape[1], block_size=block_size,
+                                   query_block_size=qbs)
+
+
+def _block_mass(q, k, lse, *, block_size, kv_lengths, sm_scale):
+  """``block_mass`` at square blocks of ``block_size``."""
   b, s, h, _, block_size, n_blk, _, scale, lengths = validation.block_mass_call(
       q, k, lse, block_size, kv_lengths, sm_scale)
   chunk = _chunk_size(s, block_size)
@@ -219,13 +240,16 @@ def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None):
   return mass[:, :, :n_blk, :n_blk]
 
 
-def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=None):
+def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=None,
+                              query_block_size=None):
   """The fused search: exact dense attention, its LSE, and the block mass.
 
   Returns:
-    out [B, S, H, D] (q's dtype), lse float32 [B, H, S], mass float32 [B, H, nQ, nK].
+    out [B, S, H, D] (q's dtype), lse float32 [B, H, S], mass float32 [B, H, nQ, nK]
+    (nQ at ``query_block_size``, as in ``block_mass``).
   """
+  validation.check_query_block_size(query_block_size, block_size)
   out, lse = attention(q, k, v, kv_lengths=kv_lengths, sm_scale=sm_scale)
   mass = block_mass(q, k, lse, block_size=block_size, kv_lengths=kv_lengths,
-                    sm_scale=sm_scale)
+                    sm_scale=sm_scale, query_block_size=query_block_size)
   return out, lse, mass

@@ -20,7 +20,7 @@ import dataclasses
 
 from pallas_kernels.triton import block_mass_kernel
 from pallas_kernels.triton import block_sparse_kernel
-from pallas_kernels import validation
+from pallas_kernels import query_blocks, validation
 
 BlockSparseConfig = block_sparse_kernel.BlockSparseConfig
 BlockMassConfig = block_mass_kernel.BlockMassConfig
@@ -79,24 +79,29 @@ def attention(q, k, v, *, kv_lengths=None, sm_scale=None, interpret=False, confi
 
 def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
                            kv_lengths=None, sm_scale=None, return_lse=True,
-                           interpret=False, config=None):
+                           interpret=False, config=None, query_block_size=None):
   """Attention restricted to the key blocks listed per (batch, head, query block).
 
   Args:
     q, k, v: [B, S, H, D].
-    kv_block_indices: int32 [B, H, nQ, K_max], nQ = ceil(S / block_size).
-    kv_block_counts: int32 [B, H, nQ]; a count >= nQ means every key block.
-    block_size: tokens per selection block (power of two >= 16).
+    kv_block_indices: int32 [B, H, nQ, K_max], nQ = ceil(S / query_block_size).
+    kv_block_counts: int32 [B, H, nQ]; a count >= nK means every key block.
+    block_size: tokens per key block (power of two >= 16).
     config: optional ``BlockSparseConfig`` (default ``block_sparse_kernel.DEFAULT_CONFIG``),
       its tiles clamped to block_size.
+    query_block_size: rows per query block (None: block_size); the lists are expanded
+      to block_size rows for the kernel (``query_blocks.expand_lists``).
 
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
   """
-  _, _, _, d, block_size, n_blk, kv_lengths, scale, lengths = validation.block_sparse_call(
-      q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale)
+  qbs = validation.check_query_block_size(query_block_size, block_size)
+  _, s, _, d, block_size, n_blk, kv_lengths, scale, lengths = validation.block_sparse_call(
+      q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale, qbs)
   kv_block_indices, kv_block_counts = validation.safe_block_lists(
       kv_block_indices, kv_block_counts, n_blk)
+  kv_block_indices, kv_block_counts = query_blocks.expand_lists(
+      kv_block_indices, kv_block_counts, seq=s, block_size=block_size, query_block_size=qbs)
   if config is None:
     config = block_sparse_kernel.DEFAULT_CONFIG
   config = _fit_smem(config, d, q.dtype.itemsize, streams=2)
@@ -108,40 +113,48 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
 
 
 def block_mass(q, k, lse, *, block_size, kv_lengths=None, sm_scale=None, interpret=False,
-               config=None):
+               config=None, query_block_size=None):
   """Softmax mass per (query block, key block) from a given row LSE.
 
   Args:
     q, k: [B, S, H, D].
     lse: float32 [B, H, S] (natural log), e.g. cached from an earlier step.
     config: optional ``BlockMassConfig`` (default ``block_mass_kernel.DEFAULT_CONFIG``).
+    query_block_size: rows per query block (None: block_size); the kernel's
+      block_size rows are summed into them (``query_blocks.coarsen_mass``).
 
   Returns:
-    float32 [B, H, nQ, nK].
+    float32 [B, H, nQ, nK], nQ = ceil(S / query_block_size).
   """
-  _, _, _, d, block_size, _, kv_lengths, scale, lengths = validation.block_mass_call(
+  qbs = validation.check_query_block_size(query_block_size, block_size)
+  _, s, _, d, block_size, _, kv_lengths, scale, lengths = validation.block_mass_call(
       q, k, lse, block_size, kv_lengths, sm_scale)
   if config is None:
     config = block_mass_kernel.DEFAULT_CONFIG
   config = _fit_smem(config, d, q.dtype.itemsize, streams=1)
-  return block_mass_kernel.block_mass(
+  mass = block_mass_kernel.block_mass(
       q, k, lse, lengths, block_size=block_size, sm_scale=scale,
       config=config, mask_keys=kv_lengths is not None, interpret=interpret)
+  return query_blocks.coarsen_mass(mass, seq=s, block_size=block_size, query_block_size=qbs)
 
 
 def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=None,
-                              interpret=False, config=None, mass_config=None):
+                              interpret=False, config=None, mass_config=None,
+                              query_block_size=None):
   """The fused search: dense attention (out, LSE), then the block mass from that LSE.
 
   ``config`` (a ``BlockSparseConfig``) tunes the dense pass, ``mass_config`` (a
   ``BlockMassConfig``) the block mass; None for their defaults.
 
   Returns:
-    out [B, S, H, D] (q's dtype), lse float32 [B, H, S], mass float32 [B, H, nQ, nK].
+    out [B, S, H, D] (q's dtype), lse float32 [B, H, S], mass float32 [B, H, nQ, nK]
+    (nQ at ``query_block_size``, as in ``block_mass``).
   """
   block_size = validation.check_block_size(block_size)
+  validation.check_query_block_size(query_block_size, block_size)
   out, lse = attention(q, k, v, kv_lengths=kv_lengths, sm_scale=sm_scale,
                        interpret=interpret, config=config)
   mass = block_mass(q, k, lse, block_size=block_size, kv_lengths=kv_lengths,
-                    sm_scale=sm_scale, interpret=interpret, config=mass_config)
+                    sm_scale=sm_scale, interpret=interpret, config=mass_config,
+                    query_block_size=query_block_size)
   return out, lse, mass

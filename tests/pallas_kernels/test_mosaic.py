@@ -122,6 +122,37 @@ def test_fused_search_kernel():
   np.testing.assert_allclose(np.asarray(mass)[0, 0].sum(-1), [64.0, 36.0], rtol=TOL[dtype])
 
 
+@pytest.mark.filterwarnings("error:mosaic")  # a fallback would leave the kernel untested
+def test_query_blocks_128x64_kernels():
+  # 128-row query blocks over 64-key blocks: the lists are expanded to the square
+  # kernel (two lists per CTA), the block mass summed over 64-row halves.
+  b, s, h, d, bs, qbs, dtype, kv_lengths = 1, 250, 2, 64, 64, 128, jnp.bfloat16, (201,)
+  q, k, v = make_qkv(30, b, s, h, d, dtype)
+  n_q, n_k = 2, 4
+  idx, cnt = numpy_ref.random_block_lists(np.random.default_rng(31), b, h, n_q, 2, n_kv=n_k)
+  cnt[:, 0, 1] = 0     # reads nothing
+  cnt[:, 1, 0] = n_k   # dense
+  out, lse = pk.block_sparse_attention(
+      q, k, v, jnp.asarray(idx), jnp.asarray(cnt), block_size=bs, query_block_size=qbs,
+      kv_lengths=_lengths(kv_lengths), implementation="mosaic", interpret=True)
+  want_out, want_lse = numpy_ref.block_sparse_attention(q, k, v, idx, cnt, bs, kv_lengths,
+                                                        query_block_size=qbs)
+  out, lse = np.asarray(out, np.float64), np.asarray(lse, np.float64)
+  np.testing.assert_allclose(out, want_out, atol=TOL[dtype], rtol=0)
+  assert np.all(out[~rows_valid(b, s, kv_lengths)] == 0)
+  finite = np.isfinite(want_lse)
+  np.testing.assert_array_equal(np.isfinite(lse), finite)
+  np.testing.assert_allclose(lse[finite], want_lse[finite], atol=LSE_TOL, rtol=0)
+
+  _, lse_ref = numpy_ref.attention(q, k, v, kv_lengths)
+  mass = pk.block_mass(q, k, jnp.asarray(lse_ref, jnp.float32), block_size=bs,
+                       query_block_size=qbs, kv_lengths=_lengths(kv_lengths),
+                       implementation="mosaic", interpret=True)
+  want = numpy_ref.block_mass(q, k, lse_ref, bs, kv_lengths, query_block_size=qbs)
+  assert mass.shape == (b, h, n_q, n_k)
+  np.testing.assert_allclose(np.asarray(mass), want, rtol=TOL[dtype], atol=TOL[dtype] * 1e-2)
+
+
 def test_kernel_has_no_races():
   """The interpreter's happens-before race detector over one CTA with two rings."""
   b, s, h, d, bs = 1, 128, 1, 64, 64
