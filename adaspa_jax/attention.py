@@ -76,14 +76,15 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
   check_step(step, config)
   b, s, h, _ = validation.check_qkv(q, k, v)
   if layout is None:
-    layout = BlockLayout.create(s, config.block_size, text_blocks=text_blocks)
+    layout = BlockLayout.create(s, config.block_size, text_blocks=text_blocks,
+                                query_block_size=config.query_block_size)
   else:
     layout = layout_for(config, None, text_blocks=text_blocks, layout=layout)
     if s != layout.padded_len:
       raise ValueError(f"q has shape {tuple(q.shape)}: expected layout.padded_len="
                        f"{layout.padded_len} tokens.")
   check_state(state, b, h, layout)
-  text = layout.text_blocks
+  text, query_text = layout.text_blocks, layout.query_text_blocks
   k_max = state.indices.shape[-1]
   policies.check(config, text, k_max)
   impl = config.implementation if implementation is None else implementation
@@ -92,17 +93,18 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
   if config.debug_checks and kv_lengths is not None:
     validation.debug_checks(kv_lengths=kv_lengths, seq=layout.seq_len)
   kv_lengths = layout.kv_lengths(kv_lengths, b)
-  kernel_kw = dict(block_size=config.block_size, kv_lengths=kv_lengths, sm_scale=sm_scale,
-                   implementation=impl, interpret=interpret, debug_checks=config.debug_checks)
+  kernel_kw = dict(block_size=config.block_size, query_block_size=layout.query_block_size,
+                   kv_lengths=kv_lengths, sm_scale=sm_scale, implementation=impl,
+                   interpret=interpret, debug_checks=config.debug_checks)
   with_mass = policies.needs_mass(config)
 
   def choose(mass, exact_mass):
     # Policies that probe q, k, v themselves see the real tokens only.
     sel = policies.select(config, *(layout.real(x) for x in (q, k, v)), mass=mass, text=text,
                           k_max=k_max, kv_lengths=kv_lengths, sm_scale=sm_scale,
-                          head_axis=head_axis)
+                          head_axis=head_axis, query_text=query_text)
     if config.measure_recall:
-      sel = policies.with_exact_recall(sel, exact_mass(), text)
+      sel = policies.with_exact_recall(sel, exact_mass(), text, query_text)
     return sel
 
   def fresh_mass():  # exact block mass (fresh LSE), for measure_recall at a cached search

@@ -31,19 +31,21 @@ def text_blocks_mask(seq_len: int, block_size: int, text_start: int, text_len: i
   return mask
 
 
-def static_text_blocks(text_blocks, num_kv_blocks: int) -> np.ndarray:
-  """Checks and returns text_blocks as numpy bool [nK] (all False when None)."""
+def static_text_blocks(text_blocks, num_kv_blocks: int, what: str = "key block") -> np.ndarray:
+  """Checks and returns text_blocks as numpy bool [nK] (all False when None);
+  ``what`` names the blocks in the error (e.g. "query block" for the [nQ] rows)."""
+  name = "text_blocks" if what == "key block" else "query_text"
   if text_blocks is None:
     return np.zeros(num_kv_blocks, bool)
   if isinstance(text_blocks, jax.core.Tracer):
     raise ValueError(
-        "text_blocks is a traced value: expected a static numpy bool array of shape "
+        f"{name} is a traced value: expected a static numpy bool array of shape "
         f"[{num_kv_blocks}] (text positions fix K_max, so they must be known at trace time).")
   mask = np.asarray(text_blocks)
   if mask.dtype != bool or mask.shape != (num_kv_blocks,):
     raise ValueError(
-        f"text_blocks has dtype {mask.dtype} and shape {mask.shape}: expected bool "
-        f"[{num_kv_blocks}] (one flag per key block).")
+        f"{name} has dtype {mask.dtype} and shape {mask.shape}: expected bool "
+        f"[{num_kv_blocks}] (one flag per {what}).")
   return mask
 
 

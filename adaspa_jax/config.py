@@ -40,6 +40,15 @@ class AdaSpaConfig:
     measure_recall: at search steps the state's recall is the exact share of
       softmax mass the chosen blocks keep (an extra exact block-mass pass where
       the policy has none); otherwise each policy reports its own estimate.
+    query_block_size: rows per query block of the block lists and the block mass,
+      over key blocks of ``block_size`` keys; None (the default) means
+      ``block_size`` (the paper's square blocks). Else a power-of-two multiple of
+      ``block_size`` of at most 128, e.g. 128 over blocks of 64 (SpargeAttn's
+      granularity): selection is then a row-wise top-k per 128-row query block, a
+      query block holding any text token is a dense row, and the state's lists
+      have ceil(S / 128) rows. Every kernel serves it today by running its square
+      kernel on the expanded lists, so it changes which blocks are chosen, not the
+      speed; only the Mosaic path's native 128 x 64 kernel (to come) is faster.
     debug_checks: also check traced values with ``jax.experimental.checkify``: the
       step in [0, num_steps), kv_lengths in [0, S], and every block list the kernels
       read (indices in range, no duplicates, counts possible). Run the jitted
@@ -61,12 +70,14 @@ class AdaSpaConfig:
   frame_tokens: int | None = None
   measure_recall: bool = False
   debug_checks: bool = False
+  query_block_size: int | None = None
 
   def __post_init__(self):
     s = self.sparsity
     if not isinstance(s, numbers.Real) or isinstance(s, bool) or not 0.0 <= s < 1.0:
       raise ValueError(f"sparsity={s!r}: expected a float in [0, 1).")
     validation.check_block_size(self.block_size)
+    validation.check_query_block_size(self.query_block_size, self.block_size)
     if (not isinstance(self.num_steps, numbers.Integral) or isinstance(self.num_steps, bool)
         or self.num_steps < 1):
       raise ValueError(f"num_steps={self.num_steps!r}: expected an int >= 1.")
@@ -96,6 +107,11 @@ class AdaSpaConfig:
     for name in ("measure_recall", "debug_checks"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name}={getattr(self, name)!r}: expected a bool.")
+
+  @property
+  def effective_query_block_size(self) -> int:
+    """Rows per query block: ``query_block_size``, or ``block_size`` when None."""
+    return validation.check_query_block_size(self.query_block_size, self.block_size)
 
   @property
   def first_search(self) -> int:

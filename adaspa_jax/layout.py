@@ -9,13 +9,20 @@ hashable dataclass, so it can be a static argument or a module attribute.
 Padding. The kernels tile the sequence by ``SEQ_MULTIPLE`` rows and pad q, k, v to
 a multiple of it when a call's sequence is not one. A model pads its joint token
 sequence once, before its layer stack, to ``padded_len`` (``BlockLayout.create(...,
-pad=True)``: the next multiple of ``max(SEQ_MULTIPLE, block_size)``), runs every
+pad=True)``: the next multiple of ``max(SEQ_MULTIPLE, block_size, query_block_size)``,
+i.e. of their lcm, all being powers of two), runs every
 layer on the padded sequence with ``kv_lengths`` marking the real tokens (padded
 keys masked, padded rows zero), and cuts the padding once at the end; the
 kernels' own pad is then a no-op. The AdaSpa state keeps the real layout
-(``seq_len`` tokens, ``num_blocks`` blocks), so a padded and an unpadded call give
-the same state; ``kernel_lists`` / ``kernel_lse`` / ``real_mass`` convert between
-the state's blocks and the padded kernel call's where the two block counts differ.
+(``seq_len`` tokens, ``num_blocks`` key blocks, ``num_query_blocks`` query blocks), so
+a padded and an unpadded call give the same state; ``kernel_lists`` / ``kernel_lse`` /
+``real_mass`` convert between the state's blocks and the padded kernel call's where
+the block counts differ.
+
+Query blocks. With ``query_block_size`` larger than ``block_size`` (e.g. 128 x 64) the
+block lists and the block mass have one row per query block of ``query_block_size``
+rows (``num_query_blocks``), over key blocks of ``block_size`` keys (``num_blocks``);
+a query block holding any text token is a dense row (``query_text_blocks``).
 """
 
 from __future__ import annotations
@@ -73,8 +80,11 @@ class BlockLayout:
       the model padded its sequence (tokens past ``seq_len`` are padding).
     text_span: (start, length) of the text tokens (a prefix, a suffix, or (0, 0)
       without text), or None when the text blocks were given only as a mask.
-    text_mask: per block of the real sequence, whether it holds text (a block
+    text_mask: per (key) block of the real sequence, whether it holds text (a block
       mixing text and video counts as text: the paper's text sink).
+    query_block_size: rows per query block of the block lists
+      (``AdaSpaConfig.query_block_size``); None at construction means
+      ``block_size`` and is stored as it.
   """
 
   seq_len: int
@@ -82,11 +92,14 @@ class BlockLayout:
   padded_len: int
   text_span: tuple[int, int] | None
   text_mask: tuple[bool, ...]
+  query_block_size: int | None = None
 
   def __post_init__(self):
     if not _is_int(self.seq_len) or self.seq_len < 1:
       raise ValueError(f"seq_len={self.seq_len!r}: expected a positive int.")
     validation.check_block_size(self.block_size)
+    object.__setattr__(self, "query_block_size", validation.check_query_block_size(
+        self.query_block_size, self.block_size))
     if not _is_int(self.padded_len) or self.padded_len < self.seq_len:
       raise ValueError(f"padded_len={self.padded_len!r}: expected an int >= "
                        f"seq_len={self.seq_len}.")
@@ -106,7 +119,7 @@ class BlockLayout:
 
   @classmethod
   def create(cls, seq_len: int, block_size: int, *, text_span=None, text_blocks=None,
-             pad: bool = False) -> "BlockLayout":
+             pad: bool = False, query_block_size: int | None = None) -> "BlockLayout":
     """The layout of ``seq_len`` tokens in blocks of ``block_size``.
 
     Args:
@@ -114,11 +127,14 @@ class BlockLayout:
       text_blocks: alternatively a static numpy bool [nK] mask of the text blocks
         (``adaspa_jax.text_blocks_mask``), or None; not with ``text_span``.
       pad: pad the sequence to the next multiple of ``max(SEQ_MULTIPLE,
-        block_size)`` (what a model does once before its layers).
+        block_size, query_block_size)`` (what a model does once before its layers).
+      query_block_size: rows per query block (``AdaSpaConfig.query_block_size``);
+        None for ``block_size``.
     """
     if not _is_int(seq_len) or seq_len < 1:
       raise ValueError(f"seq_len={seq_len!r}: expected a positive int.")
     block_size = validation.check_block_size(block_size)
+    query_block_size = validation.check_query_block_size(query_block_size, block_size)
     n_blk = validation.num_blocks(seq_len, block_size)
     if text_blocks is not None and text_span is not None:
       raise ValueError("text_span and text_blocks both given: expected one of them.")
@@ -127,22 +143,52 @@ class BlockLayout:
     else:
       span = check_text_span(text_span, seq_len)
       mask = blocks.text_blocks_mask(seq_len, block_size, *span)
-    multiple = max(SEQ_MULTIPLE, block_size)
+    multiple = max(SEQ_MULTIPLE, block_size, query_block_size)  # powers of two: the lcm
     padded = -(-seq_len // multiple) * multiple if pad else seq_len
     return cls(seq_len=int(seq_len), block_size=block_size, padded_len=int(padded),
-               text_span=span, text_mask=tuple(bool(t) for t in mask))
+               text_span=span, text_mask=tuple(bool(t) for t in mask),
+               query_block_size=query_block_size)
 
   # ------------------------------------------------------------------ derived
 
   @property
   def num_blocks(self) -> int:
-    """nK: blocks of the real sequence (the state's query and key blocks)."""
+    """nK: key blocks of the real sequence (also the query blocks when
+    ``query_block_size == block_size``)."""
     return len(self.text_mask)
 
   @property
   def padded_blocks(self) -> int:
-    """Blocks of the padded sequence, as the kernels count them."""
+    """Key blocks of the padded sequence, as the kernels count them."""
     return validation.num_blocks(self.padded_len, self.block_size)
+
+  @property
+  def query_ratio(self) -> int:
+    """Key blocks per query block (1 for square blocks)."""
+    return self.query_block_size // self.block_size
+
+  @property
+  def num_query_blocks(self) -> int:
+    """nQ: query blocks of the real sequence (the state's list rows)."""
+    return validation.num_blocks(self.seq_len, self.query_block_size)
+
+  @property
+  def padded_query_blocks(self) -> int:
+    """Query blocks of the padded sequence, as the kernels count them."""
+    return validation.num_blocks(self.padded_len, self.query_block_size)
+
+  @functools.cached_property
+  def query_text_blocks(self) -> np.ndarray:
+    """numpy bool [nQ] (read-only): the query blocks holding any text token (dense
+    rows); ``text_blocks`` itself for square blocks."""
+    r = self.query_ratio
+    if r == 1:
+      return self.text_blocks
+    mask = np.zeros(self.num_query_blocks * r, bool)
+    mask[:self.num_blocks] = self.text_blocks
+    mask = mask.reshape(-1, r).any(-1)
+    mask.setflags(write=False)
+    return mask
 
   @property
   def is_padded(self) -> bool:
@@ -204,10 +250,10 @@ class BlockLayout:
     count, and query blocks made only of padding appended with count 0 (the
     kernels zero those rows anyway). Unchanged when the block counts agree."""
     n_blk, n_pad = self.num_blocks, self.padded_blocks
-    if n_pad == n_blk:
+    extra = self.padded_query_blocks - self.num_query_blocks
+    if n_pad == n_blk and not extra:
       return indices, counts
     counts = jnp.where(counts >= n_blk, n_pad, counts)
-    extra = n_pad - n_blk
     indices = jnp.pad(indices, [(0, 0)] * (indices.ndim - 2) + [(0, extra), (0, 0)])
     counts = jnp.pad(counts, [(0, 0)] * (counts.ndim - 1) + [(0, extra)])
     return indices, counts
@@ -225,8 +271,10 @@ class BlockLayout:
 
   def real_mass(self, mass):
     """A padded kernel call's block mass [B, H, nQ_pad, nK_pad] -> [B, H, nQ, nK]."""
-    n = self.num_blocks
-    return mass[:, :, :n, :n] if self.padded_blocks != n else mass
+    n_q, n_k = self.num_query_blocks, self.num_blocks
+    if self.padded_blocks == n_k and self.padded_query_blocks == n_q:
+      return mass
+    return mass[:, :, :n_q, :n_k]
 
   def real(self, x, axis: int = 1):
     """x cut to the real tokens along ``axis`` (the inverse of ``pad``)."""

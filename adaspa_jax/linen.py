@@ -55,7 +55,8 @@ class AdaSpaAttention(nn.Module):
     if not isinstance(self.config, AdaSpaConfig):
       raise ValueError(f"config={self.config!r}: expected an adaspa_jax.AdaSpaConfig.")
     b, s, h, _ = q.shape
-    layout = BlockLayout.create(s, self.config.block_size, text_span=self.text_span)
+    layout = BlockLayout.create(s, self.config.block_size, text_span=self.text_span,
+                                query_block_size=self.config.query_block_size)
     state = self.variable(COLLECTION, "state",
                           lambda: init_state(self.config, b, s, h, layout=layout))
     out, new = parallel.adaspa_attention(

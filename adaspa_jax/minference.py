@@ -14,6 +14,12 @@ i keeps the ``video_budget(sparsity, n_video)`` video key blocks of highest
 ``vertical[j] + slash[|j - i|]`` (ties: lower id), plus the text blocks.
 Recall without ``measure_recall``: the share of the probed rows' exact softmax
 mass that the last video block's list keeps.
+
+Query blocks larger than key blocks (``query_block_size``): the probe is the last
+video query block (``query_block_size`` rows, no text token), the distances stay in
+key blocks, and a query block's score for key block j is the sum of the scores of
+its key-block-sized parts i, ``sum_i vertical[j] + slash[|j - i|]`` (as its block
+mass is the sum of theirs).
 """
 
 from __future__ import annotations
@@ -23,24 +29,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaspa_jax import blocks, probe
-from adaspa_jax.selection import Selection, block_lists, kept_mass
+from adaspa_jax.selection import Selection, block_lists, kept_mass, query_text_rows
+from pallas_kernels import query_blocks
 
 
 def select(q, k, *, sparsity, text, block_size, k_max, kv_lengths=None,
-           sm_scale=None) -> Selection:
-  """Vertical-slash block lists for q, k [B, S, H, D]; text numpy bool [nK]; k_max static."""
+           sm_scale=None, query_block_size=None, query_text=None) -> Selection:
+  """Vertical-slash block lists for q, k [B, S, H, D]; text numpy bool [nK]; k_max static;
+  query_block_size (None: block_size) and query_text numpy bool [nQ] (None: text) for
+  query blocks larger than key blocks."""
   b, s, h, _ = q.shape
   n_k = text.size
+  qbs = block_size if query_block_size is None else query_block_size
+  n_q = -(-s // qbs)
+  query_text = query_text_rows(query_text, text, n_q)
   vid = np.flatnonzero(~text)
+  vid_rows = np.flatnonzero(~query_text)
   kb = blocks.video_budget(sparsity, vid.size)
-  if vid.size == 0:  # no video: every row is a dense text row
-    indices, counts = block_lists(jnp.zeros((b, h, n_k, 0), jnp.int32),
-                                  jnp.zeros((b, h, n_k), jnp.int32), text, k_max)
+  if vid_rows.size == 0:  # no video query block: every row is a dense text row
+    indices, counts = block_lists(jnp.zeros((b, h, n_q, 0), jnp.int32),
+                                  jnp.zeros((b, h, n_q), jnp.int32), text, k_max, query_text)
     return Selection(indices=indices, counts=counts, recall=jnp.ones((b, h), jnp.float32),
                      sparsity=jnp.zeros((b, h), jnp.float32))
 
-  last = int(vid[-1])
-  rows = np.arange(last * block_size, min((last + 1) * block_size, s))
+  last = int(vid_rows[-1])
+  rows = np.arange(last * qbs, min((last + 1) * qbs, s))
   p = probe.probabilities(q, k, rows, kv_lengths=kv_lengths, sm_scale=sm_scale)  # [B,H,R,S]
   video_key = jnp.asarray(~text)[jnp.arange(s) // block_size]
   p_video = jnp.where(video_key, p, 0.0)
@@ -48,11 +61,14 @@ def select(q, k, *, sparsity, text, block_size, k_max, kv_lengths=None,
   offset = jnp.abs(jnp.arange(s)[None, :] - jnp.asarray(rows)[:, None])          # [R, S]
   distance = (2 * offset + block_size) // (2 * block_size)                        # <= nK
   slash = jnp.zeros((b, h, n_k + 1), jnp.float32).at[:, :, distance].add(p_video)
-  gap = jnp.abs(jnp.arange(n_k)[None, :] - jnp.arange(n_k)[:, None])             # [nQ, nK]
-  score = vertical[:, :, None, :] + slash[:, :, gap]                              # [B,H,nQ,nK]
+  gap = jnp.abs(jnp.arange(n_k)[None, :] - jnp.arange(n_k)[:, None])             # [nK, nK]
+  score = vertical[:, :, None, :] + slash[:, :, gap]                              # [B,H,nK,nK]
+  score = query_blocks.coarsen_mass(score, seq=s, block_size=block_size,
+                                    query_block_size=qbs)                         # [B,H,nQ,nK]
   _, pos = jax.lax.top_k(score[..., vid], kb)                                     # ties: lower id
   ids = jnp.asarray(vid, jnp.int32)[pos]
-  indices, counts = block_lists(ids, jnp.full((b, h, n_k), kb, jnp.int32), text, k_max)
+  indices, counts = block_lists(ids, jnp.full((b, h, n_q), kb, jnp.int32), text, k_max,
+                                query_text)
 
   probed = probe.key_blocks(p.sum(2), block_size)[:, :, None, :]                 # [B,H,1,nK]
   kept = kept_mass(probed, indices[:, :, last:last + 1], counts[:, :, last:last + 1])[..., 0]

@@ -100,10 +100,11 @@ class AdaSpaAttention(nnx.Module):
         v then come with ``layout.padded_len`` tokens); its seq_len must be seq_len.
     """
     if layout is None:
-      layout = BlockLayout.create(seq_len, self.config.block_size, text_span=text_span)
+      layout = BlockLayout.create(seq_len, self.config.block_size, text_span=text_span,
+                                  query_block_size=self.config.query_block_size)
     else:
       layout = parallel.call_layout(layout, text_span, layout.padded_len,
-                                    self.config.block_size)
+                                    self.config.block_size, self.config.query_block_size)
     make = lambda: init_state(self.config, batch, seq_len, heads, num_layers=num_layers,
                               layout=layout)
     if self.sequence_parallel is None:
@@ -122,9 +123,11 @@ class AdaSpaAttention(nnx.Module):
     layout, e.g. a state carried outside the module by a functional caller."""
     if not isinstance(state, AdaSpaState):
       raise ValueError(f"state={type(state).__name__}: expected an AdaSpaState.")
-    if not isinstance(layout, BlockLayout) or layout.block_size != self.config.block_size:
+    if (not isinstance(layout, BlockLayout) or layout.block_size != self.config.block_size
+        or layout.query_block_size != self.config.effective_query_block_size):
       raise ValueError(f"layout={layout!r}: expected a BlockLayout with block_size="
-                       f"{self.config.block_size}.")
+                       f"{self.config.block_size} and query_block_size="
+                       f"{self.config.effective_query_block_size}.")
     lead = state.recall.ndim - 2   # 1 for stacked layers
     one_layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[lead:], x.dtype), state)
     check_state(one_layer, state.recall.shape[-2], state.recall.shape[-1], layout)

@@ -125,11 +125,14 @@ def check_divisible(sp: SequenceParallel, *, heads: int, tokens: int, seq_len: i
 text_layout = check_text_span
 
 
-def call_layout(layout: BlockLayout | None, text_span, seq_len: int, block_size: int):
+def call_layout(layout: BlockLayout | None, text_span, seq_len: int, block_size: int,
+                query_block_size: int | None = None):
   """``layout`` (checked against q's length) or, when None, the unpadded layout of
-  ``seq_len`` tokens with ``text_span``."""
+  ``seq_len`` tokens with ``text_span`` (query blocks of ``query_block_size`` rows,
+  None: ``block_size``)."""
   if layout is None:
-    return BlockLayout.create(seq_len, block_size, text_span=text_span)
+    return BlockLayout.create(seq_len, block_size, text_span=text_span,
+                              query_block_size=query_block_size)
   if not isinstance(layout, BlockLayout):
     raise ValueError(f"layout={layout!r}: expected an adaspa_jax.layout.BlockLayout.")
   if text_span is not None and check_text_span(text_span, layout.seq_len) != layout.text_tokens:
@@ -205,7 +208,8 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
   Returns:
     out [B, S, H, D] and the new state, equal to the single-device call's.
   """
-  layout = call_layout(layout, text_span, q.shape[1], config.block_size)
+  layout = call_layout(layout, text_span, q.shape[1], config.block_size,
+                       config.query_block_size)
   kw = dict(layout=layout, sm_scale=sm_scale, implementation=implementation,
             interpret=interpret)
   if sequence_parallel is None:

@@ -18,6 +18,14 @@ and the kernels are shared; only the choice of video key blocks differs:
 "svg" and "minference" keep ``video_budget(sparsity, n_video)`` video blocks per row
 (AdaSpa's budget without tiers) and never compute the whole map.
 
+Query blocks larger than key blocks (``AdaSpaConfig.query_block_size``): every policy
+chooses one list per query block over key blocks, and a query block holding any text
+token is dense. "adaspa" and "topp" rank the coarse block mass (the sum of the fine
+rows'); "svg" places a query block at its centre token (its frame and in-frame
+position) against the key blocks' centres; "minference" probes the last video query
+block's rows and scores a query block by the sum of its key-block-sized parts'
+vertical + slash scores.
+
 Recall (``Selection.recall``): with ``config.measure_recall`` every search replaces it
 with the exact share kept (``recall_of`` on block mass from a fresh LSE). Without it,
 "adaspa"/"topp" report the share of the mass they selected from (exact at a fused
@@ -33,7 +41,8 @@ import numpy as np
 
 from adaspa_jax import blocks, minference, svg
 from adaspa_jax.config import POLICIES, AdaSpaConfig
-from adaspa_jax.selection import Selection, block_lists, recall_of, select_blocks
+from adaspa_jax.selection import (Selection, block_lists, query_text_rows, recall_of,
+                                  select_blocks)
 
 __all__ = ["POLICIES", "check", "needs_mass", "required_k_max", "select", "topp_blocks",
            "with_exact_recall"]
@@ -64,9 +73,12 @@ def check(config: AdaSpaConfig, text: np.ndarray, k_max: int) -> None:
                      f"{config.policy!r} (build the state with init_state(config, ...)).")
 
 
-def topp_blocks(mass, *, top_p: float, text: np.ndarray, k_max: int) -> Selection:
-  """Cumulative-mass lists from block mass [B, H, nQ, nK]; see the module docstring."""
+def topp_blocks(mass, *, top_p: float, text: np.ndarray, k_max: int,
+                query_text: np.ndarray | None = None) -> Selection:
+  """Cumulative-mass lists from block mass [B, H, nQ, nK]; see the module docstring.
+  query_text: numpy bool [nQ] text query rows (None: ``text``, square blocks)."""
   b, h, n_q, n_k = mass.shape
+  query_text = query_text_rows(query_text, text, n_q)
   mass = mass.astype(jnp.float32)
   vid = np.flatnonzero(~text)
   if vid.size:
@@ -81,37 +93,48 @@ def topp_blocks(mass, *, top_p: float, text: np.ndarray, k_max: int) -> Selectio
     ids = jnp.zeros((b, h, n_q, 0), jnp.int32)
     k_rows = jnp.zeros((b, h, n_q), jnp.int32)
   k_rows = k_rows.astype(jnp.int32)
-  indices, counts = block_lists(ids, k_rows, text, k_max)
-  # Mean over the video query rows (nQ == nK, so there are as many as video blocks).
-  kept_share = (k_rows * jnp.asarray(~text, jnp.float32)).sum(-1) / max(1, vid.size ** 2)
-  return Selection(indices=indices, counts=counts, recall=recall_of(mass, indices, counts, text),
+  indices, counts = block_lists(ids, k_rows, text, k_max, query_text)
+  # Mean over the video query rows of the share of video key blocks kept.
+  n_video_rows = int((~query_text).sum())
+  kept_share = ((k_rows * jnp.asarray(~query_text, jnp.float32)).sum(-1)
+                / max(1, n_video_rows * vid.size))
+  return Selection(indices=indices, counts=counts,
+                   recall=recall_of(mass, indices, counts, text, query_text),
                    sparsity=jnp.where(vid.size > 0, 1.0 - kept_share, 0.0).astype(jnp.float32))
 
 
 def select(config: AdaSpaConfig, q, k, v, *, mass, text: np.ndarray, k_max: int,
-           kv_lengths=None, sm_scale=None, head_axis=None) -> Selection:
+           kv_lengths=None, sm_scale=None, head_axis=None,
+           query_text: np.ndarray | None = None) -> Selection:
   """The policy's selection for q, k, v [B, S, H, D].
 
-  mass: float32 [B, H, nQ, nK] block mass for "adaspa"/"topp" (None for the others).
+  mass: float32 [B, H, nQ, nK] block mass for "adaspa"/"topp" (None for the others),
+  nQ at ``config.effective_query_block_size``.
   text: numpy bool [nK]; k_max: the state's list width; head_axis: see
-  ``selection.head_budgets`` (only "adaspa" ranks heads; the others are per head).
+  ``selection.head_budgets`` (only "adaspa" ranks heads; the others are per head);
+  query_text: numpy bool [nQ], the text query rows (None: ``text``, square blocks).
   """
   check(config, text, k_max)
   if config.policy == "adaspa":
     return select_blocks(mass, sparsity=config.sparsity, text_blocks=text,
                          head_adaptive=config.head_adaptive,
                          recall_threshold=config.recall_threshold, k_max=k_max,
-                         head_axis=head_axis)
+                         head_axis=head_axis, query_text=query_text)
   if config.policy == "topp":
-    return topp_blocks(mass, top_p=config.top_p, text=text, k_max=k_max)
+    return topp_blocks(mass, top_p=config.top_p, text=text, k_max=k_max,
+                       query_text=query_text)
   kw = dict(sparsity=config.sparsity, text=text, block_size=config.block_size, k_max=k_max,
-            kv_lengths=kv_lengths, sm_scale=sm_scale)
+            kv_lengths=kv_lengths, sm_scale=sm_scale,
+            query_block_size=config.effective_query_block_size, query_text=query_text)
   if config.policy == "svg":
     return svg.select(q, k, v, frame_tokens=config.frame_tokens, **kw)
   return minference.select(q, k, **kw)
 
 
-def with_exact_recall(sel: Selection, mass, text: np.ndarray) -> Selection:
-  """``sel`` with its recall measured on exact block mass [B, H, nQ, nK]."""
+def with_exact_recall(sel: Selection, mass, text: np.ndarray,
+                      query_text: np.ndarray | None = None) -> Selection:
+  """``sel`` with its recall measured on exact block mass [B, H, nQ, nK]
+  (query_text: as in ``select``)."""
   return Selection(indices=sel.indices, counts=sel.counts,
-                   recall=recall_of(mass, sel.indices, sel.counts, text), sparsity=sel.sparsity)
+                   recall=recall_of(mass, sel.indices, sel.counts, text, query_text),
+                   sparsity=sel.sparsity)

@@ -6,6 +6,11 @@ The algorithm (paper Section 4, with the resolutions in our paper notes):
    the k video blocks of highest mass (ties: lower block id) plus every text
    block; text query rows keep every key block (dense rows, count = nK).
 2. A head's recall is the mass it keeps over the total mass of its video query rows.
+Query blocks may be larger than key blocks (``AdaSpaConfig.query_block_size``, e.g.
+128 x 64): the mass is then [B, H, nQ, nK] over coarse query rows, each row keeps
+its top-k video key blocks, and ``query_text`` [nQ] marks the dense (text) rows; a
+query block holding any text token is one. Budgets and tiers count key blocks.
+
 3. Head-adaptive: per batch element, with recall measured at the base sparsity s,
    n = #heads with recall > threshold (at most floor(H/2)); the n heads of highest
    recall get sparsity (1+s)/2, the n lowest (3s-1)/2, the rest s (below s = 1/3 the
@@ -70,17 +75,31 @@ def head_budgets(base_recall, sparsity, num_video_blocks, head_adaptive, recall_
   return jnp.where(rank < n, k_hi, jnp.where(rank >= h - n, k_lo, k_base)).astype(jnp.int32)
 
 
-def block_lists(ids, k_rows, text, k_max):
+def query_text_rows(query_text, text: np.ndarray, num_query_blocks: int) -> np.ndarray:
+  """numpy bool [nQ]: the text (dense) query rows. ``query_text`` as given (static bool
+  [nQ]), or, when None, ``text`` itself, which needs nQ == nK (square blocks)."""
+  if query_text is None:
+    if num_query_blocks != text.size:
+      raise ValueError(
+          f"query_text=None with {num_query_blocks} query blocks and {text.size} key "
+          "blocks: expected query_text, a static bool [nQ] of the query blocks holding "
+          "text (BlockLayout.query_text_blocks), when the block counts differ.")
+    return text
+  return blocks.static_text_blocks(query_text, num_query_blocks, what="query block")
+
+
+def block_lists(ids, k_rows, text, k_max, query_text=None):
   """Index lists in the kernels' format from ranked video blocks.
 
   Args:
     ids: int32 [B, H, nQ, top] video key block ids, best first (any leading
       dims that broadcast to [B, H]).
     k_rows: int32 [B, H, nQ] how many of them each row keeps (<= top).
-    text: numpy bool [nK]; every row also keeps every text block, and text
-      query rows are dense.
+    text: numpy bool [nK]; every row also keeps every text block.
     k_max: static width of the lists, at least top + the number of text blocks
       for the rows that keep the most.
+    query_text: numpy bool [nQ], the text query rows, which are dense; None: ``text``
+      (square blocks).
 
   Returns:
     indices int32 [B, H, nQ, k_max] (ascending, slots past the count repeat the
@@ -88,6 +107,7 @@ def block_lists(ids, k_rows, text, k_max):
   """
   b, h, n_q = k_rows.shape
   n_k = text.size
+  query_text = query_text_rows(query_text, text, n_q)
   text_ids = np.flatnonzero(text)
   top = ids.shape[-1]
   ids = jnp.broadcast_to(ids, (b, h, n_q, top))
@@ -103,7 +123,7 @@ def block_lists(ids, k_rows, text, k_max):
   counts = k_rows + text_ids.size
   last = jnp.take_along_axis(chosen, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
   indices = jnp.where(jnp.arange(k_max) < counts[..., None], chosen, last)
-  counts = jnp.where(jnp.asarray(text)[None, None, :], n_k, counts).astype(jnp.int32)
+  counts = jnp.where(jnp.asarray(query_text)[None, None, :], n_k, counts).astype(jnp.int32)
   return indices.astype(jnp.int32), counts
 
 
@@ -118,10 +138,10 @@ def kept_mass(mass, indices, counts):
   return jnp.where(counts >= mass.shape[-1], mass.sum(-1), listed)
 
 
-def recall_of(mass, indices, counts, text):
+def recall_of(mass, indices, counts, text, query_text=None):
   """float32 [B, H]: mass the lists keep over the total, over video query rows
-  (1 where a head has no mass); text numpy bool [nK]."""
-  video_rows = jnp.asarray(~text, jnp.float32)
+  (1 where a head has no mass); text numpy bool [nK], query_text [nQ] (None: text)."""
+  video_rows = jnp.asarray(~query_text_rows(query_text, text, mass.shape[2]), jnp.float32)
   mass = mass.astype(jnp.float32)
   kept = (kept_mass(mass, indices, counts) * video_rows).sum(-1)
   total = (mass.sum(-1) * video_rows).sum(-1)
@@ -129,13 +149,17 @@ def recall_of(mass, indices, counts, text):
 
 
 def select_blocks(mass, *, sparsity, text_blocks=None, head_adaptive=True,
-                  recall_threshold=0.8, k_max=None, head_axis=None) -> Selection:
+                  recall_threshold=0.8, k_max=None, head_axis=None,
+                  query_text=None) -> Selection:
   """Chooses key blocks per (batch, head, query block) from block masses.
 
   Args:
-    mass: float32 [B, H, nQ, nK] softmax mass per block (``block_mass``), nQ == nK.
+    mass: float32 [B, H, nQ, nK] softmax mass per block (``block_mass``); nQ == nK
+      unless ``query_text`` is given.
     sparsity: base sparsity s in [0, 1) (static).
     text_blocks: static bool [nK] or None; a block holding any text token is text.
+    query_text: static bool [nQ], the query blocks holding text (dense rows), for
+      query blocks larger than key blocks; None: ``text_blocks`` (nQ == nK).
     head_adaptive: use the three-tier head hierarchy.
     recall_threshold: recall above which a head counts toward n.
     k_max: static width of the index lists; default and minimum is the lowest
@@ -146,14 +170,15 @@ def select_blocks(mass, *, sparsity, text_blocks=None, head_adaptive=True,
   Returns:
     A ``Selection``.
   """
-  if getattr(mass, "ndim", None) != 4 or mass.shape[2] != mass.shape[3]:
+  if getattr(mass, "ndim", None) != 4 or (query_text is None and mass.shape[2] != mass.shape[3]):
     raise ValueError(
         f"mass has shape {getattr(mass, 'shape', None)}: expected [batch, heads, nQ, nK] "
-        "with nQ == nK (self-attention blocks).")
+        "with nQ == nK (self-attention blocks), or query_text [nQ] for larger query blocks.")
   if not 0.0 <= sparsity < 1.0:
     raise ValueError(f"sparsity={sparsity!r}: expected a float in [0, 1).")
   b, h, n_q, n_k = mass.shape
   text = blocks.static_text_blocks(text_blocks, n_k)
+  query_text = query_text_rows(query_text, text, n_q)
   need = blocks.required_k_max(sparsity, text, head_adaptive)
   if k_max is None:
     k_max = need
@@ -167,7 +192,7 @@ def select_blocks(mass, *, sparsity, text_blocks=None, head_adaptive=True,
   n_video = video_ids.size
   top = max(blocks.video_budget(s, n_video) for s in blocks.tier_sparsities(sparsity))
 
-  video_rows = jnp.asarray(~text, jnp.float32)                     # [nQ]
+  video_rows = jnp.asarray(~query_text, jnp.float32)               # [nQ]
   row_total = mass.sum(-1)                                          # [B, H, nQ]
   text_mass = mass[..., text_ids].sum(-1)
   total = (row_total * video_rows).sum(-1)                          # [B, H]
@@ -191,7 +216,7 @@ def select_blocks(mass, *, sparsity, text_blocks=None, head_adaptive=True,
                         head_axis)
 
   indices, counts = block_lists(ids, jnp.broadcast_to(k_head[..., None], (b, h, n_q)), text,
-                                k_max)
+                                k_max, query_text)
   sparsity_h = (1.0 - k_head / n_video) if n_video else jnp.zeros((b, h))
   return Selection(indices=indices, counts=counts,
                    recall=recall_at(k_head).astype(jnp.float32),

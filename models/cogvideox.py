@@ -449,7 +449,8 @@ class Model(nnx.Module):
   def adaspa_layout(self, seq_len: int, text_len: int) -> BlockLayout:
     """The joint attention's padded block layout: ``text_len`` text tokens first."""
     return BlockLayout.create(seq_len, self.config.adaspa.block_size,
-                              text_span=(0, text_len), pad=True)
+                              text_span=(0, text_len), pad=True,
+                              query_block_size=self.config.adaspa.query_block_size)
 
   def _check_inputs(self, hidden_states, encoder_hidden_states, image_rotary_emb):
     cfg = self.config

@@ -355,7 +355,8 @@ class Model(nnx.Module):
     """The joint attention's padded block layout: ``num_text`` text tokens (valid and
     padded) after ``num_video`` video tokens."""
     return BlockLayout.create(num_video + num_text, self.config.adaspa.block_size,
-                              text_span=(num_video, num_text), pad=True)
+                              text_span=(num_video, num_text), pad=True,
+                              query_block_size=self.config.adaspa.query_block_size)
 
   def text_blocks(self, num_video: int, num_text: int):
     """Static bool [nK]: AdaSpa key blocks holding text (the suffix after Nv video tokens)."""

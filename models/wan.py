@@ -263,7 +263,8 @@ class Model(nnx.Module):
 
   def adaspa_layout(self, grid: tuple[int, int, int]) -> BlockLayout:
     """The self-attention's padded block layout for a token grid (no text tokens)."""
-    return BlockLayout.create(math.prod(grid), self.config.adaspa.block_size, pad=True)
+    return BlockLayout.create(math.prod(grid), self.config.adaspa.block_size, pad=True,
+                              query_block_size=self.config.adaspa.query_block_size)
 
   def __call__(self, hidden_states, timestep, encoder_hidden_states,
                encoder_hidden_states_image=None, *, adaspa_state: AdaSpaState | None = None,

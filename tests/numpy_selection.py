@@ -11,11 +11,15 @@ def budget(s, n_video):
   return min(n_video, max(1, math.floor((1.0 - s) * n_video + 0.5)))
 
 
-def select(mass, sparsity, text, head_adaptive=True, threshold=0.8):
-  """Returns (sets [B][H][nQ] of block ids, counts [B,H,nQ], recall [B,H], sparsity [B,H])."""
+def select(mass, sparsity, text, head_adaptive=True, threshold=0.8, query_text=None):
+  """Returns (sets [B][H][nQ] of block ids, counts [B,H,nQ], recall [B,H], sparsity [B,H]).
+
+  ``query_text`` [nQ]: the query rows holding text (dense) when query blocks are larger
+  than key blocks; None: ``text`` (square blocks)."""
   mass = np.asarray(mass, np.float64)
   b_, h_, n_q, n_k = mass.shape
   text = np.zeros(n_k, bool) if text is None else np.asarray(text)
+  qtext = text if query_text is None else np.asarray(query_text)
   video = [c for c in range(n_k) if not text[c]]
   texts = [c for c in range(n_k) if text[c]]
 
@@ -30,7 +34,7 @@ def select(mass, sparsity, text, head_adaptive=True, threshold=0.8):
     chosen = rows_for(b, h, k)
     kept = total = 0.0
     for p in range(n_q):
-      if text[p]:
+      if qtext[p]:
         continue
       kept += sum(mass[b, h, p, c] for c in chosen[p])
       total += mass[b, h, p].sum()
@@ -56,7 +60,7 @@ def select(mass, sparsity, text, head_adaptive=True, threshold=0.8):
     for h in range(h_):
       rows = rows_for(b, h, ks[h])
       for p in range(n_q):
-        if text[p]:
+        if qtext[p]:
           rows[p] = set(range(n_k))
         counts[b, h, p] = len(rows[p])
       sets[-1].append(rows)
