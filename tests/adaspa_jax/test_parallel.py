@@ -118,6 +118,27 @@ def _worker(path):
       out[f"triton/{t}/{tag}/out"] = np.asarray(o)
       out[f"triton/{t}/{tag}/indices"] = np.asarray(st.indices)
 
+  # 128-row query blocks over 64-key blocks: the state's nQ rows travel split on heads.
+  config = AdaSpaConfig(sparsity=0.5, block_size=64, query_block_size=128, num_steps=STEPS,
+                        search_steps=SEARCH, implementation="reference")
+  s, span = 600, (560, 40)
+  text = text_blocks_mask(s, 64, *span)
+  q, k, v = _inputs(rng, 1, s, 4, 32, "float32", 560, False, 40)
+  kv = jnp.asarray([590], jnp.int32)
+  single = jax.jit(lambda q, k, v, st, t: adaspa_attention(
+      q, k, v, st, t, config, text_blocks=text, kv_lengths=kv))
+  sharded = jax.jit(lambda q, k, v, st, t: parallel.adaspa_attention(
+      q, k, v, st, t, config, sequence_parallel=sp, text_span=span, kv_lengths=kv))
+  st1 = st2 = init_state(config, 1, s, 4, text_blocks=text)
+  for t in range(STEPS):
+    o1, st1 = single(q, k, v, st1, jnp.int32(t))
+    o2, st2 = sharded(q, k, v, st2, jnp.int32(t))
+    for tag, o, st in (("single", o1, st1), ("sharded", o2, st2)):
+      out[f"qblock/{t}/{tag}/out"] = np.asarray(o)
+      for field in ("indices", "counts"):
+        out[f"qblock/{t}/{tag}/{field}"] = np.asarray(getattr(st, field))
+  info["qblock"] = {"state_spec": _spec(st2.indices)}
+
   errors = {}
   config = AdaSpaConfig(block_size=16, num_steps=4, search_steps=(1,), implementation="reference")
   for label, (h, video, n_text) in {"heads": (6, 64, 0), "tokens": (4, 62, 8)}.items():
@@ -201,6 +222,20 @@ def test_pallas_kernels_inside_shard_map(results):
                                   arrays[f"triton/{t}/single/indices"])
     np.testing.assert_allclose(arrays[f"triton/{t}/sharded/out"],
                                arrays[f"triton/{t}/single/out"], rtol=1e-5, atol=2e-6)
+
+
+def test_query_blocks_128x64_match_single_device(results):
+  arrays, info = results
+  for t in range(STEPS):
+    for field in ("indices", "counts"):
+      np.testing.assert_array_equal(arrays[f"qblock/{t}/sharded/{field}"],
+                                    arrays[f"qblock/{t}/single/{field}"], err_msg=f"step {t}")
+    np.testing.assert_allclose(arrays[f"qblock/{t}/sharded/out"],
+                               arrays[f"qblock/{t}/single/out"], rtol=1e-5, atol=2e-6,
+                               err_msg=f"step {t}")
+  counts = arrays[f"qblock/{STEPS - 1}/single/counts"]
+  assert counts.shape == (1, 4, 5) and (counts[..., :4] < 10).all() and (counts[..., 4] == 10).all()
+  assert info["qblock"]["state_spec"] == [None, "seq"]
 
 
 def test_indivisible_heads_and_tokens_raise(results):
