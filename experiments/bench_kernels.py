@@ -14,6 +14,10 @@ its docstring).
   python -m adaspa_jax.experiments.bench_kernels --seq_lens=32768,118784 --out_dir=/tmp/bench
   python -m adaspa_jax.experiments.bench_kernels --check_only --interpret --seq_lens=64 \\
       --heads=2 --head_dim=64 --dtype=float32   # CPU smoke run
+
+``--query_block_size=128`` (with ``--block_size=64``) also times lists of one row per
+128-row query block (the 128 x 64 granularity) beside the 64 x 64 ones, and checks
+every implementation at that granularity.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ _HEADS = flags.DEFINE_integer("heads", 24, "attention heads")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "head dimension")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "dtype")
 _BLOCK = flags.DEFINE_integer("block_size", 64, "selection block size")
+_QBLOCK = flags.DEFINE_integer("query_block_size", None,
+                               "rows per query block of the lists (a power-of-two multiple "
+                               "of block_size, <= 128); None: square blocks only")
 _DENSITIES = flags.DEFINE_list("densities", ["0.05", "0.1", "0.2", "0.3", "0.5", "0.75", "1.0"],
                                "fractions of key blocks each query block reads")
 _IMPLS = flags.DEFINE_list("implementations", ["triton"],
@@ -60,6 +67,7 @@ def main(argv):
       densities=_DENSITIES.value, implementations=_IMPLS.value, out_dir=_OUT_DIR.value,
       check_only=_CHECK_ONLY.value, interpret=_INTERPRET.value, check_seq=_CHECK_SEQ.value,
       reps=_REPS.value, sweep_tiles=_SWEEP.value, tag=_TAG.value, baseline=_BASELINE.value,
+      query_block_size=_QBLOCK.value,
       command=" ".join(["python -m adaspa_jax.experiments.bench_kernels"] + sys.argv[1:]))
 
 

@@ -253,20 +253,24 @@ def first_step(config: AdaSpaConfig, phase: int) -> int | None:
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _keys_per_row(indices, counts, seq_len, block_size):
-  """int32 [L, B, H, nQ]: keys each query row of the lists reads."""
-  n_blk = indices.shape[-2]
+  """int32 [L, B, H, nQ]: keys each query row of the lists reads (key blocks of
+  ``block_size``; the rows may be coarser query blocks)."""
+  n_blk = -(-seq_len // block_size)
   sizes = jnp.minimum(block_size, seq_len - jnp.arange(n_blk) * block_size)
   read = jnp.arange(indices.shape[-1]) < counts[..., None]
   listed = jnp.where(read, sizes[jnp.clip(indices, 0, n_blk - 1)], 0).sum(-1)
   return jnp.where(counts >= n_blk, seq_len, listed)
 
 
-def computed_pairs(state, seq_len: int, block_size: int) -> np.ndarray:
+def computed_pairs(state, seq_len: int, block_size: int,
+                   query_block_size: int | None = None) -> np.ndarray:
   """int64 [L]: query x key pairs each layer's lists make the sparse kernel compute,
   summed over batch rows and heads (dense rows, text blocks and a partial last block
-  counted exactly; the sum in int64 on the host, past int32's range at real sizes)."""
+  counted exactly; the sum in int64 on the host, past int32's range at real sizes).
+  ``query_block_size``: rows per list row (None: ``block_size``)."""
+  qbs = block_size if query_block_size is None else query_block_size
   keys = np.asarray(_keys_per_row(state.indices, state.counts, seq_len, block_size), np.int64)
-  sizes = np.minimum(block_size, seq_len - np.arange(keys.shape[-1]) * block_size)
+  sizes = np.minimum(qbs, seq_len - np.arange(keys.shape[-1]) * qbs)
   return (keys * sizes).reshape(keys.shape[0], -1).sum(-1)
 
 
@@ -349,7 +353,7 @@ def measure(case: Case, *, reps: int, log=print) -> dict:
     record(PHASE_NAMES[phase], timing.as_dict())
   del state0
 
-  pairs = computed_pairs(searched, case.seq_len, ada.block_size)
+  pairs = computed_pairs(searched, case.seq_len, ada.block_size, ada.query_block_size)
   dense_pairs = case.batch_rows * cfg.num_attention_heads * case.seq_len ** 2
   res["density_per_layer"] = (pairs / dense_pairs).tolist()
   res["density"] = float(pairs.sum() / (dense_pairs * len(pairs)))

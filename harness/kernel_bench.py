@@ -11,6 +11,12 @@ the same count for every row), ``block_mass`` and ``attention_with_block_mass``.
 Prints a table, writes JSON and a PNG of time vs density with the ideal line
 (cuDNN dense time x density).
 
+``query_block_size`` (e.g. 128 over ``block_size`` 64): the checks run at that query
+granularity, and each implementation is also timed on random row-wise lists with one
+row per query block of ``query_block_size`` rows (``block_sparse_qblock``), and its
+block mass and fused search at that granularity (``block_mass_qblock_ms``,
+``fused_qblock_ms``), beside the square ``block_size`` timings of the same run.
+
 Timing (``harness/timing.py``): after a warm-up call (compile), each rep launches the
 function back to back n times (n chosen so a rep lasts >= 20 ms, ``MIN_REP_S``) and
 blocks once; the rep time is the wall time / n, so host dispatch overlaps device work;
@@ -32,6 +38,7 @@ import numpy as np
 
 import pallas_kernels as pk
 from adaspa_jax.harness import timing
+from pallas_kernels import validation
 from pallas_kernels.triton import block_mass_kernel, block_sparse_kernel
 from pallas_kernels.triton import ops as tk
 
@@ -43,29 +50,34 @@ def random_qkv(key, batch, seq, heads, head_dim, dtype):
           for k in jax.random.split(key, 3)]
 
 
-def random_lists(key, batch, heads, n_blocks, count, k_max=None):
-  """Row-wise random lists: ``count`` distinct ascending ids per (batch, head, query block).
+def random_lists(key, batch, heads, n_blocks, count, k_max=None, n_query_blocks=None):
+  """Row-wise random lists: ``count`` distinct ascending ids of ``n_blocks`` key blocks per
+  (batch, head, query block); ``n_query_blocks`` rows (None: ``n_blocks``).
 
   Returns indices int32 [B, H, nQ, k_max] (unread slots repeat the last id) and
   counts int32 [B, H, nQ]; count >= n_blocks gives dense rows.
   """
+  n_q = n_blocks if n_query_blocks is None else n_query_blocks
   k_max = k_max or max(1, min(count, n_blocks))
   count = max(1, min(count, n_blocks))
-  keys = jax.random.uniform(key, (batch, heads, n_blocks, n_blocks))
+  keys = jax.random.uniform(key, (batch, heads, n_q, n_blocks))
   chosen = jnp.sort(jnp.argsort(keys, axis=-1)[..., :count], axis=-1).astype(jnp.int32)
   if k_max > count:
     chosen = jnp.pad(chosen, ((0, 0), (0, 0), (0, 0), (0, k_max - count)), mode="edge")
-  return chosen[..., :k_max], jnp.full((batch, heads, n_blocks), count, jnp.int32)
+  return chosen[..., :k_max], jnp.full((batch, heads, n_q), count, jnp.int32)
 
 
-def computed_pairs(indices, counts, seq, block_size):
-  """Query x key pairs the lists make a kernel compute (exact for a partial last block)."""
-  n_blocks = indices.shape[2]
+def computed_pairs(indices, counts, seq, block_size, query_block_size=None):
+  """Query x key pairs the lists make a kernel compute (exact for a partial last block);
+  rows are query blocks of ``query_block_size`` (None: ``block_size``) rows."""
+  qbs = block_size if query_block_size is None else query_block_size
+  n_blocks = -(-seq // block_size)
   sizes = jnp.minimum(block_size, seq - jnp.arange(n_blocks) * block_size)
+  rows = jnp.minimum(qbs, seq - jnp.arange(indices.shape[2]) * qbs)
   slot = jnp.arange(indices.shape[-1]) < counts[..., None]
   listed = jnp.where(slot, sizes[jnp.clip(indices, 0, n_blocks - 1)], 0).sum(-1)
   keys = jnp.where(counts >= n_blocks, seq, listed)  # int32 [B, H, nQ], keys per query row
-  return int((np.asarray(keys, np.int64) * np.asarray(sizes, np.int64)).sum())
+  return int((np.asarray(keys, np.int64) * np.asarray(rows, np.int64)).sum())
 
 
 MIN_REP_S = 0.02  # a timed rep launches back-to-back calls for about this long (``timing``)
@@ -95,13 +107,16 @@ def implementation_ops(name, interpret, configs=None):
       pk.block_sparse_attention, pk.block_mass, pk.attention_with_block_mass))
 
 
-def kernels(name, interpret, configs=None):
+def kernels(name, interpret, configs=None, query_block_size=None):
   """(block_sparse, block_mass, fused) callables of one implementation, jitted
-  (``configs``: see ``implementation_ops``)."""
+  (``configs``: see ``implementation_ops``; ``query_block_size``: rows per list row and
+  per mass row, None for the block size)."""
   sparse_op, mass_op, fused_op = implementation_ops(name, interpret, configs)
-  sparse = lambda q, k, v, i, c, bs: sparse_op(q, k, v, i, c, block_size=bs, return_lse=False)
-  mass = lambda q, k, lse, bs: mass_op(q, k, lse, block_size=bs)
-  fused = lambda q, k, v, bs: fused_op(q, k, v, block_size=bs)
+  qb = dict(query_block_size=query_block_size)
+  sparse = lambda q, k, v, i, c, bs: sparse_op(q, k, v, i, c, block_size=bs, return_lse=False,
+                                               **qb)
+  mass = lambda q, k, lse, bs: mass_op(q, k, lse, block_size=bs, **qb)
+  fused = lambda q, k, v, bs: fused_op(q, k, v, block_size=bs, **qb)
   return (jax.jit(sparse, static_argnums=5), jax.jit(mass, static_argnums=3),
           jax.jit(fused, static_argnums=3))
 
@@ -113,21 +128,28 @@ def _rel(x, ref, mask=None):
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def check(name, *, seq, heads, head_dim, dtype, block_size, interpret, key, configs=None):
+def check(name, *, seq, heads, head_dim, dtype, block_size, interpret, key, configs=None,
+          query_block_size=None):
   """Compares one implementation with the reference at a small size; returns a dict
-  (``configs``: see ``implementation_ops``)."""
+  (``configs``: see ``implementation_ops``; ``query_block_size``: every op at that
+  query granularity, None for the block size)."""
   b = 2
   q, k, v = random_qkv(key, b, seq, heads, head_dim, dtype)
   lengths = jnp.array([seq, max(1, (seq * 7) // 10)], jnp.int32)
   n_blk = -(-seq // block_size)
-  idx, cnt = random_lists(jax.random.fold_in(key, 1), b, heads, n_blk, max(1, n_blk // 3))
+  qbs = block_size if query_block_size is None else query_block_size
+  idx, cnt = random_lists(jax.random.fold_in(key, 1), b, heads, n_blk, max(1, n_blk // 3),
+                          n_query_blocks=-(-seq // qbs))
   # Mixed counts: some rows keep 1 block, some are dense (count = nK).
   sel = jax.random.randint(jax.random.fold_in(key, 2), cnt.shape, 0, 3)
   cnt = jnp.where(sel == 0, 1, jnp.where(sel == 1, n_blk, cnt)).astype(jnp.int32)
-  sparse_op, mass_op, fused_op = implementation_ops(name, interpret, configs)
-  ref = dict(implementation="reference")
+  ops = implementation_ops(name, interpret, configs)
+  qb = dict(query_block_size=query_block_size)
+  sparse_op, mass_op, fused_op = (functools.partial(op, **qb) for op in ops)
+  ref = dict(implementation="reference", **qb)
   res = {"implementation": name, "seq": seq, "batch": b, "heads": heads, "head_dim": head_dim,
-         "dtype": jnp.dtype(dtype).name, "block_size": block_size}
+         "dtype": jnp.dtype(dtype).name, "block_size": block_size,
+         "query_block_size": qbs}
   try:
     out, lse = sparse_op(q, k, v, idx, cnt, block_size=block_size, kv_lengths=lengths)
     want_out, want_lse = pk.block_sparse_attention(q, k, v, idx, cnt, block_size=block_size,
@@ -187,32 +209,42 @@ def time_dense(q, k, v, reps, implementation="cudnn") -> timing.Timing:
 
 
 def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, with_search=True,
-              configs=None):
+              configs=None, query_block_size=None):
   """Times one implementation's kernels at one size; returns a dict (ms, TFLOP/s)
-  (``configs``: see ``implementation_ops``)."""
+  (``configs``: see ``implementation_ops``). With ``query_block_size`` (not the block
+  size) also ``block_sparse_qblock`` rows (lists of one row per query block of that many
+  rows), ``block_mass_qblock_ms`` and ``fused_qblock_ms``."""
   b, s, h, d = q.shape
   n_blk = -(-s // block_size)
-  sparse, mass, fused = kernels(name, interpret, configs)
-  rows = []
-  for i, density in enumerate(densities):
-    count = max(1, round(density * n_blk))
-    # One list width for every density: one compile per size.
-    idx, cnt = random_lists(jax.random.fold_in(key, i), b, h, n_blk, count, k_max=n_blk)
-    pairs = computed_pairs(idx, cnt, s, block_size)
-    t = timing.time_fn(sparse, q, k, v, idx, cnt, block_size, reps=reps, min_rep_s=MIN_REP_S)
-    sec, reps_s = t.median_s, t.reps_s
-    rows.append({"density": density, "count": min(count, n_blk), "pairs": pairs,
-                 "ms": sec * 1e3, "rep_ms": [t * 1e3 for t in reps_s],
-                 "tflops": 4.0 * d * pairs / sec / 1e12})  # pairs already sum over B, H
-    del idx, cnt
-  res = {"block_sparse": rows}
-  if with_search:
-    for field, fn, args in (("block_mass_ms", mass, (q, k, typical_lse(q), block_size)),
-                            ("fused_ms", fused, (q, k, v, block_size))):
-      try:
-        res[field] = timing.time_fn(fn, *args, reps=reps, min_rep_s=MIN_REP_S).median_s * 1e3
-      except Exception as e:  # pylint: disable=broad-except
-        res[field.replace("_ms", "_error")] = f"{type(e).__name__}: {e}"[:2000]
+  grains = [("", None)]
+  if query_block_size not in (None, block_size):
+    grains.append(("_qblock", query_block_size))
+  res = {}
+  for suffix, qbs in grains:
+    sparse, mass, fused = kernels(name, interpret, configs, qbs)
+    n_q = -(-s // (qbs or block_size))
+    rows = []
+    for i, density in enumerate(densities):
+      count = max(1, round(density * n_blk))
+      # One list width for every density: one compile per size.
+      idx, cnt = random_lists(jax.random.fold_in(key, i), b, h, n_blk, count, k_max=n_blk,
+                              n_query_blocks=n_q)
+      pairs = computed_pairs(idx, cnt, s, block_size, qbs)
+      t = timing.time_fn(sparse, q, k, v, idx, cnt, block_size, reps=reps, min_rep_s=MIN_REP_S)
+      sec, reps_s = t.median_s, t.reps_s
+      rows.append({"density": density, "count": min(count, n_blk), "pairs": pairs,
+                   "ms": sec * 1e3, "rep_ms": [t * 1e3 for t in reps_s],
+                   "tflops": 4.0 * d * pairs / sec / 1e12})  # pairs already sum over B, H
+      del idx, cnt
+    res["block_sparse" + suffix] = rows
+    if with_search:
+      for field, fn, args in ((f"block_mass{suffix}_ms", mass,
+                               (q, k, typical_lse(q), block_size)),
+                              (f"fused{suffix}_ms", fused, (q, k, v, block_size))):
+        try:
+          res[field] = timing.time_fn(fn, *args, reps=reps, min_rep_s=MIN_REP_S).median_s * 1e3
+        except Exception as e:  # pylint: disable=broad-except
+          res[field.replace("_ms", "_error")] = f"{type(e).__name__}: {e}"[:2000]
   return res
 
 
@@ -299,24 +331,28 @@ def table(results):
                  f"(again at the end: {base.get('ms_again', float('nan')):.3f} ms)")
     lines.append(f"  {'impl':8s} {'density':>7s} {'count':>6s} {'ms':>10s} {'TFLOP/s':>8s} "
                  f"{'% base':>8s} {'x ideal':>8s}")
+    qbs = results["config"].get("query_block_size")
     for name, res in entry["implementations"].items():
       if "error" in res:
         lines.append(f"  {name:8s} ERROR {res['error'][:150]}")
         continue
-      for row in res["block_sparse"]:
-        ideal = base["ms"] * row["pairs"] / entry["dense_pairs"]
-        lines.append(f"  {name:8s} {row['density']:7.2f} {row['count']:6d} {row['ms']:10.3f} "
-                     f"{row['tflops']:8.1f} {100 * row['tflops'] / base['tflops']:7.1f}% "
-                     f"{row['ms'] / ideal:8.2f}")
-      for field in ("block_mass_error", "fused_error"):
-        if field in res:
-          lines.append(f"  {name:8s} {field} {res[field][:150]}")
-      if "block_mass_ms" in res:
-        lines.append(f"  {name:8s} block_mass {res['block_mass_ms']:.3f} ms = "
-                     f"{res['block_mass_ms'] / base['ms']:.2f} x dense (target <= 0.6)")
-      if "fused_ms" in res:
-        lines.append(f"  {name:8s} attention_with_block_mass {res['fused_ms']:.3f} ms = "
-                     f"{res['fused_ms'] / base['ms']:.2f} x dense (target <= 1.7)")
+      for suffix, label in (("", name), ("_qblock", f"{name}:q{qbs}")):
+        for row in res.get("block_sparse" + suffix, []):
+          ideal = base["ms"] * row["pairs"] / entry["dense_pairs"]
+          lines.append(f"  {label:8s} {row['density']:7.2f} {row['count']:6d} "
+                       f"{row['ms']:10.3f} {row['tflops']:8.1f} "
+                       f"{100 * row['tflops'] / base['tflops']:7.1f}% {row['ms'] / ideal:8.2f}")
+        for field in (f"block_mass{suffix}_error", f"fused{suffix}_error"):
+          if field in res:
+            lines.append(f"  {label:8s} {field} {res[field][:150]}")
+        if f"block_mass{suffix}_ms" in res:
+          ms = res[f"block_mass{suffix}_ms"]
+          lines.append(f"  {label:8s} block_mass {ms:.3f} ms = {ms / base['ms']:.2f} x dense "
+                       "(target <= 0.6)")
+        if f"fused{suffix}_ms" in res:
+          ms = res[f"fused{suffix}_ms"]
+          lines.append(f"  {label:8s} attention_with_block_mass {ms:.3f} ms = "
+                       f"{ms / base['ms']:.2f} x dense (target <= 1.7)")
   return "\n".join(lines)
 
 
@@ -331,11 +367,14 @@ def plot(results, path):
     dens = np.linspace(0, 1, 50)
     ax.plot(dens, base * dens, "k--", label=f"ideal ({base_name} dense x density)")
     ax.axhline(base, color="gray", lw=1, label=f"{base_name} dense")
+    qbs = results["config"].get("query_block_size")
     for name, res in entry["implementations"].items():
-      if "block_sparse" not in res:
-        continue
-      xs = [r["pairs"] / entry["dense_pairs"] for r in res["block_sparse"]]
-      ax.plot(xs, [r["ms"] for r in res["block_sparse"]], "o-", label=f"{name} block-sparse")
+      for field, label in (("block_sparse", f"{name} block-sparse"),
+                           ("block_sparse_qblock", f"{name} block-sparse q{qbs}")):
+        if field not in res:
+          continue
+        xs = [r["pairs"] / entry["dense_pairs"] for r in res[field]]
+        ax.plot(xs, [r["ms"] for r in res[field]], "o-", label=label)
     ax.set_xlabel("density (computed pairs / dense pairs)")
     ax.set_ylabel("ms")
     ax.set_title(f"S={entry['seq']} B={results['config']['batch']} "
@@ -358,17 +397,19 @@ def replot(json_path):
 
 def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, implementations,
         out_dir, check_only=False, interpret=False, check_seq=1000, reps=5, sweep_tiles=False,
-        tag="", baseline="cudnn", command=""):
+        tag="", baseline="cudnn", command="", query_block_size=None):
   """The checks, then (unless ``check_only``) the timings; writes
   ``out_dir/bench_<date><tag>.json`` after every step and the table and PNG at the end.
 
   seq_lens and densities may be strings (as flags give them); ``sweep_tiles`` sweeps the
   Triton tiles at the first length and keeps the fastest; ``baseline`` is the dense
-  implementation (``"xla"`` only for CPU dry runs); ``command`` is recorded as is.
+  implementation (``"xla"`` only for CPU dry runs); ``command`` is recorded as is;
+  ``query_block_size``: see the module docstring (None: square blocks only).
   Returns the results dict (what the JSON holds).
   """
   dtype = jnp.dtype(dtype)
   bs = block_size
+  validation.check_query_block_size(query_block_size, bs)
   densities = [float(x) for x in densities]
   os.makedirs(out_dir, exist_ok=True)
   stamp = datetime.datetime.now(datetime.timezone.utc)
@@ -379,7 +420,8 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
       "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
       "jax_version": jax.__version__, "command": command,
       "config": {"batch": batch, "heads": heads, "head_dim": head_dim,
-                 "dtype": dtype.name, "block_size": bs, "densities": densities,
+                 "dtype": dtype.name, "block_size": bs, "query_block_size": query_block_size,
+                 "densities": densities,
                  "implementations": list(implementations), "reps": reps,
                  "interpret": interpret, "check_only": check_only, "baseline": baseline},
       "timing": "median of reps; a rep = n back-to-back calls / n, host wall clock, "
@@ -398,7 +440,8 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
   configs = {}  # Triton configs: the defaults, or the sweep's choice
   for impl in implementations:
     res = check(impl, seq=check_seq, heads=min(2, heads), head_dim=head_dim, dtype=dtype,
-                block_size=bs, interpret=interpret, key=jax.random.fold_in(key, 7))
+                block_size=bs, interpret=interpret, key=jax.random.fold_in(key, 7),
+                query_block_size=query_block_size)
     results["checks"].append(res)
     log(f"check {impl}: " + json.dumps(res))
     save()
@@ -417,7 +460,7 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
       # The chosen tiles (perhaps with the approximate exp2) pass the same check.
       res = check("triton", seq=check_seq, heads=min(2, heads), head_dim=head_dim, dtype=dtype,
                   block_size=bs, interpret=interpret, key=jax.random.fold_in(key, 8),
-                  configs=configs)
+                  configs=configs, query_block_size=query_block_size)
       res["tiles"] = results["sweep"]["chosen"]
       results["checks"].append(res)
       log("check triton (swept tiles): " + json.dumps(res))
@@ -440,7 +483,7 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
         entry["implementations"][impl] = time_impl(
             impl, q, k, v, densities=densities, block_size=bs, reps=reps,
             interpret=interpret, key=jax.random.fold_in(key, seq + 1),
-            configs=configs if impl == "triton" else None)
+            configs=configs if impl == "triton" else None, query_block_size=query_block_size)
         if impl == "triton":
           entry["implementations"][impl]["tiles"] = triton_configs(configs)
       except Exception as e:  # pylint: disable=broad-except

@@ -31,3 +31,18 @@ def test_check_only_writes_json(tmp_path):
                 "fused_mass_rel_err"):
     assert 0 <= check[field] < 1e-4
   assert res["sizes"] == []  # no timing in check-only mode
+
+
+def test_check_only_at_128x64(tmp_path):
+  cmd = [sys.executable, "-m", "adaspa_jax.experiments.bench_kernels", "--check_only",
+         "--interpret", "--seq_lens=64", "--heads=2", "--head_dim=64", "--dtype=float32",
+         "--check_seq=200", "--block_size=64", "--query_block_size=128",
+         "--implementations=triton", f"--out_dir={tmp_path}", "--tag=_qblock"]
+  env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  [path] = list(tmp_path.glob("bench_*_qblock.json"))
+  res = json.loads(path.read_text())
+  assert res["config"]["query_block_size"] == 128
+  [check] = res["checks"]
+  assert check["query_block_size"] == 128 and check["passed"], check
