@@ -72,8 +72,9 @@ def test_layout_and_state_shapes():
   # None means block_size; equal by value.
   assert BlockLayout.create(S, BS).query_block_size == BS
   assert BlockLayout.create(S, BS, query_block_size=BS) == BlockLayout.create(S, BS)
-  assert (BlockLayout.create(S, BS).query_text_blocks
-          is BlockLayout.create(S, BS).text_blocks) is False  # separate caches, same values
+  square = BlockLayout.create(S, BS, text_span=TEXT)
+  assert square.num_query_blocks == square.num_blocks
+  assert square.query_text_blocks is square.text_blocks                # square: the same rows
   # Padding: to a multiple of lcm(128, query_block_size); the kernels' block counts.
   pad = BlockLayout.create(130, 16, query_block_size=32, pad=True)
   assert (pad.padded_len, pad.num_query_blocks, pad.padded_query_blocks) == (256, 5, 8)
