@@ -5,13 +5,22 @@ one memory warpgroup that walks the key-block lists and issues TMA copies of
 the named K/V blocks into a ring of shared-memory stages guarded by mbarriers.
 Compute warpgroups run QK^T and PV on wgmma with an online softmax in registers.
 
-Query blocks of 64 rows give each compute warpgroup its own list (two pipelines
-per CTA, one K/V ring each); blocks of 128 rows are split over both compute
-warpgroups, which then share one list and one ring (as in FA3).
+The query block (``query_block_size``, rows that share one list) and the key block
+(``block_size``, keys per list entry and per K/V stage) make three tilings
+(``SUPPORTED_TILINGS``):
+
+- 64 x 64: each compute warpgroup has its own list and its own K/V ring (two
+  pipelines per CTA), so a CTA streams K/V twice where the lists overlap.
+- 128 x 128: both compute warpgroups share one list and one ring of 128-key stages
+  (as in FA3).
+- 128 x 64: both share one list and one ring whose stages hold 64-key blocks; the
+  memory warpgroup streams each listed block once for both warpgroups. A stage is half
+  the 128 x 128 one, so the ring holds twice as many stages in the same bytes.
 
 Inputs are pre-padded by the caller (``pallas_kernels.mosaic.ops``): the sequence to
-a multiple of 128 and the block lists to ``S_pad / block_size`` query blocks. Constraints:
-bf16/f16, head_dim in ``SUPPORTED_HEAD_DIMS``, block_size in ``SUPPORTED_BLOCK_SIZES``.
+a multiple of 128 and the block lists to ``S_pad / query_block_size`` query blocks.
+Constraints: bf16/f16, head_dim in ``SUPPORTED_HEAD_DIMS``, (query_block_size,
+block_size) in ``SUPPORTED_TILINGS``.
 
 Tuning: ``BlockSparseConfig`` (ping-pong, launch order, ring depth), a static argument;
 ``DEFAULT_CONFIG`` is what ``pallas_kernels.mosaic.ops`` passes.
@@ -33,6 +42,8 @@ from pallas_kernels.mosaic.common import (
     column_ids, pv_matmul, qk_matmul, smem_footprint, smem_transforms, with_layout)
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
+# (query_block_size, block_size): rows per list, keys per list entry.
+SUPPORTED_TILINGS = ((64, 64), (128, 128), (128, 64))
 SUPPORTED_HEAD_DIMS = (64, 128)
 _SMEM_FOR_KV = 160 * 1024  # bytes of K/V stages; leaves room for Q/O, LSE and barriers.
 # Mosaic reserves 2 KiB for cross-warp reductions by default. This kernel only
@@ -67,16 +78,36 @@ class BlockSparseConfig:
 DEFAULT_CONFIG = BlockSparseConfig()
 
 
-def num_stages(block_size: int, head_dim: int, itemsize: int = 2) -> int:
-  """K/V ring depth per pipeline that fits the shared-memory budget."""
-  pipelines = 2 if block_size == ROWS_PER_WG else 1
-  per_stage = 2 * pipelines * block_size * head_dim * itemsize
+def pipelines(query_block_size: int) -> int:
+  """K/V pipelines (lists, rings) per CTA: one per compute warpgroup for 64-row query
+  blocks, one shared by both for 128-row blocks."""
+  return 2 if query_block_size == ROWS_PER_WG else 1
+
+
+def check_tiling(block_size, query_block_size=None) -> int:
+  """The query block size (``block_size`` for None); ``ValueError`` unless the pair
+  is in ``SUPPORTED_TILINGS``."""
+  qbs = block_size if query_block_size is None else query_block_size
+  if (qbs, block_size) not in SUPPORTED_TILINGS:
+    raise ValueError(f"query_block_size={query_block_size!r}, block_size={block_size!r}: "
+                     f"expected (query_block_size, block_size) in {SUPPORTED_TILINGS}.")
+  return qbs
+
+
+def num_stages(block_size: int, head_dim: int, itemsize: int = 2,
+               query_block_size: int | None = None) -> int:
+  """K/V ring depth per pipeline that fits the shared-memory budget (stages of
+  ``block_size`` keys; ``query_block_size`` None for ``block_size``)."""
+  pipes = pipelines(block_size if query_block_size is None else query_block_size)
+  per_stage = 2 * pipes * block_size * head_dim * itemsize
   return int(max(2, min(4, _SMEM_FOR_KV // per_stage)))
 
 
-def smem_bytes(block_size: int, head_dim: int, itemsize: int, stages: int) -> int:
-  """Shared memory of ``block_sparse_attention_padded`` with ``stages`` K/V stages."""
-  pipes = 2 if block_size == ROWS_PER_WG else 1
+def smem_bytes(block_size: int, head_dim: int, itemsize: int, stages: int,
+               query_block_size: int | None = None) -> int:
+  """Shared memory of ``block_sparse_attention_padded`` with ``stages`` K/V stages of
+  ``block_size`` keys per pipeline (``query_block_size`` None for ``block_size``)."""
+  pipes = pipelines(block_size if query_block_size is None else query_block_size)
   tile = block_size * head_dim * itemsize
   buffers = (COMPUTE_WGS * ROWS_PER_WG * head_dim * itemsize,  # Q, then O
              pipes * stages * tile, pipes * stages * tile,  # K ring, V ring
@@ -110,9 +141,9 @@ def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, read, ke
                      batch, head, block_size, stages):
   """The memory warpgroup's loop: TMA copies of the listed K/V blocks into the rings.
 
-  Pipeline p (one per compute warpgroup at block 64, one shared at 128) reads
-  ``counts[p]`` blocks, ``key_block(read(p, step), step)`` in turn (``read`` is
-  called a step ahead, see ``read_entry``), into slots
+  Pipeline p (one per compute warpgroup for 64-row query blocks, one shared for
+  128) reads ``counts[p]`` blocks, ``key_block(read(p, step), step)`` in turn (``read``
+  is called a step ahead, see ``read_entry``), into slots
   ``p * stages + step % stages``, waiting for a slot's release before refilling
   it. ``barriers`` = (k_ready, v_ready, k_free, v_free). Shared with the
   load-only twin in ``tools/mosaic_floor.py``, so the floor it measures is
@@ -158,20 +189,27 @@ def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, read, ke
 
 @functools.partial(
     jax.jit,
-    static_argnames=("block_size", "sm_scale", "num_kv_blocks", "config", "interpret"))
+    static_argnames=("block_size", "sm_scale", "num_kv_blocks", "config", "interpret",
+                     "query_block_size"))
 def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, lengths,
                                   *, block_size, sm_scale, num_kv_blocks,
-                                  config=DEFAULT_CONFIG, interpret=None):
+                                  config=DEFAULT_CONFIG, interpret=None,
+                                  query_block_size=None):
   """Block-sparse attention on padded operands.
 
   Args:
     q, k, v: [B, S_pad, H, D] bf16/f16, S_pad a multiple of 128.
-    kv_block_indices: int32 [B, H, nQ_pad, K_max], nQ_pad = S_pad / block_size.
-    kv_steps: int32 [B, H, nQ_pad], key blocks each row reads (0..nK).
-    dense_rows: int32 [B, H, nQ_pad], 1 where a row reads blocks 0..nK-1 in order
-      (its list is not read).
+    kv_block_indices: int32 [B, H, nQ_pad, K_max] of key-block ids (blocks of
+      ``block_size`` keys), nQ_pad = S_pad / query_block_size.
+    kv_steps: int32 [B, H, nQ_pad], key blocks each query block reads (0..nK).
+    dense_rows: int32 [B, H, nQ_pad], 1 where a query block reads key blocks 0..nK-1 in
+      order (its list is not read).
     lengths: int32 [B], valid keys per batch element (<= S).
-    num_kv_blocks: nK, blocks that hold any real key.
+    block_size: keys per key block (list entry, K/V stage): 64 or 128.
+    num_kv_blocks: nK, key blocks that hold any real key.
+    query_block_size: query rows per list; None for ``block_size``. 128 with
+      ``block_size=64`` gives the 128 x 64 tiling (one list per CTA, one ring of 64-key
+      stages shared by both compute warpgroups).
     config: a ``BlockSparseConfig``.
     interpret: None to compile, or an ``InterpretGPUParams``.
 
@@ -184,12 +222,21 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
   schedule_barrier, heads_major = config.schedule_barrier, config.heads_major
   b, s_pad, h, d = q.shape
   dtype = q.dtype
-  bs = block_size
-  pipes = 2 if bs == ROWS_PER_WG else 1
+  bs = block_size  # keys per list entry and per K/V stage
+  qbs = check_tiling(bs, query_block_size)  # query rows per list
+  pipes = pipelines(qbs)
+  rows = (b, h, s_pad // qbs)  # one list per query block
+  if (kv_block_indices.ndim != 4 or kv_block_indices.shape[:3] != rows
+      or kv_steps.shape != rows or dense_rows.shape != rows):
+    raise ValueError(
+        f"lists of shapes {kv_block_indices.shape}, {kv_steps.shape}, {dense_rows.shape}: "
+        f"expected {rows} + (K_max,), {rows}, {rows} (S_pad={s_pad} / "
+        f"query_block_size={qbs} query blocks).")
   itemsize = jnp.dtype(dtype).itemsize
-  stages = check_stages(config.stages, num_stages(bs, d, itemsize),
-                        lambda n: smem_bytes(bs, d, itemsize, n),
-                        f"block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
+  tiling = "" if qbs == bs else f"query_block_size={qbs}, "
+  stages = check_stages(config.stages, num_stages(bs, d, itemsize, qbs),
+                        lambda n: smem_bytes(bs, d, itemsize, n, qbs),
+                        f"{tiling}block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
   qk_scale = sm_scale * LOG2E  # scores are kept in log2 units so exp2 is one FMA away.
   n_tiles = s_pad // CTA_ROWS
   transforms = smem_transforms(dtype)
@@ -207,7 +254,7 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
     length = len_ref[bi]
 
     def query_block(w):
-      return (tile * CTA_ROWS + w * ROWS_PER_WG) // bs
+      return (tile * CTA_ROWS + w * ROWS_PER_WG) // qbs
 
     def pipe_steps(p):
       return steps_ref[bi, hi, query_block(p)]
@@ -223,7 +270,7 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       qo_smem = qo_smem2.at[wg]
       lse_smem = lse_smem2.at[wg]
       row0 = tile * CTA_ROWS + wg * ROWS_PER_WG
-      qb = row0 // bs
+      qb = row0 // qbs
       pipe = wg if pipes == 2 else 0
       ring = pipe * stages
       n = steps_ref[bi, hi, qb]
