@@ -13,10 +13,12 @@ are cut off), K for the block mass to whole key tiles, and the block lists to th
 padded number of query blocks with count 0 (``padded_len``, ``pad_seq``,
 ``kernel_lists``, ``log2_lse``).
 
-Query blocks larger than key blocks (``query_block_size=``, e.g. 128 x 64): for now
-the lists are expanded to ``block_size``-row query blocks (``_expand_query_blocks``)
-and the block mass summed over them (``query_blocks.coarsen_mass``), so the kernels
-run as at square blocks; a native 128 x 64 kernel path replaces the expansion.
+Query blocks larger than key blocks (``query_block_size=``): 128 x 64 runs the
+block-sparse kernel's native path (one list per 128-row CTA, both compute warpgroups
+sharing one ring of 64-key stages; ``block_sparse_kernel.SUPPORTED_TILINGS``); other
+pairs expand the lists to ``block_size``-row query blocks (``_expand_query_blocks``).
+The block mass is computed at ``block_size`` rows and summed into query blocks
+(``query_blocks.coarsen_mass``).
 
 Tuning: ``config`` (a ``BlockSparseConfig``: the block-sparse kernel, and the fused
 search's dense pass) and ``mass_config`` / ``config`` of ``block_mass`` (a
@@ -141,19 +143,27 @@ def _expand_query_blocks(indices, counts, *, seq, block_size, query_block_size):
   same pairs with two lists per 128-row CTA. A native 128 x 64 path, which reads one
   list per CTA and shares one K/V ring, bypasses this. Unchanged when the sizes agree.
   """
+  if (query_block_size, block_size) in block_sparse_kernel.SUPPORTED_TILINGS:
+    return indices, counts  # the kernel's native tiling
   return query_blocks.expand_lists(indices, counts, seq=seq, block_size=block_size,
                                    query_block_size=query_block_size)
 
 
-def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, config, interpret):
-  """Runs the sparse kernel on padded q/k/v; returns unpadded-row outputs [.., S_pad]."""
+def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, config, interpret,
+            query_block_size=None):
+  """Runs the sparse kernel on padded q/k/v; returns unpadded-row outputs [.., S_pad].
+
+  ``idx``/``counts`` have one row per ``query_block_size`` (None: ``block_size``) rows,
+  a tiling in ``block_sparse_kernel.SUPPORTED_TILINGS``."""
+  qbs = query_block_size or block_size
   n_blk = validation.num_blocks(seq, block_size)
   idx, steps, dense = kernel_lists(idx, counts, num_kv_blocks=n_blk,
-                                   num_query_blocks=qp.shape[1] // block_size)
+                                   num_query_blocks=qp.shape[1] // qbs)
   with interpreter.device_context(interpret):
     return block_sparse_attention_padded(
         qp, kp, vp, idx, steps, dense, lengths, block_size=block_size, sm_scale=scale,
-        num_kv_blocks=n_blk, config=config, interpret=interpreter.params(interpret))
+        num_kv_blocks=n_blk, config=config, interpret=interpreter.params(interpret),
+        query_block_size=qbs)
 
 
 def _mass(qp, kp, lse, lengths, *, seq, block_size, scale, config, interpret):
@@ -216,11 +226,13 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   _check_device(interpret)
   kv_block_indices, kv_block_counts = _expand_query_blocks(
       kv_block_indices, kv_block_counts, seq=s, block_size=block_size, query_block_size=qbs)
+  native = (qbs, block_size) in block_sparse_kernel.SUPPORTED_TILINGS
   s_pad = padded_len(s)
   qp, kp, vp = (pad_seq(x, s_pad, 1) for x in (q, k, v))
   out, lse = _sparse(qp, kp, vp, kv_block_indices, kv_block_counts, lengths, seq=s,
                      block_size=block_size, scale=scale, interpret=interpret,
-                     config=block_sparse_kernel.DEFAULT_CONFIG if config is None else config)
+                     config=block_sparse_kernel.DEFAULT_CONFIG if config is None else config,
+                     query_block_size=qbs if native else block_size)
   out, lse = _finish(out, lse, kv_lengths, lengths, s)
   return (out, lse) if return_lse else out
 

@@ -123,9 +123,15 @@ def test_fused_search_kernel():
 
 
 @pytest.mark.filterwarnings("error:mosaic")  # a fallback would leave the kernel untested
-def test_query_blocks_128x64_kernels():
-  # 128-row query blocks over 64-key blocks: the lists are expanded to the square
-  # kernel (two lists per CTA), the block mass summed over 64-row halves.
+def test_query_blocks_128x64_kernels(monkeypatch):
+  # 128-row query blocks over 64-key blocks: the block-sparse kernel's native path (one
+  # list per CTA, never expanded to 64-row lists), the block mass summed over 64-row halves.
+  from pallas_kernels.mosaic import ops as mosaic_ops
+
+  def no_expansion(*args, **kwargs):
+    raise AssertionError("128 x 64 lists were expanded instead of running natively")
+
+  monkeypatch.setattr(mosaic_ops.query_blocks, "expand_lists", no_expansion)
   b, s, h, d, bs, qbs, dtype, kv_lengths = 1, 250, 2, 64, 64, 128, jnp.bfloat16, (201,)
   q, k, v = make_qkv(30, b, s, h, d, dtype)
   n_q, n_k = 2, 4
