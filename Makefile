@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PIP     = $(VENV)/bin/pip -q --disable-pip-version-check
 PY      = $(VENV)/bin/python
+# pytest-xdist workers of `make test`; whole test files go to one worker (--dist
+# loadfile), so a module's shared compiles stay shared. 2: CI's 2-core machine.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test fuzz clean
 
@@ -23,7 +26,7 @@ demo: $(VENV)/.demo
 	$(PY) -m adaspa_jax.experiments.generate --output_dir=outputs/demo
 
 test: $(VENV)/.test
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The kernels' property-based sweep with 200 cases per implementation and op (make test: 4).
 fuzz: $(VENV)/.test
