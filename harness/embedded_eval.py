@@ -161,7 +161,8 @@ def evaluate(checkpoint, *, n: int = 50, prompts=None, seed: int = 0, num_steps=
     np.save(os.path.join(output_dir, "videos_adaspa.npy"), sparse)
     if masks_png is not None:
       from adaspa_jax.harness.generation import plot_masks  # pylint: disable=import-outside-toplevel
-      report["masks"] = plot_masks(last_state, os.path.join(output_dir, masks_png))
+      report["masks"] = plot_masks(last_state, os.path.join(output_dir, masks_png),
+                                   block_size=adaspa.block_size)
       report["masks_png"] = masks_png
     with open(os.path.join(output_dir, "report.json"), "w") as f:
       json.dump(report, f, indent=1)

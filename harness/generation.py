@@ -141,15 +141,20 @@ def block_mask(indices, counts, num_blocks) -> np.ndarray:
   return mask
 
 
-def plot_masks(state, path, *, max_layers=3, max_heads=2) -> list[dict]:
+def plot_masks(state, path, *, block_size: int, max_layers=3, max_heads=2) -> list[dict]:
   """PNG of the selected blocks of the last batch row (a conditional branch) for the
-  first, middle and last layer and the first and last head; returns what it drew."""
+  first, middle and last layer and the first and last head; returns what it drew.
+
+  ``block_size``: the key blocks' tokens (the config's ``block_size``); the key-block
+  count is ceil(S / block_size) for the state's S, the query blocks are the lists' rows
+  (more than one key block each with ``query_block_size``)."""
   import matplotlib  # the "video" extra, needed only here
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib import ticker
   indices, counts = np.asarray(state.indices), np.asarray(state.counts)   # [L, B, H, nQ, K]
-  n_layers, _, n_heads, n_blocks = counts.shape
+  n_layers, _, n_heads, _ = counts.shape
+  n_blocks = -(-state.lse.shape[-1] // block_size)
   layers = sorted({0, n_layers // 2, n_layers - 1})[:max_layers]
   heads = sorted({0, n_heads - 1})[:max_heads]
   fig, axes = plt.subplots(len(layers), len(heads), squeeze=False,
@@ -266,7 +271,8 @@ def run(*, family="wan", preset="tiny", checkpoint=None, embeddings=None, seed=0
          "sparsity": _rounded(res.sparsity[t])} for t in adaspa.search_steps]
     report["mean_recall"] = float(res.recall[-1].mean())
     report["mean_sparsity"] = float(res.sparsity[-1].mean())
-    report["masks"] = plot_masks(res.adaspa_state, os.path.join(output_dir, "masks.png"))
+    report["masks"] = plot_masks(res.adaspa_state, os.path.join(output_dir, "masks.png"),
+                                 block_size=adaspa.block_size)
     report["masks_png"] = "masks.png"
     print(f"adaspa: mean recall {report['mean_recall']:.3f}, mean sparsity "
           f"{report['mean_sparsity']:.3f} after the last search")

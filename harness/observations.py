@@ -104,7 +104,7 @@ def run(checkpoint, *, n: int = 8, seed: int = 0, sparsity: float = 0.8,
                          num_steps=steps, guidance_scale=cfg.guidance_scale, shared=shared,
                          adaspa_state=state, record_states=True)
     idx, cnt = np.asarray(res.states.indices), np.asarray(res.states.counts)  # [N, L, 2B, H, ..]
-    n_blk = cnt.shape[-1]
+    n_blk = -(-res.adaspa_state.lse.shape[-1] // block)    # key blocks
     kept = [kept_blocks(idx[t], cnt[t], n_blk)[..., cols] for t in search]    # [L, 2B, H, nQ, nKv]
     per_search.append(kept)
     last_cond.append(kept[-1][:, len(chunk):])                                # conditional rows
@@ -117,7 +117,7 @@ def run(checkpoint, *, n: int = 8, seed: int = 0, sparsity: float = 0.8,
   prompt_overlap = np.mean([jaccard(cond_rows[:, i], cond_rows[:, j], rows)
                             for i, j in pairs], axis=0) if pairs else None
   if masks_png is not None:
-    plot_masks(last_state, masks_png)
+    plot_masks(last_state, masks_png, block_size=block)
   # Chance level: random lists of the same sizes overlap by about k / (2 nKv - k).
   density = float(np.mean([k[..., rows, :].mean() for k in kept]))
   log(f"search overlap {np.mean(search_overlap):.3f}, prompt overlap "
