@@ -58,11 +58,14 @@ def evaluate(q, k, v, lengths, *, block_size, stages):
     t0 = time.time()
     out, lse = fp8.fp8_attention(q, k, v, block_size=block_size, kv_lengths=kv, **kw)
     row = metrics(out, want, lengths)
-    row["lse_max_abs_err"] = float(np.abs(np.asarray(lse - lse_want)[finite]).max())
+    lse_err = np.abs(np.asarray(lse - lse_want)[finite])
+    row["lse_max_abs_err"] = float(lse_err.max())
+    row["lse_p99_abs_err"] = float(np.percentile(lse_err, 99))
+    row["lse_median_abs_err"] = float(np.median(lse_err))
     row["seconds"] = round(time.time() - t0, 1)
     result[name] = row
     print(f"  {name:18s} cosine {row['cosine']:.6f}  rel_l2 {row['rel_l2']:.4f}  "
-          f"lse err {row['lse_max_abs_err']:.3g}  ({row['seconds']} s)", flush=True)
+          f"lse err max {row['lse_max_abs_err']:.3g} p99 {row['lse_p99_abs_err']:.3g}  ({row['seconds']} s)", flush=True)
   return result
 
 

@@ -4,9 +4,10 @@ Accuracy bounds below are what e4m3 allows, not tuned to pass: e4m3 keeps 3
 mantissa bits, so one rounding has a relative error <= 2^-4 (rms ~2.6% on normal
 data); Q.K, P and V each add one such rounding, and on random normal q/k/v the
 errors of independent tokens average down exactly as the signal does, so the
-output's relative L2 error is ~5% (cosine ~0.9986; cuDNN's FP8 attention measures
-0.9986 against bf16 on the same kind of data, see the paper notes). Hence the
-bounds cosine >= 0.998 and relative L2 <= 0.06 on random data.
+output's relative L2 error is ~5% (cosine ~0.9986; cuDNN's FP8 attention, all
+scales 1, measured 0.9986-0.9987 against bf16 on the H100, see the paper notes).
+Hence the bounds cosine >= 0.998 and relative L2 <= 0.06 on random data: the
+issue's 0.999 target is for model-captured q/k/v (``tools/fp8_quality.py``).
 """
 
 import jax.numpy as jnp
