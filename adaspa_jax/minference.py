@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaspa_jax import blocks, probe
-from adaspa_jax.selection import Selection, block_lists, kept_mass, query_text_rows
+from adaspa_jax.selection import Selection, block_lists, kept_mass, query_grid
 from pallas_kernels import query_blocks
 
 
@@ -40,9 +40,7 @@ def select(q, k, *, sparsity, text, block_size, k_max, kv_lengths=None,
   query blocks larger than key blocks."""
   b, s, h, _ = q.shape
   n_k = text.size
-  qbs = block_size if query_block_size is None else query_block_size
-  n_q = -(-s // qbs)
-  query_text = query_text_rows(query_text, text, n_q)
+  qbs, n_q, query_text = query_grid(s, block_size, query_block_size, query_text, text)
   vid = np.flatnonzero(~text)
   vid_rows = np.flatnonzero(~query_text)
   kb = blocks.video_budget(sparsity, vid.size)

@@ -88,6 +88,15 @@ def query_text_rows(query_text, text: np.ndarray, num_query_blocks: int) -> np.n
   return blocks.static_text_blocks(query_text, num_query_blocks, what="query block")
 
 
+def query_grid(seq_len: int, block_size: int, query_block_size, query_text, text):
+  """(rows per query block, nQ, numpy bool [nQ] text query rows) of a ``seq_len``-token
+  call; ``query_block_size`` None means ``block_size``; ``query_text`` as in
+  ``query_text_rows``."""
+  qbs = block_size if query_block_size is None else query_block_size
+  n_q = -(-seq_len // qbs)
+  return qbs, n_q, query_text_rows(query_text, text, n_q)
+
+
 def block_lists(ids, k_rows, text, k_max, query_text=None):
   """Index lists in the kernels' format from ranked video blocks.
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaspa_jax import blocks, probe
-from adaspa_jax.selection import Selection, block_lists, query_text_rows
+from adaspa_jax.selection import Selection, block_lists, query_grid
 
 SAMPLE_ROWS = 64  # SVG profiles ~1% of the tokens; a fixed count keeps shapes static.
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -114,9 +114,7 @@ def select(q, k, v, *, sparsity, frame_tokens, text, block_size, k_max, kv_lengt
   query blocks larger than key blocks."""
   b, s, h, _ = q.shape
   n_k = text.size
-  qbs = block_size if query_block_size is None else query_block_size
-  n_q = -(-s // qbs)
-  query_text = query_text_rows(query_text, text, n_q)
+  qbs, n_q, query_text = query_grid(s, block_size, query_block_size, query_text, text)
   n_video = int((~text).sum())
   kb = blocks.video_budget(sparsity, n_video)
   spatial, temporal = patterns(text, s, block_size, frame_tokens, kb, qbs)

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import query_blocks, validation
-from pallas_kernels.reference import ops
+from pallas_kernels.reference import chunking, ops
 
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -152,12 +152,6 @@ def smooth_k(k, lengths):
   return jnp.where(valid[:, :, None, None], k - mean, 0.0), mean
 
 
-def _to_heads_major(x, padded_len):
-  """[B, S, H, X] -> [B, H, S_pad, X] zero-padded, dtype kept."""
-  x = jnp.swapaxes(x, 1, 2)
-  return jnp.pad(x, ((0, 0), (0, 0), (0, padded_len - x.shape[2]), (0, 0)))
-
-
 STAGES = ("qk", "p", "v")
 
 
@@ -169,7 +163,7 @@ def _check_stages(quantized):
 
 
 def _fp8_flash(q, k, v, lengths, sm_scale, block_size, block_mask, smooth, quantized):
-  """The recipe of the module docstring, chunked like ``ops._masked_flash``.
+  """The recipe of the module docstring, chunked like ``ops``' attention (``chunking``).
 
   Args:
     q, k, v: [B, S, H, D].
@@ -208,66 +202,47 @@ def _fp8_flash(q, k, v, lengths, sm_scale, block_size, block_mask, smooth, quant
   sk_tok = expand_scales(sk, block_size, 1, s)
   sv = jnp.swapaxes(sv, 1, 2)                                 # [B, H, 1, D]
 
-  chunk = ops._chunk_size(s, block_size)
+  chunk = chunking.chunk_size(s, block_size)
   s_pad = -(-s // chunk) * chunk
-  qc = ops._split_chunks(_to_heads_major(q8, s_pad), chunk)
-  kc = ops._split_chunks(_to_heads_major(k8, s_pad), chunk)
-  vc = ops._split_chunks(_to_heads_major(v8, s_pad), chunk)
-  sqc = ops._split_chunks(_to_heads_major(sq_tok, s_pad)[..., 0], chunk)  # [n, B, H, chunk]
-  skc = ops._split_chunks(_to_heads_major(sk_tok, s_pad)[..., 0], chunk)
+  qc = chunking.split_chunks(chunking.to_heads_major(q8, s_pad), chunk)
+  kc = chunking.split_chunks(chunking.to_heads_major(k8, s_pad), chunk)
+  vc = chunking.split_chunks(chunking.to_heads_major(v8, s_pad), chunk)
+  # per-token scales: [n, B, H, chunk]
+  sqc = chunking.split_chunks(chunking.to_heads_major(sq_tok, s_pad)[..., 0], chunk)
+  skc = chunking.split_chunks(chunking.to_heads_major(sk_tok, s_pad)[..., 0], chunk)
   n_chunks = s_pad // chunk
-  bpc = chunk // block_size
-  if block_mask is not None:
-    n_blk = s_pad // block_size
-    pad = n_blk - block_mask.shape[2]
-    block_mask = jnp.pad(block_mask, ((0, 0), (0, 0), (0, pad), (0, pad)))
-  pos = jnp.arange(chunk)
+  block_mask = chunking.pad_block_mask(block_mask, s_pad, block_size)
 
   def query_chunk(args):
     qi, q_blk, sq_blk = args
-    rows = qi * chunk + pos
-    row_ok = rows[None, :] < lengths[:, None]
+    row_ok = (qi * chunk + jnp.arange(chunk))[None, :] < lengths[:, None]
 
     def key_chunk(carry, kargs):
       m, l, acc = carry
       ki, k_blk, v_blk, sk_blk = kargs
-      cols = ki * chunk + pos
-      ok = row_ok[:, None, :, None] & (cols[None, None, None, :] < lengths[:, None, None, None])
-      if block_mask is not None:
-        sub = jax.lax.dynamic_slice_in_dim(block_mask, qi * bpc, bpc, axis=2)
-        sub = jax.lax.dynamic_slice_in_dim(sub, ki * bpc, bpc, axis=3)
-        sub = jnp.repeat(jnp.repeat(sub, block_size, axis=2), block_size, axis=3)
-        ok = ok & sub
+      ok = chunking.pair_mask(row_ok, qi, ki, lengths, block_mask, chunk=chunk,
+                              block_size=block_size)
       # Step 3: e4m3 x e4m3 products, float32 accumulation, then the scales.
       raw = jnp.einsum("bhqd,bhkd->bhqk", q_blk.astype(jnp.float32),
                        k_blk.astype(jnp.float32), precision=_HIGHEST)
       scores = raw * (sm_scale * sq_blk[..., :, None] * sk_blk[..., None, :])
-      scores = jnp.where(ok, scores, -jnp.inf)
-      # Step 4: online softmax in float32; P quantised with the fixed scale.
-      m_new = jnp.maximum(m, scores.max(axis=-1))
-      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-      alpha = jnp.exp(m - m_safe)
-      p = jnp.where(ok, jnp.exp(scores - m_safe[..., None]), 0.0)
-      l = alpha * l + p.sum(axis=-1)
+      # Step 4: online softmax in float32 (the row sum from float32 P); P quantised with
+      # the fixed scale.
+      m, l, alpha, p = chunking.softmax_step(m, l, scores, ok)
       p8 = to_fp8(p / P_SCALE) if "p" in quantized else p
       # Step 5: e4m3 P x e4m3 V, float32 accumulation, then the scales.
       pv = jnp.einsum("bhqk,bhkd->bhqd", p8.astype(jnp.float32), v_blk.astype(jnp.float32),
                       precision=_HIGHEST)
       acc = alpha[..., None] * acc + pv * (p_scale * sv)
-      return (m_new, l, acc), None
+      return (m, l, acc), None
 
-    init = (jnp.full((b, h, chunk), -jnp.inf, jnp.float32),
-            jnp.zeros((b, h, chunk), jnp.float32),
-            jnp.zeros((b, h, chunk, d), jnp.float32))
+    init = chunking.softmax_init(b, h, chunk, d)
     (m, l, acc), _ = jax.lax.scan(key_chunk, init, (jnp.arange(n_chunks), kc, vc, skc))
-    has_keys = l > 0
-    out = jnp.where(has_keys[..., None], acc / jnp.where(has_keys, l, 1.0)[..., None], 0.0)
-    lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
-    return out, lse
+    return chunking.softmax_finish(m, l, acc)
 
   out, lse = jax.lax.map(query_chunk, (jnp.arange(n_chunks), qc, sqc))
-  out = jnp.swapaxes(ops._merge_chunks(out)[:, :, :s], 1, 2)
-  lse = ops._merge_chunks(lse)[:, :, :s]
+  out = jnp.swapaxes(chunking.merge_chunks(out)[:, :, :s], 1, 2)
+  lse = chunking.merge_chunks(lse)[:, :, :s]
   lse = jnp.where(jnp.isfinite(lse), lse + lse_shift, lse)
   return out, lse
 

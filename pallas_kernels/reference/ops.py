@@ -29,33 +29,11 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import query_blocks, validation
+from pallas_kernels.reference.chunking import (chunk_size, merge_chunks, pad_block_mask, pair_mask,
+                                               softmax_finish, softmax_init, softmax_step,
+                                               split_chunks, to_heads_major)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_TARGET_CHUNK = 512  # tokens per query/key chunk; bounds memory at ~B*H*512*512 floats.
-
-
-def _chunk_size(seq_len: int, block_size: int) -> int:
-  blocks_per_chunk = max(1, _TARGET_CHUNK // block_size)
-  return block_size * min(blocks_per_chunk, validation.num_blocks(seq_len, block_size))
-
-
-def _to_heads_major(x, padded_len):
-  """[B, S, H, D] -> float32 [B, H, S_pad, D] with zero padding."""
-  x = jnp.swapaxes(x, 1, 2).astype(jnp.float32)
-  return jnp.pad(x, ((0, 0), (0, 0), (0, padded_len - x.shape[2]), (0, 0)))
-
-
-def _split_chunks(x, chunk):
-  """[B, H, S_pad, ...] -> [S_pad // chunk, B, H, chunk, ...]."""
-  b, h, s = x.shape[:3]
-  x = x.reshape(b, h, s // chunk, chunk, *x.shape[3:])
-  return jnp.moveaxis(x, 2, 0)
-
-
-def _merge_chunks(x):
-  """Inverse of ``_split_chunks``."""
-  x = jnp.moveaxis(x, 0, 2)
-  return x.reshape(x.shape[0], x.shape[1], -1, *x.shape[4:])
 
 
 def _masked_flash(q, k, v, lengths, sm_scale, block_size, block_mask):
@@ -70,56 +48,34 @@ def _masked_flash(q, k, v, lengths, sm_scale, block_size, block_mask):
     out float32 [B, S, H, D] and lse float32 [B, H, S].
   """
   b, s, h, d = q.shape
-  chunk = _chunk_size(s, block_size)
+  chunk = chunk_size(s, block_size)
   s_pad = -(-s // chunk) * chunk
-  qc = _split_chunks(_to_heads_major(q, s_pad), chunk)
-  kc = _split_chunks(_to_heads_major(k, s_pad), chunk)
-  vc = _split_chunks(_to_heads_major(v, s_pad), chunk)
+  qc = split_chunks(to_heads_major(q, s_pad, jnp.float32), chunk)
+  kc = split_chunks(to_heads_major(k, s_pad, jnp.float32), chunk)
+  vc = split_chunks(to_heads_major(v, s_pad, jnp.float32), chunk)
   n_chunks = s_pad // chunk
-  bpc = chunk // block_size
-  if block_mask is not None:
-    n_blk = s_pad // block_size
-    pad = n_blk - block_mask.shape[2]
-    block_mask = jnp.pad(block_mask, ((0, 0), (0, 0), (0, pad), (0, pad)))
-  pos = jnp.arange(chunk)
+  block_mask = pad_block_mask(block_mask, s_pad, block_size)
 
   def query_chunk(args):
     qi, q_blk = args
-    rows = qi * chunk + pos
-    row_ok = rows[None, :] < lengths[:, None]  # [B, chunk]
+    row_ok = (qi * chunk + jnp.arange(chunk))[None, :] < lengths[:, None]  # [B, chunk]
 
     def key_chunk(carry, kargs):
       m, l, acc = carry
       ki, k_blk, v_blk = kargs
-      cols = ki * chunk + pos
-      ok = row_ok[:, None, :, None] & (cols[None, None, None, :] < lengths[:, None, None, None])
-      if block_mask is not None:
-        sub = jax.lax.dynamic_slice_in_dim(block_mask, qi * bpc, bpc, axis=2)
-        sub = jax.lax.dynamic_slice_in_dim(sub, ki * bpc, bpc, axis=3)
-        sub = jnp.repeat(jnp.repeat(sub, block_size, axis=2), block_size, axis=3)
-        ok = ok & sub
+      ok = pair_mask(row_ok, qi, ki, lengths, block_mask, chunk=chunk, block_size=block_size)
       scores = sm_scale * jnp.einsum("bhqd,bhkd->bhqk", q_blk, k_blk, precision=_HIGHEST)
-      scores = jnp.where(ok, scores, -jnp.inf)
-      m_new = jnp.maximum(m, scores.max(axis=-1))
-      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-      alpha = jnp.exp(m - m_safe)
-      p = jnp.where(ok, jnp.exp(scores - m_safe[..., None]), 0.0)
-      l = alpha * l + p.sum(axis=-1)
+      m, l, alpha, p = softmax_step(m, l, scores, ok)
       acc = alpha[..., None] * acc + jnp.einsum("bhqk,bhkd->bhqd", p, v_blk, precision=_HIGHEST)
-      return (m_new, l, acc), None
+      return (m, l, acc), None
 
-    init = (jnp.full((b, h, chunk), -jnp.inf, jnp.float32),
-            jnp.zeros((b, h, chunk), jnp.float32),
-            jnp.zeros((b, h, chunk, d), jnp.float32))
+    init = softmax_init(b, h, chunk, d)
     (m, l, acc), _ = jax.lax.scan(key_chunk, init, (jnp.arange(n_chunks), kc, vc))
-    has_keys = l > 0
-    out = jnp.where(has_keys[..., None], acc / jnp.where(has_keys, l, 1.0)[..., None], 0.0)
-    lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
-    return out, lse
+    return softmax_finish(m, l, acc)
 
   out, lse = jax.lax.map(query_chunk, (jnp.arange(n_chunks), qc))
-  out = jnp.swapaxes(_merge_chunks(out)[:, :, :s], 1, 2)
-  return out, _merge_chunks(lse)[:, :, :s]
+  out = jnp.swapaxes(merge_chunks(out)[:, :, :s], 1, 2)
+  return out, merge_chunks(lse)[:, :, :s]
 
 
 def attention(q, k, v, *, kv_lengths=None, sm_scale=None):
@@ -212,12 +168,12 @@ def _block_mass(q, k, lse, *, block_size, kv_lengths, sm_scale):
   """``block_mass`` at square blocks of ``block_size``."""
   b, s, h, _, block_size, n_blk, _, scale, lengths = validation.block_mass_call(
       q, k, lse, block_size, kv_lengths, sm_scale)
-  chunk = _chunk_size(s, block_size)
+  chunk = chunk_size(s, block_size)
   s_pad = -(-s // chunk) * chunk
   bpc = chunk // block_size
-  qc = _split_chunks(_to_heads_major(q, s_pad), chunk)
-  kc = _split_chunks(_to_heads_major(k, s_pad), chunk)
-  lse_c = _split_chunks(jnp.pad(lse, ((0, 0), (0, 0), (0, s_pad - s))), chunk)
+  qc = split_chunks(to_heads_major(q, s_pad, jnp.float32), chunk)
+  kc = split_chunks(to_heads_major(k, s_pad, jnp.float32), chunk)
+  lse_c = split_chunks(jnp.pad(lse, ((0, 0), (0, 0), (0, s_pad - s))), chunk)
   n_chunks = s_pad // chunk
   pos = jnp.arange(chunk)
 
