@@ -61,3 +61,25 @@ def coarsen_mass(mass, *, seq: int, block_size: int, query_block_size: int):
   n_q = validation.num_blocks(seq, query_block_size)
   mass = jnp.pad(mass, ((0, 0), (0, 0), (0, n_q * r - n_fine), (0, 0)))
   return mass.reshape(b, h, n_q, r, n_k).sum(3)
+
+
+def checked_sparse_call(q, k, v, kv_block_indices, kv_block_counts, *, block_size, kv_lengths,
+                        sm_scale, query_block_size, expand: bool = True):
+  """The block-sparse prologue every implementation shares: checks the call
+  (``validation.block_sparse_call`` at ``query_block_size``), clamps the lists in bounds
+  (``validation.safe_block_lists``) and, with ``expand``, repeats them to ``block_size``-row
+  query blocks (``expand_lists``; a no-op at square blocks).
+
+  Returns:
+    (qbs, (b, s, h, d, block_size, n_blk, kv_lengths, scale, lengths), indices, counts)
+    with ``validation.block_sparse_call``'s tuple in the middle.
+  """
+  qbs = validation.check_query_block_size(query_block_size, block_size)
+  call = validation.block_sparse_call(q, k, v, kv_block_indices, kv_block_counts, block_size,
+                                      kv_lengths, sm_scale, qbs)
+  s, block_size, n_blk = call[1], call[4], call[5]
+  indices, counts = validation.safe_block_lists(kv_block_indices, kv_block_counts, n_blk)
+  if expand:
+    indices, counts = expand_lists(indices, counts, seq=s, block_size=block_size,
+                                   query_block_size=qbs)
+  return qbs, call, indices, counts

@@ -212,11 +212,11 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
   """
-  qbs = validation.check_query_block_size(query_block_size, block_size)
-  b, s, h, d, block_size, n_blk, kv_lengths, scale, lengths = validation.block_sparse_call(
-      q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale, qbs)
-  kv_block_indices, kv_block_counts = validation.safe_block_lists(
-      kv_block_indices, kv_block_counts, n_blk)
+  qbs, (b, s, h, d, block_size, n_blk, kv_lengths, scale, lengths), kv_block_indices, \
+      kv_block_counts = query_blocks.checked_sparse_call(
+          q, k, v, kv_block_indices, kv_block_counts, block_size=block_size,
+          kv_lengths=kv_lengths, sm_scale=sm_scale, query_block_size=query_block_size,
+          expand=False)
   reason = unsupported_reason(q.dtype, d, block_size)
   if reason:
     return _call_fallback("block_sparse_attention", reason, interpret, q, k, v,

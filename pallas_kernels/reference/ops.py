@@ -127,13 +127,10 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
   """
-  qbs = validation.check_query_block_size(query_block_size, block_size)
-  _, s, _, _, block_size, n_blk, _, scale, lengths = validation.block_sparse_call(
-      q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale, qbs)
-  kv_block_indices, kv_block_counts = validation.safe_block_lists(
-      kv_block_indices, kv_block_counts, n_blk)
-  kv_block_indices, kv_block_counts = query_blocks.expand_lists(
-      kv_block_indices, kv_block_counts, seq=s, block_size=block_size, query_block_size=qbs)
+  _, (_, _, _, _, block_size, n_blk, _, scale, lengths), kv_block_indices, kv_block_counts = (
+      query_blocks.checked_sparse_call(
+          q, k, v, kv_block_indices, kv_block_counts, block_size=block_size,
+          kv_lengths=kv_lengths, sm_scale=sm_scale, query_block_size=query_block_size))
   mask = block_mask_from_lists(kv_block_indices, kv_block_counts, n_blk)
   out, lse = _masked_flash(q, k, v, lengths, scale, block_size, mask)
   out = out.astype(q.dtype)

@@ -95,13 +95,10 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   Returns:
     out [B, S, H, D] in q's dtype, and lse float32 [B, H, S] if ``return_lse``.
   """
-  qbs = validation.check_query_block_size(query_block_size, block_size)
-  _, s, _, d, block_size, n_blk, kv_lengths, scale, lengths = validation.block_sparse_call(
-      q, k, v, kv_block_indices, kv_block_counts, block_size, kv_lengths, sm_scale, qbs)
-  kv_block_indices, kv_block_counts = validation.safe_block_lists(
-      kv_block_indices, kv_block_counts, n_blk)
-  kv_block_indices, kv_block_counts = query_blocks.expand_lists(
-      kv_block_indices, kv_block_counts, seq=s, block_size=block_size, query_block_size=qbs)
+  _, (_, s, _, d, block_size, n_blk, kv_lengths, scale, lengths), kv_block_indices, \
+      kv_block_counts = query_blocks.checked_sparse_call(
+          q, k, v, kv_block_indices, kv_block_counts, block_size=block_size,
+          kv_lengths=kv_lengths, sm_scale=sm_scale, query_block_size=query_block_size)
   if config is None:
     config = block_sparse_kernel.DEFAULT_CONFIG
   config = _fit_smem(config, d, q.dtype.itemsize, streams=2)
