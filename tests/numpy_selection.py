@@ -67,3 +67,17 @@ def select(mass, sparsity, text, head_adaptive=True, threshold=0.8, query_text=N
       rec[b, h] = recall(b, h, ks[h])
       spa[b, h] = 1.0 - ks[h] / len(video) if video else 0.0
   return sets, counts, rec, spa
+
+
+def assert_lists_equal_sets(indices, counts, sets, n_k):
+  """Kernel-format lists [B, H, nQ, K_max] / counts [B, H, nQ] hold exactly ``sets``
+  [B][H][nQ] (ascending, padded with the row's last id; a count >= n_k key blocks is a
+  dense row whose set must be every block)."""
+  idx, cnt = np.asarray(indices), np.asarray(counts)
+  for pos in np.ndindex(cnt.shape):
+    want = sets[pos[0]][pos[1]][pos[2]]
+    if cnt[pos] >= n_k:
+      assert want == set(range(n_k)), pos
+      continue
+    assert list(idx[pos][:cnt[pos]]) == sorted(want), (pos, idx[pos], want)
+    assert np.all(idx[pos][cnt[pos]:] == idx[pos][cnt[pos] - 1])

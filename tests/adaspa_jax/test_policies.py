@@ -9,21 +9,9 @@ import pytest
 from adaspa_jax import (POLICIES, AdaSpaConfig, adaspa_attention, get_config, init_state,
                         parallel, policies, svg, text_blocks_mask)
 from adaspa_jax.state import k_max_for
-from tests import numpy_policies, numpy_ref
+from tests import numpy_policies, numpy_ref, numpy_selection
 
 BS = 16
-
-
-def _lists_equal_sets(indices, counts, sets):
-  idx, cnt = np.asarray(indices), np.asarray(counts)
-  n_k = idx.shape[2]
-  for pos in np.ndindex(cnt.shape):
-    want = sets[pos[0]][pos[1]][pos[2]]
-    if cnt[pos] >= n_k:
-      assert want == set(range(n_k)), pos
-      continue
-    assert list(idx[pos][:cnt[pos]]) == sorted(want), (pos, idx[pos], want)
-    assert np.all(idx[pos][cnt[pos]:] == idx[pos][cnt[pos] - 1])
 
 
 def _text(n_k, where):
@@ -57,7 +45,7 @@ def test_topp_matches_numpy(case, where):
       jnp.asarray(mass))
   sets, counts, recall, spars = numpy_policies.topp(mass, p, text)
   np.testing.assert_array_equal(np.asarray(sel.counts), counts)
-  _lists_equal_sets(sel.indices, sel.counts, sets)
+  numpy_selection.assert_lists_equal_sets(sel.indices, sel.counts, sets, len(text))
   np.testing.assert_allclose(np.asarray(sel.recall), recall, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(sel.sparsity), spars, atol=1e-6)
   if case == "one_block":
@@ -115,7 +103,7 @@ def test_svg_picks_the_pattern_the_attention_follows():
   np.testing.assert_array_equal(use_spatial[:, [0, 1, 3]], [[True, False, False]] * 2)
   margin = np.abs(errors[..., 0] - errors[..., 1]) / errors.max(-1)
   assert margin.min() > 1e-3  # the random head's choice is not a float-rounding coin toss
-  _lists_equal_sets(sel.indices, sel.counts, sets)
+  numpy_selection.assert_lists_equal_sets(sel.indices, sel.counts, sets, len(text))
   np.testing.assert_allclose(np.asarray(sel.recall), recall, rtol=1e-4)
   assert np.all(np.asarray(sel.recall)[:, [0, 1, 3]] > 0.9)
 
@@ -135,7 +123,7 @@ def test_minference_matches_numpy(seq, text_span, sparsity, d, dtype):
           q, k, jnp.asarray(lengths, jnp.int32))
   sets, recall = numpy_policies.minference(q.astype(jnp.float32), k.astype(jnp.float32),
                                            sparsity, text, BS, lengths)
-  _lists_equal_sets(sel.indices, sel.counts, sets)
+  numpy_selection.assert_lists_equal_sets(sel.indices, sel.counts, sets, len(text))
   np.testing.assert_allclose(np.asarray(sel.recall), recall, rtol=1e-4)
 
 

@@ -30,17 +30,6 @@ def query_text_by_tokens(seq, qbs, span):
                    for p in range(n_q)])
 
 
-def lists_equal_sets(indices, counts, sets, n_k):
-  idx, cnt = np.asarray(indices), np.asarray(counts)
-  for pos in np.ndindex(cnt.shape):
-    want = sets[pos[0]][pos[1]][pos[2]]
-    if cnt[pos] >= n_k:
-      assert want == set(range(n_k)), pos
-      continue
-    assert list(idx[pos][:cnt[pos]]) == sorted(want), (pos, idx[pos], want)
-    assert np.all(idx[pos][cnt[pos]:] == idx[pos][cnt[pos] - 1])
-
-
 def sets_of(indices, counts, n_k):
   idx, cnt = np.asarray(indices), np.asarray(counts)
   return [[[set(range(n_k)) if cnt[b, h, p] >= n_k else set(idx[b, h, p, :cnt[b, h, p]])
@@ -134,7 +123,7 @@ def test_select_matches_numpy(where, sparsity, tiers):
                                                        query_text=qtext)
   assert sel.indices.shape[:3] == (b, h, 8)
   np.testing.assert_array_equal(np.asarray(sel.counts), counts)
-  lists_equal_sets(sel.indices, sel.counts, sets, 16)
+  numpy_selection.assert_lists_equal_sets(sel.indices, sel.counts, sets, 16)
   np.testing.assert_allclose(np.asarray(sel.recall), recall, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(sel.sparsity), spars, atol=1e-6)
 
@@ -157,7 +146,7 @@ def test_topp_matches_numpy(where):
                              query_text=qtext)
   sets, counts, recall, spars = numpy_policies.topp(mass, 0.8, text, query_text=qtext)
   np.testing.assert_array_equal(np.asarray(sel.counts), counts)
-  lists_equal_sets(sel.indices, sel.counts, sets, 16)
+  numpy_selection.assert_lists_equal_sets(sel.indices, sel.counts, sets, 16)
   np.testing.assert_allclose(np.asarray(sel.recall), recall, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(sel.sparsity), spars, atol=1e-6)
 
@@ -183,7 +172,7 @@ def test_svg_matches_numpy(seq, frame, span):
                         kv_lengths=jnp.asarray(lengths, jnp.int32), query_text=qtext)
   _, sets, recall, _ = numpy_policies.svg(q, k_, v, 0.6, text, BS, frame, lengths,
                                           query_block_size=QBS, query_text=qtext)
-  lists_equal_sets(sel.indices, sel.counts, sets, len(text))
+  numpy_selection.assert_lists_equal_sets(sel.indices, sel.counts, sets, len(text))
   np.testing.assert_allclose(np.asarray(sel.recall), recall, rtol=1e-4)
 
 
@@ -200,7 +189,7 @@ def test_minference_matches_numpy(seq, span):
                         query_text=qtext)
   sets, recall = numpy_policies.minference(q, k, 0.6, text, BS, lengths,
                                            query_block_size=QBS, query_text=qtext)
-  lists_equal_sets(sel.indices, sel.counts, sets, len(text))
+  numpy_selection.assert_lists_equal_sets(sel.indices, sel.counts, sets, len(text))
   np.testing.assert_allclose(np.asarray(sel.recall), recall, rtol=1e-4)
 
 
