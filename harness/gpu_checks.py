@@ -68,6 +68,8 @@ def determinism(*, batch: int = 1, seq_len: int = 4_160, heads: int = 4, head_di
   n_blk = -(-seq_len // block_size)
   idx, cnt = _random_lists(keys[3], batch, heads, n_blk, max(1, n_blk // 4))
   lengths = jnp.full((batch,), seq_len, jnp.int32).at[0].set(seq_len - 17)
+  lse = api.attention_with_block_mass(q, k, v, block_size=block_size, kv_lengths=lengths,
+                                      implementation="reference")[1]
   out: dict = {}
   for impl in impls:
     ops: dict[str, Callable] = {
@@ -77,8 +79,6 @@ def determinism(*, batch: int = 1, seq_len: int = 4_160, heads: int = 4, head_di
         "attention_with_block_mass": lambda q, k, v, impl=impl: api.attention_with_block_mass(
             q, k, v, block_size=block_size, kv_lengths=lengths, implementation=impl),
     }
-    lse = api.attention_with_block_mass(q, k, v, block_size=block_size, kv_lengths=lengths,
-                                        implementation="reference")[1]
     ops["block_mass"] = lambda q, k, v, impl=impl: api.block_mass(
         q, k, lse, block_size=block_size, kv_lengths=lengths, implementation=impl)
     ops["adaspa_cycle"] = lambda q, k, v, impl=impl: _adaspa_cycle(
