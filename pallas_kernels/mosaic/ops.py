@@ -136,17 +136,18 @@ def log2_lse(lse, lengths, s_pad):
 
 
 def _expand_query_blocks(indices, counts, *, seq, block_size, query_block_size):
-  """Lists at ``query_block_size`` rows -> at ``block_size`` rows, for the square kernel.
+  """Lists the block-sparse kernel runs: (indices, counts, their query-block rows).
 
-  The stopgap for query blocks larger than key blocks: each fine query block reads
-  its query block's list (``query_blocks.expand_lists``), so the kernel computes the
-  same pairs with two lists per 128-row CTA. A native 128 x 64 path, which reads one
-  list per CTA and shares one K/V ring, bypasses this. Unchanged when the sizes agree.
+  A tiling in ``block_sparse_kernel.SUPPORTED_TILINGS`` (64 x 64, 128 x 128, 128 x 64)
+  runs natively: the lists as given. Any other pair is expanded to ``block_size``-row
+  query blocks (``query_blocks.expand_lists``: each fine query block reads its query
+  block's list), which the square kernel runs.
   """
   if (query_block_size, block_size) in block_sparse_kernel.SUPPORTED_TILINGS:
-    return indices, counts  # the kernel's native tiling
-  return query_blocks.expand_lists(indices, counts, seq=seq, block_size=block_size,
-                                   query_block_size=query_block_size)
+    return indices, counts, query_block_size
+  indices, counts = query_blocks.expand_lists(indices, counts, seq=seq, block_size=block_size,
+                                              query_block_size=query_block_size)
+  return indices, counts, block_size
 
 
 def _sparse(qp, kp, vp, idx, counts, lengths, *, seq, block_size, scale, config, interpret,
@@ -224,15 +225,14 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
                           kv_lengths=kv_lengths, sm_scale=scale, return_lse=return_lse,
                           query_block_size=qbs)
   _check_device(interpret)
-  kv_block_indices, kv_block_counts = _expand_query_blocks(
+  kv_block_indices, kv_block_counts, list_rows = _expand_query_blocks(
       kv_block_indices, kv_block_counts, seq=s, block_size=block_size, query_block_size=qbs)
-  native = (qbs, block_size) in block_sparse_kernel.SUPPORTED_TILINGS
   s_pad = padded_len(s)
   qp, kp, vp = (pad_seq(x, s_pad, 1) for x in (q, k, v))
   out, lse = _sparse(qp, kp, vp, kv_block_indices, kv_block_counts, lengths, seq=s,
                      block_size=block_size, scale=scale, interpret=interpret,
                      config=block_sparse_kernel.DEFAULT_CONFIG if config is None else config,
-                     query_block_size=qbs if native else block_size)
+                     query_block_size=list_rows)
   out, lse = _finish(out, lse, kv_lengths, lengths, s)
   return (out, lse) if return_lse else out
 
