@@ -6,6 +6,13 @@ mbarriers on the host. Kernel code that asks the abstract mesh for the device
 
 JAX exports no public API for this interpreter yet: its entry points are imported from
 ``jax._src`` here, and only here.
+
+On a machine with few CPU cores, run interpreted kernels with CPU async dispatch off
+(``JAX_CPU_ENABLE_ASYNC_DISPATCH=false``, or ``jax.config.update(
+"jax_cpu_enable_async_dispatch", False)`` before the first computation): the
+interpreter runs each warpgroup as its own computation on its own thread, they wait on
+each other's barriers, and queued on XLA's small CPU pool they can deadlock. The test
+suite sets it in ``tests/conftest.py``.
 """
 
 from __future__ import annotations
