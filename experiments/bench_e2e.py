@@ -11,6 +11,8 @@ per-step timing over video lengths. Writes ``e2e_<model>_<date><tag>.json``
 ``--output_dir``, after every stage.
 
   python -m adaspa_jax.experiments.bench_e2e --model=hunyuan_video --layers=2 --full_run
+  python -m adaspa_jax.experiments.bench_e2e --model=hunyuan_video --layers=2 \\
+      --query_block_size=128   # the 128 x 64 tiling (query rows x keys per list entry)
   python -m adaspa_jax.experiments.bench_e2e --model=hunyuan_video --layers=1 \\
       --sweep_seconds=2,5,8,16
   python -m adaspa_jax.experiments.bench_e2e --model=hunyuan_video --layers=2 --mesh=2
@@ -37,6 +39,8 @@ _LAYERS = flags.DEFINE_integer("layers", 2, "transformer blocks built (HunyuanVi
 _STEPS = flags.DEFINE_integer("steps", 50, "denoising steps of the schedule")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.8, "AdaSpa base sparsity")
 _BLOCK = flags.DEFINE_integer("block_size", 64, "AdaSpa block size")
+_QBLOCK = flags.DEFINE_integer("query_block_size", None, "query rows per list row (default: "
+                               "--block_size); 128 with --block_size=64 is the 128 x 64 tiling")
 _SEARCH = flags.DEFINE_list("search_steps", None, "0-indexed search steps; default the paper's "
                             "10th and 30th of 50 steps, scaled to --steps")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weights and "
@@ -74,7 +78,7 @@ def main(argv):
 
   results = e2e.run(
       family=_MODEL.value, preset=_PRESET.value, layers=_LAYERS.value, steps=_STEPS.value,
-      sparsity=_SPARSITY.value, block_size=_BLOCK.value,
+      sparsity=_SPARSITY.value, block_size=_BLOCK.value, query_block_size=_QBLOCK.value,
       search_steps=[int(s) for s in _SEARCH.value] if _SEARCH.value else None,
       dtype=_DTYPE.value, implementation=_IMPL.value,
       latent=(_FRAMES.value, _HEIGHT.value, _WIDTH.value), video_seconds=_SECONDS.value,

@@ -18,6 +18,13 @@ def summary_line(m: dict) -> str:
           f"{m['ceiling']:.3f}x, speedup / ceiling {m['speedup_over_ceiling']:.3f}")
 
 
+def _tiling(adaspa: dict) -> str:
+  """'Q x K': query rows per list row x keys per list entry of an ``AdaSpaConfig`` dict."""
+  bs = adaspa["block_size"]
+  qbs = adaspa.get("query_block_size") or bs
+  return f"{qbs} x {bs}"
+
+
 def table(results: dict) -> str:
   """Markdown: per-phase step times, the composition, the ceiling, walls and the sweep."""
   m = results["main"]
@@ -30,7 +37,8 @@ def table(results: dict) -> str:
       f"{results['dtype']}, random weights, {lay['built']} of {lay['full_depth']} attention "
       f"layers built, latent {tuple(m['latent'])} = S {m['seq_len']} tokens "
       f"({m['text_tokens']} text), {m['batch_rows']} batch row(s); AdaSpa "
-      f"{results['implementation']}, dense {results['dense_implementation']}.",
+      f"{results['implementation']} at {_tiling(results['adaspa'])}, dense "
+      f"{results['dense_implementation']}.",
       "",
       f"Command: `{results['command']}`",
       "",

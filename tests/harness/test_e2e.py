@@ -37,15 +37,19 @@ def results(bench):
                      log=lambda msg: None)
 
 
-def _numpy_pairs(indices, counts, seq_len, block_size):
-  """int [L]: query x key pairs per layer, counted block by block."""
-  n_layers, _, _, n_blk, _ = indices.shape
+def _numpy_pairs(indices, counts, seq_len, block_size, query_block_size=None):
+  """int [L]: query x key pairs per layer, counted block by block (list rows of
+  ``query_block_size`` queries, None: ``block_size``)."""
+  qbs = query_block_size or block_size
+  n_layers = indices.shape[0]
+  n_blk = -(-seq_len // block_size)
   sizes = np.minimum(block_size, seq_len - np.arange(n_blk) * block_size)
+  rows = np.minimum(qbs, seq_len - np.arange(counts.shape[-1]) * qbs)
   pairs = np.zeros(n_layers, np.int64)
   for idx in np.ndindex(counts.shape):
     n = counts[idx]
     keys = seq_len if n >= n_blk else sizes[indices[idx][:n]].sum()
-    pairs[idx[0]] += sizes[idx[-1]] * keys
+    pairs[idx[0]] += rows[idx[-1]] * keys
   return pairs
 
 
@@ -95,6 +99,25 @@ def test_sparse_state_is_the_fused_search_of_the_same_inputs(bench, results):
   np.testing.assert_allclose(m["recall_per_layer"], np.asarray(state.recall).mean((1, 2)),
                              rtol=1e-5)
   assert 0 < m["density"] < 1 and len(m["attention"]["sparse_per_layer"]) == 2
+
+
+def test_query_blocks_of_32_over_key_blocks_of_16():
+  """query_block_size reaches the model: lists have one row per 32 queries over key blocks
+  of 16, the density counts 32-row (last: 2-row) query blocks, the table names the tiling."""
+  bench = e2e.prepare(**dict(KW, query_block_size=32), command="pytest", log=lambda msg: None)
+  case = bench.case
+  assert bench.adaspa.query_block_size == 32 and bench.header["adaspa"]["query_block_size"] == 32
+  graphdef, params = nnx.split(case.model)
+  search = jax.jit(lambda p, inputs, st: nnx.merge(graphdef, p)(
+      **inputs, adaspa_state=st, adaspa_step=SEARCH[0])[1])
+  state = search(params, e2e.denoiser_inputs(case, SEARCH[0]), e2e.init_state(case))
+  indices, counts = np.asarray(state.indices), np.asarray(state.counts)
+  assert counts.shape[-1] == 3 and indices.shape[-2] == 3  # 66 tokens / 32 rows
+  assert np.all(counts[..., 2] == 5)  # the last query block holds text: dense
+  pairs = e2e.computed_pairs(state, 66, 16, 32)
+  np.testing.assert_array_equal(pairs, _numpy_pairs(indices, counts, 66, 16, 32))
+  assert 0 < pairs.sum() < 2 * 2 * 66 * 66 * 2
+  assert e2e_report._tiling(bench.header["adaspa"]) == "32 x 16"  # pylint: disable=protected-access
 
 
 def test_sweep_and_outputs(results, tmp_path):
