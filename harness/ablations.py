@@ -19,6 +19,9 @@ Groups (``GROUPS``):
               step w and at the paper's 30th step (the warm-up figure).
   schedule    AdaSpa at 0.8 searching at {10}, {10,30}, {10,20,30},
               {10,20,30,40} (Table 2).
+  granularity AdaSpa at 0.8 / 0.9 with lists per query block of ``block_size`` rows
+              (the paper's square blocks) and of ``GRANULARITY_ROWS`` x ``block_size``
+              rows (e.g. 128 x 64, the tiling that shares one K/V ring per CTA).
 
 Steps are named as in the paper, 1-indexed of 50 (``PAPER_STEPS``); with
 ``num_steps`` = 50 they apply literally ({10, 30} -> 0-indexed (9, 29); warm-up
@@ -64,7 +67,9 @@ WARMUPS = (0, 2, 5, 10)
 SCHEDULES = ((10,), (10, 30), (10, 20, 30), (10, 20, 30, 40))
 PAPER_SCHEDULE = (10, 30)
 TABLE1_TOP_P = 0.9
-GROUPS = ("table1", "policies", "components", "warmup", "schedule")
+GRANULARITY_SPARSITIES = (0.8, 0.9)
+GRANULARITY_ROWS = (1, 2)  # query block = this many key blocks of rows
+GROUPS = ("table1", "policies", "components", "warmup", "schedule", "granularity")
 POLICY_NAMES = {"adaspa": "AdaSpa", "svg": "SVG", "minference": "MInference", "topp": "top-p"}
 
 
@@ -182,6 +187,22 @@ def schedule_group(base: AdaSpaConfig) -> list[Setting]:
                   {"schedule": list(s)}) for s in SCHEDULES]
 
 
+def granularity_group(base: AdaSpaConfig) -> list[Setting]:
+  """AdaSpa at ``GRANULARITY_SPARSITIES`` with query blocks of ``GRANULARITY_ROWS`` x
+  ``block_size`` rows; the square rows are ``base``'s own configs (so a run with table1
+  samples them once)."""
+  bs = base.block_size
+  out = []
+  for x in GRANULARITY_SPARSITIES:
+    for m in GRANULARITY_ROWS:
+      qbs = m * bs
+      config = base.replace(sparsity=x, query_block_size=None if m == 1 else qbs)
+      out.append(Setting("granularity", f"AdaSpa s={x} {qbs}x{bs}", config,
+                         {"policy": "adaspa", "sparsity": x, "query_block_size": qbs,
+                          "block_size": bs}))
+  return out
+
+
 def grid(*, num_steps: int = PAPER_STEPS, frame_tokens: int, groups: Sequence[str] = GROUPS,
          **base_overrides) -> list[Setting]:
   """The settings of ``groups`` (in ``GROUPS`` order, each once).
@@ -202,7 +223,8 @@ def grid(*, num_steps: int = PAPER_STEPS, frame_tokens: int, groups: Sequence[st
   build = {"table1": lambda: table1_settings(base, frame_tokens),
            "policies": lambda: policy_settings(base, frame_tokens),
            "components": lambda: component_settings(base),
-           "warmup": lambda: warmup_group(base), "schedule": lambda: schedule_group(base)}
+           "warmup": lambda: warmup_group(base), "schedule": lambda: schedule_group(base),
+           "granularity": lambda: granularity_group(base)}
   return [s for g in GROUPS if g in groups for s in build[g]()]
 
 

@@ -14,7 +14,8 @@ def test_grid_applies_the_paper_schedules_literally_at_50_steps():
   settings = ablations.grid(num_steps=50, frame_tokens=256)
   by = {(s.group, s.name): s for s in settings}
   assert [s.group for s in settings] == (["table1"] * 9 + ["policies"] * 13 + ["components"] * 4
-                                         + ["warmup"] * 4 + ["schedule"] * 4)
+                                         + ["warmup"] * 4 + ["schedule"] * 4
+                                         + ["granularity"] * 4)
   assert by["policies", "dense"].config is None
   base = by["components", "AdaSpa"].config
   assert base == by["policies", "AdaSpa s=0.8"].config == by["schedule", "{10,30}"].config
@@ -37,8 +38,8 @@ def test_grid_applies_the_paper_schedules_literally_at_50_steps():
       ablations.TOP_P)
   assert all(s.config.measure_recall and s.config.num_steps == 50 for s in settings
              if s.config is not None)
-  # AdaSpa 0.8 on {10,30} sits in three groups and runs once.
-  assert len({s.config for s in settings if s.config is not None}) == 22
+  # AdaSpa 0.8 on {10,30} sits in four groups and runs once; granularity adds two.
+  assert len({s.config for s in settings if s.config is not None}) == 24
 
 
 def test_grid_scales_steps_and_checks_its_arguments():
@@ -134,6 +135,22 @@ def test_every_block_reproduces_dense_and_every_policy_runs(tmp_path):
     assert [c["psnr_db"] for c in rows[name]["clips"]] != ada, name
   with pytest.raises(ValueError, match="config.num_steps=2: expected num_steps=3"):
     ablations.run(checkpoint, settings, n=1, num_steps=3)
+
+
+def test_granularity_rows_pair_square_and_tall_query_blocks():
+  settings = ablations.grid(num_steps=25, frame_tokens=1024, groups=["granularity"])
+  assert [s.name for s in settings] == ["AdaSpa s=0.8 64x64", "AdaSpa s=0.8 128x64",
+                                        "AdaSpa s=0.9 64x64", "AdaSpa s=0.9 128x64"]
+  got = [(s.config.sparsity, s.config.effective_query_block_size, s.config.block_size)
+         for s in settings]
+  assert got == [(0.8, 64, 64), (0.8, 128, 64), (0.9, 64, 64), (0.9, 128, 64)]
+  # The square rows are table1's configs (sampled once when both groups run).
+  table1 = {s.name: s.config for s in ablations.grid(num_steps=25, frame_tokens=1024,
+                                                     groups=["table1"])}
+  assert settings[0].config == table1["AdaSpa s=0.8"]
+  assert settings[2].config == table1["AdaSpa s=0.9"]
+  small = ablations.grid(num_steps=8, frame_tokens=64, groups=["granularity"], block_size=16)
+  assert [s.name for s in small][:2] == ["AdaSpa s=0.8 16x16", "AdaSpa s=0.8 32x16"]
 
 
 def test_table1_rows_are_the_issue_rows():
