@@ -112,12 +112,15 @@ def adaspa_attention(q, k, v, state: AdaSpaState, step, config: AdaSpaConfig, *,
 
   def sparse_with(st):
     return pk.block_sparse_attention(q, k, v, *layout.kernel_lists(st.indices, st.counts),
-                                     return_lse=False, **kernel_kw)
+                                     return_lse=False, precision=config.precision, **kernel_kw)
 
   def dense(st):
+    # None: cuDNN where it runs (FP8: else the device's FP8 kernel, all rows dense).
+    dense_impl = "reference" if impl == "reference" else None
     out = pk.dense_attention(q, k, v, kv_lengths=kv_lengths, sm_scale=sm_scale,
-                             debug_checks=config.debug_checks,
-                             implementation="reference" if impl == "reference" else None)
+                             debug_checks=config.debug_checks, implementation=dense_impl,
+                             precision=config.precision, block_size=config.block_size,
+                             interpret=interpret)
     return out, st
 
   def fused_search(st):

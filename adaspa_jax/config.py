@@ -46,9 +46,14 @@ class AdaSpaConfig:
       ``block_size`` of at most 128, e.g. 128 over blocks of 64 (SpargeAttn's
       granularity): selection is then a row-wise top-k per 128-row query block, a
       query block holding any text token is a dense row, and the state's lists
-      have ceil(S / 128) rows. Every kernel serves it today by running its square
-      kernel on the expanded lists, so it changes which blocks are chosen, not the
-      speed; only the Mosaic path's native 128 x 64 kernel (to come) is faster.
+      have ceil(S / 128) rows. The Mosaic kernel runs 128 x 64 natively (both
+      compute warpgroups of a CTA share one list and one K/V ring); the reference and
+      Triton paths expand the lists to square blocks (same output, no speed-up).
+    precision: "bf16" (the inputs' dtype) or "fp8": the dense warm-up steps and the
+      sparse steps run the FP8 recipe (``pallas_kernels.reference.fp8``: K smoothed, Q
+      and K per block, P and V per channel in float8_e4m3fn, float32 accumulation);
+      dense FP8 is cuDNN's FP8 kernel where it runs. The search passes (block mass,
+      fused search) stay in the inputs' dtype, since their mass chooses the lists.
     debug_checks: also check traced values with ``jax.experimental.checkify``: the
       step in [0, num_steps), kv_lengths in [0, S], and every block list the kernels
       read (indices in range, no duplicates, counts possible). Run the jitted
@@ -71,6 +76,7 @@ class AdaSpaConfig:
   measure_recall: bool = False
   debug_checks: bool = False
   query_block_size: int | None = None
+  precision: str = "bf16"
 
   def __post_init__(self):
     s = self.sparsity
@@ -78,6 +84,7 @@ class AdaSpaConfig:
       raise ValueError(f"sparsity={s!r}: expected a float in [0, 1).")
     validation.check_block_size(self.block_size)
     validation.check_query_block_size(self.query_block_size, self.block_size)
+    validation.check_precision(self.precision)
     if (not isinstance(self.num_steps, numbers.Integral) or isinstance(self.num_steps, bool)
         or self.num_steps < 1):
       raise ValueError(f"num_steps={self.num_steps!r}: expected an int >= 1.")
@@ -96,6 +103,9 @@ class AdaSpaConfig:
       raise ValueError(
           f"implementation={self.implementation!r}: expected None, 'reference', 'triton' "
           "or 'mosaic'.")
+    if self.precision == "fp8" and self.implementation == "triton":
+      raise ValueError("precision='fp8' with implementation='triton': expected "
+                       "implementation None, 'reference' or 'mosaic' (Triton has no FP8 path).")
     if self.policy not in POLICIES:
       raise ValueError(f"policy={self.policy!r}: expected one of {POLICIES}.")
     p = self.top_p

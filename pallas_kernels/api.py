@@ -12,6 +12,14 @@ mosaic on sm90, triton on other NVIDIA GPUs, the reference elsewhere.
 An implementation module provides ``block_sparse_attention``, ``block_mass`` and
 ``attention_with_block_mass`` with the reference's signatures plus ``interpret``.
 
+``precision`` (``block_sparse_attention`` and ``dense_attention``): "bf16" (default) or
+"fp8", the FP8 recipe of ``pallas_kernels.reference.fp8`` (Q, K per block, P and V
+per channel in float8_e4m3fn, float32 accumulation). An implementation serves it when
+its module provides ``fp8_block_sparse_attention`` (reference, mosaic); dense FP8 is
+cuDNN's FP8 kernel where it runs (``pallas_kernels.cudnn_fp8``), else an FP8
+implementation's all-dense path. The search passes (block mass) stay in the inputs'
+dtype: their mass chooses the lists.
+
 ``query_block_size`` (every op; None: ``block_size``): rows per query block when
 they differ from the ``block_size`` keys of a key block, e.g. 128 x 64. Lists are
 then [B, H, nQ, K_max] with nQ = ceil(S / query_block_size) and entries key-block
@@ -86,23 +94,41 @@ def _call(op, implementation, interpret, *args, **kwargs):
   return getattr(mod, op)(*args, **kwargs)
 
 
+def _fp8_module(implementation):
+  """(name, module) of an implementation that serves precision="fp8"; ValueError if not."""
+  name, mod = resolve(implementation)
+  if not hasattr(mod, "fp8_block_sparse_attention"):
+    has = [n for n in IMPLEMENTATIONS if n == name or _has(n)]
+    fp8 = [n for n in has if hasattr(_module(n), "fp8_block_sparse_attention")]
+    raise ValueError(f"precision='fp8' with implementation={name!r}: expected one of {fp8}.")
+  return name, mod
+
+
 def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
                            kv_lengths=None, sm_scale=None, return_lse=True,
                            implementation=None, interpret=False, debug_checks=False,
-                           query_block_size=None):
+                           query_block_size=None, precision="bf16"):
   """Block-sparse flash attention; see ``reference.block_sparse_attention``.
 
   Concrete lists and lengths are checked (ValueError naming the first bad entry);
   traced ones are kept in bounds (``validation.safe_block_lists``) and, with
   ``debug_checks``, checked with ``checkify`` (run under ``checkify.checkify``).
-  ``query_block_size``: rows per list row (None: ``block_size``); see the module
-  docstring.
+  ``query_block_size``: rows per list row (None: ``block_size``); ``precision``:
+  "bf16" or "fp8"; see the module docstring.
   """
   validation.check_query_block_size(query_block_size, block_size)
+  validation.check_precision(precision)
   if debug_checks:
     validation.debug_checks(kv_lengths=kv_lengths, seq=q.shape[1], indices=kv_block_indices,
                             counts=kv_block_counts,
                             num_kv_blocks=validation.num_blocks(q.shape[1], block_size))
+  if precision == "fp8":
+    name, mod = _fp8_module(implementation)
+    kw = {} if name == "reference" else {"interpret": interpret}
+    out, lse = mod.fp8_block_sparse_attention(
+        q, k, v, kv_block_indices, kv_block_counts, block_size=block_size,
+        kv_lengths=kv_lengths, sm_scale=sm_scale, query_block_size=query_block_size, **kw)
+    return (out, lse) if return_lse else out
   return _call("block_sparse_attention", implementation, interpret, q, k, v,
                kv_block_indices, kv_block_counts, block_size=block_size,
                kv_lengths=kv_lengths, sm_scale=sm_scale, return_lse=return_lse,
@@ -133,8 +159,37 @@ def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=
                query_block_size=query_block_size)
 
 
+def _dense_fp8(q, k, v, kv_lengths, scale, implementation, block_size, interpret):
+  """``dense_attention`` at precision="fp8" (see there)."""
+  from pallas_kernels import cudnn_fp8  # pylint: disable=import-outside-toplevel
+  if implementation in (None, "cudnn"):
+    why = cudnn_fp8.unsupported_reason(q, kv_lengths)
+    if why is None:
+      return cudnn_fp8.dense_attention(q, k, v, sm_scale=scale)
+    if implementation == "cudnn":
+      raise ValueError(f"implementation='cudnn' with precision='fp8': {why}.")
+    implementation = None  # the device's FP8 block-sparse implementation, all rows dense
+  if implementation == "xla":
+    raise ValueError("implementation='xla' with precision='fp8': expected None, 'cudnn', "
+                     "'reference' or 'mosaic'.")
+  name, mod = _fp8_module(implementation)
+  b, s = q.shape[:2]
+  bs = 64 if block_size is None else validation.check_block_size(block_size)
+  qbs = max(validation.MAX_QUERY_BLOCK_SIZE, bs)  # 128-row lists: the kernels' widest CTA
+  n_blk = validation.num_blocks(s, bs)
+  # One list row per query block, each with count nK: dense (the lists are not read).
+  rows = (b, q.shape[2], validation.num_blocks(s, qbs))
+  idx = jax.numpy.zeros(rows + (1,), jax.numpy.int32)
+  counts = jax.numpy.full(rows, n_blk, jax.numpy.int32)
+  kw = {} if name == "reference" else {"interpret": interpret}
+  out, _ = mod.fp8_block_sparse_attention(q, k, v, idx, counts, block_size=bs,
+                                          query_block_size=qbs, kv_lengths=kv_lengths,
+                                          sm_scale=scale, **kw)
+  return out
+
+
 def dense_attention(q, k, v, *, kv_lengths=None, sm_scale=None, implementation=None,
-                    debug_checks=False):
+                    debug_checks=False, precision="bf16", block_size=None, interpret=False):
   """Dense attention without LSE: cuDNN on GPU where it applies, else XLA.
 
   Padded query rows (at or past ``kv_lengths``) are zero, as in every kernel.
@@ -142,15 +197,28 @@ def dense_attention(q, k, v, *, kv_lengths=None, sm_scale=None, implementation=N
   Args:
     q, k, v: [B, S, H, D].
     implementation: None (cuDNN for bf16/f16 on GPU, XLA otherwise), "cudnn",
-      "xla" or "reference".
+      "xla" or "reference"; with precision="fp8" also "mosaic".
+    precision: "bf16" or "fp8". FP8 with None runs cuDNN's FP8 kernel where
+      ``cudnn_fp8.unsupported_reason`` finds none (Hopper, no kv_lengths, head_dim 64
+      or 128), else the device's FP8 block-sparse implementation with every row dense
+      (the reference recipe off the GPU).
+    block_size: FP8 only: tokens per Q / K scale block of the fallback (None: 64).
+    interpret: FP8 Pallas fallback only: interpret mode (CPU tests).
   Returns:
     out [B, S, H, D] in q's dtype.
   """
   b, s, h, d = validation.check_qkv(q, k, v)
   kv_lengths = validation.check_kv_lengths(kv_lengths, b, s)
+  validation.check_precision(precision)
   if debug_checks and kv_lengths is not None:
     validation.debug_checks(kv_lengths=kv_lengths, seq=s)
   scale = validation.default_scale(sm_scale, d)
+  if precision == "fp8":
+    out = _dense_fp8(q, k, v, kv_lengths, scale, implementation, block_size, interpret)
+    if kv_lengths is not None:
+      rows = jax.numpy.arange(s)[None, :, None, None] < kv_lengths[:, None, None, None]
+      out = jax.numpy.where(rows, out, 0).astype(q.dtype)
+    return out
   if implementation == "reference":
     return _module("reference").attention(q, k, v, kv_lengths=kv_lengths, sm_scale=scale)[0]
   if implementation not in (None, "cudnn", "xla"):

@@ -33,6 +33,17 @@ def check_block_size(block_size) -> int:
 # Largest query block a call may ask for beside smaller key blocks: 128 rows are one
 # CTA of the Mosaic kernels (two warpgroups of 64 rows sharing one K/V ring).
 MAX_QUERY_BLOCK_SIZE = 128
+# Operand precisions of the attention kernels: "bf16" computes in the inputs' dtype
+# (bf16/f16 on the tensor cores, float32 in the reference); "fp8" quantises Q, K, P and V
+# to float8_e4m3fn (``pallas_kernels.reference.fp8`` is the recipe).
+PRECISIONS = ("bf16", "fp8")
+
+
+def check_precision(precision) -> str:
+  """``precision`` if it is one of ``PRECISIONS``, else ValueError."""
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}.")
+  return precision
 
 
 def check_query_block_size(query_block_size, block_size) -> int:
