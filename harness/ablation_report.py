@@ -45,6 +45,7 @@ _TITLES = {
     "components": "Table 1's component rows: head-adaptive and LSE cache at sparsity 0.8",
     "warmup": "Warm-up: w dense steps, searches at step w + 1 and 30 (1-indexed of 50)",
     "schedule": "Table 2 (like the paper's): search schedule at sparsity 0.8",
+    "precision": "Precision: AdaSpa at 0.8 in bf16 and FP8, and dense FP8",
     "granularity": "Granularity: query rows x keys per list entry at sparsity 0.8 / 0.9",
 }
 

@@ -19,6 +19,9 @@ Groups (``GROUPS``):
               step w and at the paper's 30th step (the warm-up figure).
   schedule    AdaSpa at 0.8 searching at {10}, {10,30}, {10,20,30},
               {10,20,30,40} (Table 2).
+  precision   AdaSpa at 0.8 in bf16 and in FP8 (``AdaSpaConfig.precision``), and dense
+              FP8: every step but the last dense in FP8 (the last is a search, which
+              runs in the inputs' dtype), all against the bf16 dense clips.
   granularity AdaSpa at 0.8 / 0.9 with lists per query block of ``block_size`` rows
               (the paper's square blocks) and of ``GRANULARITY_ROWS`` x ``block_size``
               rows (e.g. 128 x 64, the tiling that shares one K/V ring per CTA).
@@ -69,7 +72,8 @@ PAPER_SCHEDULE = (10, 30)
 TABLE1_TOP_P = 0.9
 GRANULARITY_SPARSITIES = (0.8, 0.9)
 GRANULARITY_ROWS = (1, 2)  # query block = this many key blocks of rows
-GROUPS = ("table1", "policies", "components", "warmup", "schedule", "granularity")
+GROUPS = ("table1", "policies", "components", "warmup", "schedule", "precision",
+          "granularity")
 POLICY_NAMES = {"adaspa": "AdaSpa", "svg": "SVG", "minference": "MInference", "topp": "top-p"}
 
 
@@ -187,6 +191,18 @@ def schedule_group(base: AdaSpaConfig) -> list[Setting]:
                   {"schedule": list(s)}) for s in SCHEDULES]
 
 
+def precision_group(base: AdaSpaConfig) -> list[Setting]:
+  """AdaSpa at ``base`` in bf16 and FP8; dense FP8 (searching only at the last step)."""
+  last = base.num_steps - 1
+  return [Setting("precision", f"AdaSpa s={base.sparsity}", base,
+                  {"policy": "adaspa", "precision": "bf16"}),
+          Setting("precision", f"AdaSpa s={base.sparsity} fp8", base.replace(precision="fp8"),
+                  {"policy": "adaspa", "precision": "fp8"}),
+          Setting("precision", f"dense fp8 ({last} of {base.num_steps} steps)",
+                  base.replace(precision="fp8", search_steps=(last,)),
+                  {"policy": "dense", "precision": "fp8", "fp8_steps": last})]
+
+
 def granularity_group(base: AdaSpaConfig) -> list[Setting]:
   """AdaSpa at ``GRANULARITY_SPARSITIES`` with query blocks of ``GRANULARITY_ROWS`` x
   ``block_size`` rows; the square rows are ``base``'s own configs (so a run with table1
@@ -224,6 +240,7 @@ def grid(*, num_steps: int = PAPER_STEPS, frame_tokens: int, groups: Sequence[st
            "policies": lambda: policy_settings(base, frame_tokens),
            "components": lambda: component_settings(base),
            "warmup": lambda: warmup_group(base), "schedule": lambda: schedule_group(base),
+           "precision": lambda: precision_group(base),
            "granularity": lambda: granularity_group(base)}
   return [s for g in GROUPS if g in groups for s in build[g]()]
 
