@@ -19,6 +19,7 @@ API gets its ``mass_config``.
   python -m tools.mosaic_variants barriers [S ...]   # block mass, hand-placed barriers
   python -m tools.mosaic_variants widetile [S ...]   # block mass, 256-key tiles
   python -m tools.mosaic_variants anatomy256 [S ...] # as anatomy, 256-key tiles
+  python -m tools.mosaic_variants split [S ...]      # block mass, split_wgmma off / on
 
 (from the repository root; S defaults to 32768 118784.) The block-mass options that
 were measured slower and removed (``pipeline``, ``schedule_barrier``, ``row_tiles``,
@@ -651,6 +652,16 @@ def run_anatomy256(run, inp, seqs, deadline):
                     key_tile=256, without_exp=exp, without_qk=qk)
 
 
+def run_split(run, inp, seqs, deadline):
+  """Block mass (hand-placed barriers) at bs 64 and 128, 256- and 128-key tiles, with and
+  without ``split_wgmma``, each checked twice at each of ``WIDE_CHECKS``; then the fused
+  search with each."""
+  variants = [{"bs": bs, "key_tile": kt, "explicit_barriers": True, "split_wgmma": split}
+              for bs, kt in ((64, 256), (64, 128), (128, 256)) for split in (False, True)]
+  run_mass_grid(run, inp, seqs, deadline, "split", variants, WIDE_CHECKS,
+                [{"split_wgmma": False}, {"split_wgmma": True}], repeats=2)
+
+
 def parse_args(argv):
   """mode, sequence lengths (ints) and --budget=SECONDS from the command line."""
   mode, seqs, budget = argv[0], [], None
@@ -669,11 +680,11 @@ def parse_args(argv):
 def main():
   mode, seqs, budget = parse_args(sys.argv[1:])
   modes = ("check", "time", "tune", "stages", "floor", "all", "keytile", "anatomy", "barriers",
-           "widetile", "anatomy256")
+           "widetile", "anatomy256", "split")
   if mode not in modes:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(modes)}.")
   tuning = mode in ("stages", "floor", "all", "keytile", "anatomy", "barriers", "widetile",
-                    "anatomy256")
+                    "anatomy256", "split")
   run = Run(mode, os.environ.get("OUT", "/tmp"), budget, HANG_S if tuning else None)
   emit, attempt = run.emit, run.attempt
 
@@ -732,6 +743,8 @@ def main():
       run_widetile(run, inp, seqs, run.deadline())
     if mode == "anatomy256":
       run_anatomy256(run, inp, seqs, run.deadline())
+    if mode == "split":
+      run_split(run, inp, seqs, run.deadline())
   run.finish()
 
 

@@ -67,6 +67,10 @@ class BlockMassConfig:
       ``smem_bytes``; checked when the kernel traces); None for ``num_stages``.
     group: key blocks per cross-row reduction (the row-sum table's height), an int
       >= 1; the output's columns are padded to a multiple of it.
+    split_wgmma: issue each tile's QK^T as two wgmmas of half the keys and exponentiate
+      and sum the first half while the second is still on the tensor cores (one
+      warpgroup overlaps its own matmul and softmax math, as FA3 does across steps);
+      needs tiles of at least two key blocks and 128 keys.
     timing_stand_ins: for timing the kernel without its parts only
       (``tools/mosaic_variants.py anatomy``), some of ``TIMING_STAND_INS``:
       ``"exp2"`` replaces the exponentials by a multiply, ``"qk"`` the QK^T wgmma by a
@@ -77,6 +81,7 @@ class BlockMassConfig:
   heads_major: bool = True
   stages: int | None = None
   group: int = GROUP
+  split_wgmma: bool = False
   timing_stand_ins: tuple = ()
 
   def __post_init__(self):
@@ -86,6 +91,7 @@ class BlockMassConfig:
                        f"{KEY_TILE} or {WIDE_KEY_TILE}.")
     check_flag(self, "explicit_barriers")
     check_flag(self, "heads_major")
+    check_flag(self, "split_wgmma")
     check_ring_depth(self.stages, "BlockMassConfig.stages")
     if not isinstance(self.group, int) or isinstance(self.group, bool) or self.group < 1:
       raise ValueError(f"BlockMassConfig.group={self.group!r}: expected an int >= 1.")
@@ -156,6 +162,11 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
   if s_pad % CTA_ROWS:
     raise ValueError(f"q has {s_pad} rows: expected a multiple of {CTA_ROWS}.")
   per_tile = kt // bs
+  parts = 2 if config.split_wgmma else 1  # wgmmas per tile
+  if parts == 2 and (per_tile < 2 or kt < 128):
+    raise ValueError(f"split_wgmma=True with key_tile={kt}, block_size={bs}: expected tiles "
+                     "of at least two key blocks and 128 keys.")
+  part_keys = kt // parts
   copy_keys = min(kt, KEY_TILE)
   copies = kt // copy_keys
   n_tiles = -(-num_kv_blocks // per_tile)   # the last may end past nK: junk columns
@@ -195,7 +206,7 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
       plgpu.barrier_wait(q_ready.at[wg + COMPUTE_WGS])
       # The rows' LSE, broadcast across the tile once for the whole loop.
       lse_b = lax.broadcast_in_dim(load_row_vector(lse_smem2.at[wg], emulate),
-                                   (ROWS_PER_WG, kt), [0])
+                                   (ROWS_PER_WG, part_keys), [0])
 
       @pl.loop(0, n_groups)
       def _(g):
@@ -203,43 +214,68 @@ def block_mass_padded(q, k, lse2, lengths, *, block_size, sm_scale, num_kv_block
         first_tile = first if per_tile == 1 else first // per_tile
         last_tile = jnp.minimum(first_tile + group // per_tile, n_tiles)
 
-        def exps(t, qk):
-          """Tile t's exponentials, masked past the keys: [64, kt]."""
+        def exps(t, part, qk):
+          """Part ``part`` of tile t's exponentials, masked past the keys: [64, part_keys]."""
           x = qk * qk_scale - lse_b
           p = x * 1.0001 if exp2_stand_in else jnp.exp2(x)
-          n_valid = length - t * kt
+          n_valid = length - t * kt - part * part_keys
 
           def mask_tail(y):
-            cols = column_ids((ROWS_PER_WG, kt), emulate)
+            cols = column_ids((ROWS_PER_WG, part_keys), emulate)
             return jnp.where(cols < n_valid, y, 0.0)
 
-          return lax.cond(n_valid < kt, mask_tail, lambda y: y, p)
+          return lax.cond(n_valid < part_keys, mask_tail, lambda y: y, p)
 
-        def row_sums(t, qk):
-          """Tile t's exponentials summed per key block into the group's table."""
-          p = exps(t, qk)
-          row = (t - first_tile) * per_tile
-          if per_tile == 1:
+        def row_sums(t, part, qk):
+          """Part ``part`` of tile t's exponentials summed per key block into the table."""
+          p = exps(t, part, qk)
+          blocks = part_keys // bs
+          row = (t - first_tile) * per_tile + part * blocks
+          if blocks == 1:
             rows_smem.at[row][...] = p.sum(axis=1)
           else:
-            for j in range(per_tile):
+            for j in range(blocks):
               rows_smem.at[row + j][...] = p[:, j * bs:(j + 1) * bs].sum(axis=1)
 
-        def tile_scores(t):
-          slot = lax.rem(t, stages)
-          plgpu.barrier_wait(k_ready.at[slot])
-          if qk_stand_in:
-            qk = with_layout(jnp.full((ROWS_PER_WG, kt), 0.5, jnp.float32), plgpu.Layout.WGMMA,
-                             emulate)
-          else:
-            qk = qk_matmul(q_smem2.at[wg], k_smem.at[slot], emulate=emulate)
+        def stand_in_scores():
+          return with_layout(jnp.full((ROWS_PER_WG, part_keys), 0.5, jnp.float32),
+                             plgpu.Layout.WGMMA, emulate)
+
+        def whole_tile(t, slot):
+          qk = (stand_in_scores() if qk_stand_in
+                else qk_matmul(q_smem2.at[wg], k_smem.at[slot], emulate=emulate))
           # The slot may be refilled only once its scores are out of the accumulator.
           plgpu.barrier_arrive(k_free.at[slot])
-          return qk
+          row_sums(t, 0, qk)
+
+        def split_tile(t, slot):
+          halves = [k_smem.at[slot, pl.ds(i * part_keys, part_keys)] for i in range(2)]
+          if emulate or qk_stand_in:
+            first_qk, second_qk = (
+                stand_in_scores() if qk_stand_in
+                else qk_matmul(q_smem2.at[wg], half, emulate=emulate) for half in halves)
+            plgpu.barrier_arrive(k_free.at[slot])
+            row_sums(t, 0, first_qk)
+            row_sums(t, 1, second_qk)
+            return
+
+          def scope(acc0, acc1):
+            for acc, half in ((acc0, halves[0]), (acc1, halves[1])):
+              plgpu.wgmma(acc, q_smem2.at[wg], plgpu.transpose_ref(half, (1, 0)))
+            # The first half's sums run while the second half's wgmma is in flight.
+            row_sums(t, 0, plgpu.wgmma_accumulator_load(acc0, wait_n=1))
+            second_qk = plgpu.wgmma_accumulator_load(acc1, wait_n=0)
+            plgpu.barrier_arrive(k_free.at[slot])
+            row_sums(t, 1, second_qk)
+
+          acc = plgpu.ACC((ROWS_PER_WG, part_keys), jnp.float32)
+          pl.run_scoped(scope, acc, acc)
 
         @pl.loop(first_tile, last_tile)
         def _(t):
-          row_sums(t, tile_scores(t))
+          slot = lax.rem(t, stages)
+          plgpu.barrier_wait(k_ready.at[slot])
+          (split_tile if parts == 2 else whole_tile)(t, slot)
 
         if explicit_barriers:
           # Every thread's row sums must be in the tables before any thread reads them.

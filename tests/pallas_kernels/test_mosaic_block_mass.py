@@ -30,6 +30,7 @@ TOL = 3e-2  # bf16 inputs
 
 VARIANTS = [{}, {"explicit_barriers": True}]
 VARIANT_IDS = ["auto_barriers", "explicit_barriers"]
+SPLIT = {"explicit_barriers": True, "split_wgmma": True}
 
 
 def _config(key_tile, stages, **fields):
@@ -87,6 +88,28 @@ def test_mass_variant_matches_reference(case, variant):
   np.testing.assert_allclose(mass, want, rtol=TOL, atol=TOL * 1e-2)
 
 
+# split_wgmma (two wgmmas per tile): tiles of 2 and 4 blocks, the ragged last tile's mask
+# in either half, and several groups.
+SPLIT_CASES = [
+    (300, 270, 128, 64, 128, 2, 4),  # 3 tiles of 2 blocks; the mask in tile 2's first half
+    (300, 280, 128, 64, 256, 2, 4),  # 5 blocks in 2 tiles of 4; tile 1's first half ragged
+    (300, 300, 64, 128, 256, None, None),  # 3 blocks of 128 in 2 tiles of 2
+    (1100, 1000, 64, 64, 256, 3, 8),  # 18 blocks in tiles of 4, groups of 2 tiles
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"bs{c[3]}d{c[2]}kt{c[4]}g{c[6]}")
+def test_split_wgmma_matches_reference(case):
+  seq, length, d, bs, key_tile, stages, group = case
+  q, k, _ = make_qkv(7 + d + bs, 1, seq, 1, d, jnp.bfloat16)
+  _, lse = numpy_ref.attention(q, k, k, (length,))
+  lse = lse + np.random.default_rng(3).normal(0, 0.3, lse.shape)
+  config = _config(key_tile, stages, **SPLIT, **({} if group is None else {"group": group}))
+  mass = _interpreted_mass(q, k, lse, length, bs=bs, config=config)
+  want = numpy_ref.block_mass(q, k, lse, bs, (length,))
+  np.testing.assert_allclose(mass, want, rtol=TOL, atol=TOL * 1e-2)
+
+
 def _mass_call(bs, d, stages, key_tile, s=512, variant=VARIANTS[0]):
   """The padded kernel at abstract shapes; ``fn(*args, **fields)`` makes its config (from
   ``_config(key_tile, stages, **variant, **fields)``) when called."""
@@ -108,6 +131,21 @@ def _mass_call(bs, d, stages, key_tile, s=512, variant=VARIANTS[0]):
 def test_mass_variant_lowers_for_cuda(bs, d, key_tile, stages, variant):
   fn, args = _mass_call(bs, d, stages, key_tile, variant=variant)
   jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("bs,key_tile", [(64, 128), (64, 256), (128, 256)])
+@pytest.mark.parametrize("d", [64, 128])
+def test_split_wgmma_lowers_for_cuda(bs, d, key_tile):
+  """The GPU path (two accumulators, the first read with one wgmma still in flight),
+  which the interpreter does not run."""
+  fn, args = _mass_call(bs, d, None, key_tile, variant=SPLIT)
+  jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def test_split_wgmma_needs_two_blocks_of_a_tile():
+  fn, args = _mass_call(128, 128, None, 128, variant=SPLIT)
+  with pytest.raises(ValueError, match="split_wgmma=True with key_tile=128, block_size=128"):
+    jax.eval_shape(fn, *args)
 
 
 def test_bad_key_tile_and_short_k_raise():
@@ -176,6 +214,7 @@ def test_public_block_mass_pads_k_to_whole_wide_tiles():
 @pytest.mark.parametrize("field,bad,want", [
     ("key_tile", 192, "None, 64, 128 or 256"), ("key_tile", 128.0, "None, 64, 128 or 256"),
     ("explicit_barriers", 1, "True or False"), ("heads_major", None, "True or False"),
+    ("split_wgmma", "yes", "True or False"),
     ("stages", 1, "an int >= 2"), ("stages", True, "an int >= 2"),
     ("group", 0, "an int >= 1"), ("group", 8.0, "an int >= 1"),
     ("timing_stand_ins", ("exp",), "a tuple of distinct names"),
