@@ -10,7 +10,7 @@ moving K/V from L2/HBM into shared memory, not by math.
 
 Each compute warpgroup writes its 64 output rows, as the real kernel writes O,
 from a buffer the copies filled, so the loads feed a result: the V tile of the
-last block its list names (with 128-row blocks, the warpgroup's half of that
+last block its list names (with 128 x 128 blocks, the warpgroup's half of that
 128-key tile), or its own Q rows when its list is empty.
 """
 
@@ -25,24 +25,28 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.block_sparse_kernel import (
-    listed_block, num_stages, read_entry, smem_bytes, stream_kv_blocks)
+    check_tiling, listed_block, num_stages, pipelines, read_entry, smem_bytes, stream_kv_blocks)
 from pallas_kernels.mosaic.common import (
     COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, check_stages, smem_transforms)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "num_kv_blocks", "heads_major",
-                                              "stages", "interpret"))
+                                              "stages", "interpret", "query_block_size"))
 def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_size,
-                     num_kv_blocks, heads_major=True, stages=None, interpret=None):
+                     num_kv_blocks, heads_major=True, stages=None, interpret=None,
+                     query_block_size=None):
   """Streams the listed K/V blocks like ``block_sparse_attention_padded``, no math.
 
   Args:
     q, k, v: [B, S_pad, H, D] bf16/f16, S_pad a multiple of 128.
-    kv_block_indices: int32 [B, H, nQ_pad, K_max], nQ_pad = S_pad / block_size.
+    kv_block_indices: int32 [B, H, nQ_pad, K_max], nQ_pad = S_pad / query_block_size.
     kv_steps: int32 [B, H, nQ_pad], key blocks each row reads.
     dense_rows: int32 [B, H, nQ_pad], 1 where a row reads blocks 0..steps-1.
     num_kv_blocks: nK, list entries are clipped to [0, nK).
     stages: K/V ring depth per pipeline (None: the real kernel's default).
+    query_block_size: rows per list (None: ``block_size``); the real kernel's tilings
+      (``SUPPORTED_TILINGS``), e.g. 128 over 64-key blocks: one list and one ring of
+      64-key stages per CTA.
 
   Returns:
     [B, S_pad, H, D] in q's dtype; ``expected_output`` says what it holds.
@@ -50,11 +54,13 @@ def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_s
   b, s_pad, h, d = q.shape
   dtype = q.dtype
   bs = block_size
-  pipes = 2 if bs == ROWS_PER_WG else 1
+  qbs = check_tiling(bs, query_block_size)
+  pipes = pipelines(qbs)
   itemsize = jnp.dtype(dtype).itemsize
-  stages = check_stages(stages, num_stages(bs, d, itemsize),
-                        lambda n: smem_bytes(bs, d, itemsize, n),
-                        f"block_size={bs}, head_dim={d}, {jnp.dtype(dtype).name}")
+  stages = check_stages(stages, num_stages(bs, d, itemsize, qbs),
+                        lambda n: smem_bytes(bs, d, itemsize, n, qbs),
+                        f"query_block_size={qbs}, block_size={bs}, head_dim={d}, "
+                        f"{jnp.dtype(dtype).name}")
   transforms = smem_transforms(dtype)
 
   block_of = functools.partial(listed_block, num_kv_blocks=num_kv_blocks)
@@ -67,7 +73,7 @@ def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_s
     wg = lax.axis_index("wg")
 
     def query_block(w):
-      return (tile * CTA_ROWS + w * ROWS_PER_WG) // bs
+      return (tile * CTA_ROWS + w * ROWS_PER_WG) // qbs
 
     def pipe_steps(p):
       return steps_ref[bi, hi, query_block(p)]
@@ -77,7 +83,7 @@ def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_s
       plgpu.set_max_registers(232, action="increase")
       q_smem = q_smem2.at[wg]
       row0 = tile * CTA_ROWS + wg * ROWS_PER_WG
-      qb = row0 // bs
+      qb = row0 // qbs
       ring = (wg if pipes == 2 else 0) * stages
       n = steps_ref[bi, hi, qb]
       dst = out_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi]
@@ -86,7 +92,7 @@ def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_s
       plgpu.barrier_wait(q_ready.at[wg])
 
       def write_tile(slot):
-        if pipes == 2:
+        if bs == ROWS_PER_WG:  # a 64-key stage: the warpgroup's whole output tile
           plgpu.copy_smem_to_gmem(v_smem.at[slot], dst)
           return
         # Static halves: each warpgroup owns 64 of the tile's 128 keys.
@@ -154,12 +160,12 @@ def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_s
 
 
 def expected_output(q, v, kv_block_indices, kv_steps, dense_rows, *, block_size,
-                    num_kv_blocks):
+                    num_kv_blocks, query_block_size=None):
   """What ``load_only_padded`` writes, gathered with jnp ([B, S_pad, H, D])."""
   b, s_pad, h, d = q.shape
   k_max = kv_block_indices.shape[-1]
   chunk = jnp.arange(s_pad // ROWS_PER_WG)
-  qb = chunk * ROWS_PER_WG // block_size
+  qb = chunk * ROWS_PER_WG // (query_block_size or block_size)
   n = kv_steps[:, :, qb]  # [B, H, chunks]
   pos = jnp.clip(n - 1, 0, k_max - 1)[..., None]
   listed = jnp.take_along_axis(kv_block_indices[:, :, qb], pos, axis=-1)[..., 0]
