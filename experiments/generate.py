@@ -62,6 +62,11 @@ _SEARCH = flags.DEFINE_list("search_steps", None, "0-indexed search steps; defau
 _HEAD_ADAPTIVE = flags.DEFINE_bool("head_adaptive", None, "AdaSpa head hierarchy (default: "
                                    "on; the embedded models: their checkpoint's setting)")
 _LSE_CACHE = flags.DEFINE_bool("lse_cache", True, "AdaSpa LSE cache")
+_QBLOCK = flags.DEFINE_integer("query_block_size", None, "AdaSpa query rows per list row "
+                               "(default: --block_size; 128 over blocks of 64: 128 x 64)")
+_PRECISION = flags.DEFINE_enum("precision", "bf16", ["bf16", "fp8"], "AdaSpa's dense warm-up "
+                               "and sparse attention: the inputs' dtype or FP8 (searches stay "
+                               "in the inputs' dtype)")
 _IMPL = flags.DEFINE_string("implementation", None, "kernel implementation (default: device)")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "guidance (default: the pipeline's; "
                                "HunyuanVideo: embedded guidance, no second branch)")
@@ -100,7 +105,8 @@ def main(argv):
   adaspa = AdaSpaConfig(sparsity=_SPARSITY.value, block_size=block,
                         num_steps=steps, search_steps=search,
                         head_adaptive=head_adaptive, lse_cache=_LSE_CACHE.value,
-                        implementation=_IMPL.value)
+                        implementation=_IMPL.value, query_block_size=_QBLOCK.value,
+                        precision=_PRECISION.value)
   if is_embedded:
     if _ATTENTION.value != "both":
       raise app.UsageError(f"--model={_MODEL.value} always compares dense and AdaSpa: "
