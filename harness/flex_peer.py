@@ -176,11 +176,20 @@ def block_mask(indices, counts, *, seq: int, block_size: int, query_block_size=N
 
 
 # ----------------------------------------------------------------------------- running
+# Compiles dynamo may keep of flex_attention (one per shape and grain): past its default
+# limit (8) it would run flex_attention eagerly, a different and much slower path.
+RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def compiled_flex_attention():
   """``torch.compile(flex_attention, dynamic=False)`` (one per process: every shape is
-  compiled for its static sizes)."""
+  compiled for its static sizes; dynamo's recompile limit raised to ``RECOMPILE_LIMIT``)."""
   torch, flex = _torch(), _flex_module()
+  config = torch._dynamo.config  # pylint: disable=protected-access
+  for name in ("recompile_limit", "cache_size_limit"):  # the name changed across versions
+    if hasattr(config, name):
+      setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
   return torch.compile(flex.flex_attention, dynamic=False)
 
 
@@ -220,24 +229,31 @@ def time_call(fn, *, device, reps: int, min_rep_s: float = 0.0) -> dict:
   (host clock on CPU): a warm-up call (compile, ``first_s``), then ``reps`` reps of
   ``calls_per_rep`` back-to-back calls (enough for a rep to last ``min_rep_s``); a rep's
   time is its elapsed time / calls. Returns a dict of seconds (``median_s``, ``reps_s``,
-  ``first_s``, ``calls_per_rep``, ``clock``)."""
+  ``first_s``, ``calls_per_rep``, ``clock``) and ``launch_s``: the median host time to
+  launch one call (on a GPU: close to ``median_s`` means the host, not the kernel, set
+  the pace)."""
   if not isinstance(reps, (int, np.integer)) or isinstance(reps, bool) or reps < 1:
     raise ValueError(f"reps={reps!r}: expected an int >= 1.")
   torch = _torch()
   cuda = device.type == "cuda"
 
+  launches = []
+
   def elapsed(calls):
     if cuda:
       start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
       start.record()
+      host = perf_counter()
       for _ in range(calls):
         fn()
+      launches.append((perf_counter() - host) / calls)
       end.record()
       end.synchronize()
       return start.elapsed_time(end) / 1e3
     start = perf_counter()
     for _ in range(calls):
       fn()
+    launches.append((perf_counter() - start) / calls)
     return perf_counter() - start
 
   start = perf_counter()
@@ -247,9 +263,11 @@ def time_call(fn, *, device, reps: int, min_rep_s: float = 0.0) -> dict:
   calls = 1
   if min_rep_s > 0:
     calls = max(1, min(MAX_CALLS_PER_REP, int(min_rep_s / max(elapsed(1), 1e-6))))
+  del launches[:]
   times = [elapsed(calls) / calls for _ in range(int(reps))]
   return {"median_s": statistics.median(times), "reps_s": times, "first_s": first,
-          "calls_per_rep": calls, "clock": "cuda events" if cuda else "host perf_counter"}
+          "calls_per_rep": calls, "launch_s": statistics.median(launches),
+          "clock": "cuda events" if cuda else "host perf_counter"}
 
 
 def free_torch_memory():
@@ -347,14 +365,13 @@ def spot_check(out, q, k, v, indices, counts, *, block_size, query_block_size=No
   n_q, n_k = validation.num_blocks(s, qbs), validation.num_blocks(s, block_size)
   scale = validation.default_scale(sm_scale, d)
   rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
-  idx, cnt = np.asarray(indices), np.asarray(counts)
   got, want, rows = [], [], []
   picks = rng.choice(b * h * n_q, size=min(n_rows, b * h * n_q), replace=False)
   for bi, hi, p in zip(*np.unravel_index(np.sort(picks), (b, h, n_q))):
     bi, hi, p = int(bi), int(hi), int(p)
     lo, hi_row = p * qbs, min((p + 1) * qbs, s)
-    c = int(cnt[bi, hi, p])
-    blocks = np.arange(n_k) if c >= n_k else idx[bi, hi, p, :c]
+    c = int(counts[bi, hi, p])  # one row of the lists to the host, not all of them
+    blocks = np.arange(n_k) if c >= n_k else np.asarray(indices[bi, hi, p])[:c]
     allowed = np.zeros(s, bool)
     for blk in blocks:
       allowed[blk * block_size:(blk + 1) * block_size] = True

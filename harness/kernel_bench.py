@@ -266,7 +266,8 @@ def time_flex(q, k, v, *, densities, block_size, reps, key, query_block_size=Non
   """Times PyTorch FlexAttention on the lists ``time_impl`` times (same ``key``); returns
   a dict shaped like ``time_impl``'s (``block_sparse`` rows, ``block_sparse_qblock``
   with ``query_block_size``), each row with a ``check`` (``flex_peer.spot_check`` of
-  ``spot_rows`` query blocks), plus the torch version and the kernel options per grain.
+  ``spot_rows`` query blocks) and ``launch_ms`` (host time to launch a call: near ``ms``,
+  the host set the pace), plus the torch version and the kernel options per grain.
 
   q, k, v: JAX [batch, seq, heads, head_dim] on the GPU (shared with torch, no copy).
   """
@@ -294,6 +295,7 @@ def time_flex(q, k, v, *, densities, block_size, reps, key, query_block_size=Non
       rows.append({"density": density, "count": min(count, n_blk), "pairs": pairs,
                    "ms": sec * 1e3, "rep_ms": [x * 1e3 for x in t["reps_s"]],
                    "first_s": t["first_s"], "calls_per_rep": t["calls_per_rep"],
+                   "launch_ms": t["launch_s"] * 1e3,
                    "tflops": 4.0 * d * pairs / sec / 1e12,
                    "check": flex_peer.spot_check(
                        call(), q, k, v, idx, cnt, block_size=block_size, query_block_size=qbs,
@@ -443,7 +445,8 @@ def table(results):
           if "check" in row:
             lines.append(f"  {label:8s} spot check of {len(row['check']['rows'])} query "
                          f"blocks: max |err| {row['check']['max_abs_err']:.2e}, cosine "
-                         f"{row['check']['cosine']:.6f}")
+                         f"{row['check']['cosine']:.6f}; host launch "
+                         f"{row.get('launch_ms', float('nan')):.3f} ms/call")
         for field in (f"block_mass{suffix}_error", f"fused{suffix}_error"):
           if field in res:
             lines.append(f"  {label:8s} {field} {res[field][:150]}")
