@@ -13,6 +13,10 @@ count >= nK dense) become a FlexAttention ``BlockMask`` of ``query_block_size`` 
 * dense rows list every key block; index rows are padded to nK entries (the width
   ``BlockMask`` assumes when it transposes the mask, torch <= 2.13).
 
+The block lists bind only the compiled kernel: eager ``flex_attention`` applies the
+mask_mod alone and, with no mask_mod, computes dense attention (seen with torch 2.13 on
+CPU). Hence always ``torch.compile`` here, a raised recompile limit, and the checks.
+
 q, k, v stay JAX arrays [batch, seq, heads, head_dim]; torch reads them through DLPack
 without a copy (``to_torch``) as [batch, heads, seq, head_dim] views (a transpose;
 FlexAttention takes the strides as they are, and its output keeps q's layout).
@@ -177,7 +181,7 @@ def block_mask(indices, counts, *, seq: int, block_size: int, query_block_size=N
 
 # ----------------------------------------------------------------------------- running
 # Compiles dynamo may keep of flex_attention (one per shape and grain): past its default
-# limit (8) it would run flex_attention eagerly, a different and much slower path.
+# limit (8) it would run flex_attention eagerly: dense attention, ignoring our lists.
 RECOMPILE_LIMIT = 64
 
 
