@@ -18,7 +18,7 @@ from types import ModuleType
 # Top-level module -> the extra that installs it.
 EXTRA_OF = {"absl": "cli", "safetensors": "cli", "imageio": "video", "PIL": "video",
             "matplotlib": "video", "tqdm": "video", "scipy": "eval", "skimage": "eval",
-            "optax": "train"}
+            "optax": "train", "torch": "parity"}  # torch: also the FlexAttention peer
 
 
 def require(module: str, extra: str | None = None) -> ModuleType:

@@ -18,10 +18,25 @@ its docstring).
 ``--query_block_size=128`` (with ``--block_size=64``) also times lists of one row per
 128-row query block (the 128 x 64 granularity) beside the 64 x 64 ones, and checks
 every implementation at that granularity.
+
+``--flex`` adds PyTorch FlexAttention (``harness/flex_peer.py``, torch from the
+``parity`` extra) as a peer: checked against the reference at ``--check_seq``, then timed
+(CUDA events) on the same random lists as our kernels at every length and density (and
+at ``--query_block_size``), in the same process as the cuDNN baseline, with TFLOP/s,
+the ratio to cuDNN (``tflops_vs_baseline``) and the torch version in the JSON. Without
+torch, or if Flex fails to compile, the error is recorded and the other rows still come.
+JAX preallocates 75% of GPU memory by default, which leaves torch little room: with
+``--flex`` the launcher sets ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.5`` unless it is already
+set (or set ``XLA_PYTHON_CLIENT_PREALLOCATE=false``), and frees torch's cached memory
+after each size:
+
+  python -m adaspa_jax.experiments.bench_kernels --implementations=mosaic --block_size=64 \\
+      --query_block_size=128 --densities=0.2 --seq_lens=32768,118784 --reps=5 --flex
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from adaspa_jax.extras import require
@@ -54,6 +69,12 @@ _FROM_JSON = flags.DEFINE_string("from_json", None,
                                  "re-print the table and re-plot from a results JSON, then exit")
 _BASELINE = flags.DEFINE_enum("baseline", "cudnn", ["cudnn", "xla"],
                               "dense baseline implementation (xla only for CPU dry runs)")
+_FLEX = flags.DEFINE_bool("flex", False,
+                          "also check and time PyTorch FlexAttention on the same lists")
+
+# JAX's share of GPU memory with --flex (unless set in the environment): torch needs room
+# for FlexAttention's output, compile and block mask beside JAX's pool.
+FLEX_XLA_MEM_FRACTION = "0.5"
 
 
 def main(argv):
@@ -61,13 +82,16 @@ def main(argv):
   if _FROM_JSON.value:
     kernel_bench.replot(_FROM_JSON.value)
     return
+  if _FLEX.value and "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ:
+    # Read when JAX creates its GPU client, i.e. at the first device use below.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", FLEX_XLA_MEM_FRACTION)
   kernel_bench.run(
       seq_lens=_SEQ_LENS.value, batch=_BATCH.value, heads=_HEADS.value,
       head_dim=_HEAD_DIM.value, dtype=_DTYPE.value, block_size=_BLOCK.value,
       densities=_DENSITIES.value, implementations=_IMPLS.value, out_dir=_OUT_DIR.value,
       check_only=_CHECK_ONLY.value, interpret=_INTERPRET.value, check_seq=_CHECK_SEQ.value,
       reps=_REPS.value, sweep_tiles=_SWEEP.value, tag=_TAG.value, baseline=_BASELINE.value,
-      query_block_size=_QBLOCK.value,
+      query_block_size=_QBLOCK.value, flex=_FLEX.value,
       command=" ".join(["python -m adaspa_jax.experiments.bench_kernels"] + sys.argv[1:]))
 
 

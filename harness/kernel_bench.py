@@ -17,6 +17,12 @@ row per query block of ``query_block_size`` rows (``block_sparse_qblock``), and 
 block mass and fused search at that granularity (``block_mass_qblock_ms``,
 ``fused_qblock_ms``), beside the square ``block_size`` timings of the same run.
 
+``flex``: PyTorch FlexAttention (``harness/flex_peer.py``) is checked against the
+reference like our implementations, and timed at each length and density on the same
+lists (a ``"flex"`` entry beside them, with a spot check of its output against exact
+attention on those lists); its times come from CUDA events, in the same process as the
+cuDNN baseline. Without torch, or when Flex fails, the error goes in the JSON instead.
+
 Timing (``harness/timing.py``): after a warm-up call (compile), each rep launches the
 function back to back n times (n chosen so a rep lasts >= 20 ms, ``MIN_REP_S``) and
 blocks once; the rep time is the wall time / n, so host dispatch overlaps device work;
@@ -37,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from adaspa_jax.harness import timing
+from adaspa_jax.harness import flex_peer, timing
 from pallas_kernels import validation
 from pallas_kernels.triton import block_mass_kernel, block_sparse_kernel
 from pallas_kernels.triton import ops as tk
@@ -208,6 +214,16 @@ def time_dense(q, k, v, reps, implementation="cudnn") -> timing.Timing:
   return timing.time_fn(fn, q, k, v, reps=reps, min_rep_s=MIN_REP_S)
 
 
+def timing_lists(key, i, density, batch, heads, n_blk, n_query_blocks):
+  """(count, indices, counts): the random lists of the ``i``-th density of a timing run,
+  one list width (nK) for every density, so one compile per size. Every timed
+  implementation (and FlexAttention) gets the same lists from the same ``key``."""
+  count = max(1, round(density * n_blk))
+  idx, cnt = random_lists(jax.random.fold_in(key, i), batch, heads, n_blk, count, k_max=n_blk,
+                          n_query_blocks=n_query_blocks)
+  return count, idx, cnt
+
+
 def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, with_search=True,
               configs=None, query_block_size=None):
   """Times one implementation's kernels at one size; returns a dict (ms, TFLOP/s)
@@ -225,10 +241,7 @@ def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, wit
     n_q = -(-s // (qbs or block_size))
     rows = []
     for i, density in enumerate(densities):
-      count = max(1, round(density * n_blk))
-      # One list width for every density: one compile per size.
-      idx, cnt = random_lists(jax.random.fold_in(key, i), b, h, n_blk, count, k_max=n_blk,
-                              n_query_blocks=n_q)
+      count, idx, cnt = timing_lists(key, i, density, b, h, n_blk, n_q)
       pairs = computed_pairs(idx, cnt, s, block_size, qbs)
       t = timing.time_fn(sparse, q, k, v, idx, cnt, block_size, reps=reps, min_rep_s=MIN_REP_S)
       sec, reps_s = t.median_s, t.reps_s
@@ -245,6 +258,51 @@ def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, wit
           res[field] = timing.time_fn(fn, *args, reps=reps, min_rep_s=MIN_REP_S).median_s * 1e3
         except Exception as e:  # pylint: disable=broad-except
           res[field.replace("_ms", "_error")] = f"{type(e).__name__}: {e}"[:2000]
+  return res
+
+
+def time_flex(q, k, v, *, densities, block_size, reps, key, query_block_size=None,
+              spot_rows=4):
+  """Times PyTorch FlexAttention on the lists ``time_impl`` times (same ``key``); returns
+  a dict shaped like ``time_impl``'s (``block_sparse`` rows, ``block_sparse_qblock``
+  with ``query_block_size``), each row with a ``check`` (``flex_peer.spot_check`` of
+  ``spot_rows`` query blocks) and ``launch_ms`` (host time to launch a call: near ``ms``,
+  the host set the pace), plus the torch version and the kernel options per grain.
+
+  q, k, v: JAX [batch, seq, heads, head_dim] on the GPU (shared with torch, no copy).
+  """
+  b, s, h, d = q.shape
+  n_blk = -(-s // block_size)
+  grains = [("", None)]
+  if query_block_size not in (None, block_size):
+    grains.append(("_qblock", query_block_size))
+  device = flex_peer.heads_major(q).device
+  res = {"torch_version": flex_peer.torch_version(), "device": str(device),
+         "kernel_options": {}, "clock": None}
+  for suffix, qbs in grains:
+    opts = flex_peer.kernel_options(block_size, qbs)
+    res["kernel_options"]["block_sparse" + suffix] = opts
+    n_q = -(-s // (qbs or block_size))
+    rows = []
+    for i, density in enumerate(densities):
+      count, idx, cnt = timing_lists(key, i, density, b, h, n_blk, n_q)
+      pairs = computed_pairs(idx, cnt, s, block_size, qbs)
+      mask = flex_peer.block_mask(idx, cnt, seq=s, block_size=block_size, query_block_size=qbs)
+      call = flex_peer.make_call(q, k, v, mask, options=opts)
+      t = flex_peer.time_call(call, device=device, reps=reps, min_rep_s=MIN_REP_S)
+      res["clock"] = t["clock"]
+      sec = t["median_s"]
+      rows.append({"density": density, "count": min(count, n_blk), "pairs": pairs,
+                   "ms": sec * 1e3, "rep_ms": [x * 1e3 for x in t["reps_s"]],
+                   "first_s": t["first_s"], "calls_per_rep": t["calls_per_rep"],
+                   "launch_ms": t["launch_s"] * 1e3,
+                   "tflops": 4.0 * d * pairs / sec / 1e12,
+                   "check": flex_peer.spot_check(
+                       call(), q, k, v, idx, cnt, block_size=block_size, query_block_size=qbs,
+                       key=jax.random.fold_in(key, 1000 + i), n_rows=spot_rows)})
+      del idx, cnt, mask, call
+      flex_peer.free_torch_memory()
+    res["block_sparse" + suffix] = rows
   return res
 
 
@@ -321,9 +379,51 @@ def triton_configs(configs):
           for kind, default in defaults.items()}
 
 
+def flex_info(*, block_size, query_block_size=None):
+  """What a run records about FlexAttention before timing it: the torch version, the
+  kernel options per grain, how q, k, v reach torch and JAX's GPU memory settings; or
+  ``error`` (e.g. torch not installed)."""
+  info = {"torch_version": flex_peer.torch_version(),
+          "layout": "JAX [B, S, H, D] shared by DLPack, transposed view [B, H, S, D] "
+                    "(no copy)",
+          "compile": "torch.compile(flex_attention, dynamic=False)",
+          "timing": "CUDA events (each size's 'clock'; the host clock off GPU): median of "
+                    "reps; a rep = n back-to-back calls / n (n so that a rep lasts >= 20 ms), "
+                    "after a warm-up (compile) call",
+          "env": {name: os.environ.get(name) for name in (
+              "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+              "XLA_PYTHON_CLIENT_ALLOCATOR")}}
+  if info["torch_version"] is None:
+    info["error"] = "ImportError: torch is not installed (the 'parity' extra)"
+    return info
+  try:
+    info["kernel_options"] = {"block_sparse": flex_peer.kernel_options(block_size)}
+    if query_block_size not in (None, block_size):
+      info["kernel_options"]["block_sparse_qblock"] = flex_peer.kernel_options(
+          block_size, query_block_size)
+    flex_peer.compiled_flex_attention()  # imports torch.nn.attention.flex_attention
+  except Exception as e:  # pylint: disable=broad-except
+    info["error"] = f"{type(e).__name__}: {e}"[:2000]
+  return info
+
+
+def add_baseline_ratios(entry):
+  """Adds ``tflops_vs_baseline`` (row TFLOP/s / the size's dense baseline TFLOP/s, from
+  the same run) to every timed row of a size entry."""
+  base = entry["baseline"]["tflops"]
+  for res in entry["implementations"].values():
+    for field in ("block_sparse", "block_sparse_qblock"):
+      for row in res.get(field, []):
+        row["tflops_vs_baseline"] = row["tflops"] / base if base == base and base else None
+
+
 # ----------------------------------------------------------------------------- report
 def table(results):
   lines = []
+  flex = results.get("flex")
+  if flex:
+    lines.append(f"flex: torch {flex.get('torch_version')}"
+                 + (f" ERROR {flex['error'][:150]}" if "error" in flex else ""))
   for entry in results["sizes"]:
     s, base = entry["seq"], entry["baseline"]
     lines.append(f"S={s}: {base['implementation']} dense {base['ms']:.3f} ms = "
@@ -342,6 +442,11 @@ def table(results):
           lines.append(f"  {label:8s} {row['density']:7.2f} {row['count']:6d} "
                        f"{row['ms']:10.3f} {row['tflops']:8.1f} "
                        f"{100 * row['tflops'] / base['tflops']:7.1f}% {row['ms'] / ideal:8.2f}")
+          if "check" in row:
+            lines.append(f"  {label:8s} spot check of {len(row['check']['rows'])} query "
+                         f"blocks: max |err| {row['check']['max_abs_err']:.2e}, cosine "
+                         f"{row['check']['cosine']:.6f}; host launch "
+                         f"{row.get('launch_ms', float('nan')):.3f} ms/call")
         for field in (f"block_mass{suffix}_error", f"fused{suffix}_error"):
           if field in res:
             lines.append(f"  {label:8s} {field} {res[field][:150]}")
@@ -397,14 +502,17 @@ def replot(json_path):
 
 def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, implementations,
         out_dir, check_only=False, interpret=False, check_seq=1000, reps=5, sweep_tiles=False,
-        tag="", baseline="cudnn", command="", query_block_size=None):
+        tag="", baseline="cudnn", command="", query_block_size=None, flex=False):
   """The checks, then (unless ``check_only``) the timings; writes
   ``out_dir/bench_<date><tag>.json`` after every step and the table and PNG at the end.
 
   seq_lens and densities may be strings (as flags give them); ``sweep_tiles`` sweeps the
   Triton tiles at the first length and keeps the fastest; ``baseline`` is the dense
   implementation (``"xla"`` only for CPU dry runs); ``command`` is recorded as is;
-  ``query_block_size``: see the module docstring (None: square blocks only).
+  ``query_block_size``: see the module docstring (None: square blocks only); ``flex``:
+  also check and time PyTorch FlexAttention (module docstring; ``results["flex"]`` holds
+  its torch version, options and any error). Every timed row gets ``tflops_vs_baseline``
+  (its TFLOP/s / the dense baseline's of the same size and run).
   Returns the results dict (what the JSON holds).
   """
   dtype = jnp.dtype(dtype)
@@ -423,7 +531,8 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
                  "dtype": dtype.name, "block_size": bs, "query_block_size": query_block_size,
                  "densities": densities,
                  "implementations": list(implementations), "reps": reps,
-                 "interpret": interpret, "check_only": check_only, "baseline": baseline},
+                 "interpret": interpret, "check_only": check_only, "baseline": baseline,
+                 "flex": bool(flex)},
       "timing": "median of reps; a rep = n back-to-back calls / n, host wall clock, "
                 "blocked once (n so that a rep lasts >= 20 ms)",
       "checks": [], "sizes": [],
@@ -444,6 +553,17 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
                 query_block_size=query_block_size)
     results["checks"].append(res)
     log(f"check {impl}: " + json.dumps(res))
+    save()
+  if flex:
+    results["flex"] = flex_info(block_size=bs, query_block_size=query_block_size)
+    if "error" not in results["flex"]:
+      res = flex_peer.check_flex(seq=check_seq, heads=min(2, heads), head_dim=head_dim,
+                                 dtype=dtype, block_size=bs, key=jax.random.fold_in(key, 7),
+                                 query_block_size=query_block_size)
+      results["checks"].append(res)
+      log("check flex: " + json.dumps(res))
+    else:
+      log(f"flex: {results['flex']['error']}")
     save()
   if check_only:
     log(f"wrote {json_path}")
@@ -490,6 +610,23 @@ def run(*, seq_lens, batch, heads, head_dim, dtype, block_size, densities, imple
         entry["implementations"][impl] = {"error": f"{type(e).__name__}: {e}"[:2000]}
       log(f"S={seq} {impl}: " + json.dumps(entry["implementations"][impl])[:600])
       save()
+    if flex:
+      if "error" in results["flex"]:
+        entry["implementations"]["flex"] = {"error": results["flex"]["error"]}
+      else:
+        try:
+          entry["implementations"]["flex"] = time_flex(
+              q, k, v, densities=densities, block_size=bs, reps=reps,
+              key=jax.random.fold_in(key, seq + 1), query_block_size=query_block_size)
+        except Exception as e:  # pylint: disable=broad-except
+          entry["implementations"]["flex"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        try:
+          flex_peer.free_torch_memory()
+        except Exception:  # pylint: disable=broad-except
+          pass
+      log(f"S={seq} flex: " + json.dumps(entry["implementations"]["flex"])[:600])
+      save()
+    add_baseline_ratios(entry)
     if base_err is None:
       entry["baseline"]["ms_again"] = time_dense(q, k, v, reps, baseline).median_s * 1e3
     save()
