@@ -92,6 +92,20 @@ def key_order(n: int) -> np.ndarray:
   return (c // 16) * 16 + np.asarray(KEY_PERMUTATION)[c % 16]
 
 
+def permute_keys(x):
+  """``x`` [..., n] (n a multiple of 16) with its last axis in ``key_order``: a reshape
+  and a transpose, so that it needs no index constant (a kernel may not capture one).
+
+  Key ``8 * h + 2 * l + j`` of a group of 16 (h, j in {0, 1}, l in 0..3: the WGMMA
+  layout's register half, lane and element) goes to ``4 * l + 2 * h + j`` (the 8-bit
+  layout's lane and element)."""
+  *lead, n = x.shape
+  if n % 16:
+    raise ValueError(f"x of shape {x.shape}: expected a multiple of 16 along the last axis.")
+  groups = x.reshape(*lead, n // 16, 2, 4, 2)
+  return jnp.swapaxes(groups, -3, -2).reshape(*lead, n)
+
+
 def smem_bytes(block_size: int, head_dim: int, stages: int,
                query_block_size: int | None = None) -> int:
   """Shared memory of ``block_sparse_attention_fp8_padded`` with ``stages`` K/V stages of
@@ -114,7 +128,7 @@ def _p_operand(p8, emulate):
   ``KEY_PERMUTATION`` within each 16). Emulated: the permuted array itself."""
   rows, bs = p8.shape
   if emulate:
-    return p8[:, key_order(bs)]
+    return permute_keys(p8)
   # Imported here: only the compiled path needs Mosaic GPU's own modules.
   from jax.experimental.mosaic.gpu import fragmented_array as fa
   from jax.experimental.mosaic.gpu import utils as mgpu_utils

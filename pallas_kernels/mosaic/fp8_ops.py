@@ -70,7 +70,7 @@ def quantize_inputs(q, k, v, lengths, *, block_size, sm_scale, s_pad=None):
   q_scale = jnp.repeat(jnp.swapaxes(q_scale[..., 0], 1, 2), block_size // ROWS_PER_WG, axis=2)
   k_scale = jnp.swapaxes(k_scale[..., 0], 1, 2)
   v_scale = v_scale[:, 0]  # [B, H, D]
-  vt8 = jnp.transpose(v8, (0, 2, 3, 1))[..., fp8_kernel.key_order(s_pad)]
+  vt8 = fp8_kernel.permute_keys(jnp.transpose(v8, (0, 2, 3, 1)))
   return q8, k8, vt8, q_scale, k_scale, v_scale, lse_shift
 
 
