@@ -63,7 +63,8 @@ DRY = {"on": False, "small_seq": 1000, "small_length": 900}
 
 
 def _interp():
-  """(op ``interpret`` flag, padded kernels' ``interpret`` params, their context)."""
+  """(op ``interpret`` flag, padded kernels' ``interpret`` params, a fresh context for
+  them)."""
   on = DRY["on"]
   return on, interpreter.params(on), interpreter.device_context(on)
 
@@ -153,9 +154,9 @@ def _diagnose(q, k, v, idx, cnt, kl, bs, qbs, ref_out):
     order = np.argsort(fp8_kernel.key_order(s_pad))  # undo the permutation
     natural = vt8[..., order]
     out = {}
-    _, params, context = _interp()
+    params = _interp()[1]
     for label, vt in (("permuted_vt", vt8), ("natural_vt", natural)):
-      with context:
+      with _interp()[2]:
         o, _ = fp8_kernel.block_sparse_attention_fp8_padded(
             q8, k8, vt, qs, ks, vs, *lists, kl, block_size=bs, sm_scale=scale,
             num_kv_blocks=n_k, query_block_size=qbs, interpret=params)
