@@ -27,13 +27,15 @@ Numerics (per step = one key block of ``block_size`` keys):
 
 - ``S = (q8 . k8) * q_scale[row block] * k_scale[key block] * sm_scale * log2(e)``: one
   float32 scalar per step applied to the float32 wgmma result (scores in log2 units).
-- Online softmax in float32; ``P = exp2(S - m)`` in [0, 1]; ``l`` sums the float32 P.
+- Online softmax in float32; ``P * 448 = exp2(S - (m - log2(448)))`` in one exp2 (P in
+  [0, 1]); ``l`` sums the float32 ``P * 448``.
 - ``p8 = e4m3(P * 448)`` (``cvt.rn.satfinite``), the fixed scale of the recipe.
 - P.V goes into a fresh float32 wgmma accumulator each step, added to the running
-  (rescaled) one: FP8 wgmma's reduced-precision accumulation spans one key block only.
-- ``out = acc * v_scale[d] / 448 / l``; ``lse = m * ln2 + log(l)`` (natural log of the
-  smoothed scores; the caller adds the smoothing shift). Rows with no valid key: out 0,
-  lse -inf.
+  (rescaled) one: FP8 wgmma's reduced-precision accumulation spans one key block only
+  (``BlockSparseFp8Config.split_accumulation``, default on).
+- ``out = acc * v_scale[d] / l`` (the 448 of P cancels the one in l);
+  ``lse = m * ln2 + log(l) - log(448)`` (natural log of the smoothed scores; the caller
+  adds the smoothing shift). Rows with no valid key: out 0, lse -inf.
 
 Scales: ``q_scale`` float32 [B, H, S_pad / 64] (one per 64-row block, i.e. per compute
 warpgroup; the op repeats coarser scales), ``k_scale`` float32 [B, H, S_pad / block_size]
@@ -53,7 +55,9 @@ Everything in this module is ours.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -66,15 +70,37 @@ from pallas_kernels.mosaic.block_sparse_kernel import (
     BlockSparseConfig, check_tiling, listed_block, num_stages, pipelines, read_entry,
     stream_kv_blocks)
 from pallas_kernels.mosaic.common import (
-    COMPUTE_WGS, CTA_ROWS, LN2, LOG2E, ROWS_PER_WG, check_stages, column_ids, qk_matmul,
-    smem_footprint, smem_transforms, with_layout)
+    COMPUTE_WGS, CTA_ROWS, LN2, LOG2E, ROWS_PER_WG, check_flag, check_stages, column_ids,
+    qk_matmul, smem_footprint, smem_transforms, with_layout)
 
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3; P in [0, 1] is stored as e4m3(P * FP8_MAX)
+LOG2_FP8_MAX = math.log2(FP8_MAX)
 OUT_DTYPE = jnp.bfloat16
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_TILINGS = ((64, 64), (128, 128), (128, 64))  # (query_block_size, block_size)
-DEFAULT_CONFIG = BlockSparseConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseFp8Config(BlockSparseConfig):
+  """Tuning of ``block_sparse_attention_fp8_padded``: ``BlockSparseConfig``'s fields and
+
+    split_accumulation: each step's P.V into a fresh float32 accumulator added to the
+      running one (True, the recipe: FP8 wgmma's reduced-precision accumulation spans one
+      key block), or straight into the rescaled running accumulator (False: 64 x D fewer
+      live float32 registers per thread during the wgmma, FP8 accumulation across all
+      key blocks; for timing against True).
+
+  A plain ``BlockSparseConfig`` is taken as this with ``split_accumulation=True``.
+  """
+  split_accumulation: bool = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_flag(self, "split_accumulation")
+
+
+DEFAULT_CONFIG = BlockSparseFp8Config()
 _REDUCTION_SCRATCH = 0  # as block_sparse_kernel: only in-warp WGMMA row reductions
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -159,21 +185,34 @@ def _qk_fp8(q_smem, k_smem, *, after_issue, emulate):
   return qk
 
 
-def _pv_fp8(p_op, vt_smem, *, after_issue, emulate):
-  """(float32 [64, D] = p_op [64, bs] @ vt_smem [D, bs]^T in a fresh accumulator,
-  ``after_issue()``'s result, computed while the wgmma runs); the tile's keys are in
-  ``key_order`` as ``p_op``'s columns are."""
+def _pv_fp8(acc, alpha, p_op, vt_smem, *, split, after_issue, emulate):
+  """``acc * alpha[:, None] + p_op [64, bs] @ vt_smem [D, bs]^T``, float32 [64, D]; the
+  tile's keys are in ``key_order`` as ``p_op``'s columns are. ``split``: the product in a
+  fresh accumulator, the rescale done while the wgmma runs, then the sum; else the wgmma
+  accumulates into the rescaled ``acc``. ``after_issue`` runs while the wgmma runs."""
+  rescale = lambda: acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
   if emulate:
     pv = jnp.dot(p_op.astype(jnp.float32), vt_smem[...].astype(jnp.float32).T,
                  precision=_HIGHEST)
-    return pv, after_issue()
+    after_issue()
+    return rescale() + pv
+  vt = plgpu.transpose_ref(vt_smem, (1, 0))
+  if not split:
+    def body(acc_ref):
+      plgpu.wgmma(acc_ref, p_op, vt)
+      after_issue()
+
+    return pl.run_state(body)(plgpu.ACC.init(rescale()))
 
   def scope(acc_ref):
-    plgpu.wgmma(acc_ref, p_op, plgpu.transpose_ref(vt_smem, (1, 0)))
-    meanwhile = after_issue()
-    return acc_ref[...], meanwhile
+    plgpu.wgmma(acc_ref, p_op, vt)
+    after_issue()
+    rescaled = rescale()
+    return acc_ref[...], rescaled
 
-  return pl.run_scoped(scope, plgpu.ACC((p_op.shape[0], vt_smem.shape[0]), jnp.float32))
+  pv, rescaled = pl.run_scoped(scope, plgpu.ACC((p_op.shape[0], vt_smem.shape[0]),
+                                                jnp.float32))
+  return rescaled + pv
 
 
 def _check_inputs(q8, k8, vt8, q_scale, k_scale, v_scale, block_size, qbs):
@@ -218,7 +257,8 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
     v_scale: float32 [B, H, D], one per channel.
     kv_block_indices, kv_steps, dense_rows, lengths, block_size, num_kv_blocks,
       query_block_size, config, interpret: as ``block_sparse_kernel.
-      block_sparse_attention_padded`` (``config`` a ``BlockSparseConfig``).
+      block_sparse_attention_padded`` (``config`` a ``BlockSparseFp8Config`` or
+      ``BlockSparseConfig``).
     sm_scale: softmax scale (a Python float).
 
   Returns:
@@ -228,6 +268,7 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
   if not isinstance(config, BlockSparseConfig):
     raise ValueError(f"config={config!r}: expected a BlockSparseConfig.")
   schedule_barrier, heads_major = config.schedule_barrier, config.heads_major
+  split = getattr(config, "split_accumulation", True)
   b, s_pad, h, d = q8.shape
   bs = block_size
   qbs = check_tiling(bs, query_block_size)
@@ -319,9 +360,11 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
         m_new = jnp.maximum(m_i, qk.max(axis=1) * scale)
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(qk * scale - lax.broadcast_in_dim(m_use, qk.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
-        p_op = _p_operand((p * FP8_MAX).astype(FP8_DTYPE), emulate)
+        # P * 448 in one exp2 (the shift folds the scale in); l sums it in float32, so
+        # the 448 cancels in acc / l and leaves the LSE as log(448).
+        p448 = jnp.exp2(qk * scale - lax.broadcast_in_dim(m_use - LOG2_FP8_MAX, qk.shape, [0]))
+        l_i = l_i * alpha + p448.sum(axis=1)
+        p_op = _p_operand(p448.astype(FP8_DTYPE), emulate)
         # (After the relabelling: Mosaic's barrier takes 8-bit registers 4 to a vector.)
         acc, l_i, m_new, alpha, p_op = lax.optimization_barrier((acc, l_i, m_new, alpha, p_op))
         if schedule_barrier:
@@ -330,19 +373,17 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
         if schedule_barrier:
           plgpu.barrier_wait(sched)
 
-        def while_pv_runs():
+        def wait_next_k():
           nxt = step + 1
 
           @pl.when(nxt < n)
           def _():
             plgpu.barrier_wait(k_ready.at[ring + lax.rem(nxt, stages)])
 
-          return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-        pv, rescaled = _pv_fp8(p_op, vt_smem.at[slot], after_issue=while_pv_runs,
-                               emulate=emulate)
+        acc = _pv_fp8(acc, alpha, p_op, vt_smem.at[slot], split=split,
+                      after_issue=wait_next_k, emulate=emulate)
         plgpu.barrier_arrive(v_free.at[slot])
-        return rescaled + pv, m_new, l_i, ahead
+        return acc, m_new, l_i, ahead
 
       acc, m_i, l_i, _ = lax.fori_loop(
           0, n, step_fn, (acc, m_i, l_i, read_entry(idx_ref, dense_ref, bi, hi, qb, 0)))
@@ -362,12 +403,13 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
       else:
         v_cols = plgpu.load(vs_ref.at[bi, hi], (), layout=plgpu.Layout.WGMMA.reduce(0),
                             optimized=False)
-      v_cols = v_cols * (1.0 / FP8_MAX)
+      # l holds 448 * sum(P): its 448 cancels P's.
       acc = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
              * lax.broadcast_in_dim(v_cols, acc.shape, [1]))
       o_smem[...] = acc.astype(OUT_DTYPE)
-      lse_smem[...] = jnp.where(has_keys, m_i * LN2 + jnp.log(jnp.where(has_keys, l_i, 1.0)),
-                                -jnp.inf)
+      lse_smem[...] = jnp.where(
+          has_keys, m_i * LN2 + (jnp.log(jnp.where(has_keys, l_i, 1.0)) - math.log(FP8_MAX)),
+          -jnp.inf)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem, out_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(row0, ROWS_PER_WG)])

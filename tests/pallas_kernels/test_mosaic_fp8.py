@@ -267,7 +267,7 @@ def test_layouts_are_the_ones_the_relabelling_assumes():
 # ------------------------------------------------- lowering for CUDA, shared memory, input
 
 
-def _call(d, qbs, bs, s=256, stages=None, **over):
+def _call(d, qbs, bs, s=256, stages=None, split=True, **over):
   """The padded kernel at abstract shapes, ready to trace or lower."""
   f8 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float8_e4m3fn)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -279,7 +279,7 @@ def _call(d, qbs, bs, s=256, stages=None, **over):
   args.update(over)
   fn = lambda *a: fp8_kernel.block_sparse_attention_fp8_padded(
       *a, block_size=bs, query_block_size=qbs, sm_scale=0.125, num_kv_blocks=s // bs,
-      config=fp8_kernel.BlockSparseConfig(stages=stages))
+      config=fp8_kernel.BlockSparseFp8Config(stages=stages, split_accumulation=split))
   return fn, tuple(args.values())
 
 
@@ -299,6 +299,33 @@ def test_lowers_for_cuda_with_fp8_wgmma(d, qbs, bs):
   for n in {bs, d}:
     assert f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3" in text
   assert "cvt.rn.satfinite.e4m3x2.f32" in text
+
+
+def test_unsplit_accumulation_lowers_for_cuda():
+  text = _lower_for_cuda(*_call(128, 128, 64, split=False)).as_text()
+  assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in text
+
+
+def test_unsplit_accumulation_matches_split():
+  """``split_accumulation=False`` (emulated: only the order of one float32 addition
+  differs) against the default on the 64 x 64 case."""
+  name = "s256q64k64d64"
+  _, _, _, _, bs, qbs, _ = CASES[name]
+  q, k, v, idx, cnt = _inputs(name)
+  out, lse = fp8_ops.block_sparse_attention_fp8(
+      q, k, v, jnp.asarray(idx), jnp.asarray(cnt), block_size=bs, query_block_size=qbs,
+      kv_lengths=_kv_lengths(name), interpret=True,
+      config=fp8_kernel.BlockSparseFp8Config(split_accumulation=False))
+  want_out, want_lse = _run(name)
+  assert _rel_l2(np.asarray(out, np.float64), want_out) <= 1e-3
+  _check_lse(np.asarray(lse, np.float64), want_lse, 1e-6)
+
+
+def test_config_checks():
+  with pytest.raises(ValueError, match="split_accumulation=1"):
+    fp8_kernel.BlockSparseFp8Config(split_accumulation=1)
+  with pytest.raises(ValueError, match="stages=1"):
+    fp8_kernel.BlockSparseFp8Config(stages=1)
 
 
 def test_ring_depths_and_footprint(monkeypatch):
