@@ -18,7 +18,9 @@ characters, and the rest still runs; the JSON is rewritten after every stage):
    pre-pass (``fp8_ops.quantize_inputs``) and the FP8 kernel timed apart (the kernel on
    pre-quantised inputs), the bf16 Mosaic kernel on the same lists, cuDNN bf16 dense once
    per length; TFLOP/s = 4 * D * computed pairs (``kernel_bench.computed_pairs``) / time,
-   and ratios to cuDNN's. Correctness on a few query blocks (rows) against float32
+   and ratios to cuDNN's; last, the FP8 kernel with ``split_accumulation=False`` (P.V
+   accumulated in the running accumulator: fewer live registers), its output against the
+   default's. Correctness on a few query blocks (rows) against float32
    attention restricted to their lists: cosine, rel L2 (bf16 kernel alongside), LSE error.
 
 Timing: ``harness.timing.time_fn`` (a warm-up call with compile, then ``REPS`` reps of
@@ -229,7 +231,8 @@ def big_runs(res, start):
       lists = kernel_lists(idx, cnt, num_kv_blocks=n_k, num_query_blocks=s // qbs)
       tflops = lambda ms: 4.0 * D * pairs / (ms * 1e-3) / 1e12
       fp8_out = bf16_out = quant = None
-      for label, fn in (("prepass", "quant"), ("fp8_kernel", "fp8"), ("bf16_kernel", "bf16")):
+      for label, fn in (("prepass", "quant"), ("fp8_kernel", "fp8"), ("bf16_kernel", "bf16"),
+                        ("fp8_kernel_unsplit", "fp8_unsplit")):
         if time.perf_counter() - start > BUDGET_S:
           row[label] = {"error": "skipped: time budget spent"}
           continue
@@ -240,15 +243,19 @@ def big_runs(res, start):
             tm, t = _time(prepass, q, k, v)
             quant = tm.output
             row[label] = t
-          elif fn == "fp8":
+          elif fn in ("fp8", "fp8_unsplit"):
             if quant is None:
               raise RuntimeError("no pre-pass output")
+            config = fp8_kernel.BlockSparseFp8Config(split_accumulation=fn == "fp8")
             kern = jax.jit(lambda *a: fp8_kernel.block_sparse_attention_fp8_padded(
                 *a, block_size=bs, sm_scale=scale, num_kv_blocks=n_k, query_block_size=qbs,
-                interpret=params))
+                config=config, interpret=params))
             tm, t = _time(kern, *quant[:6], *lists, lengths)
-            fp8_out = tm.output
             row[label] = {**t, "tflops": tflops(t["ms"])}
+            if fn == "fp8":
+              fp8_out = tm.output
+            elif fp8_out is not None:
+              row[label]["vs_split"] = _stats(tm.output[0], fp8_out[0])
           else:
             kern = jax.jit(lambda *a: bf16_kernel.block_sparse_attention_padded(
                 *a, block_size=bs, sm_scale=scale, num_kv_blocks=n_k, query_block_size=qbs,
