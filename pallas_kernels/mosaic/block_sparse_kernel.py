@@ -138,14 +138,17 @@ def listed_block(entry, step, *, num_kv_blocks):
 
 
 def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, read, key_block,
-                     batch, head, block_size, stages):
+                     batch, head, block_size, stages, v_index=None):
   """The memory warpgroup's loop: TMA copies of the listed K/V blocks into the rings.
 
   Pipeline p (one per compute warpgroup for 64-row query blocks, one shared for
   128) reads ``counts[p]`` blocks, ``key_block(read(p, step), step)`` in turn (``read``
   is called a step ahead, see ``read_entry``), into slots
   ``p * stages + step % stages``, waiting for a slot's release before refilling
-  it. ``barriers`` = (k_ready, v_ready, k_free, v_free). Shared with the
+  it. ``barriers`` = (k_ready, v_ready, k_free, v_free). ``v_index(batch, keys, head)``
+  (None: the K index, ``(batch, keys, head)`` of a [B, S, H, D] V) names the V tile
+  read for the key slice ``keys``; the FP8 kernel's V^T [B, H, D, S] passes its own.
+  Shared with the
   load-only twin in ``tools/mosaic_floor.py``, so the floor it measures is
   this loop's.
   """
@@ -159,7 +162,9 @@ def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, read, ke
       @pl.when(step < count)
       def _():
         slot = p * stages + lax.rem(step, stages)
-        src = (batch, pl.ds(key_block(entries[p], step) * bs, bs), head)
+        keys = pl.ds(key_block(entries[p], step) * bs, bs)
+        src = (batch, keys, head)
+        v_src = src if v_index is None else v_index(batch, keys, head)
 
         @pl.when(step >= stages)
         def _():
@@ -171,7 +176,7 @@ def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, read, ke
         def _():
           plgpu.barrier_wait(v_free.at[slot])
 
-        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[v_src], v_smem.at[slot], v_ready.at[slot])
 
     return ahead
 

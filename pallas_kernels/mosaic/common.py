@@ -131,9 +131,21 @@ def check_stages(stages, default: int, smem_of, what: str) -> int:
   return int(stages)
 
 
-def smem_transforms(dtype):
-  """The tiling and 128-byte swizzle of a shared-memory tile of ``dtype`` that wgmma and TMA
-  read and write."""
+def smem_transforms(dtype, minor_dim: int | None = None):
+  """The tiling and swizzle of a shared-memory tile of ``dtype`` that wgmma and TMA read and
+  write.
+
+  The swizzle is 128 bytes, or, given the tile's minor dimension ``minor_dim`` (elements),
+  its width in bytes when that is 32 or 64 (an 8-bit tile of 64 columns is 64 bytes wide: a
+  128-byte swizzle would need 128 of them). 16-bit tiles of 64 or more columns, all the
+  bf16 kernels have, get 128 either way.
+  """
   swizzle = 128
+  if minor_dim is not None:
+    width = minor_dim * jnp.dtype(dtype).itemsize
+    if width not in (32, 64) and width % 128:
+      raise ValueError(f"minor_dim={minor_dim}: a {jnp.dtype(dtype).name} tile row of "
+                       f"{width} bytes; expected 32, 64 or a multiple of 128.")
+    swizzle = min(128, width)
   return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
           plgpu.SwizzleTransform(swizzle))

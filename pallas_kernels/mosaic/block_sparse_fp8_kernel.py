@@ -1,0 +1,460 @@
+"""FP8 (float8_e4m3fn) block-sparse flash attention for Hopper in Pallas Mosaic GPU.
+
+The FP8 twin of ``block_sparse_kernel`` (same CTA: two compute warpgroups of 64 query rows
+and one memory warpgroup streaming the listed K/V blocks through a TMA ring; same lists,
+tilings, ping-pong and ``lengths`` masking; its ``stream_kv_blocks``, ``read_entry`` and
+``listed_block`` are imported, not copied). It follows the recipe of
+``pallas_kernels.reference.fp8`` (SageAttention2-style); the quantisation itself is a jnp
+pre-pass (``fp8_ops.quantize_inputs``), this kernel takes e4m3 operands and their scales.
+
+Hopper's FP8 wgmma reads shared-memory operands K-major only (only 16-bit wgmma can
+transpose), so:
+
+- Q.K^T: Q [64, D] and a K block [bs, D] as in ``common.qk_matmul``, both D (= the
+  contraction) minor: K-major, allowed.
+- P.V: V is given transposed, ``vt8`` [B, H, D, S_pad], so a V^T tile [D, bs] has the
+  keys (the contraction) minor. P is the left operand from registers as 8-bit, which
+  wgmma wants in ``WGMMA_LAYOUT_8BIT`` (4 consecutive columns per thread); P is computed
+  in the accumulator's ``WGMMA_LAYOUT`` (2 + 2 columns 8 apart per thread). Rather than
+  shuffle P across threads every step, the registers are relabelled as they are
+  (``_p_operand``: the two 2-element registers of columns 16t + {2l, 2l+1} and
+  16t + 8 + {2l, 2l+1} of lane l become the one 4-element register of columns
+  16t + 4l + {0..3}), which permutes P's columns within each group of 16 keys by
+  ``KEY_PERMUTATION``, and the pre-pass stores V^T's keys permuted the same way within
+  each 16-key group, so the contraction is unchanged. No data moves.
+
+Numerics (per step = one key block of ``block_size`` keys):
+
+- ``S = (q8 . k8) * q_scale[row block] * k_scale[key block] * sm_scale * log2(e)``: one
+  float32 scalar per step applied to the float32 wgmma result (scores in log2 units).
+- Online softmax in float32; ``P * 448 = exp2(S - (m - log2(448)))`` in one exp2 (P in
+  [0, 1]); ``l`` sums the float32 ``P * 448``.
+- ``p8 = e4m3(P * 448)`` (``cvt.rn.satfinite``), the fixed scale of the recipe.
+- P.V goes into a fresh float32 wgmma accumulator each step, added to the running
+  (rescaled) one: FP8 wgmma's reduced-precision accumulation spans one key block only
+  (``BlockSparseFp8Config.split_accumulation``, default on).
+- ``out = acc * v_scale[d] / l`` (the 448 of P cancels the one in l);
+  ``lse = m * ln2 + log(l) - log(448)`` (natural log of the smoothed scores; the caller
+  adds the smoothing shift). Rows with no valid key: out 0, lse -inf.
+
+Scales: ``q_scale`` float32 [B, H, S_pad / 64] (one per 64-row block, i.e. per compute
+warpgroup; the op repeats coarser scales), ``k_scale`` float32 [B, H, S_pad / block_size]
+(one per key block), ``v_scale`` float32 [B, H, D] (per channel).
+
+Shared memory: 1-byte tiles use the swizzle of their row width (``common.smem_transforms``
+with the minor dimension: 64 bytes for 64 columns, 128 for 128); Q is e4m3 [2, 64, D],
+O a separate bf16 [2, 64, D], K [bs, D] and V^T [D, bs] stages of 1 byte per element,
+so a stage is half the bf16 one.
+
+Under the GPU interpreter (``interpret`` given) the wgmmas are emulated with float32
+``jnp.dot`` of the e4m3 values, P permuted as the registers are (``emulate`` below), so
+the emulation applies the same quantisation and the same V^T key order.
+
+Everything in this module is ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic.block_sparse_kernel import (
+    BlockSparseConfig, check_tiling, listed_block, num_stages, pipelines, read_entry,
+    stream_kv_blocks)
+from pallas_kernels.mosaic.common import (
+    COMPUTE_WGS, CTA_ROWS, LN2, LOG2E, ROWS_PER_WG, check_flag, check_stages, column_ids,
+    qk_matmul, smem_footprint, smem_transforms, with_layout)
+
+FP8_DTYPE = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3; P in [0, 1] is stored as e4m3(P * FP8_MAX)
+LOG2_FP8_MAX = math.log2(FP8_MAX)
+OUT_DTYPE = jnp.bfloat16
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_TILINGS = ((64, 64), (128, 128), (128, 64))  # (query_block_size, block_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseFp8Config(BlockSparseConfig):
+  """Tuning of ``block_sparse_attention_fp8_padded``: ``BlockSparseConfig``'s fields and
+
+    split_accumulation: each step's P.V into a fresh float32 accumulator added to the
+      running one (True, the recipe: FP8 wgmma's reduced-precision accumulation spans one
+      key block), or straight into the rescaled running accumulator (False: 64 x D fewer
+      live float32 registers per thread during the wgmma, FP8 accumulation across all
+      key blocks; for timing against True).
+
+  A plain ``BlockSparseConfig`` is taken as this with ``split_accumulation=True``.
+  """
+  split_accumulation: bool = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_flag(self, "split_accumulation")
+
+
+DEFAULT_CONFIG = BlockSparseFp8Config()
+_REDUCTION_SCRATCH = 0  # as block_sparse_kernel: only in-warp WGMMA row reductions
+_HIGHEST = lax.Precision.HIGHEST
+
+# Column c of the 8-bit P operand within a group of 16 keys is key KEY_PERMUTATION[c] of
+# the group (see the module docstring). V^T's keys are stored in this order.
+KEY_PERMUTATION = (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15)
+
+
+def key_order(n: int) -> np.ndarray:
+  """int [n] (n a multiple of 16): the key stored at position c of the permuted V^T,
+  ``KEY_PERMUTATION`` applied within each group of 16."""
+  if n % 16:
+    raise ValueError(f"n={n}: expected a multiple of 16 keys.")
+  c = np.arange(n)
+  return (c // 16) * 16 + np.asarray(KEY_PERMUTATION)[c % 16]
+
+
+def permute_keys(x):
+  """``x`` [..., n] (n a multiple of 16) with its last axis in ``key_order``: a reshape
+  and a transpose, so that it needs no index constant (a kernel may not capture one).
+
+  Key ``8 * h + 2 * l + j`` of a group of 16 (h, j in {0, 1}, l in 0..3: the WGMMA
+  layout's register half, lane and element) goes to ``4 * l + 2 * h + j`` (the 8-bit
+  layout's lane and element)."""
+  *lead, n = x.shape
+  if n % 16:
+    raise ValueError(f"x of shape {x.shape}: expected a multiple of 16 along the last axis.")
+  groups = x.reshape(*lead, n // 16, 2, 4, 2)
+  return jnp.swapaxes(groups, -3, -2).reshape(*lead, n)
+
+
+def smem_bytes(block_size: int, head_dim: int, stages: int,
+               query_block_size: int | None = None) -> int:
+  """Shared memory of ``block_sparse_attention_fp8_padded`` with ``stages`` K/V stages of
+  ``block_size`` keys per pipeline."""
+  pipes = pipelines(block_size if query_block_size is None else query_block_size)
+  tile = block_size * head_dim  # 1 byte per element
+  rows = COMPUTE_WGS * ROWS_PER_WG
+  buffers = (rows * head_dim,  # Q (e4m3)
+             rows * head_dim * jnp.dtype(OUT_DTYPE).itemsize,  # O
+             pipes * stages * tile, pipes * stages * tile,  # K ring, V^T ring
+             rows * 4)  # LSE
+  barriers = 4 * pipes * stages + COMPUTE_WGS + 1
+  return smem_footprint(buffers, barriers, _REDUCTION_SCRATCH)
+
+
+def _p_operand(p8, emulate):
+  """P e4m3 [64, bs] in the WGMMA layout as the 8-bit wgmma left operand.
+
+  On the GPU: the same registers relabelled as ``WGMMA_LAYOUT_8BIT`` (columns permuted by
+  ``KEY_PERMUTATION`` within each 16). Emulated: the permuted array itself."""
+  rows, bs = p8.shape
+  if emulate:
+    return permute_keys(p8)
+  # Imported here: only the compiled path needs Mosaic GPU's own modules.
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA,),
+      return_type=plgpu.ShapeDtypeStruct((rows, bs), FP8_DTYPE, layout=plgpu.Layout.WGMMA_8BIT))
+  def relabel(_, x):
+    src = x.registers  # [1, bs / 8, 1, 1, 2, 1, 1, 1, 1] of 2 x e4m3
+    shape = fa.WGMMA_LAYOUT_8BIT.registers_shape((rows, bs))  # [1, bs / 16, ...] of 4
+    regs = np.empty(shape, dtype=object)
+    for idx in np.ndindex(*shape):
+      pair = [src[(idx[0], 2 * idx[1] + i, *idx[2:])] for i in range(2)]
+      regs[idx] = mgpu_utils.vector_concat(pair)
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT_8BIT, _is_signed=None)
+
+  return relabel(p8)
+
+
+def _qk_fp8(q_smem, k_smem, *, after_issue, emulate):
+  """float32 [64, bs] = q8 [64, D] @ k8 [bs, D]^T (``common.qk_matmul``; emulated in
+  float32, where products of e4m3 values are exact)."""
+  if not emulate:
+    return qk_matmul(q_smem, k_smem, after_issue=after_issue)
+  qk = jnp.dot(q_smem[...].astype(jnp.float32), k_smem[...].astype(jnp.float32).T,
+               precision=_HIGHEST)
+  after_issue()
+  return qk
+
+
+def _pv_fp8(acc, alpha, p_op, vt_smem, *, split, after_issue, emulate):
+  """``acc * alpha[:, None] + p_op [64, bs] @ vt_smem [D, bs]^T``, float32 [64, D]; the
+  tile's keys are in ``key_order`` as ``p_op``'s columns are. ``split``: the product in a
+  fresh accumulator, the rescale done while the wgmma runs, then the sum; else the wgmma
+  accumulates into the rescaled ``acc``. ``after_issue`` runs while the wgmma runs."""
+  rescale = lambda: acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+  if emulate:
+    pv = jnp.dot(p_op.astype(jnp.float32), vt_smem[...].astype(jnp.float32).T,
+                 precision=_HIGHEST)
+    after_issue()
+    return rescale() + pv
+  vt = plgpu.transpose_ref(vt_smem, (1, 0))
+  if not split:
+    def body(acc_ref):
+      plgpu.wgmma(acc_ref, p_op, vt)
+      after_issue()
+
+    return pl.run_state(body)(plgpu.ACC.init(rescale()))
+
+  def scope(acc_ref):
+    plgpu.wgmma(acc_ref, p_op, vt)
+    after_issue()
+    rescaled = rescale()
+    return acc_ref[...], rescaled
+
+  pv, rescaled = pl.run_scoped(scope, plgpu.ACC((p_op.shape[0], vt_smem.shape[0]),
+                                                jnp.float32))
+  return rescaled + pv
+
+
+def _check_inputs(q8, k8, vt8, q_scale, k_scale, v_scale, block_size, qbs):
+  b, s_pad, h, d = q8.shape
+  for name, x in (("q8", q8), ("k8", k8), ("vt8", vt8)):
+    if x.dtype != FP8_DTYPE:
+      raise ValueError(f"{name} of dtype {x.dtype}: expected float8_e4m3fn.")
+  if k8.shape != q8.shape:
+    raise ValueError(f"k8 of shape {k8.shape}: expected q8's {q8.shape} [B, S_pad, H, D].")
+  if vt8.shape != (b, h, d, s_pad):
+    raise ValueError(f"vt8 of shape {vt8.shape}: expected {(b, h, d, s_pad)} "
+                     "[B, H, D, S_pad] (V transposed, keys in key_order).")
+  if d not in SUPPORTED_HEAD_DIMS:
+    raise ValueError(f"head_dim={d}: expected one of {SUPPORTED_HEAD_DIMS}.")
+  if s_pad % CTA_ROWS or s_pad % qbs:
+    raise ValueError(f"S_pad={s_pad}: expected a multiple of {max(CTA_ROWS, qbs)}.")
+  for name, x, want in (("q_scale", q_scale, (b, h, s_pad // ROWS_PER_WG)),
+                        ("k_scale", k_scale, (b, h, s_pad // block_size)),
+                        ("v_scale", v_scale, (b, h, d))):
+    if x.shape != want or x.dtype != jnp.float32:
+      raise ValueError(f"{name} of shape {x.shape} and dtype {x.dtype}: expected float32 "
+                       f"{want}.")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("block_size", "sm_scale", "num_kv_blocks", "config", "interpret",
+                     "query_block_size"))
+def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
+                                      kv_block_indices, kv_steps, dense_rows, lengths, *,
+                                      block_size, sm_scale, num_kv_blocks,
+                                      config=DEFAULT_CONFIG, interpret=None,
+                                      query_block_size=None):
+  """FP8 block-sparse attention on padded, quantised operands.
+
+  Args:
+    q8, k8: float8_e4m3fn [B, S_pad, H, D], S_pad a multiple of 128 (K smoothed).
+    vt8: float8_e4m3fn [B, H, D, S_pad]: V^T, the keys of each group of 16 in
+      ``key_order`` (``fp8_ops.quantize_inputs`` makes it).
+    q_scale: float32 [B, H, S_pad / 64], one per 64 query rows.
+    k_scale: float32 [B, H, S_pad / block_size], one per key block.
+    v_scale: float32 [B, H, D], one per channel.
+    kv_block_indices, kv_steps, dense_rows, lengths, block_size, num_kv_blocks,
+      query_block_size, config, interpret: as ``block_sparse_kernel.
+      block_sparse_attention_padded`` (``config`` a ``BlockSparseFp8Config`` or
+      ``BlockSparseConfig``).
+    sm_scale: softmax scale (a Python float).
+
+  Returns:
+    out bf16 [B, S_pad, H, D] and lse float32 [B, H, S_pad] (natural log of the smoothed
+    scores, -inf for rows that read no valid key). Rows past ``lengths`` are not zeroed.
+  """
+  if not isinstance(config, BlockSparseConfig):
+    raise ValueError(f"config={config!r}: expected a BlockSparseConfig.")
+  schedule_barrier, heads_major = config.schedule_barrier, config.heads_major
+  split = getattr(config, "split_accumulation", True)
+  b, s_pad, h, d = q8.shape
+  bs = block_size
+  qbs = check_tiling(bs, query_block_size)
+  _check_inputs(q8, k8, vt8, q_scale, k_scale, v_scale, bs, qbs)
+  pipes = pipelines(qbs)
+  rows = (b, h, s_pad // qbs)
+  if (kv_block_indices.ndim != 4 or kv_block_indices.shape[:3] != rows
+      or kv_steps.shape != rows or dense_rows.shape != rows):
+    raise ValueError(
+        f"lists of shapes {kv_block_indices.shape}, {kv_steps.shape}, {dense_rows.shape}: "
+        f"expected {rows} + (K_max,), {rows}, {rows} (S_pad={s_pad} / "
+        f"query_block_size={qbs} query blocks).")
+  tiling = "" if qbs == bs else f"query_block_size={qbs}, "
+  stages = check_stages(config.stages, num_stages(bs, d, 1, qbs),
+                        lambda n: smem_bytes(bs, d, n, qbs),
+                        f"{tiling}block_size={bs}, head_dim={d}, float8_e4m3fn")
+  base_scale = float(sm_scale) * LOG2E  # scores in log2 units: exp2 is one FMA away
+  n_tiles = s_pad // CTA_ROWS
+  emulate = interpret is not None
+  block_of = functools.partial(listed_block, num_kv_blocks=num_kv_blocks)
+
+  def kernel(q_ref, k_ref, vt_ref, qs_ref, ks_ref, vs_ref, idx_ref, steps_ref, dense_ref,
+             len_ref, out_ref, lse_ref, q_smem2, o_smem2, k_smem, vt_smem, lse_smem2,
+             k_ready, v_ready, q_ready, k_free, v_free, sched):
+    tile = lax.axis_index("q_tile")
+    hi = lax.axis_index("heads")
+    bi = lax.axis_index("batch")
+    wg = lax.axis_index("wg")
+    length = len_ref[bi]
+
+    def query_block(w):
+      return (tile * CTA_ROWS + w * ROWS_PER_WG) // qbs
+
+    def pipe_steps(p):
+      return steps_ref[bi, hi, query_block(p)]
+
+    def ping_pong():
+      if schedule_barrier:
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem = q_smem2.at[wg]
+      o_smem = o_smem2.at[wg]
+      lse_smem = lse_smem2.at[wg]
+      row0 = tile * CTA_ROWS + wg * ROWS_PER_WG
+      qb = row0 // qbs
+      pipe = wg if pipes == 2 else 0
+      ring = pipe * stages
+      n = steps_ref[bi, hi, qb]
+      n_max = jnp.maximum(pipe_steps(0), pipe_steps(1)) if pipes == 2 else n
+      q_step_scale = qs_ref[bi, hi, row0 // ROWS_PER_WG] * base_scale
+
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi], q_smem,
+                              q_ready.at[wg])
+      plgpu.barrier_wait(q_ready.at[wg])
+
+      row_layout = plgpu.Layout.WGMMA.reduce(1)
+      m_i = with_layout(jnp.full((ROWS_PER_WG,), -jnp.inf, jnp.float32), row_layout, emulate)
+      l_i = with_layout(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32), row_layout, emulate)
+      acc = with_layout(jnp.full((ROWS_PER_WG, d), 0.0, jnp.float32), plgpu.Layout.WGMMA,
+                        emulate)
+
+      @pl.when(n > 0)
+      def _():
+        plgpu.barrier_wait(k_ready.at[ring])
+
+      pl.when(wg == 1)(ping_pong)
+
+      def step_fn(step, carry):
+        acc, m_i, l_i, entry = carry
+        slot = ring + lax.rem(step, stages)
+        ahead = read_entry(idx_ref, dense_ref, bi, hi, qb, step + 1)
+        block = block_of(entry, step)
+        n_valid = length - block * bs
+        scale = q_step_scale * ks_ref[bi, hi, block]  # one float32 scalar per step
+
+        qk = _qk_fp8(q_smem, k_smem.at[slot], after_issue=ping_pong, emulate=emulate)
+        plgpu.barrier_arrive(k_free.at[slot])
+
+        def mask_tail(x):
+          cols = column_ids((ROWS_PER_WG, bs), emulate)
+          return jnp.where(cols < n_valid, x, -jnp.inf)
+
+        qk = lax.cond(n_valid < bs, mask_tail, lambda x: x, qk)
+
+        m_new = jnp.maximum(m_i, qk.max(axis=1) * scale)
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m_i - m_use)
+        # P * 448 in one exp2 (the shift folds the scale in); l sums it in float32, so
+        # the 448 cancels in acc / l and leaves the LSE as log(448).
+        p448 = jnp.exp2(qk * scale - lax.broadcast_in_dim(m_use - LOG2_FP8_MAX, qk.shape, [0]))
+        l_i = l_i * alpha + p448.sum(axis=1)
+        p_op = _p_operand(p448.astype(FP8_DTYPE), emulate)
+        # (After the relabelling: Mosaic's barrier takes 8-bit registers 4 to a vector.)
+        acc, l_i, m_new, alpha, p_op = lax.optimization_barrier((acc, l_i, m_new, alpha, p_op))
+        if schedule_barrier:
+          plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_ready.at[slot])
+        if schedule_barrier:
+          plgpu.barrier_wait(sched)
+
+        def wait_next_k():
+          nxt = step + 1
+
+          @pl.when(nxt < n)
+          def _():
+            plgpu.barrier_wait(k_ready.at[ring + lax.rem(nxt, stages)])
+
+        acc = _pv_fp8(acc, alpha, p_op, vt_smem.at[slot], split=split,
+                      after_issue=wait_next_k, emulate=emulate)
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l_i, ahead
+
+      acc, m_i, l_i, _ = lax.fori_loop(
+          0, n, step_fn, (acc, m_i, l_i, read_entry(idx_ref, dense_ref, bi, hi, qb, 0)))
+
+      if schedule_barrier and pipes == 2:
+        @pl.loop(n, n_max)
+        def _(_):
+          ping_pong()
+          ping_pong()
+
+      pl.when(wg == 0)(ping_pong)
+
+      has_keys = l_i > 0.0
+      inv_l = 1.0 / jnp.where(has_keys, l_i, 1.0)
+      if emulate:
+        v_cols = vs_ref[bi, hi]
+      else:
+        v_cols = plgpu.load(vs_ref.at[bi, hi], (), layout=plgpu.Layout.WGMMA.reduce(0),
+                            optimized=False)
+      # l holds 448 * sum(P): its 448 cancels P's.
+      acc = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+             * lax.broadcast_in_dim(v_cols, acc.shape, [1]))
+      o_smem[...] = acc.astype(OUT_DTYPE)
+      lse_smem[...] = jnp.where(
+          has_keys, m_i * LN2 + (jnp.log(jnp.where(has_keys, l_i, 1.0)) - math.log(FP8_MAX)),
+          -jnp.inf)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(row0, ROWS_PER_WG)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      stream_kv_blocks(
+          k_ref, vt_ref, k_smem, vt_smem, (k_ready, v_ready, k_free, v_free),
+          counts=[pipe_steps(p) for p in range(pipes)],
+          read=lambda p, step: read_entry(idx_ref, dense_ref, bi, hi, query_block(p), step),
+          key_block=block_of, batch=bi, head=hi, block_size=bs, stages=stages,
+          v_index=lambda batch, keys, head: (batch, head, slice(None), keys))
+
+  def entry(*refs):
+    consumers = 1 if pipes == 2 else COMPUTE_WGS
+    d_major = smem_transforms(FP8_DTYPE, d)  # Q, K: rows of D bytes
+    pl.run_scoped(
+        lambda *scratch: kernel(*refs, *scratch),
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), FP8_DTYPE, transforms=d_major),
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), OUT_DTYPE,
+                   transforms=smem_transforms(OUT_DTYPE)),
+        plgpu.SMEM((pipes * stages, bs, d), FP8_DTYPE, transforms=d_major),
+        plgpu.SMEM((pipes * stages, d, bs), FP8_DTYPE, transforms=smem_transforms(FP8_DTYPE, bs)),
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
+        plgpu.Barrier(num_barriers=pipes * stages),
+        plgpu.Barrier(num_barriers=pipes * stages),
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=pipes * stages),
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=pipes * stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+        collective_axes="wg",
+    )
+
+  out, lse = plgpu.kernel(
+      entry,
+      out_type=(jax.ShapeDtypeStruct((b, s_pad, h, d), OUT_DTYPE),
+                jax.ShapeDtypeStruct((b, h, s_pad), jnp.float32)),
+      grid=(h, n_tiles, b) if heads_major else (n_tiles, h, b),
+      grid_names=("heads", "q_tile", "batch") if heads_major else ("q_tile", "heads", "batch"),
+      num_threads=COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True,
+                                           reduction_scratch_bytes=_REDUCTION_SCRATCH),
+      interpret=interpret,
+  )(q8, k8, vt8, q_scale, k_scale, v_scale, kv_block_indices, kv_steps, dense_rows, lengths)
+  return out, lse
