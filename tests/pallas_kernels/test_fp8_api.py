@@ -145,3 +145,21 @@ def test_config_precision_through_adaspa_attention():
   for step in (0, 2):  # dense and sparse steps differ by FP8's error only
     a, b = outs["bf16"][step], outs["fp8"][step]
     assert 0.99 <= _cos(a, b) < 1.0 and not np.isnan(np.asarray(b)).any()
+
+
+def test_mosaic_fp8_through_the_dispatcher_in_interpret_mode():
+  """implementation="mosaic", precision="fp8": the Mosaic FP8 kernel under JAX's GPU
+  interpreter, on the same lists as the reference recipe (128 x 64, ragged length)."""
+  q, k, v = _qkv(5, s=300, k_offset=2.0)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  idx, cnt = _lists(5, 1, 2, 3, 5, 2)
+  kw = dict(block_size=64, query_block_size=128, kv_lengths=jnp.array([260], jnp.int32))
+  out, lse = pk.block_sparse_attention(q, k, v, idx, cnt, precision="fp8",
+                                       implementation="mosaic", interpret=True, **kw)
+  want, want_lse = ref_fp8.fp8_block_sparse_attention(q, k, v, idx, cnt, **kw)
+  exact, _ = pk.block_sparse_attention(q, k, v, idx, cnt, implementation="reference", **kw)
+  assert out.dtype == jnp.bfloat16 and not np.isnan(np.asarray(out, np.float32)).any()
+  assert _cos(out[:, :260], want[:, :260]) >= 0.999
+  assert _cos(out[:, :260], exact[:, :260]) >= 0.99
+  np.testing.assert_allclose(np.asarray(lse)[..., :260], np.asarray(want_lse)[..., :260],
+                             atol=1e-2)
