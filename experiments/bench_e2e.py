@@ -41,6 +41,8 @@ _SPARSITY = flags.DEFINE_float("sparsity", 0.8, "AdaSpa base sparsity")
 _BLOCK = flags.DEFINE_integer("block_size", 64, "AdaSpa block size")
 _QBLOCK = flags.DEFINE_integer("query_block_size", None, "query rows per list row (default: "
                                "--block_size); 128 with --block_size=64 is the 128 x 64 tiling")
+_PRECISION = flags.DEFINE_enum("precision", "bf16", ["bf16", "fp8"], "AdaSpa's dense warm-up "
+                               "and sparse attention (the dense baseline stays bf16 cuDNN)")
 _SEARCH = flags.DEFINE_list("search_steps", None, "0-indexed search steps; default the paper's "
                             "10th and 30th of 50 steps, scaled to --steps")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weights and "
@@ -79,6 +81,7 @@ def main(argv):
   results = e2e.run(
       family=_MODEL.value, preset=_PRESET.value, layers=_LAYERS.value, steps=_STEPS.value,
       sparsity=_SPARSITY.value, block_size=_BLOCK.value, query_block_size=_QBLOCK.value,
+      precision=_PRECISION.value,
       search_steps=[int(s) for s in _SEARCH.value] if _SEARCH.value else None,
       dtype=_DTYPE.value, implementation=_IMPL.value,
       latent=(_FRAMES.value, _HEIGHT.value, _WIDTH.value), video_seconds=_SECONDS.value,

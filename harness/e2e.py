@@ -498,7 +498,8 @@ class Bench:
 
 
 def prepare(*, family="hunyuan_video", preset=None, layers=2, steps=50, sparsity=0.8,
-            block_size=64, query_block_size=None, search_steps=None, dtype="bfloat16",
+            block_size=64, query_block_size=None, precision="bf16", search_steps=None,
+            dtype="bfloat16",
             implementation=None, latent=None, video_seconds=None, text_len=None, mesh=None, fsdp=False, seed=0,
             command=None, log=print) -> Bench:
   """Checks the configuration and builds the model and inputs (see ``run``)."""
@@ -510,7 +511,8 @@ def prepare(*, family="hunyuan_video", preset=None, layers=2, steps=50, sparsity
   video = VIDEOS[family]
   preset = video.preset if preset is None else preset
   adaspa = AdaSpaConfig(sparsity=sparsity, block_size=block_size,
-                        query_block_size=query_block_size, num_steps=steps,
+                        query_block_size=query_block_size, precision=precision,
+                        num_steps=steps,
                         search_steps=tuple(search_steps) if search_steps
                         else generation.default_search_steps(steps),
                         implementation=implementation)
@@ -596,9 +598,11 @@ def run(*, reps=3, do_full_run=False, sweep_seconds=(), sweep_layers=1, sweep_re
     family: "hunyuan_video", "wan" or "cogvideox".
     preset: the family's preset (default ``VIDEOS[family].preset``, the real size).
     layers: transformer blocks built for the main measurement.
-    steps, sparsity, block_size, query_block_size, search_steps, implementation: the
-      AdaSpa schedule, granularity (query rows per list row; None for ``block_size``) and
-      kernels (search steps default to the paper's, scaled).
+    steps, sparsity, block_size, query_block_size, precision, search_steps,
+      implementation: the AdaSpa schedule, granularity (query rows per list row; None for
+      ``block_size``), operand precision ("bf16" or "fp8": dense warm-up and sparse
+      steps) and kernels (search steps default to the paper's, scaled). The dense
+      baseline stays cuDNN in the model's dtype.
     dtype: weights and activations.
     latent: (F, H, W) latent size; None entries take the family's 720p default.
     video_seconds: sets the latent frames from seconds of video instead of F.
