@@ -15,6 +15,9 @@ with one stage quantised at a time: the error budget) against the exact float32
 These are the numerics of the reference recipe, not a kernel timing. Run (CPU):
 
   python tools/fp8_quality.py --out docs/log/fp8/fp8_quality_$(date +%Y%m%d).json
+
+``--kernels=mosaic,cudnn`` (GPU) also runs the FP8 kernels (dense, bf16 inputs) on the same
+q/k/v: output cosine and relative L2 against float32.
 """
 
 from __future__ import annotations
@@ -44,8 +47,26 @@ def metrics(got, want, lengths):
           "rel_l2": float(np.linalg.norm(a - w) / np.linalg.norm(w))}
 
 
-def evaluate(q, k, v, lengths, *, block_size, stages):
-  """Every variant of the recipe on one (q, k, v) against float32."""
+def kernel_outputs(q, k, v, lengths, *, block_size, kernels):
+  """{name: out [B, S, H, D]} of the FP8 kernels in ``kernels`` ("mosaic": the Mosaic FP8
+  kernel, every row dense; "cudnn": cuDNN's FP8 attention, only without padding) on
+  q, k, v cast to bfloat16, as a model would call them."""
+  import pallas_kernels as pk  # pylint: disable=import-outside-toplevel
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  full = all(int(n) == q.shape[1] for n in lengths)
+  kv = None if full else jnp.asarray(lengths, jnp.int32)
+  outs = {}
+  for name in kernels:
+    if name == "cudnn" and not full:
+      continue
+    outs[f"{name}_fp8_kernel"] = pk.dense_attention(
+        q, k, v, kv_lengths=kv, precision="fp8", implementation=name, block_size=block_size)
+  return outs
+
+
+def evaluate(q, k, v, lengths, *, block_size, stages, kernels=()):
+  """Every variant of the recipe on one (q, k, v) against float32; then the FP8 kernels
+  in ``kernels`` (``kernel_outputs``), output only."""
   kv = jnp.asarray(lengths, jnp.int32)
   want, lse_want = ops.attention(q, k, v, kv_lengths=kv)
   finite = np.isfinite(np.asarray(lse_want))
@@ -66,6 +87,11 @@ def evaluate(q, k, v, lengths, *, block_size, stages):
     result[name] = row
     print(f"  {name:18s} cosine {row['cosine']:.6f}  rel_l2 {row['rel_l2']:.4f}  "
           f"lse err max {row['lse_max_abs_err']:.3g} p99 {row['lse_p99_abs_err']:.3g}  ({row['seconds']} s)", flush=True)
+  for name, out in kernel_outputs(q, k, v, lengths, block_size=block_size,
+                                  kernels=kernels).items():
+    row = metrics(out.astype(jnp.float32), want, lengths)
+    result[name] = row
+    print(f"  {name:18s} cosine {row['cosine']:.6f}  rel_l2 {row['rel_l2']:.4f}", flush=True)
   return result
 
 
@@ -124,16 +150,20 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no_stages", action="store_true",
                       help="skip the one-stage-at-a-time error budget (random cases)")
+  parser.add_argument("--kernels", default="",
+                      help="comma-separated FP8 kernels to measure too (GPU): mosaic, cudnn")
   parser.add_argument("--model_stages", action="store_true",
                       help="also the error budget on captured q/k/v (3 more passes a layer)")
   args = parser.parse_args(argv)
   stages = not args.no_stages
+  kernels = tuple(x for x in args.kernels.split(",") if x)
   argv = sys.argv[1:] if argv is None else list(argv)
 
   record = {
       "command": "python tools/fp8_quality.py " + " ".join(shlex.quote(a) for a in argv),
       "date": datetime.date.today().isoformat(),
-      "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores), jax {jax.__version__}",
+      "device": (f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}), "
+                 f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"),
       "note": ("Numerics of the FP8 reference recipe (pallas_kernels.reference.fp8, "
                "float8_e4m3fn emulated with jnp casts) against exact float32 attention "
                "(pallas_kernels.reference.ops.attention); not a kernel timing. Metrics over "
@@ -146,7 +176,8 @@ def main(argv=None):
                                       args.random_head_dim, args.seed).items():
     print(name, flush=True)
     record["cases"][name] = evaluate(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                     [q.shape[1]], block_size=args.block_size, stages=stages)
+                                     [q.shape[1]], block_size=args.block_size, stages=stages,
+                                     kernels=kernels)
 
   layer_ids = [int(x) for x in args.layers.split(",") if x]
   if layer_ids:
@@ -165,7 +196,7 @@ def main(argv=None):
     name = f"{os.path.basename(os.path.normpath(args.checkpoint))}_layer{layer}_step0"
     print(name, q.shape, "kv_lengths", lengths, flush=True)
     case = evaluate(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), [int(n) for n in lengths],
-                    block_size=args.block_size, stages=args.model_stages)
+                    block_size=args.block_size, stages=args.model_stages, kernels=kernels)
     valid = k[0, :int(lengths[0])]
     # How far K's per-channel mean sits from zero, in units of its spread (smoothing's target).
     case["k_channel_abs_mean_over_std"] = float(
