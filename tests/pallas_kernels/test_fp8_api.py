@@ -150,9 +150,9 @@ def test_config_precision_through_adaspa_attention():
 def test_mosaic_fp8_through_the_dispatcher_in_interpret_mode():
   """implementation="mosaic", precision="fp8": the Mosaic FP8 kernel under JAX's GPU
   interpreter, on the same lists as the reference recipe (128 x 64, ragged length)."""
-  q, k, v = _qkv(5, s=300, k_offset=2.0)
+  q, k, v = _qkv(5, s=300, h=1, k_offset=2.0)
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-  idx, cnt = _lists(5, 1, 2, 3, 5, 2)
+  idx, cnt = _lists(5, 1, 1, 3, 5, 2)
   kw = dict(block_size=64, query_block_size=128, kv_lengths=jnp.array([260], jnp.int32))
   out, lse = pk.block_sparse_attention(q, k, v, idx, cnt, precision="fp8",
                                        implementation="mosaic", interpret=True, **kw)
