@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.block_sparse_kernel import (
-    check_tiling, listed_block, num_stages, pipelines, read_entry, smem_bytes, stream_kv_blocks)
+    CtaLists, check_tiling, memory_warpgroup, num_stages, pipelines, smem_bytes)
 from pallas_kernels.mosaic.common import (
     COMPUTE_WGS, CTA_ROWS, ROWS_PER_WG, check_stages, smem_transforms)
 
@@ -63,20 +63,10 @@ def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_s
                         f"{jnp.dtype(dtype).name}")
   transforms = smem_transforms(dtype)
 
-  block_of = functools.partial(listed_block, num_kv_blocks=num_kv_blocks)
-
   def kernel(q_ref, k_ref, v_ref, idx_ref, steps_ref, dense_ref, out_ref,
              q_smem2, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free):
-    tile = lax.axis_index("q_tile")
-    hi = lax.axis_index("heads")
-    bi = lax.axis_index("batch")
-    wg = lax.axis_index("wg")
-
-    def query_block(w):
-      return (tile * CTA_ROWS + w * ROWS_PER_WG) // qbs
-
-    def pipe_steps(p):
-      return steps_ref[bi, hi, query_block(p)]
+    cta = CtaLists(idx_ref, steps_ref, dense_ref, qbs)
+    tile, hi, bi, wg = cta.tile, cta.head, cta.batch, cta.wg
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
@@ -125,13 +115,8 @@ def load_only_padded(q, k, v, kv_block_indices, kv_steps, dense_rows, *, block_s
     # The memory warpgroup of block_sparse_attention_padded: the same function.
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-      stream_kv_blocks(
-          k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free),
-          counts=[pipe_steps(p) for p in range(pipes)],
-          read=lambda p, step: read_entry(idx_ref, dense_ref, bi, hi, query_block(p), step),
-          key_block=block_of,
-          batch=bi, head=hi, block_size=bs, stages=stages)
+      memory_warpgroup(k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free), cta,
+                       pipes=pipes, num_kv_blocks=num_kv_blocks, block_size=bs, stages=stages)
 
   def entry(*refs):
     consumers = 1 if pipes == 2 else COMPUTE_WGS

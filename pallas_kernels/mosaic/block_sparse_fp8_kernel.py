@@ -67,8 +67,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.block_sparse_kernel import (
-    BlockSparseConfig, check_tiling, listed_block, num_stages, pipelines, read_entry,
-    stream_kv_blocks)
+    BlockSparseConfig, CtaLists, check_lists, check_tiling, listed_block, memory_warpgroup,
+    num_stages, ping_pong_barrier, pipelines, read_entry)
 from pallas_kernels.mosaic.common import (
     COMPUTE_WGS, CTA_ROWS, LN2, LOG2E, ROWS_PER_WG, check_flag, check_stages, column_ids,
     qk_matmul, smem_footprint, smem_transforms, with_layout)
@@ -274,13 +274,8 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
   qbs = check_tiling(bs, query_block_size)
   _check_inputs(q8, k8, vt8, q_scale, k_scale, v_scale, bs, qbs)
   pipes = pipelines(qbs)
-  rows = (b, h, s_pad // qbs)
-  if (kv_block_indices.ndim != 4 or kv_block_indices.shape[:3] != rows
-      or kv_steps.shape != rows or dense_rows.shape != rows):
-    raise ValueError(
-        f"lists of shapes {kv_block_indices.shape}, {kv_steps.shape}, {dense_rows.shape}: "
-        f"expected {rows} + (K_max,), {rows}, {rows} (S_pad={s_pad} / "
-        f"query_block_size={qbs} query blocks).")
+  check_lists(kv_block_indices, kv_steps, dense_rows, batch=b, heads=h, s_pad=s_pad,
+              query_block_size=qbs)
   tiling = "" if qbs == bs else f"query_block_size={qbs}, "
   stages = check_stages(config.stages, num_stages(bs, d, 1, qbs),
                         lambda n: smem_bytes(bs, d, n, qbs),
@@ -293,22 +288,11 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
   def kernel(q_ref, k_ref, vt_ref, qs_ref, ks_ref, vs_ref, idx_ref, steps_ref, dense_ref,
              len_ref, out_ref, lse_ref, q_smem2, o_smem2, k_smem, vt_smem, lse_smem2,
              k_ready, v_ready, q_ready, k_free, v_free, sched):
-    tile = lax.axis_index("q_tile")
-    hi = lax.axis_index("heads")
-    bi = lax.axis_index("batch")
-    wg = lax.axis_index("wg")
+    cta = CtaLists(idx_ref, steps_ref, dense_ref, qbs)
+    tile, hi, bi, wg = cta.tile, cta.head, cta.batch, cta.wg
     length = len_ref[bi]
-
-    def query_block(w):
-      return (tile * CTA_ROWS + w * ROWS_PER_WG) // qbs
-
-    def pipe_steps(p):
-      return steps_ref[bi, hi, query_block(p)]
-
-    def ping_pong():
-      if schedule_barrier:
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(sched)
+    pipe_steps = cta.steps
+    ping_pong = ping_pong_barrier(sched, schedule_barrier)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
@@ -417,13 +401,10 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-      stream_kv_blocks(
-          k_ref, vt_ref, k_smem, vt_smem, (k_ready, v_ready, k_free, v_free),
-          counts=[pipe_steps(p) for p in range(pipes)],
-          read=lambda p, step: read_entry(idx_ref, dense_ref, bi, hi, query_block(p), step),
-          key_block=block_of, batch=bi, head=hi, block_size=bs, stages=stages,
-          v_index=lambda batch, keys, head: (batch, head, slice(None), keys))
+      memory_warpgroup(k_ref, vt_ref, k_smem, vt_smem, (k_ready, v_ready, k_free, v_free),
+                       cta, pipes=pipes, num_kv_blocks=num_kv_blocks, block_size=bs,
+                       stages=stages,
+                       v_index=lambda batch, keys, head: (batch, head, slice(None), keys))
 
   def entry(*refs):
     consumers = 1 if pipes == 2 else COMPUTE_WGS

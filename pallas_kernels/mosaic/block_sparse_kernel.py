@@ -192,6 +192,67 @@ def stream_kv_blocks(k_ref, v_ref, k_smem, v_smem, barriers, *, counts, read, ke
       plgpu.barrier_wait(v_free.at[slot])
 
 
+def check_lists(kv_block_indices, kv_steps, dense_rows, *, batch, heads, s_pad, query_block_size):
+  """ValueError unless the lists have one row per query block: [B, H, nQ_pad, K_max],
+  [B, H, nQ_pad], [B, H, nQ_pad] with nQ_pad = S_pad / query_block_size."""
+  rows = (batch, heads, s_pad // query_block_size)
+  if (kv_block_indices.ndim != 4 or kv_block_indices.shape[:3] != rows
+      or kv_steps.shape != rows or dense_rows.shape != rows):
+    raise ValueError(
+        f"lists of shapes {kv_block_indices.shape}, {kv_steps.shape}, {dense_rows.shape}: "
+        f"expected {rows} + (K_max,), {rows}, {rows} (S_pad={s_pad} / "
+        f"query_block_size={query_block_size} query blocks).")
+
+
+class CtaLists:
+  """Inside a block-sparse kernel: the CTA's place in the grid (``tile``, ``head``,
+  ``batch``, ``wg``) and the lists of its query blocks of ``query_block_size`` rows.
+  Pipeline (or compute warpgroup) ``p`` reads the list of ``query_block(p)``."""
+
+  def __init__(self, idx_ref, steps_ref, dense_ref, query_block_size):
+    self.tile = lax.axis_index("q_tile")
+    self.head = lax.axis_index("heads")
+    self.batch = lax.axis_index("batch")
+    self.wg = lax.axis_index("wg")
+    self.idx_ref, self.steps_ref, self.dense_ref = idx_ref, steps_ref, dense_ref
+    self.query_block_size = query_block_size
+
+  def query_block(self, w):
+    """The query block of the CTA's 64-row chunk ``w``."""
+    return (self.tile * CTA_ROWS + w * ROWS_PER_WG) // self.query_block_size
+
+  def steps(self, p):
+    """Key blocks pipeline ``p`` reads."""
+    return self.steps_ref[self.batch, self.head, self.query_block(p)]
+
+  def read(self, p, step):
+    """``read_entry`` of pipeline ``p`` at ``step``."""
+    return read_entry(self.idx_ref, self.dense_ref, self.batch, self.head,
+                      self.query_block(p), step)
+
+
+def ping_pong_barrier(sched, enabled: bool):
+  """FA3's ping-pong: a function that arrives at and waits on ``sched`` (nothing when
+  not ``enabled``)."""
+  def ping_pong():
+    if enabled:
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
+  return ping_pong
+
+
+def memory_warpgroup(k_ref, v_ref, k_smem, v_smem, barriers, cta: CtaLists, *, pipes,
+                     num_kv_blocks, block_size, stages, v_index=None):
+  """The memory warpgroup of a block-sparse kernel: gives up registers, then
+  ``stream_kv_blocks`` over the ``pipes`` lists of ``cta``."""
+  plgpu.set_max_registers(40, action="decrease")
+  stream_kv_blocks(
+      k_ref, v_ref, k_smem, v_smem, barriers,
+      counts=[cta.steps(p) for p in range(pipes)], read=cta.read,
+      key_block=functools.partial(listed_block, num_kv_blocks=num_kv_blocks),
+      batch=cta.batch, head=cta.head, block_size=block_size, stages=stages, v_index=v_index)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("block_size", "sm_scale", "num_kv_blocks", "config", "interpret",
@@ -230,13 +291,8 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
   bs = block_size  # keys per list entry and per K/V stage
   qbs = check_tiling(bs, query_block_size)  # query rows per list
   pipes = pipelines(qbs)
-  rows = (b, h, s_pad // qbs)  # one list per query block
-  if (kv_block_indices.ndim != 4 or kv_block_indices.shape[:3] != rows
-      or kv_steps.shape != rows or dense_rows.shape != rows):
-    raise ValueError(
-        f"lists of shapes {kv_block_indices.shape}, {kv_steps.shape}, {dense_rows.shape}: "
-        f"expected {rows} + (K_max,), {rows}, {rows} (S_pad={s_pad} / "
-        f"query_block_size={qbs} query blocks).")
+  check_lists(kv_block_indices, kv_steps, dense_rows, batch=b, heads=h, s_pad=s_pad,
+              query_block_size=qbs)  # one list per query block
   itemsize = jnp.dtype(dtype).itemsize
   tiling = "" if qbs == bs else f"query_block_size={qbs}, "
   stages = check_stages(config.stages, num_stages(bs, d, itemsize, qbs),
@@ -252,22 +308,11 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
   def kernel(q_ref, k_ref, v_ref, idx_ref, steps_ref, dense_ref, len_ref, out_ref, lse_ref,
              qo_smem2, k_smem, v_smem, lse_smem2, k_ready, v_ready, q_ready, k_free, v_free,
              sched):
-    tile = lax.axis_index("q_tile")
-    hi = lax.axis_index("heads")
-    bi = lax.axis_index("batch")
-    wg = lax.axis_index("wg")
+    cta = CtaLists(idx_ref, steps_ref, dense_ref, qbs)
+    tile, hi, bi, wg = cta.tile, cta.head, cta.batch, cta.wg
     length = len_ref[bi]
-
-    def query_block(w):
-      return (tile * CTA_ROWS + w * ROWS_PER_WG) // qbs
-
-    def pipe_steps(p):
-      return steps_ref[bi, hi, query_block(p)]
-
-    def ping_pong():
-      if schedule_barrier:
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(sched)
+    pipe_steps = cta.steps
+    ping_pong = ping_pong_barrier(sched, schedule_barrier)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
@@ -365,13 +410,8 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-      stream_kv_blocks(
-          k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free),
-          counts=[pipe_steps(p) for p in range(pipes)],
-          read=lambda p, step: read_entry(idx_ref, dense_ref, bi, hi, query_block(p), step),
-          key_block=block_of,
-          batch=bi, head=hi, block_size=bs, stages=stages)
+      memory_warpgroup(k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free), cta,
+                       pipes=pipes, num_kv_blocks=num_kv_blocks, block_size=bs, stages=stages)
 
   def entry(*refs):
     consumers = 1 if pipes == 2 else COMPUTE_WGS
