@@ -5,7 +5,8 @@ mbarriers on the host. Kernel code that asks the abstract mesh for the device
 (e.g. the number of SMs) sees an H100, so callers need no setup of their own.
 
 JAX exports no public API for this interpreter yet: its entry points are imported from
-``jax._src`` here, and only here.
+``jax._src`` here (the only other private import, cuDNN's FP8 attention, is
+``pallas_kernels.cudnn_fp8``'s, guarded).
 
 On a machine with few CPU cores, run interpreted kernels with CPU async dispatch off
 (``JAX_CPU_ENABLE_ASYNC_DISPATCH=false``, or ``jax.config.update(
