@@ -15,9 +15,9 @@ An implementation module provides ``block_sparse_attention``, ``block_mass`` and
 ``precision`` (``block_sparse_attention`` and ``dense_attention``): "bf16" (default) or
 "fp8", the FP8 recipe of ``pallas_kernels.reference.fp8`` (Q, K per block, P and V
 per channel in float8_e4m3fn, float32 accumulation). An implementation serves it when
-its module provides ``fp8_block_sparse_attention`` (reference, mosaic); dense FP8 is
-cuDNN's FP8 kernel where it runs (``pallas_kernels.cudnn_fp8``), else an FP8
-implementation's all-dense path. The search passes (block mass) stay in the inputs'
+its module provides ``fp8_block_sparse_attention`` and ``fp8_dense_attention``
+(reference, mosaic); dense FP8 is cuDNN's FP8 kernel where it runs
+(``pallas_kernels.cudnn_fp8``), else the implementation's ``fp8_dense_attention``. The search passes (block mass) stay in the inputs'
 dtype: their mass chooses the lists.
 
 ``query_block_size`` (every op; None: ``block_size``): rows per query block when
@@ -94,14 +94,14 @@ def _call(op, implementation, interpret, *args, **kwargs):
   return getattr(mod, op)(*args, **kwargs)
 
 
-def _fp8_module(implementation):
-  """(name, module) of an implementation that serves precision="fp8"; ValueError if not."""
+def _check_fp8(implementation):
+  """ValueError unless the implementation serves precision="fp8" (its module provides
+  ``fp8_block_sparse_attention`` and ``fp8_dense_attention``)."""
   name, mod = resolve(implementation)
   if not hasattr(mod, "fp8_block_sparse_attention"):
     has = [n for n in IMPLEMENTATIONS if n == name or _has(n)]
     fp8 = [n for n in has if hasattr(_module(n), "fp8_block_sparse_attention")]
     raise ValueError(f"precision='fp8' with implementation={name!r}: expected one of {fp8}.")
-  return name, mod
 
 
 def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
@@ -123,11 +123,11 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
                             counts=kv_block_counts,
                             num_kv_blocks=validation.num_blocks(q.shape[1], block_size))
   if precision == "fp8":
-    name, mod = _fp8_module(implementation)
-    kw = {} if name == "reference" else {"interpret": interpret}
-    out, lse = mod.fp8_block_sparse_attention(
-        q, k, v, kv_block_indices, kv_block_counts, block_size=block_size,
-        kv_lengths=kv_lengths, sm_scale=sm_scale, query_block_size=query_block_size, **kw)
+    _check_fp8(implementation)
+    out, lse = _call("fp8_block_sparse_attention", implementation, interpret, q, k, v,
+                     kv_block_indices, kv_block_counts, block_size=block_size,
+                     kv_lengths=kv_lengths, sm_scale=sm_scale,
+                     query_block_size=query_block_size)
     return (out, lse) if return_lse else out
   return _call("block_sparse_attention", implementation, interpret, q, k, v,
                kv_block_indices, kv_block_counts, block_size=block_size,
@@ -168,23 +168,14 @@ def _dense_fp8(q, k, v, kv_lengths, scale, implementation, block_size, interpret
       return cudnn_fp8.dense_attention(q, k, v, sm_scale=scale)
     if implementation == "cudnn":
       raise ValueError(f"implementation='cudnn' with precision='fp8': {why}.")
-    implementation = None  # the device's FP8 block-sparse implementation, all rows dense
+    implementation = None  # the device's FP8 implementation, every row dense
   if implementation == "xla":
     raise ValueError("implementation='xla' with precision='fp8': expected None, 'cudnn', "
                      "'reference' or 'mosaic'.")
-  name, mod = _fp8_module(implementation)
-  b, s = q.shape[:2]
+  _check_fp8(implementation)
   bs = 64 if block_size is None else validation.check_block_size(block_size)
-  qbs = max(validation.MAX_QUERY_BLOCK_SIZE, bs)  # 128-row lists: the kernels' widest CTA
-  n_blk = validation.num_blocks(s, bs)
-  # One list row per query block, each with count nK: dense (the lists are not read).
-  rows = (b, q.shape[2], validation.num_blocks(s, qbs))
-  idx = jax.numpy.zeros(rows + (1,), jax.numpy.int32)
-  counts = jax.numpy.full(rows, n_blk, jax.numpy.int32)
-  kw = {} if name == "reference" else {"interpret": interpret}
-  out, _ = mod.fp8_block_sparse_attention(q, k, v, idx, counts, block_size=bs,
-                                          query_block_size=qbs, kv_lengths=kv_lengths,
-                                          sm_scale=scale, **kw)
+  out, _ = _call("fp8_dense_attention", implementation, interpret, q, k, v, block_size=bs,
+                 kv_lengths=kv_lengths, sm_scale=scale)
   return out
 
 
@@ -213,12 +204,8 @@ def dense_attention(q, k, v, *, kv_lengths=None, sm_scale=None, implementation=N
   if debug_checks and kv_lengths is not None:
     validation.debug_checks(kv_lengths=kv_lengths, seq=s)
   scale = validation.default_scale(sm_scale, d)
-  if precision == "fp8":
-    out = _dense_fp8(q, k, v, kv_lengths, scale, implementation, block_size, interpret)
-    if kv_lengths is not None:
-      rows = jax.numpy.arange(s)[None, :, None, None] < kv_lengths[:, None, None, None]
-      out = jax.numpy.where(rows, out, 0).astype(q.dtype)
-    return out
+  if precision == "fp8":  # rows past kv_lengths: zero in every FP8 path taking lengths
+    return _dense_fp8(q, k, v, kv_lengths, scale, implementation, block_size, interpret)
   if implementation == "reference":
     return _module("reference").attention(q, k, v, kv_lengths=kv_lengths, sm_scale=scale)[0]
   if implementation not in (None, "cudnn", "xla"):

@@ -11,6 +11,7 @@ quantising pre-pass (``precision="fp8"`` in ``pallas_kernels.api``),
 from pallas_kernels.mosaic.block_sparse_kernel import BlockSparseConfig
 from pallas_kernels.mosaic.fp8_ops import (
     block_sparse_attention_fp8 as fp8_block_sparse_attention)
+from pallas_kernels.mosaic.fp8_ops import dense_attention_fp8 as fp8_dense_attention
 from pallas_kernels.mosaic.ops import (
     SUPPORTED_DTYPES,
     BlockMassConfig,
@@ -22,5 +23,5 @@ from pallas_kernels.mosaic.ops import (
 
 __all__ = ["SUPPORTED_DTYPES", "BlockMassConfig", "BlockSparseConfig",
            "attention_with_block_mass", "block_mass", "block_sparse_attention",
-           "fp8_block_sparse_attention",
+           "fp8_block_sparse_attention", "fp8_dense_attention",
            "unsupported_reason"]

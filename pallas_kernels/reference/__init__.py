@@ -2,6 +2,7 @@
 and the FP8 recipe (``fp8``)."""
 
 from pallas_kernels.reference.fp8 import fp8_block_sparse_attention
+from pallas_kernels.reference.fp8 import fp8_attention as fp8_dense_attention
 from pallas_kernels.reference.ops import (
     attention,
     attention_with_block_mass,
@@ -11,4 +12,4 @@ from pallas_kernels.reference.ops import (
 )
 
 __all__ = ["attention", "attention_with_block_mass", "block_mask_from_lists", "block_mass",
-           "block_sparse_attention", "fp8_block_sparse_attention"]
+           "block_sparse_attention", "fp8_block_sparse_attention", "fp8_dense_attention"]
