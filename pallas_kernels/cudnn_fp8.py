@@ -155,16 +155,17 @@ def emulate(q, k, v, *, sm_scale=None, smooth=True):
   """
   _, _, _, d = validation.check_qkv(q, k, v)
   scale = validation.default_scale(sm_scale, d)
-  q8, k8, v8, p = quantize(q, k, v, smooth=smooth)
+  q8, k8, v8, params = quantize(q, k, v, smooth=smooth)
+  p = {name: x.reshape(()) for name, x in params.items()}  # the [1, 1, 1, 1] scalars
   hi = jax.lax.Precision.HIGHEST
   s = jnp.einsum("bqhd,bkhd->bhqk", q8.astype(jnp.float32), k8.astype(jnp.float32),
-                 precision=hi) * (p["descale_q"][0, 0] * p["descale_k"][0, 0] * scale)
+                 precision=hi) * (p["descale_q"] * p["descale_k"] * scale)
   probs = jnp.exp(s - s.max(axis=-1, keepdims=True))
   l = probs.sum(axis=-1)
-  p8 = _to_fp8(probs * p["scale_s"][0, 0])
+  p8 = _to_fp8(probs * p["scale_s"])
   o = jnp.einsum("bhqk,bkhd->bqhd", p8.astype(jnp.float32), v8.astype(jnp.float32),
                  precision=hi)
-  o = o * (p["descale_s"][0, 0, 0, 0] * p["descale_v"][0, 0, 0, 0])
+  o = o * (p["descale_s"] * p["descale_v"])
   o = o / jnp.transpose(l, (0, 2, 1))[..., None]
-  o8 = _to_fp8(o * p["scale_o"][0, 0, 0, 0])
-  return (o8.astype(jnp.float32) * p["descale_o"][0, 0, 0, 0]).astype(q.dtype)
+  o8 = _to_fp8(o * p["scale_o"])
+  return (o8.astype(jnp.float32) * p["descale_o"]).astype(q.dtype)
