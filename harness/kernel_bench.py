@@ -224,6 +224,24 @@ def timing_lists(key, i, density, batch, heads, n_blk, n_query_blocks):
   return count, idx, cnt
 
 
+def grains(block_size, query_block_size=None):
+  """(field suffix, query_block_size) of each list granularity a run times: square
+  blocks ("", None), and with a ``query_block_size`` other than ``block_size`` also
+  ("_qblock", query_block_size)."""
+  out = [("", None)]
+  if query_block_size not in (None, block_size):
+    out.append(("_qblock", query_block_size))
+  return out
+
+
+def timed_row(density, count, n_blk, pairs, head_dim, median_s, reps_s) -> dict:
+  """A timed block-sparse row: ms, the reps and TFLOP/s per computed block (``pairs``
+  sums over batch and heads)."""
+  return {"density": density, "count": min(count, n_blk), "pairs": pairs,
+          "ms": median_s * 1e3, "rep_ms": [t * 1e3 for t in reps_s],
+          "tflops": 4.0 * head_dim * pairs / median_s / 1e12}
+
+
 def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, with_search=True,
               configs=None, query_block_size=None):
   """Times one implementation's kernels at one size; returns a dict (ms, TFLOP/s)
@@ -232,11 +250,8 @@ def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, wit
   rows), ``block_mass_qblock_ms`` and ``fused_qblock_ms``."""
   b, s, h, d = q.shape
   n_blk = -(-s // block_size)
-  grains = [("", None)]
-  if query_block_size not in (None, block_size):
-    grains.append(("_qblock", query_block_size))
   res = {}
-  for suffix, qbs in grains:
+  for suffix, qbs in grains(block_size, query_block_size):
     sparse, mass, fused = kernels(name, interpret, configs, qbs)
     n_q = -(-s // (qbs or block_size))
     rows = []
@@ -244,10 +259,7 @@ def time_impl(name, q, k, v, *, densities, block_size, reps, interpret, key, wit
       count, idx, cnt = timing_lists(key, i, density, b, h, n_blk, n_q)
       pairs = computed_pairs(idx, cnt, s, block_size, qbs)
       t = timing.time_fn(sparse, q, k, v, idx, cnt, block_size, reps=reps, min_rep_s=MIN_REP_S)
-      sec, reps_s = t.median_s, t.reps_s
-      rows.append({"density": density, "count": min(count, n_blk), "pairs": pairs,
-                   "ms": sec * 1e3, "rep_ms": [t * 1e3 for t in reps_s],
-                   "tflops": 4.0 * d * pairs / sec / 1e12})  # pairs already sum over B, H
+      rows.append(timed_row(density, count, n_blk, pairs, d, t.median_s, t.reps_s))
       del idx, cnt
     res["block_sparse" + suffix] = rows
     if with_search:
@@ -273,13 +285,10 @@ def time_flex(q, k, v, *, densities, block_size, reps, key, query_block_size=Non
   """
   b, s, h, d = q.shape
   n_blk = -(-s // block_size)
-  grains = [("", None)]
-  if query_block_size not in (None, block_size):
-    grains.append(("_qblock", query_block_size))
   device = flex_peer.heads_major(q).device
   res = {"torch_version": flex_peer.torch_version(), "device": str(device),
          "kernel_options": {}, "clock": None}
-  for suffix, qbs in grains:
+  for suffix, qbs in grains(block_size, query_block_size):
     opts = flex_peer.kernel_options(block_size, qbs)
     res["kernel_options"]["block_sparse" + suffix] = opts
     n_q = -(-s // (qbs or block_size))
@@ -291,12 +300,9 @@ def time_flex(q, k, v, *, densities, block_size, reps, key, query_block_size=Non
       call = flex_peer.make_call(q, k, v, mask, options=opts)
       t = flex_peer.time_call(call, device=device, reps=reps, min_rep_s=MIN_REP_S)
       res["clock"] = t["clock"]
-      sec = t["median_s"]
-      rows.append({"density": density, "count": min(count, n_blk), "pairs": pairs,
-                   "ms": sec * 1e3, "rep_ms": [x * 1e3 for x in t["reps_s"]],
+      rows.append({**timed_row(density, count, n_blk, pairs, d, t["median_s"], t["reps_s"]),
                    "first_s": t["first_s"], "calls_per_rep": t["calls_per_rep"],
                    "launch_ms": t["launch_s"] * 1e3,
-                   "tflops": 4.0 * d * pairs / sec / 1e12,
                    "check": flex_peer.spot_check(
                        call(), q, k, v, idx, cnt, block_size=block_size, query_block_size=qbs,
                        key=jax.random.fold_in(key, 1000 + i), n_rows=spot_rows)})
@@ -397,10 +403,8 @@ def flex_info(*, block_size, query_block_size=None):
     info["error"] = "ImportError: torch is not installed (the 'parity' extra)"
     return info
   try:
-    info["kernel_options"] = {"block_sparse": flex_peer.kernel_options(block_size)}
-    if query_block_size not in (None, block_size):
-      info["kernel_options"]["block_sparse_qblock"] = flex_peer.kernel_options(
-          block_size, query_block_size)
+    info["kernel_options"] = {"block_sparse" + suffix: flex_peer.kernel_options(block_size, qbs)
+                              for suffix, qbs in grains(block_size, query_block_size)}
     flex_peer.compiled_flex_attention()  # imports torch.nn.attention.flex_attention
   except Exception as e:  # pylint: disable=broad-except
     info["error"] = f"{type(e).__name__}: {e}"[:2000]
