@@ -1,4 +1,5 @@
-"""Fidelity of a sparse-attention result to the dense one: PSNR and SSIM (float64).
+"""Fidelity of a sparse-attention result to the dense one: PSNR and SSIM (float64), and
+``output_agreement`` (cosine, relative L2, max error) of kernel outputs.
 
 Both take arrays whose last two axes are height and width (video frames or latents,
 [..., H, W]); SSIM is computed per 2-D slice and averaged over all slices. The
@@ -79,3 +80,15 @@ def ssim(x, ref, data_range=None) -> float:
       structural_similarity(a, b, data_range=data_range, gaussian_weights=True, sigma=sigma,
                             use_sample_covariance=False, K1=K1, K2=K2)
       for a, b in slices]))
+
+
+def output_agreement(x, ref) -> dict:
+  """Cosine similarity, relative L2 error and max absolute error of ``x`` against ``ref``
+  over all entries (float64; any equal shapes, e.g. attention outputs [B, S, H, D])."""
+  a = np.asarray(x, np.float64).ravel()
+  w = np.asarray(ref, np.float64).ravel()
+  if a.shape != w.shape:
+    raise ValueError(f"x has {a.size} entries: expected the reference's {w.size}.")
+  return {"cosine": float(a @ w / (np.linalg.norm(a) * np.linalg.norm(w) + 1e-30)),
+          "rel_l2": float(np.linalg.norm(a - w) / (np.linalg.norm(w) + 1e-30)),
+          "max_abs": float(np.abs(a - w).max())}

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaspa_jax.harness import timing
+from adaspa_jax.harness import metrics, timing
 from adaspa_jax.harness.kernel_bench import computed_pairs, random_lists
 from pallas_kernels.mosaic import block_sparse_fp8_kernel as fp8_kernel
 from pallas_kernels.mosaic import block_sparse_kernel as bf16_kernel
@@ -75,14 +75,6 @@ def _error(e):
   text = "".join(traceback.format_exception(e))
   print(text[-ERR_CHARS:], flush=True)
   return f"{type(e).__name__}: {e}"[:ERR_CHARS] + "\n--- traceback tail ---\n" + text[-ERR_CHARS:]
-
-
-def _stats(got, want):
-  a = np.asarray(got, np.float64).ravel()
-  w = np.asarray(want, np.float64).ravel()
-  return {"cosine": float(a @ w / (np.linalg.norm(a) * np.linalg.norm(w) + 1e-30)),
-          "rel_l2": float(np.linalg.norm(a - w) / (np.linalg.norm(w) + 1e-30)),
-          "max_abs": float(np.abs(a - w).max())}
 
 
 def _lse_err(got, want):
@@ -125,8 +117,8 @@ def small_checks(res):
         f_out, _ = reference_ops.block_sparse_attention(
             f32(q), f32(k), f32(v), idx, cnt, block_size=bs, query_block_size=qbs,
             kv_lengths=kl)
-        vs_recipe = _stats(out, ref_out)
-        vs_f32 = _stats(out, f_out)
+        vs_recipe = metrics.output_agreement(out, ref_out)
+        vs_f32 = metrics.output_agreement(out, f_out)
         lse_same, lse_err = _lse_err(lse, ref_lse)
         nan = bool(np.isnan(np.asarray(out, np.float32)).any() or np.isnan(np.asarray(lse)).any())
         ok = (vs_recipe["rel_l2"] <= 4e-2 and vs_f32["cosine"] >= 0.99 and lse_same
@@ -163,7 +155,7 @@ def _diagnose(q, k, v, idx, cnt, kl, bs, qbs, ref_out):
             q8, k8, vt, qs, ks, vs, *lists, kl, block_size=bs, sm_scale=scale,
             num_kv_blocks=n_k, query_block_size=qbs, interpret=params)
       valid = slice(0, int(kl[0]))
-      out[label] = _stats(o[:, valid], ref_out[:, valid])
+      out[label] = metrics.output_agreement(o[:, valid], ref_out[:, valid])
     print(f"  diagnosis: {out}", flush=True)
     return out
   except Exception as e:  # pylint: disable=broad-except
@@ -255,7 +247,7 @@ def big_runs(res, start):
             if fn == "fp8":
               fp8_out = tm.output
             elif fp8_out is not None:
-              row[label]["vs_split"] = _stats(tm.output[0], fp8_out[0])
+              row[label]["vs_split"] = metrics.output_agreement(tm.output[0], fp8_out[0])
           else:
             kern = jax.jit(lambda *a: bf16_kernel.block_sparse_attention_padded(
                 *a, block_size=bs, sm_scale=scale, num_kv_blocks=n_k, query_block_size=qbs,
@@ -302,12 +294,12 @@ def _big_check(q, k, v, idx, cnt, fp8_out, bf16_out, lse_shift, s, bs, qbs, scal
       if bf16_out is not None:
         got16.append(np.asarray(bf16_out[0][0, rows, head], np.float32))
   want = np.concatenate(want)
-  fp8 = _stats(np.concatenate(got8), want)
+  fp8 = metrics.output_agreement(np.concatenate(got8), want)
   _, lse_err = _lse_err(np.concatenate(lse_got), np.concatenate(lse_want))
   fp8["lse_max_err"] = lse_err
   check = {"fp8": fp8, "pass": fp8["cosine"] >= 0.99 and fp8["rel_l2"] <= 0.1 and lse_err <= 0.1}
   if got16:
-    check["bf16"] = _stats(np.concatenate(got16), want)
+    check["bf16"] = metrics.output_agreement(np.concatenate(got16), want)
   return check
 
 

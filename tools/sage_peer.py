@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from adaspa_jax.harness import flex_peer, timing
+from adaspa_jax.harness import flex_peer, metrics, timing
 from pallas_kernels import cudnn_fp8
 
 B, H, D = 1, 24, 128
@@ -45,10 +45,9 @@ def inputs(seq, seed=0):
 
 
 def agreement(x, ref) -> dict:
-  a = np.asarray(jnp.asarray(x, jnp.float32), np.float64).ravel()
-  b = np.asarray(jnp.asarray(ref, jnp.float32), np.float64).ravel()
-  return {"cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
-          "rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(b))}
+  """``metrics.output_agreement`` of two outputs of any float dtype (bf16 included)."""
+  return metrics.output_agreement(np.asarray(jnp.asarray(x, jnp.float32)),
+                                  np.asarray(jnp.asarray(ref, jnp.float32)))
 
 
 def run_seq(seq, reps, record):

@@ -137,3 +137,14 @@ def test_missing_scikit_image_names_the_extra(monkeypatch):
   with pytest.raises(ImportError, match=r"'eval' extra \(pip install 'adaspa-jax\[eval\]'\)"):
     metrics.ssim(np.ones((12, 12)), np.zeros((12, 12)), data_range=1.0)
   assert metrics.psnr(np.ones((4, 4)), np.zeros((4, 4)), data_range=1.0) == 0.0
+
+
+def test_output_agreement_by_hand():
+  ref = np.array([[3.0, 4.0], [0.0, 0.0]])
+  got = metrics.output_agreement(2 * ref, ref)
+  assert got["cosine"] == pytest.approx(1.0) and got["rel_l2"] == pytest.approx(1.0)
+  assert got["max_abs"] == 4.0
+  got = metrics.output_agreement(np.array([0.0, 1.0]), np.array([1.0, 0.0]))
+  assert got == {"cosine": 0.0, "rel_l2": pytest.approx(math.sqrt(2)), "max_abs": 1.0}
+  with pytest.raises(ValueError, match="x has 3 entries: expected the reference's 2"):
+    metrics.output_agreement(np.ones(3), np.ones(2))
