@@ -67,11 +67,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.block_sparse_kernel import (
-    BlockSparseConfig, CtaLists, check_lists, check_tiling, listed_block, memory_warpgroup,
-    num_stages, ping_pong_barrier, pipelines, read_entry)
+    BlockSparseConfig, CtaLists, balance_ping_pong, check_lists, check_tiling, listed_block,
+    mask_keys_past, memory_warpgroup, next_k_waiter, num_stages, ping_pong_barrier,
+    pipelines, read_entry, softmax_start, wait_for_v)
 from pallas_kernels.mosaic.common import (
-    COMPUTE_WGS, CTA_ROWS, LN2, LOG2E, ROWS_PER_WG, check_flag, check_stages, column_ids,
-    qk_matmul, smem_footprint, smem_transforms, with_layout)
+    COMPUTE_WGS, CTA_ROWS, LN2, LOG2E, ROWS_PER_WG, check_flag, check_stages, qk_matmul,
+    smem_footprint, smem_transforms)
 
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3; P in [0, 1] is stored as e4m3(P * FP8_MAX)
@@ -312,11 +313,7 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
                               q_ready.at[wg])
       plgpu.barrier_wait(q_ready.at[wg])
 
-      row_layout = plgpu.Layout.WGMMA.reduce(1)
-      m_i = with_layout(jnp.full((ROWS_PER_WG,), -jnp.inf, jnp.float32), row_layout, emulate)
-      l_i = with_layout(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32), row_layout, emulate)
-      acc = with_layout(jnp.full((ROWS_PER_WG, d), 0.0, jnp.float32), plgpu.Layout.WGMMA,
-                        emulate)
+      m_i, l_i, acc = softmax_start(d, emulate)
 
       @pl.when(n > 0)
       def _():
@@ -334,12 +331,7 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
 
         qk = _qk_fp8(q_smem, k_smem.at[slot], after_issue=ping_pong, emulate=emulate)
         plgpu.barrier_arrive(k_free.at[slot])
-
-        def mask_tail(x):
-          cols = column_ids((ROWS_PER_WG, bs), emulate)
-          return jnp.where(cols < n_valid, x, -jnp.inf)
-
-        qk = lax.cond(n_valid < bs, mask_tail, lambda x: x, qk)
+        qk = mask_keys_past(qk, n_valid, bs, emulate)
 
         m_new = jnp.maximum(m_i, qk.max(axis=1) * scale)
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -351,19 +343,8 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
         p_op = _p_operand(p448.astype(FP8_DTYPE), emulate)
         # (After the relabelling: Mosaic's barrier takes 8-bit registers 4 to a vector.)
         acc, l_i, m_new, alpha, p_op = lax.optimization_barrier((acc, l_i, m_new, alpha, p_op))
-        if schedule_barrier:
-          plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(v_ready.at[slot])
-        if schedule_barrier:
-          plgpu.barrier_wait(sched)
-
-        def wait_next_k():
-          nxt = step + 1
-
-          @pl.when(nxt < n)
-          def _():
-            plgpu.barrier_wait(k_ready.at[ring + lax.rem(nxt, stages)])
-
+        wait_for_v(v_ready.at[slot], sched, schedule_barrier)
+        wait_next_k = next_k_waiter(k_ready, ring=ring, stages=stages, step=step, steps=n)
         acc = _pv_fp8(acc, alpha, p_op, vt_smem.at[slot], split=split,
                       after_issue=wait_next_k, emulate=emulate)
         plgpu.barrier_arrive(v_free.at[slot])
@@ -372,11 +353,7 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
       acc, m_i, l_i, _ = lax.fori_loop(
           0, n, step_fn, (acc, m_i, l_i, read_entry(idx_ref, dense_ref, bi, hi, qb, 0)))
 
-      if schedule_barrier and pipes == 2:
-        @pl.loop(n, n_max)
-        def _(_):
-          ping_pong()
-          ping_pong()
+      balance_ping_pong(ping_pong, n, n_max, schedule_barrier and pipes == 2)
 
       pl.when(wg == 0)(ping_pong)
 

@@ -253,6 +253,59 @@ def memory_warpgroup(k_ref, v_ref, k_smem, v_smem, barriers, cta: CtaLists, *, p
       batch=cta.batch, head=cta.head, block_size=block_size, stages=stages, v_index=v_index)
 
 
+def softmax_start(head_dim, emulate):
+  """(m, l, acc) of an empty online softmax for one warpgroup: m = -inf and l = 0 [64] in
+  the row layout, acc = 0 [64, head_dim] in the WGMMA layout."""
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  m_i = with_layout(jnp.full((ROWS_PER_WG,), -jnp.inf, jnp.float32), row_layout, emulate)
+  l_i = with_layout(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32), row_layout, emulate)
+  acc = with_layout(jnp.full((ROWS_PER_WG, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA,
+                    emulate)
+  return m_i, l_i, acc
+
+
+def mask_keys_past(qk, n_valid, block_size, emulate):
+  """The [64, block_size] scores with the keys at or past ``n_valid`` set to -inf. Only
+  the block that straddles kv_lengths pays for the mask."""
+  def mask_tail(x):
+    cols = column_ids((ROWS_PER_WG, block_size), emulate)
+    return jnp.where(cols < n_valid, x, -jnp.inf)
+
+  return lax.cond(n_valid < block_size, mask_tail, lambda x: x, qk)
+
+
+def wait_for_v(v_ready, sched, schedule_barrier: bool):
+  """After the softmax: signal the ping-pong barrier, wait for the V stage, then for the
+  tensor cores' turn (FA3's schedule)."""
+  if schedule_barrier:
+    plgpu.barrier_arrive(sched)
+  plgpu.barrier_wait(v_ready)
+  if schedule_barrier:
+    plgpu.barrier_wait(sched)
+
+
+def next_k_waiter(k_ready, *, ring, stages, step, steps):
+  """A function that waits for the K stage of ``step + 1`` (if there is one), run while
+  the P.V wgmma of ``step`` is in flight."""
+  def wait_next_k():
+    nxt = step + 1
+
+    @pl.when(nxt < steps)
+    def _():
+      plgpu.barrier_wait(k_ready.at[ring + lax.rem(nxt, stages)])
+  return wait_next_k
+
+
+def balance_ping_pong(ping_pong, steps, max_steps, enabled: bool):
+  """Both warpgroups run the ping-pong barrier the same number of times even when their
+  lists differ in length: the shorter one idles through the difference."""
+  if enabled:
+    @pl.loop(steps, max_steps)
+    def _(_):
+      ping_pong()
+      ping_pong()
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("block_size", "sm_scale", "num_kv_blocks", "config", "interpret",
@@ -324,19 +377,13 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       pipe = wg if pipes == 2 else 0
       ring = pipe * stages
       n = steps_ref[bi, hi, qb]
-      # Both warpgroups run the ping-pong barrier the same number of times even
-      # when their lists differ in length.
       n_max = jnp.maximum(pipe_steps(0), pipe_steps(1)) if pipes == 2 else n
 
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS_PER_WG), hi], qo_smem,
                               q_ready.at[wg])
       plgpu.barrier_wait(q_ready.at[wg])
 
-      row_layout = plgpu.Layout.WGMMA.reduce(1)
-      m_i = with_layout(jnp.full((ROWS_PER_WG,), -jnp.inf, jnp.float32), row_layout, emulate)
-      l_i = with_layout(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32), row_layout, emulate)
-      acc = with_layout(jnp.full((ROWS_PER_WG, d), 0.0, jnp.float32), plgpu.Layout.WGMMA,
-                        emulate)
+      m_i, l_i, acc = softmax_start(d, emulate)
 
       @pl.when(n > 0)
       def _():
@@ -352,13 +399,7 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
 
         qk = qk_matmul(qo_smem, k_smem.at[slot], after_issue=ping_pong, emulate=emulate)
         plgpu.barrier_arrive(k_free.at[slot])
-
-        def mask_tail(x):
-          cols = column_ids((ROWS_PER_WG, bs), emulate)
-          return jnp.where(cols < n_valid, x, -jnp.inf)
-
-        # Only the block that straddles kv_lengths pays for the mask.
-        qk = lax.cond(n_valid < bs, mask_tail, lambda x: x, qk)
+        qk = mask_keys_past(qk, n_valid, bs, emulate)
 
         m_new = jnp.maximum(m_i, qk.max(axis=1) * qk_scale)
         # A row with no valid key so far keeps m = -inf; exponents use 0 instead.
@@ -369,19 +410,8 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
         l_i = l_i * alpha + p.sum(axis=1)
         p16 = p.astype(dtype)
         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        if schedule_barrier:
-          plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(v_ready.at[slot])
-        if schedule_barrier:
-          plgpu.barrier_wait(sched)
-
-        def wait_next_k():
-          nxt = step + 1
-
-          @pl.when(nxt < n)
-          def _():
-            plgpu.barrier_wait(k_ready.at[ring + lax.rem(nxt, stages)])
-
+        wait_for_v(v_ready.at[slot], sched, schedule_barrier)
+        wait_next_k = next_k_waiter(k_ready, ring=ring, stages=stages, step=step, steps=n)
         acc = pv_matmul(acc, p16, v_smem.at[slot], after_issue=wait_next_k, emulate=emulate)
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i, ahead
@@ -389,11 +419,7 @@ def block_sparse_attention_padded(q, k, v, kv_block_indices, kv_steps, dense_row
       acc, m_i, l_i, _ = lax.fori_loop(
           0, n, step_fn, (acc, m_i, l_i, read_entry(idx_ref, dense_ref, bi, hi, qb, 0)))
 
-      if schedule_barrier and pipes == 2:
-        @pl.loop(n, n_max)
-        def _(_):
-          ping_pong()
-          ping_pong()
+      balance_ping_pong(ping_pong, n, n_max, schedule_barrier and pipes == 2)
 
       pl.when(wg == 0)(ping_pong)
 
