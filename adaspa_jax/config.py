@@ -49,11 +49,13 @@ class AdaSpaConfig:
       have ceil(S / 128) rows. The Mosaic kernel runs 128 x 64 natively (both
       compute warpgroups of a CTA share one list and one K/V ring); the reference and
       Triton paths expand the lists to square blocks (same output, no speed-up).
-    precision: "bf16" (the inputs' dtype) or "fp8": the dense warm-up steps and the
-      sparse steps run the FP8 recipe (``pallas_kernels.reference.fp8``: K smoothed, Q
-      and K per block, P and V per channel in float8_e4m3fn, float32 accumulation);
-      dense FP8 is cuDNN's FP8 kernel where it runs. The search passes (block mass,
-      fused search) stay in the inputs' dtype, since their mass chooses the lists.
+    precision: "bf16" (the inputs' dtype), "fp8" or "int8_fp8": the dense warm-up
+      steps and the sparse steps run the 8-bit recipe (``pallas_kernels.reference.fp8``:
+      K smoothed, Q and K per block, P, and V per channel, float32 accumulation) with Q
+      and K in float8_e4m3fn ("fp8"; dense FP8 is cuDNN's FP8 kernel where it runs) or
+      in int8 ("int8_fp8", SageAttention2's split: about 4x less score error, same
+      speed class), P and V in float8_e4m3fn. The search passes (block mass, fused
+      search) stay in the inputs' dtype, since their mass chooses the lists.
     debug_checks: also check traced values with ``jax.experimental.checkify``: the
       step in [0, num_steps), kv_lengths in [0, S], and every block list the kernels
       read (indices in range, no duplicates, counts possible). Run the jitted
@@ -103,9 +105,10 @@ class AdaSpaConfig:
       raise ValueError(
           f"implementation={self.implementation!r}: expected None, 'reference', 'triton' "
           "or 'mosaic'.")
-    if self.precision == "fp8" and self.implementation == "triton":
-      raise ValueError("precision='fp8' with implementation='triton': expected "
-                       "implementation None, 'reference' or 'mosaic' (Triton has no FP8 path).")
+    if self.precision in validation.EIGHT_BIT_PRECISIONS and self.implementation == "triton":
+      raise ValueError(f"precision={self.precision!r} with implementation='triton': expected "
+                       "implementation None, 'reference' or 'mosaic' (Triton has no 8-bit "
+                       "path).")
     if self.policy not in POLICIES:
       raise ValueError(f"policy={self.policy!r}: expected one of {POLICIES}.")
     p = self.top_p

@@ -27,6 +27,7 @@ import sys
 
 from adaspa_jax.extras import require
 from adaspa_jax.harness import e2e, e2e_report
+from pallas_kernels.validation import PRECISIONS
 
 app, flags = require("absl.app"), require("absl.flags")
 
@@ -41,8 +42,8 @@ _SPARSITY = flags.DEFINE_float("sparsity", 0.8, "AdaSpa base sparsity")
 _BLOCK = flags.DEFINE_integer("block_size", 64, "AdaSpa block size")
 _QBLOCK = flags.DEFINE_integer("query_block_size", None, "query rows per list row (default: "
                                "--block_size); 128 with --block_size=64 is the 128 x 64 tiling")
-_PRECISION = flags.DEFINE_enum("precision", "bf16", ["bf16", "fp8"], "AdaSpa's dense warm-up "
-                               "and sparse attention (the dense baseline stays bf16 cuDNN)")
+_PRECISION = flags.DEFINE_enum("precision", "bf16", list(PRECISIONS), "AdaSpa's dense warm-up "
+                               "and sparse attention (fp8: e4m3 throughout; int8_fp8: int8 Q.K^T, e4m3 P.V; the dense baseline stays bf16 cuDNN)")
 _SEARCH = flags.DEFINE_list("search_steps", None, "0-indexed search steps; default the paper's "
                             "10th and 30th of 50 steps, scaled to --steps")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weights and "

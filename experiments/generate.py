@@ -33,6 +33,7 @@ from adaspa_jax.extras import require
 from adaspa_jax.harness import demo
 from adaspa_jax.harness.generation import default_search_steps, run
 from adaspa_jax.models import schedulers
+from pallas_kernels.validation import PRECISIONS
 
 app, flags = require("absl.app"), require("absl.flags")
 
@@ -64,8 +65,8 @@ _HEAD_ADAPTIVE = flags.DEFINE_bool("head_adaptive", None, "AdaSpa head hierarchy
 _LSE_CACHE = flags.DEFINE_bool("lse_cache", True, "AdaSpa LSE cache")
 _QBLOCK = flags.DEFINE_integer("query_block_size", None, "AdaSpa query rows per list row "
                                "(default: --block_size; 128 over blocks of 64: 128 x 64)")
-_PRECISION = flags.DEFINE_enum("precision", "bf16", ["bf16", "fp8"], "AdaSpa's dense warm-up "
-                               "and sparse attention: the inputs' dtype or FP8 (searches stay "
+_PRECISION = flags.DEFINE_enum("precision", "bf16", list(PRECISIONS), "AdaSpa's dense warm-up "
+                               "and sparse attention: the inputs' dtype, FP8 or INT8 Q.K^T with FP8 P.V (searches stay "
                                "in the inputs' dtype)")
 _IMPL = flags.DEFINE_string("implementation", None, "kernel implementation (default: device)")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "guidance (default: the pipeline's; "

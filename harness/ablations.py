@@ -19,9 +19,10 @@ Groups (``GROUPS``):
               step w and at the paper's 30th step (the warm-up figure).
   schedule    AdaSpa at 0.8 searching at {10}, {10,30}, {10,20,30},
               {10,20,30,40} (Table 2).
-  precision   AdaSpa at 0.8 in bf16 and in FP8 (``AdaSpaConfig.precision``), and dense
-              FP8: every step but the last dense in FP8 (the last is a search, which
-              runs in the inputs' dtype), all against the bf16 dense clips.
+  precision   AdaSpa at 0.8 in bf16, "fp8" and "int8_fp8" (``AdaSpaConfig.precision``),
+              and dense in each 8-bit precision: every step but the last dense in it
+              (the last is a search, which runs in the inputs' dtype), all against the
+              bf16 dense clips.
   granularity AdaSpa at 0.8 / 0.9 with lists per query block of ``block_size`` rows
               (the paper's square blocks) and of ``GRANULARITY_ROWS`` x ``block_size``
               rows (e.g. 128 x 64, the tiling that shares one K/V ring per CTA).
@@ -57,6 +58,7 @@ from adaspa_jax import CACHED_SEARCH, SPARSE, AdaSpaConfig
 from adaspa_jax.harness import embedded_eval, metrics
 from adaspa_jax.models import cogvideox, sampler
 from adaspa_jax.models.embedded import caption_check, model as tiny_t2v
+from pallas_kernels.validation import EIGHT_BIT_PRECISIONS
 
 PAPER_STEPS = 50
 SPARSITIES = (0.7, 0.8, 0.9)
@@ -192,15 +194,20 @@ def schedule_group(base: AdaSpaConfig) -> list[Setting]:
 
 
 def precision_group(base: AdaSpaConfig) -> list[Setting]:
-  """AdaSpa at ``base`` in bf16 and FP8; dense FP8 (searching only at the last step)."""
+  """AdaSpa at ``base`` in bf16 and in each 8-bit precision ("fp8": e4m3 throughout;
+  "int8_fp8": int8 Q.K^T, e4m3 P.V); dense in each 8-bit precision (searching only at
+  the last step)."""
   last = base.num_steps - 1
-  return [Setting("precision", f"AdaSpa s={base.sparsity}", base,
-                  {"policy": "adaspa", "precision": "bf16"}),
-          Setting("precision", f"AdaSpa s={base.sparsity} fp8", base.replace(precision="fp8"),
-                  {"policy": "adaspa", "precision": "fp8"}),
-          Setting("precision", f"dense fp8 ({last} of {base.num_steps} steps)",
-                  base.replace(precision="fp8", search_steps=(last,)),
-                  {"policy": "dense", "precision": "fp8", "fp8_steps": last})]
+  rows = [Setting("precision", f"AdaSpa s={base.sparsity}", base,
+                  {"policy": "adaspa", "precision": "bf16"})]
+  for p in EIGHT_BIT_PRECISIONS:
+    rows.append(Setting("precision", f"AdaSpa s={base.sparsity} {p}", base.replace(precision=p),
+                        {"policy": "adaspa", "precision": p}))
+  for p in EIGHT_BIT_PRECISIONS:
+    rows.append(Setting("precision", f"dense {p} ({last} of {base.num_steps} steps)",
+                        base.replace(precision=p, search_steps=(last,)),
+                        {"policy": "dense", "precision": p, "fp8_steps": last}))
+  return rows
 
 
 def granularity_group(base: AdaSpaConfig) -> list[Setting]:

@@ -600,8 +600,8 @@ def run(*, reps=3, do_full_run=False, sweep_seconds=(), sweep_layers=1, sweep_re
     layers: transformer blocks built for the main measurement.
     steps, sparsity, block_size, query_block_size, precision, search_steps,
       implementation: the AdaSpa schedule, granularity (query rows per list row; None for
-      ``block_size``), operand precision ("bf16" or "fp8": dense warm-up and sparse
-      steps) and kernels (search steps default to the paper's, scaled). The dense
+      ``block_size``), operand precision ("bf16", "fp8" or "int8_fp8": dense warm-up and
+      sparse steps) and kernels (search steps default to the paper's, scaled). The dense
       baseline stays cuDNN in the model's dtype.
     dtype: weights and activations.
     latent: (F, H, W) latent size; None entries take the family's 720p default.

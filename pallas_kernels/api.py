@@ -12,13 +12,16 @@ mosaic on sm90, triton on other NVIDIA GPUs, the reference elsewhere.
 An implementation module provides ``block_sparse_attention``, ``block_mass`` and
 ``attention_with_block_mass`` with the reference's signatures plus ``interpret``.
 
-``precision`` (``block_sparse_attention`` and ``dense_attention``): "bf16" (default) or
-"fp8", the FP8 recipe of ``pallas_kernels.reference.fp8`` (Q, K per block, P and V
-per channel in float8_e4m3fn, float32 accumulation). An implementation serves it when
-its module provides ``fp8_block_sparse_attention`` and ``fp8_dense_attention``
-(reference, mosaic); dense FP8 is cuDNN's FP8 kernel where it runs
-(``pallas_kernels.cudnn_fp8``), else the implementation's ``fp8_dense_attention``. The search passes (block mass) stay in the inputs'
-dtype: their mass chooses the lists.
+``precision`` (``block_sparse_attention`` and ``dense_attention``): "bf16" (default),
+"fp8", the FP8 recipe of ``pallas_kernels.reference.fp8`` (Q, K per block, P, and V
+per channel in float8_e4m3fn, float32 accumulation), or "int8_fp8", the same with Q and
+K in int8 (SageAttention2's INT8 Q.K^T / FP8 P.V split: about 4x less score error). An
+implementation serves the 8-bit precisions when its module provides
+``fp8_block_sparse_attention`` and ``fp8_dense_attention`` (reference, mosaic), called with
+``qk_dtype`` = ``reference.fp8.QK_DTYPES[precision]``; dense "fp8" is cuDNN's FP8 kernel
+where it runs (``pallas_kernels.cudnn_fp8``), else the implementation's
+``fp8_dense_attention`` (always for "int8_fp8": cuDNN has no INT8 attention). The search
+passes (block mass) stay in the inputs' dtype: their mass chooses the lists.
 
 ``query_block_size`` (every op; None: ``block_size``): rows per query block when
 they differ from the ``block_size`` keys of a key block, e.g. 128 x 64. Lists are
@@ -94,14 +97,20 @@ def _call(op, implementation, interpret, *args, **kwargs):
   return getattr(mod, op)(*args, **kwargs)
 
 
-def _check_fp8(implementation):
-  """ValueError unless the implementation serves precision="fp8" (its module provides
-  ``fp8_block_sparse_attention`` and ``fp8_dense_attention``)."""
+def _check_fp8(implementation, precision):
+  """ValueError unless the implementation serves the 8-bit ``precision`` (its module
+  provides ``fp8_block_sparse_attention`` and ``fp8_dense_attention``)."""
   name, mod = resolve(implementation)
   if not hasattr(mod, "fp8_block_sparse_attention"):
     has = [n for n in IMPLEMENTATIONS if n == name or _has(n)]
     fp8 = [n for n in has if hasattr(_module(n), "fp8_block_sparse_attention")]
-    raise ValueError(f"precision='fp8' with implementation={name!r}: expected one of {fp8}.")
+    raise ValueError(f"precision={precision!r} with implementation={name!r}: expected one "
+                     f"of {fp8}.")
+
+
+def _qk_dtype(precision):
+  from pallas_kernels.reference import fp8  # pylint: disable=import-outside-toplevel
+  return fp8.QK_DTYPES[precision]
 
 
 def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
@@ -114,7 +123,7 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   traced ones are kept in bounds (``validation.safe_block_lists``) and, with
   ``debug_checks``, checked with ``checkify`` (run under ``checkify.checkify``).
   ``query_block_size``: rows per list row (None: ``block_size``); ``precision``:
-  "bf16" or "fp8"; see the module docstring.
+  "bf16", "fp8" or "int8_fp8"; see the module docstring.
   """
   validation.check_query_block_size(query_block_size, block_size)
   validation.check_precision(precision)
@@ -122,12 +131,12 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
     validation.debug_checks(kv_lengths=kv_lengths, seq=q.shape[1], indices=kv_block_indices,
                             counts=kv_block_counts,
                             num_kv_blocks=validation.num_blocks(q.shape[1], block_size))
-  if precision == "fp8":
-    _check_fp8(implementation)
+  if precision in validation.EIGHT_BIT_PRECISIONS:
+    _check_fp8(implementation, precision)
     out, lse = _call("fp8_block_sparse_attention", implementation, interpret, q, k, v,
                      kv_block_indices, kv_block_counts, block_size=block_size,
                      kv_lengths=kv_lengths, sm_scale=sm_scale,
-                     query_block_size=query_block_size)
+                     query_block_size=query_block_size, qk_dtype=_qk_dtype(precision))
     return (out, lse) if return_lse else out
   return _call("block_sparse_attention", implementation, interpret, q, k, v,
                kv_block_indices, kv_block_counts, block_size=block_size,
@@ -159,23 +168,25 @@ def attention_with_block_mass(q, k, v, *, block_size, kv_lengths=None, sm_scale=
                query_block_size=query_block_size)
 
 
-def _dense_fp8(q, k, v, kv_lengths, scale, implementation, block_size, interpret):
-  """``dense_attention`` at precision="fp8" (see there)."""
+def _dense_fp8(q, k, v, kv_lengths, scale, implementation, block_size, interpret,
+               precision):
+  """``dense_attention`` at an 8-bit ``precision`` (see there)."""
   from pallas_kernels import cudnn_fp8  # pylint: disable=import-outside-toplevel
   if implementation in (None, "cudnn"):
-    why = cudnn_fp8.unsupported_reason(q, kv_lengths)
+    why = ("cuDNN has no INT8 attention" if precision == "int8_fp8"
+           else cudnn_fp8.unsupported_reason(q, kv_lengths))
     if why is None:
       return cudnn_fp8.dense_attention(q, k, v, sm_scale=scale)
     if implementation == "cudnn":
-      raise ValueError(f"implementation='cudnn' with precision='fp8': {why}.")
-    implementation = None  # the device's FP8 implementation, every row dense
+      raise ValueError(f"implementation='cudnn' with precision={precision!r}: {why}.")
+    implementation = None  # the device's 8-bit implementation, every row dense
   if implementation == "xla":
-    raise ValueError("implementation='xla' with precision='fp8': expected None, 'cudnn', "
-                     "'reference' or 'mosaic'.")
-  _check_fp8(implementation)
+    raise ValueError(f"implementation='xla' with precision={precision!r}: expected None, "
+                     "'cudnn', 'reference' or 'mosaic'.")
+  _check_fp8(implementation, precision)
   bs = 64 if block_size is None else validation.check_block_size(block_size)
   out, _ = _call("fp8_dense_attention", implementation, interpret, q, k, v, block_size=bs,
-                 kv_lengths=kv_lengths, sm_scale=scale)
+                 kv_lengths=kv_lengths, sm_scale=scale, qk_dtype=_qk_dtype(precision))
   return out
 
 
@@ -188,13 +199,13 @@ def dense_attention(q, k, v, *, kv_lengths=None, sm_scale=None, implementation=N
   Args:
     q, k, v: [B, S, H, D].
     implementation: None (cuDNN for bf16/f16 on GPU, XLA otherwise), "cudnn",
-      "xla" or "reference"; with precision="fp8" also "mosaic".
-    precision: "bf16" or "fp8". FP8 with None runs cuDNN's FP8 kernel where
-      ``cudnn_fp8.unsupported_reason`` finds none (Hopper, no kv_lengths, head_dim 64
-      or 128), else the device's FP8 block-sparse implementation with every row dense
-      (the reference recipe off the GPU).
-    block_size: FP8 only: tokens per Q / K scale block of the fallback (None: 64).
-    interpret: FP8 Pallas fallback only: interpret mode (CPU tests).
+      "xla" or "reference"; with an 8-bit precision also "mosaic".
+    precision: "bf16", "fp8" or "int8_fp8". "fp8" with None runs cuDNN's FP8 kernel
+      where ``cudnn_fp8.unsupported_reason`` finds none (Hopper, no kv_lengths, head_dim
+      64 or 128), else (and "int8_fp8" always) the device's 8-bit block-sparse
+      implementation with every row dense (the reference recipe off the GPU).
+    block_size: 8-bit only: tokens per Q / K scale block of the fallback (None: 64).
+    interpret: 8-bit Pallas fallback only: interpret mode (CPU tests).
   Returns:
     out [B, S, H, D] in q's dtype.
   """
@@ -204,8 +215,9 @@ def dense_attention(q, k, v, *, kv_lengths=None, sm_scale=None, implementation=N
   if debug_checks and kv_lengths is not None:
     validation.debug_checks(kv_lengths=kv_lengths, seq=s)
   scale = validation.default_scale(sm_scale, d)
-  if precision == "fp8":  # rows past kv_lengths: zero in every FP8 path taking lengths
-    return _dense_fp8(q, k, v, kv_lengths, scale, implementation, block_size, interpret)
+  if precision in validation.EIGHT_BIT_PRECISIONS:  # rows past kv_lengths: zero there
+    return _dense_fp8(q, k, v, kv_lengths, scale, implementation, block_size, interpret,
+                      precision)
   if implementation == "reference":
     return _module("reference").attention(q, k, v, kv_lengths=kv_lengths, sm_scale=scale)[0]
   if implementation not in (None, "cudnn", "xla"):

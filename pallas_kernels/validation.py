@@ -35,8 +35,10 @@ def check_block_size(block_size) -> int:
 MAX_QUERY_BLOCK_SIZE = 128
 # Operand precisions of the attention kernels: "bf16" computes in the inputs' dtype
 # (bf16/f16 on the tensor cores, float32 in the reference); "fp8" quantises Q, K, P and V
-# to float8_e4m3fn (``pallas_kernels.reference.fp8`` is the recipe).
-PRECISIONS = ("bf16", "fp8")
+# to float8_e4m3fn; "int8_fp8" Q and K to int8, P and V to float8_e4m3fn
+# (``pallas_kernels.reference.fp8`` is the recipe of both).
+PRECISIONS = ("bf16", "fp8", "int8_fp8")
+EIGHT_BIT_PRECISIONS = ("fp8", "int8_fp8")
 
 
 def check_precision(precision) -> str:

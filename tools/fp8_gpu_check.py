@@ -6,7 +6,8 @@ Stages (each in its own try/except: a failure is recorded with its error text, u
 characters, and the rest still runs; the JSON is rewritten after every stage):
 
 1. ``small``: ``fp8_ops.block_sparse_attention_fp8`` at B=1, H=2, S=1000 (padded to 1024,
-   kv_lengths 900), D 64 and 128, tilings 128x64, 128x128 and 64x64, against
+   kv_lengths 900), D 64 and 128, tilings 128x64, 128x128 and 64x64, Q and K in e4m3
+   ("fp8") and in int8 ("int8_fp8", names ending ``_int8``), against
    ``reference.fp8.fp8_block_sparse_attention`` (rel L2 <= 4e-2, as the CPU tests; finite
    LSE within 5e-3: GPU exp2 is approximate and FP8 wgmma's own accumulation over D is not
    float32) and float32 attention (cosine >= 0.99). This is the first run of the 8-bit
@@ -15,12 +16,13 @@ characters, and the rest still runs; the JSON is rewritten after every stage):
    registers hold another column order than ``block_sparse_fp8_kernel.KEY_PERMUTATION``.
 2. ``big``: B=1, H=24, D=128, S = 32768 and 118784, density 0.2 (``kernel_bench.
    random_lists``, row-wise), tilings 128x64 and 128x128. For each: the quantisation
-   pre-pass (``fp8_ops.quantize_inputs``) and the FP8 kernel timed apart (the kernel on
-   pre-quantised inputs), the bf16 Mosaic kernel on the same lists, cuDNN bf16 dense once
-   per length; TFLOP/s = 4 * D * computed pairs (``kernel_bench.computed_pairs``) / time,
-   and ratios to cuDNN's; last, the FP8 kernel with ``split_accumulation=False`` (P.V
-   accumulated in the running accumulator: fewer live registers), its output against the
-   default's. Correctness on a few query blocks (rows) against float32
+   pre-pass (``fp8_ops.quantize_inputs``) and the 8-bit kernel timed apart (the kernel on
+   pre-quantised inputs), for e4m3 and for int8 Q and K, the bf16 Mosaic kernel on the
+   same lists, cuDNN bf16 dense once per length; TFLOP/s = 4 * D * computed pairs
+   (``kernel_bench.computed_pairs``) / time, and ratios to cuDNN's; with ``--unsplit``,
+   last, the FP8 kernel with ``split_accumulation=False`` (P.V accumulated in the running
+   accumulator: fewer live registers), its output against the default's. Correctness
+   (``check``, ``check_int8``) on a few query blocks (rows) against float32
    attention restricted to their lists: cosine, rel L2 (bf16 kernel alongside), LSE error.
 
 Timing: ``harness.timing.time_fn`` (a warm-up call with compile, then ``REPS`` reps of
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import itertools
 import math
 import os
 import sys
@@ -57,11 +60,13 @@ DENSITY = 0.2
 TILINGS = ((128, 64), (128, 128))  # (query_block_size, block_size)
 REPS = 3
 MIN_REP_S = 0.02
-BUDGET_S = 210  # stop starting timed stages past this (the run must end in ~4 minutes)
+BUDGET_S = 300  # stop starting timed stages past this (the run must end in ~6 minutes)
 ERR_CHARS = 3000
 # --cpu_dry_run: the script's own logic on CPU (interpreted kernels, XLA for cuDNN) at toy
 # sizes, so that a slip in it does not cost a GPU run.
 DRY = {"on": False, "small_seq": 1000, "small_length": 900}
+UNSPLIT = {"on": False}  # --unsplit
+QK_DTYPES = ("float8_e4m3fn", "int8")  # precision "fp8" and "int8_fp8"
 
 
 def _interp():
@@ -101,8 +106,9 @@ def small_checks(res):
   for d in ((64,) if DRY["on"] else (128, 64)):
     q, k, v = _qkv(jax.random.fold_in(key, d), 1, s, h, d)
     kl = jnp.array([length], jnp.int32)
-    for qbs, bs in ((128, 64), (128, 128), (64, 64)):
-      name = f"d{d}_q{qbs}k{bs}"
+    for (qbs, bs), qk_dtype in itertools.product(((128, 64), (128, 128), (64, 64)),
+                                                 QK_DTYPES):
+      name = f"d{d}_q{qbs}k{bs}" + ("" if qk_dtype == "float8_e4m3fn" else f"_{qk_dtype}")
       try:
         n_k, n_q = -(-s // bs), -(-s // qbs)
         idx, cnt = random_lists(jax.random.fold_in(key, qbs + bs + d), 1, h, n_k,
@@ -110,9 +116,10 @@ def small_checks(res):
         cnt = cnt.at[0, 0, 0].set(n_k).at[0, 1, 1].set(0)  # a dense row and an empty row
         out, lse = fp8_ops.block_sparse_attention_fp8(
             q, k, v, idx, cnt, block_size=bs, query_block_size=qbs, kv_lengths=kl,
-            interpret=interpret)
+            interpret=interpret, qk_dtype=jnp.dtype(qk_dtype))
         ref_out, ref_lse = fp8_reference.fp8_block_sparse_attention(
-            q, k, v, idx, cnt, block_size=bs, query_block_size=qbs, kv_lengths=kl)
+            q, k, v, idx, cnt, block_size=bs, query_block_size=qbs, kv_lengths=kl,
+            qk_dtype=jnp.dtype(qk_dtype))
         f32 = lambda x: x.astype(jnp.float32)
         f_out, _ = reference_ops.block_sparse_attention(
             f32(q), f32(k), f32(v), idx, cnt, block_size=bs, query_block_size=qbs,
@@ -128,7 +135,7 @@ def small_checks(res):
         print(f"small {name}: {'PASS' if ok else 'FAIL'} recipe rel_l2 "
               f"{vs_recipe['rel_l2']:.4f}, f32 cosine {vs_f32['cosine']:.5f}, lse err "
               f"{lse_err:.2e}", flush=True)
-        if not ok:
+        if not ok and qk_dtype == "float8_e4m3fn":
           res["small_diagnosis"][name] = _diagnose(q, k, v, idx, cnt, kl, bs, qbs, ref_out)
       except Exception as e:  # pylint: disable=broad-except
         res["small"][name] = {"pass": False, "error": _error(e)}
@@ -222,32 +229,38 @@ def big_runs(res, start):
       row.update({"density": DENSITY, "count": count, "pairs": pairs})
       lists = kernel_lists(idx, cnt, num_kv_blocks=n_k, num_query_blocks=s // qbs)
       tflops = lambda ms: 4.0 * D * pairs / (ms * 1e-3) / 1e12
-      fp8_out = bf16_out = quant = None
-      for label, fn in (("prepass", "quant"), ("fp8_kernel", "fp8"), ("bf16_kernel", "bf16"),
-                        ("fp8_kernel_unsplit", "fp8_unsplit")):
+      bf16_out = None
+      quant, outs = {}, {}
+      stages = [("prepass", "quant", "float8_e4m3fn"), ("fp8_kernel", "fp8", "float8_e4m3fn"),
+                ("prepass_int8", "quant", "int8"), ("int8_fp8_kernel", "fp8", "int8"),
+                ("bf16_kernel", "bf16", None)]
+      if UNSPLIT["on"]:
+        stages.append(("fp8_kernel_unsplit", "fp8_unsplit", "float8_e4m3fn"))
+      for label, fn, qk_dtype in stages:
         if time.perf_counter() - start > BUDGET_S:
           row[label] = {"error": "skipped: time budget spent"}
           continue
         try:
           if fn == "quant":
             prepass = jax.jit(lambda q, k, v: fp8_ops.quantize_inputs(
-                q, k, v, lengths, block_size=bs, sm_scale=scale))
+                q, k, v, lengths, block_size=bs, sm_scale=scale, qk_dtype=jnp.dtype(qk_dtype)))
             tm, t = _time(prepass, q, k, v)
-            quant = tm.output
+            quant[qk_dtype] = tm.output
             row[label] = t
           elif fn in ("fp8", "fp8_unsplit"):
-            if quant is None:
+            if qk_dtype not in quant:
               raise RuntimeError("no pre-pass output")
             config = fp8_kernel.BlockSparseFp8Config(split_accumulation=fn == "fp8")
             kern = jax.jit(lambda *a: fp8_kernel.block_sparse_attention_fp8_padded(
                 *a, block_size=bs, sm_scale=scale, num_kv_blocks=n_k, query_block_size=qbs,
                 config=config, interpret=params))
-            tm, t = _time(kern, *quant[:6], *lists, lengths)
+            tm, t = _time(kern, *quant[qk_dtype][:6], *lists, lengths)
             row[label] = {**t, "tflops": tflops(t["ms"])}
             if fn == "fp8":
-              fp8_out = tm.output
-            elif fp8_out is not None:
-              row[label]["vs_split"] = metrics.output_agreement(tm.output[0], fp8_out[0])
+              outs[qk_dtype] = tm.output
+            elif "float8_e4m3fn" in outs:
+              row[label]["vs_split"] = metrics.output_agreement(tm.output[0],
+                                                                outs["float8_e4m3fn"][0])
           else:
             kern = jax.jit(lambda *a: bf16_kernel.block_sparse_attention_padded(
                 *a, block_size=bs, sm_scale=scale, num_kv_blocks=n_k, query_block_size=qbs,
@@ -263,19 +276,22 @@ def big_runs(res, start):
         except Exception as e:  # pylint: disable=broad-except
           row[label] = {"error": _error(e)}
           print(f"S={s} q{qbs}k{bs} {label}: FAIL (error)", flush=True)
-      if "ms" in row.get("fp8_kernel", {}) and "ms" in row.get("bf16_kernel", {}):
-        row["fp8_speedup_over_bf16"] = row["bf16_kernel"]["ms"] / row["fp8_kernel"]["ms"]
-        row["fp8_with_prepass_speedup_over_bf16"] = row["bf16_kernel"]["ms"] / (
-            row["fp8_kernel"]["ms"] + row["prepass"]["ms"])
-      if fp8_out is not None:
+      for kernel, prepass, tag in (("fp8_kernel", "prepass", "fp8"),
+                                   ("int8_fp8_kernel", "prepass_int8", "int8_fp8")):
+        if "ms" in row.get(kernel, {}) and "ms" in row.get("bf16_kernel", {}):
+          row[f"{tag}_speedup_over_bf16"] = row["bf16_kernel"]["ms"] / row[kernel]["ms"]
+          row[f"{tag}_with_prepass_speedup_over_bf16"] = row["bf16_kernel"]["ms"] / (
+              row[kernel]["ms"] + row[prepass]["ms"])
+      for qk_dtype, out in outs.items():
+        check = "check" if qk_dtype == "float8_e4m3fn" else f"check_{qk_dtype}"
         try:
-          row["check"] = _big_check(q, k, v, idx, cnt, fp8_out, bf16_out, quant[6], s, bs, qbs,
-                                    scale)
-          print(f"S={s} q{qbs}k{bs} check: {'PASS' if row['check']['pass'] else 'FAIL'} "
-                f"{row['check']['fp8']}", flush=True)
+          row[check] = _big_check(q, k, v, idx, cnt, out, bf16_out, quant[qk_dtype][6], s, bs,
+                                  qbs, scale)
+          print(f"S={s} q{qbs}k{bs} {check}: {'PASS' if row[check]['pass'] else 'FAIL'} "
+                f"{row[check]['fp8']}", flush=True)
         except Exception as e:  # pylint: disable=broad-except
-          row["check"] = {"pass": False, "error": _error(e)}
-      del quant, fp8_out, bf16_out
+          row[check] = {"pass": False, "error": _error(e)}
+      del quant, outs, bf16_out
 
 
 def _big_check(q, k, v, idx, cnt, fp8_out, bf16_out, lse_shift, s, bs, qbs, scale):
@@ -308,9 +324,12 @@ def main():
   parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"),
                                                     "fp8_gpu_check.json"))
   parser.add_argument("--skip_big", action="store_true", help="stage 1 only")
+  parser.add_argument("--unsplit", action="store_true",
+                      help="also time split_accumulation=False (e4m3)")
   parser.add_argument("--cpu_dry_run", action="store_true",
                       help="toy sizes, interpreted kernels, XLA for cuDNN (tests this script)")
   args = parser.parse_args()
+  UNSPLIT["on"] = args.unsplit
   if args.cpu_dry_run:
     global B, H, SEQ_LENS, REPS, MIN_REP_S, BUDGET_S  # pylint: disable=global-statement
     jax.config.update("jax_cpu_enable_async_dispatch", False)
@@ -339,8 +358,9 @@ def main():
       res.setdefault("errors", []).append(_error(e))
     save()
   small_ok = all(r.get("pass") for r in res["small"].values())
-  big_ok = all(row.get("check", {}).get("pass") for e in res["big"].values()
-               for name, row in e.items() if name.startswith("q"))
+  big_ok = all(row.get(c, {}).get("pass") for e in res["big"].values()
+               for name, row in e.items() if name.startswith("q")
+               for c in ("check", "check_int8"))
   res["pass"] = {"small": small_ok, "big": big_ok}
   save()
   print(f"small checks: {'PASS' if small_ok else 'FAIL'}; big checks: "

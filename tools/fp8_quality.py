@@ -48,9 +48,10 @@ def metrics(got, want, lengths):
 
 
 def kernel_outputs(q, k, v, lengths, *, block_size, kernels):
-  """{name: out [B, S, H, D]} of the FP8 kernels in ``kernels`` ("mosaic": the Mosaic FP8
-  kernel, every row dense; "cudnn": cuDNN's FP8 attention, only without padding) on
-  q, k, v cast to bfloat16, as a model would call them."""
+  """{name: out [B, S, H, D]} of the 8-bit kernels in ``kernels`` ("mosaic": the Mosaic
+  kernel, every row dense, at precision "fp8" and "int8_fp8"; "cudnn": cuDNN's FP8
+  attention, only without padding) on q, k, v cast to bfloat16, as a model would call
+  them."""
   import pallas_kernels as pk  # pylint: disable=import-outside-toplevel
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
   full = all(int(n) == q.shape[1] for n in lengths)
@@ -59,8 +60,10 @@ def kernel_outputs(q, k, v, lengths, *, block_size, kernels):
   for name in kernels:
     if name == "cudnn" and not full:
       continue
-    outs[f"{name}_fp8_kernel"] = pk.dense_attention(
-        q, k, v, kv_lengths=kv, precision="fp8", implementation=name, block_size=block_size)
+    for precision in ("fp8", "int8_fp8") if name == "mosaic" else ("fp8",):
+      outs[f"{name}_{precision}_kernel"] = pk.dense_attention(
+          q, k, v, kv_lengths=kv, precision=precision, implementation=name,
+          block_size=block_size)
   return outs
 
 
@@ -70,7 +73,8 @@ def evaluate(q, k, v, lengths, *, block_size, stages, kernels=()):
   kv = jnp.asarray(lengths, jnp.int32)
   want, lse_want = ops.attention(q, k, v, kv_lengths=kv)
   finite = np.isfinite(np.asarray(lse_want))
-  variants = {"fp8": dict(smooth=True), "fp8_no_smoothing": dict(smooth=False)}
+  variants = {"fp8": dict(smooth=True), "fp8_no_smoothing": dict(smooth=False),
+              "int8_fp8": dict(smooth=True, qk_dtype=jnp.int8)}
   if stages:
     for stage in fp8.STAGES:
       variants[f"only_{stage}"] = dict(smooth=True, quantized=(stage,))

@@ -1,7 +1,8 @@
 """Dense 8-bit attention peers on one GPU, in one process (issue 25): SageAttention from
 PyPI (``sageattention`` 1.0.6: Triton, INT8 Q.K^T per block with K smoothed, fp16 P.V)
-against cuDNN bf16 and cuDNN FP8 (``pallas_kernels.cudnn_fp8``) and our Mosaic FP8 kernel
-with every row dense, all on the same q, k, v.
+against cuDNN bf16 and cuDNN FP8 (``pallas_kernels.cudnn_fp8``) and our Mosaic 8-bit kernel
+with every row dense ("fp8": e4m3 throughout; "int8_fp8": int8 Q.K^T, e4m3 P.V), all on
+the same q, k, v.
 
   source tools/device_env.sh; python3 $REPO/tools/sage_peer.py --out=$OUT/sage_peer.json
 
@@ -78,9 +79,10 @@ def run_seq(seq, reps, record):
   stage("cudnn_bf16", lambda: jax_timed(
       lambda q, k, v: pk.dense_attention(q, k, v, implementation="cudnn"), check=False))
   stage("cudnn_fp8", lambda: jax_timed(lambda q, k, v: cudnn_fp8.dense_attention(q, k, v)))
-  stage("mosaic_fp8_dense", lambda: jax_timed(
-      lambda q, k, v: pk.dense_attention(q, k, v, precision="fp8", implementation="mosaic",
-                                         block_size=128)))
+  for precision in ("fp8", "int8_fp8"):
+    stage(f"mosaic_{precision}_dense", lambda precision=precision: jax_timed(
+        lambda q, k, v: pk.dense_attention(q, k, v, precision=precision,
+                                           implementation="mosaic", block_size=128)))
 
   def sage():
     import torch  # pylint: disable=import-outside-toplevel

@@ -1,11 +1,15 @@
-"""FP8 (float8_e4m3fn) block-sparse flash attention for Hopper in Pallas Mosaic GPU.
+"""8-bit block-sparse flash attention for Hopper in Pallas Mosaic GPU: P.V in
+float8_e4m3fn, Q.K^T in float8_e4m3fn ("fp8") or int8 ("int8_fp8").
 
 The FP8 twin of ``block_sparse_kernel`` (same CTA: two compute warpgroups of 64 query rows
 and one memory warpgroup streaming the listed K/V blocks through a TMA ring; same lists,
 tilings, ping-pong and ``lengths`` masking; its ``stream_kv_blocks``, ``read_entry`` and
 ``listed_block`` are imported, not copied). It follows the recipe of
 ``pallas_kernels.reference.fp8`` (SageAttention2-style); the quantisation itself is a jnp
-pre-pass (``fp8_ops.quantize_inputs``), this kernel takes e4m3 operands and their scales.
+pre-pass (``fp8_ops.quantize_inputs``), this kernel takes 8-bit operands and their scales.
+Q and K are both e4m3 or both int8 (the dtype of ``q8`` picks the Q.K^T wgmma: int8
+operands accumulate exactly in int32, converted to float32 before the scales); V^T and P
+are e4m3 either way.
 
 Hopper's FP8 wgmma reads shared-memory operands K-major only (only 16-bit wgmma can
 transpose), so:
@@ -42,7 +46,7 @@ warpgroup; the op repeats coarser scales), ``k_scale`` float32 [B, H, S_pad / bl
 (one per key block), ``v_scale`` float32 [B, H, D] (per channel).
 
 Shared memory: 1-byte tiles use the swizzle of their row width (``common.smem_transforms``
-with the minor dimension: 64 bytes for 64 columns, 128 for 128); Q is e4m3 [2, 64, D],
+with the minor dimension: 64 bytes for 64 columns, 128 for 128); Q is 8-bit [2, 64, D],
 O a separate bf16 [2, 64, D], K [bs, D] and V^T [D, bs] stages of 1 byte per element,
 so a stage is half the bf16 one.
 
@@ -75,6 +79,7 @@ from pallas_kernels.mosaic.common import (
     smem_footprint, smem_transforms)
 
 FP8_DTYPE = jnp.float8_e4m3fn
+QK_DTYPES = (jnp.dtype(FP8_DTYPE), jnp.dtype(jnp.int8))  # what q8 and k8 may be
 FP8_MAX = 448.0  # largest finite e4m3; P in [0, 1] is stored as e4m3(P * FP8_MAX)
 LOG2_FP8_MAX = math.log2(FP8_MAX)
 OUT_DTYPE = jnp.bfloat16
@@ -176,8 +181,9 @@ def _p_operand(p8, emulate):
 
 
 def _qk_fp8(q_smem, k_smem, *, after_issue, emulate):
-  """float32 [64, bs] = q8 [64, D] @ k8 [bs, D]^T (``common.qk_matmul``; emulated in
-  float32, where products of e4m3 values are exact)."""
+  """float32 [64, bs] = q8 [64, D] @ k8 [bs, D]^T, e4m3 or int8 (``common.qk_matmul``;
+  emulated in float32, where products of e4m3 or int8 values and, for int8, their sums
+  over D are exact)."""
   if not emulate:
     return qk_matmul(q_smem, k_smem, after_issue=after_issue)
   qk = jnp.dot(q_smem[...].astype(jnp.float32), k_smem[...].astype(jnp.float32).T,
@@ -219,8 +225,11 @@ def _pv_fp8(acc, alpha, p_op, vt_smem, *, split, after_issue, emulate):
 def _check_inputs(q8, k8, vt8, q_scale, k_scale, v_scale, block_size, qbs):
   b, s_pad, h, d = q8.shape
   for name, x in (("q8", q8), ("k8", k8), ("vt8", vt8)):
-    if x.dtype != FP8_DTYPE:
-      raise ValueError(f"{name} of dtype {x.dtype}: expected float8_e4m3fn.")
+    want = FP8_DTYPE if name == "vt8" else q8.dtype
+    if x.dtype != want or x.dtype not in QK_DTYPES:
+      raise ValueError(f"{name} of dtype {x.dtype}: expected "
+                       + ("float8_e4m3fn." if name == "vt8" else
+                          "float8_e4m3fn or int8, the same for q8 and k8."))
   if k8.shape != q8.shape:
     raise ValueError(f"k8 of shape {k8.shape}: expected q8's {q8.shape} [B, S_pad, H, D].")
   if vt8.shape != (b, h, d, s_pad):
@@ -250,7 +259,8 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
   """FP8 block-sparse attention on padded, quantised operands.
 
   Args:
-    q8, k8: float8_e4m3fn [B, S_pad, H, D], S_pad a multiple of 128 (K smoothed).
+    q8, k8: float8_e4m3fn or int8 (both the same) [B, S_pad, H, D], S_pad a multiple of
+      128 (K smoothed).
     vt8: float8_e4m3fn [B, H, D, S_pad]: V^T, the keys of each group of 16 in
       ``key_order`` (``fp8_ops.quantize_inputs`` makes it).
     q_scale: float32 [B, H, S_pad / 64], one per 64 query rows.
@@ -385,13 +395,13 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
 
   def entry(*refs):
     consumers = 1 if pipes == 2 else COMPUTE_WGS
-    d_major = smem_transforms(FP8_DTYPE, d)  # Q, K: rows of D bytes
+    d_major = smem_transforms(q8.dtype, d)  # Q, K: rows of D bytes
     pl.run_scoped(
         lambda *scratch: kernel(*refs, *scratch),
-        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), FP8_DTYPE, transforms=d_major),
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), q8.dtype, transforms=d_major),
         plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), OUT_DTYPE,
                    transforms=smem_transforms(OUT_DTYPE)),
-        plgpu.SMEM((pipes * stages, bs, d), FP8_DTYPE, transforms=d_major),
+        plgpu.SMEM((pipes * stages, bs, d), q8.dtype, transforms=d_major),
         plgpu.SMEM((pipes * stages, d, bs), FP8_DTYPE, transforms=smem_transforms(FP8_DTYPE, bs)),
         plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
         plgpu.Barrier(num_barriers=pipes * stages),

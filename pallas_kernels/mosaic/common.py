@@ -34,13 +34,16 @@ def qk_matmul(q_smem, k_smem, *, after_issue=None, emulate=False):
 
   ``after_issue`` runs while the wgmma is in flight. ``emulate`` (the GPU
   interpreter, whose wgmma takes neither transposed operands nor register
-  operands) reads both tiles and multiplies with ``jnp.dot`` instead.
+  operands) reads both tiles and multiplies with ``jnp.dot`` instead. int8 tiles
+  accumulate in int32 (exact), converted to float32 after the wgmma.
   """
+  integer = jnp.issubdtype(q_smem.dtype, jnp.integer)
   if emulate:
-    qk = jnp.dot(q_smem[...], k_smem[...].T, preferred_element_type=jnp.float32)
+    qk = jnp.dot(q_smem[...], k_smem[...].T,
+                 preferred_element_type=jnp.int32 if integer else jnp.float32)
     if after_issue is not None:
       after_issue()
-    return qk
+    return qk.astype(jnp.float32)
 
   def scope(acc_ref):
     plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
@@ -48,7 +51,9 @@ def qk_matmul(q_smem, k_smem, *, after_issue=None, emulate=False):
       after_issue()
     return acc_ref[...]
 
-  return pl.run_scoped(scope, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
+  qk = pl.run_scoped(scope, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]),
+                                      jnp.int32 if integer else jnp.float32))
+  return qk.astype(jnp.float32) if integer else qk
 
 
 def pv_matmul(acc, p, v_smem, *, after_issue=None, emulate=False):

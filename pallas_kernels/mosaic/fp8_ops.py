@@ -1,5 +1,6 @@
-"""FP8 (float8_e4m3fn) block-sparse attention on the Mosaic GPU kernel: the quantisation
-pre-pass in jnp, the kernel call and the LSE correction.
+"""8-bit block-sparse attention on the Mosaic GPU kernel (P.V in float8_e4m3fn, Q.K^T in
+float8_e4m3fn or int8: ``qk_dtype``): the quantisation pre-pass in jnp, the kernel call
+and the LSE correction.
 
 ``block_sparse_attention_fp8`` has the signature and conventions of
 ``pallas_kernels.mosaic.ops.block_sparse_attention`` (lists, ``kv_lengths``, padding and
@@ -11,7 +12,8 @@ the pre-pass calls:
 2. K smoothed (``reference.fp8.smooth_k``), the per-row LSE shift
    ``sm_scale * q . mean_k`` kept in float32 for the end;
 3. Q and K per block of ``block_size`` tokens (as the reference; Q's scales repeated to the
-   kernel's 64-row granularity), V per channel, all ``amax / 448``;
+   kernel's 64-row granularity) to ``qk_dtype`` (``amax / 448`` for e4m3, ``amax / 127``
+   for int8), V per channel to e4m3 (``amax / 448``);
 4. V transposed once to [B, H, D, S_pad], its keys in ``block_sparse_fp8_kernel.key_order``
    (the order the kernel's 8-bit P operand has).
 
@@ -36,8 +38,9 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def quantize_inputs(q, k, v, lengths, *, block_size, sm_scale, s_pad=None):
-  """The pre-pass: e4m3 operands and scales as ``block_sparse_attention_fp8_padded``
+def quantize_inputs(q, k, v, lengths, *, block_size, sm_scale, s_pad=None,
+                    qk_dtype=fp8_reference.FP8_DTYPE):
+  """The pre-pass: 8-bit operands and scales as ``block_sparse_attention_fp8_padded``
   takes them.
 
   Args:
@@ -46,9 +49,10 @@ def quantize_inputs(q, k, v, lengths, *, block_size, sm_scale, s_pad=None):
     block_size: tokens per Q / K scale block (the key block of the lists).
     sm_scale: softmax scale.
     s_pad: padded sequence (None: the least multiple of 128 >= seq).
+    qk_dtype: float8_e4m3fn or int8, what Q and K are quantised to.
 
   Returns:
-    (q8, k8, vt8, q_scale, k_scale, v_scale, lse_shift): q8, k8 e4m3 [B, S_pad, H, D]
+    (q8, k8, vt8, q_scale, k_scale, v_scale, lse_shift): q8, k8 ``qk_dtype`` [B, S_pad, H, D]
     (k smoothed); vt8 e4m3 [B, H, D, S_pad] (keys in ``key_order``); q_scale float32
     [B, H, S_pad / 64]; k_scale float32 [B, H, S_pad / block_size]; v_scale float32
     [B, H, D]; lse_shift float32 [B, H, seq], ``sm_scale * q . mean_k`` (add it to the
@@ -64,8 +68,9 @@ def quantize_inputs(q, k, v, lengths, *, block_size, sm_scale, s_pad=None):
   k, mean_k = fp8_reference.smooth_k(k, lengths)
   lse_shift = sm_scale * jnp.einsum("bshd,bhd->bhs", q, mean_k[:, 0], precision=_HIGHEST)
   q, k, v = (pad_seq(x, s_pad, 1) for x in (q, k, v))
-  q8, q_scale = fp8_reference.quantize_blockwise(q, block_size, axis=1)  # [B, nS, H, 1]
-  k8, k_scale = fp8_reference.quantize_blockwise(k, block_size, axis=1)
+  q8, q_scale = fp8_reference.quantize_blockwise(q, block_size, axis=1,
+                                                 dtype=qk_dtype)  # [B, nS, H, 1]
+  k8, k_scale = fp8_reference.quantize_blockwise(k, block_size, axis=1, dtype=qk_dtype)
   v8, v_scale = fp8_reference.quantize_blockwise(v, s_pad, axis=1, reduce_axes=())
   q_scale = jnp.repeat(jnp.swapaxes(q_scale[..., 0], 1, 2), block_size // ROWS_PER_WG, axis=2)
   k_scale = jnp.swapaxes(k_scale[..., 0], 1, 2)
@@ -87,8 +92,9 @@ def _check_call(dtype, head_dim, block_size):
 
 def block_sparse_attention_fp8(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
                                kv_lengths=None, sm_scale=None, query_block_size=None,
-                               interpret=False, config=None, return_lse=True):
-  """FP8 block-sparse flash attention; see ``reference.fp8.fp8_block_sparse_attention``.
+                               interpret=False, config=None, return_lse=True,
+                               qk_dtype=fp8_reference.FP8_DTYPE):
+  """8-bit block-sparse flash attention; see ``reference.fp8.fp8_block_sparse_attention``.
 
   Args:
     q, k, v: [batch, seq, heads, head_dim] bf16/f16/float32, head_dim 64 or 128.
@@ -101,6 +107,7 @@ def block_sparse_attention_fp8(q, k, v, kv_block_indices, kv_block_counts, *, bl
       run natively, other pairs on lists expanded to block_size rows.
     interpret: run under JAX's GPU interpreter (CPU).
     config: a ``BlockSparseConfig`` (None: the kernel's default).
+    qk_dtype: float8_e4m3fn (``precision="fp8"``) or int8 (``"int8_fp8"``).
 
   Returns:
     out [batch, seq, heads, head_dim] in q's dtype and, if ``return_lse``, lse float32
@@ -113,12 +120,13 @@ def block_sparse_attention_fp8(q, k, v, kv_block_indices, kv_block_counts, *, bl
           kv_lengths=kv_lengths, sm_scale=sm_scale, query_block_size=query_block_size,
           expand=False)
   _check_call(q.dtype, d, block_size)
+  qk_dtype = fp8_reference.check_qk_dtype(qk_dtype)
   _check_device(interpret)
   idx, counts, list_rows = _expand_query_blocks(
       kv_block_indices, kv_block_counts, seq=s, block_size=block_size, query_block_size=qbs)
   s_pad = padded_len(s)
   q8, k8, vt8, q_scale, k_scale, v_scale, lse_shift = quantize_inputs(
-      q, k, v, lengths, block_size=block_size, sm_scale=scale, s_pad=s_pad)
+      q, k, v, lengths, block_size=block_size, sm_scale=scale, s_pad=s_pad, qk_dtype=qk_dtype)
   idx, steps, dense = kernel_lists(idx, counts, num_kv_blocks=n_blk,
                                    num_query_blocks=s_pad // list_rows)
   with interpreter.device_context(interpret):
@@ -134,8 +142,9 @@ def block_sparse_attention_fp8(q, k, v, kv_block_indices, kv_block_counts, *, bl
 
 
 def dense_attention_fp8(q, k, v, *, block_size=128, kv_lengths=None, sm_scale=None,
-                        interpret=False, config=None, return_lse=True):
-  """Dense FP8 attention: ``block_sparse_attention_fp8`` with every 128-row query block
+                        interpret=False, config=None, return_lse=True,
+                        qk_dtype=fp8_reference.FP8_DTYPE):
+  """Dense 8-bit attention: ``block_sparse_attention_fp8`` with every 128-row query block
   dense (the list is never read). Returns as ``block_sparse_attention_fp8``."""
   b, s, h, _ = q.shape
   n_q = num_blocks(s, 128)
@@ -143,4 +152,4 @@ def dense_attention_fp8(q, k, v, *, block_size=128, kv_lengths=None, sm_scale=No
       q, k, v, jnp.zeros((b, h, n_q, 1), jnp.int32),
       jnp.full((b, h, n_q), num_blocks(s, block_size), jnp.int32), block_size=block_size,
       kv_lengths=kv_lengths, sm_scale=sm_scale, query_block_size=128, interpret=interpret,
-      config=config, return_lse=return_lse)
+      config=config, return_lse=return_lse, qk_dtype=qk_dtype)

@@ -1,4 +1,5 @@
-"""Pure-jnp reference of the FP8 (float8_e4m3fn) attention recipe (issue 25).
+"""Pure-jnp reference of the 8-bit attention recipes (issue 25): FP8 (float8_e4m3fn)
+throughout, or INT8 Q.K^T with FP8 P.V.
 
 This is the numerics the FP8 kernels will follow, emulated with ``jnp`` casts to
 ``float8_e4m3fn`` so it runs (and is tested) on CPU. It is not fast; it is the
@@ -21,6 +22,13 @@ The recipe (SageAttention2-style, see issue 25 and the paper notes):
    cannot leave the finite range: e4m3fn has no infinity). A block of zeros gets
    scale 1. Padding tokens (at or past ``kv_lengths``) are zeroed before the amax
    so they never widen a scale.
+   With ``qk_dtype=jnp.int8`` (``precision="int8_fp8"``, SageAttention2's split of
+   INT8 Q.K^T and FP8 P.V) Q and K are instead ``round(x / scale)`` clipped to
+   [-127, 127] with ``scale = amax / 127``: a uniform step of amax / 127 against
+   e4m3's relative step of 2^-4, which for the near-Gaussian entries of Q and K is
+   about 4x less error in the scores (the Q.K rounding is nearly the whole FP8 error on
+   the long model's q/k/v; docs/benchmarks.md). Products of two int8 values are exact
+   integers and the kernel sums them in int32: no reduced-precision accumulation.
 3. ``S = (q8 . k8) * scale_q * scale_k * sm_scale`` with the e4m3 products
    accumulated in float32. (Products of two e4m3 values are exact in float32; the
    sum here is a float32 sum at HIGHEST precision. Hopper's FP8 wgmma accumulates
@@ -60,6 +68,9 @@ from pallas_kernels.reference import chunking, ops
 
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT8_MAX = 127.0  # largest int8 used (the range is kept symmetric: -128 is never made)
+# precision (``validation.PRECISIONS``, 8-bit ones) -> the dtype Q and K are quantised to.
+QK_DTYPES = {"fp8": FP8_DTYPE, "int8_fp8": jnp.int8}
 P_SCALE = 1.0 / FP8_MAX  # fixed scale of the softmax probabilities P in [0, 1]
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -69,8 +80,25 @@ def to_fp8(x):
   return jnp.clip(x.astype(jnp.float32), -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
 
 
-def quantize_blockwise(x, block, axis, *, reduce_axes=(-1,)):
-  """Quantise ``x`` to float8_e4m3fn with one scale per block along ``axis``.
+def to_int8(x):
+  """float32 -> int8: rounded to nearest (ties to even), clipped to [-127, 127]."""
+  return jnp.clip(jnp.round(x.astype(jnp.float32)), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+
+
+def dtype_max(dtype) -> float:
+  """The largest value an 8-bit operand of ``dtype`` is scaled to (448 for e4m3, 127 for
+  int8); ValueError for any other dtype."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.dtype(FP8_DTYPE):
+    return FP8_MAX
+  if dtype == jnp.dtype(jnp.int8):
+    return INT8_MAX
+  raise ValueError(f"dtype={dtype.name}: expected float8_e4m3fn or int8.")
+
+
+def quantize_blockwise(x, block, axis, *, reduce_axes=(-1,), dtype=FP8_DTYPE):
+  """Quantise ``x`` to ``dtype`` (float8_e4m3fn or int8) with one scale per block along
+  ``axis``.
 
   Blocks are ``block`` consecutive entries along ``axis`` (the last block may be
   short). The amax of a block is also taken over ``reduce_axes`` (default the
@@ -87,13 +115,16 @@ def quantize_blockwise(x, block, axis, *, reduce_axes=(-1,)):
     block: entries per block along ``axis`` (>= 1).
     axis: the blocked axis.
     reduce_axes: further axes the amax is taken over (kept as size 1 in scales).
+    dtype: float8_e4m3fn (``to_fp8``) or int8 (``to_int8``).
 
   Returns:
-    (x_fp8, scales): x_fp8 float8_e4m3fn of x's shape; scales float32 with
+    (x_q, scales): x_q of ``dtype`` and x's shape; scales float32 with
     ``axis`` of size ceil(n / block) and ``reduce_axes`` of size 1, such that
-    ``dequantize_blockwise(x_fp8, scales, block, axis)`` approximates x.
-    ``scale = amax / 448`` (1 for an all-zero block).
+    ``dequantize_blockwise(x_q, scales, block, axis)`` approximates x.
+    ``scale = amax / dtype_max(dtype)`` (1 for an all-zero block).
   """
+  top = dtype_max(dtype)
+  cast = to_fp8 if top == FP8_MAX else to_int8
   if block < 1:
     raise ValueError(f"block must be >= 1, got {block}")
   x = jnp.asarray(x).astype(jnp.float32)
@@ -110,8 +141,8 @@ def quantize_blockwise(x, block, axis, *, reduce_axes=(-1,)):
   # Axes of ``blocked``: those after ``axis`` moved one to the right.
   red = (axis + 1,) + tuple(a + 1 if a > axis else a for a in reduce_axes)
   amax = jnp.max(jnp.abs(blocked), axis=red, keepdims=True)
-  scales = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
-  q = to_fp8(blocked / scales)
+  scales = jnp.where(amax > 0, amax / top, 1.0)
+  q = cast(blocked / scales)
   q = q.reshape(xp.shape)
   q = jax.lax.slice_in_dim(q, 0, n, axis=axis)
   return q, jnp.squeeze(scales, axis + 1)
@@ -124,9 +155,9 @@ def expand_scales(scales, block, axis, n):
   return jax.lax.slice_in_dim(rep, 0, n, axis=axis)
 
 
-def dequantize_blockwise(x_fp8, scales, block, axis):
+def dequantize_blockwise(x_q, scales, block, axis):
   """float32 approximation of the tensor ``quantize_blockwise`` was given."""
-  return x_fp8.astype(jnp.float32) * expand_scales(scales, block, axis, x_fp8.shape[axis])
+  return x_q.astype(jnp.float32) * expand_scales(scales, block, axis, x_q.shape[axis])
 
 
 def _zero_padding(x, lengths):
@@ -162,7 +193,19 @@ def _check_stages(quantized):
   return quantized
 
 
-def _fp8_flash(q, k, v, lengths, sm_scale, block_size, block_mask, smooth, quantized):
+def check_qk_dtype(qk_dtype):
+  """``qk_dtype`` as a jnp dtype if it is one of ``QK_DTYPES``' values, else ValueError."""
+  try:
+    dtype = jnp.dtype(qk_dtype)
+  except TypeError:
+    dtype = None
+  if dtype not in [jnp.dtype(x) for x in QK_DTYPES.values()]:
+    raise ValueError(f"qk_dtype={qk_dtype!r}: expected float8_e4m3fn or int8.")
+  return dtype
+
+
+def _fp8_flash(q, k, v, lengths, sm_scale, block_size, block_mask, smooth, quantized,
+               qk_dtype=FP8_DTYPE):
   """The recipe of the module docstring, chunked like ``ops``' attention (``chunking``).
 
   Args:
@@ -172,6 +215,7 @@ def _fp8_flash(q, k, v, lengths, sm_scale, block_size, block_mask, smooth, quant
     smooth: whether to subtract K's mean (step 1).
     quantized: which of STAGES are quantised ("qk": Q and K, "p": P, "v": V); a
       stage left out runs in float32 (its scale is 1), for error budgets.
+    qk_dtype: what Q and K are quantised to (float8_e4m3fn or int8).
 
   Returns:
     out float32 [B, S, H, D], lse float32 [B, H, S].
@@ -187,8 +231,8 @@ def _fp8_flash(q, k, v, lengths, sm_scale, block_size, block_mask, smooth, quant
   else:
     lse_shift = jnp.zeros((b, h, s), jnp.float32)
   if "qk" in quantized:
-    q8, sq = quantize_blockwise(q, block_size, axis=1)        # sq [B, nS, H, 1]
-    k8, sk = quantize_blockwise(k, block_size, axis=1)
+    q8, sq = quantize_blockwise(q, block_size, axis=1, dtype=qk_dtype)  # sq [B, nS, H, 1]
+    k8, sk = quantize_blockwise(k, block_size, axis=1, dtype=qk_dtype)
   else:
     n_s = validation.num_blocks(s, block_size)
     q8, k8, sq = q, k, jnp.ones((b, n_s, h, 1), jnp.float32)
@@ -222,7 +266,8 @@ def _fp8_flash(q, k, v, lengths, sm_scale, block_size, block_mask, smooth, quant
       ki, k_blk, v_blk, sk_blk = kargs
       ok = chunking.pair_mask(row_ok, qi, ki, lengths, block_mask, chunk=chunk,
                               block_size=block_size)
-      # Step 3: e4m3 x e4m3 products, float32 accumulation, then the scales.
+      # Step 3: e4m3 (or int8) products, float32 accumulation (exact for int8 x int8
+      # summed over D <= 256: |sum| < 2^22), then the scales.
       raw = jnp.einsum("bhqd,bhkd->bhqk", q_blk.astype(jnp.float32),
                        k_blk.astype(jnp.float32), precision=_HIGHEST)
       scores = raw * (sm_scale * sq_blk[..., :, None] * sk_blk[..., None, :])
@@ -248,7 +293,7 @@ def _fp8_flash(q, k, v, lengths, sm_scale, block_size, block_mask, smooth, quant
 
 
 def fp8_attention(q, k, v, *, block_size, kv_lengths=None, sm_scale=None, smooth=True,
-                  quantized=STAGES):
+                  quantized=STAGES, qk_dtype=FP8_DTYPE):
   """Dense attention with the FP8 recipe of the module docstring.
 
   Args:
@@ -259,22 +304,25 @@ def fp8_attention(q, k, v, *, block_size, kv_lengths=None, sm_scale=None, smooth
     smooth: subtract K's mean over valid tokens before quantising (default True;
       False only to measure what smoothing buys).
     quantized: the stages quantised, default all of STAGES (fewer: error budgets).
+    qk_dtype: float8_e4m3fn (``precision="fp8"``) or int8 (``"int8_fp8"``): what Q and K
+      are quantised to; P and V are e4m3 either way.
 
   Returns:
     out [B, S, H, D] in q's dtype, lse float32 [B, H, S].
   """
+  qk_dtype = check_qk_dtype(qk_dtype)
   b, s, h, d = validation.check_qkv(q, k, v)
   block_size = validation.check_block_size(block_size)
   kv_lengths = validation.check_kv_lengths(kv_lengths, b, s)
   scale = validation.default_scale(sm_scale, d)
   out, lse = _fp8_flash(q, k, v, validation.valid_lengths(kv_lengths, b, s), scale,
-                        block_size, None, smooth, _check_stages(quantized))
+                        block_size, None, smooth, _check_stages(quantized), qk_dtype)
   return out.astype(q.dtype), lse
 
 
 def fp8_block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size,
                                kv_lengths=None, sm_scale=None, smooth=True,
-                               query_block_size=None, quantized=STAGES):
+                               query_block_size=None, quantized=STAGES, qk_dtype=FP8_DTYPE):
   """``ops.block_sparse_attention`` with the FP8 recipe of the module docstring.
 
   Q and K scale blocks are ``block_size`` tokens (the key block of the lists).
@@ -285,16 +333,17 @@ def fp8_block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, bl
     kv_block_counts: int32 [B, H, nQ]; count >= nK means a dense row.
     block_size: tokens per key block (power of two >= 16).
     query_block_size: as in ``ops.block_sparse_attention`` (None: block_size).
-    smooth, quantized: as in ``fp8_attention``.
+    smooth, quantized, qk_dtype: as in ``fp8_attention``.
 
   Returns:
     out [B, S, H, D] in q's dtype, lse float32 [B, H, S].
   """
+  qk_dtype = check_qk_dtype(qk_dtype)
   _, (_, _, _, _, block_size, n_blk, _, scale, lengths), kv_block_indices, kv_block_counts = (
       query_blocks.checked_sparse_call(
           q, k, v, kv_block_indices, kv_block_counts, block_size=block_size,
           kv_lengths=kv_lengths, sm_scale=sm_scale, query_block_size=query_block_size))
   mask = ops.block_mask_from_lists(kv_block_indices, kv_block_counts, n_blk)
   out, lse = _fp8_flash(q, k, v, lengths, scale, block_size, mask, smooth,
-                        _check_stages(quantized))
+                        _check_stages(quantized), qk_dtype)
   return out.astype(q.dtype), lse

@@ -15,7 +15,7 @@ def test_grid_applies_the_paper_schedules_literally_at_50_steps():
   by = {(s.group, s.name): s for s in settings}
   assert [s.group for s in settings] == (["table1"] * 9 + ["policies"] * 13 + ["components"] * 4
                                          + ["warmup"] * 4 + ["schedule"] * 4
-                                         + ["precision"] * 3 + ["granularity"] * 4)
+                                         + ["precision"] * 5 + ["granularity"] * 4)
   assert by["policies", "dense"].config is None
   base = by["components", "AdaSpa"].config
   assert base == by["policies", "AdaSpa s=0.8"].config == by["schedule", "{10,30}"].config
@@ -38,9 +38,9 @@ def test_grid_applies_the_paper_schedules_literally_at_50_steps():
       ablations.TOP_P)
   assert all(s.config.measure_recall and s.config.num_steps == 50 for s in settings
              if s.config is not None)
-  # AdaSpa 0.8 on {10,30} sits in five groups and runs once; precision and
-  # granularity add two each.
-  assert len({s.config for s in settings if s.config is not None}) == 26
+  # AdaSpa 0.8 on {10,30} sits in five groups and runs once; precision adds four,
+  # granularity two.
+  assert len({s.config for s in settings if s.config is not None}) == 28
 
 
 def test_grid_scales_steps_and_checks_its_arguments():
@@ -141,10 +141,13 @@ def test_every_block_reproduces_dense_and_every_policy_runs(tmp_path):
 def test_precision_rows():
   settings = ablations.grid(num_steps=25, frame_tokens=1024, groups=["precision"])
   assert [s.name for s in settings] == ["AdaSpa s=0.8", "AdaSpa s=0.8 fp8",
-                                        "dense fp8 (24 of 25 steps)"]
-  bf16, fp8, dense = (s.config for s in settings)
-  assert (bf16.precision, fp8.precision, dense.precision) == ("bf16", "fp8", "fp8")
+                                        "AdaSpa s=0.8 int8_fp8", "dense fp8 (24 of 25 steps)",
+                                        "dense int8_fp8 (24 of 25 steps)"]
+  bf16, fp8, int8, dense, dense8 = (s.config for s in settings)
+  assert [c.precision for c in (bf16, fp8, int8, dense, dense8)] == [
+      "bf16", "fp8", "int8_fp8", "fp8", "int8_fp8"]
   assert fp8 == bf16.replace(precision="fp8") and dense.search_steps == (24,)
+  assert int8 == bf16.replace(precision="int8_fp8") and dense8.search_steps == (24,)
 
 
 def test_granularity_rows_pair_square_and_tall_query_blocks():

@@ -115,6 +115,24 @@ def test_block_sparse_fp8_dispatch_and_refusals():
                               **kw)
   with pytest.raises(ValueError, match="precision='int8'"):
     pk.block_sparse_attention(q, k, v, idx, cnt, precision="int8", **kw)
+  # "int8_fp8": the reference recipe with int8 Q and K; cuDNN has no INT8 attention.
+  out8, lse8 = pk.block_sparse_attention(q, k, v, idx, cnt, precision="int8_fp8",
+                                         implementation="reference", **kw)
+  want8, want8_lse = ref_fp8.fp8_block_sparse_attention(q, k, v, idx, cnt, qk_dtype=jnp.int8,
+                                                        **kw)
+  np.testing.assert_array_equal(np.asarray(out8), np.asarray(want8))
+  np.testing.assert_array_equal(np.asarray(lse8), np.asarray(want8_lse))
+  assert _cos(out8[:, :290], exact[:, :290]) > _cos(out[:, :290], exact[:, :290])
+  with pytest.raises(ValueError, match="precision='int8_fp8' with implementation='triton'"):
+    pk.block_sparse_attention(q, k, v, idx, cnt, precision="int8_fp8",
+                              implementation="triton", **kw)
+  with pytest.raises(ValueError, match="cuDNN has no INT8 attention"):
+    pk.dense_attention(q, k, v, precision="int8_fp8", implementation="cudnn")
+  dense8 = pk.dense_attention(q, k, v, precision="int8_fp8", implementation="reference",
+                              block_size=64)
+  np.testing.assert_array_equal(
+      np.asarray(dense8),
+      np.asarray(ref_fp8.fp8_attention(q, k, v, block_size=64, qk_dtype=jnp.int8)[0]))
   with pytest.raises(ValueError, match="precision='xla'|implementation='xla'"):
     pk.dense_attention(q, k, v, precision="fp8", implementation="xla")
 
@@ -122,8 +140,9 @@ def test_block_sparse_fp8_dispatch_and_refusals():
 def test_config_precision_through_adaspa_attention():
   with pytest.raises(ValueError, match="precision='fp16'"):
     AdaSpaConfig(precision="fp16")
-  with pytest.raises(ValueError, match="Triton has no FP8 path"):
-    AdaSpaConfig(precision="fp8", implementation="triton")
+  for precision in ("fp8", "int8_fp8"):
+    with pytest.raises(ValueError, match="Triton has no 8-bit path"):
+      AdaSpaConfig(precision=precision, implementation="triton")
   cfg = AdaSpaConfig(sparsity=0.5, block_size=16, num_steps=6, search_steps=(1, 3),
                      implementation="reference")
   cfg8 = cfg.replace(precision="fp8")
