@@ -3,8 +3,9 @@
 ``ops`` holds the entry points (the reference's signatures plus ``interpret``) and
 the padding the kernels need; ``block_sparse_kernel`` the block-sparse flash kernel
 (also the fused search's dense pass), ``block_mass_kernel`` the block-mass kernel,
-``block_sparse_fp8_kernel`` and ``fp8_ops`` the FP8 (e4m3) block-sparse kernel and its
-quantising pre-pass (``precision="fp8"`` in ``pallas_kernels.api``),
+``block_sparse_fp8_kernel`` and ``fp8_ops`` the 8-bit block-sparse kernel (P.V in e4m3,
+Q.K^T in e4m3 or int8) and its quantising pre-pass (``precision="fp8"`` and
+``"int8_fp8"`` in ``pallas_kernels.api``),
 ``common`` what both use, ``interpreter`` what runs them on the CPU.
 """
 

@@ -99,15 +99,22 @@ def test_traced_bad_lists_stay_in_bounds(impl):
   exactly what the clamped lists give, finite, whatever was planted."""
   q, k, v = _qkv()
   f = jax.jit(lambda i, c: pk.block_sparse_attention(q, k, v, i, c, **_kw(impl)))
-  for kind in ("index too large", "negative index", "negative count"):
-    idx, cnt = (jnp.asarray(x) for x in _planted(kind))
-    safe = validation.safe_block_lists(idx, cnt, N)
-    assert int(safe[0].min()) >= 0 and int(safe[0].max()) < N
-    out, lse = f(idx, cnt)
-    want, want_lse = f(*safe)
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
-    np.testing.assert_array_equal(np.asarray(lse), np.asarray(want_lse))
-    assert np.isfinite(np.asarray(out, np.float32)).all()
+  # The three kinds sit in three different (head, query block) rows: one call plants all.
+  kinds = ("index too large", "negative index", "negative count")
+  planted = [_planted(kind) for kind in kinds]
+  idx, cnt = _lists()
+  for p_idx, p_cnt in planted:
+    idx = np.where(p_idx != _lists()[0], p_idx, idx)
+    cnt = np.where(p_cnt != _lists()[1], p_cnt, cnt)
+  assert (idx < 0).any() and (idx >= N).any() and (cnt < 0).any()
+  idx, cnt = jnp.asarray(idx), jnp.asarray(cnt)
+  safe = validation.safe_block_lists(idx, cnt, N)
+  assert int(safe[0].min()) >= 0 and int(safe[0].max()) < N
+  out, lse = f(idx, cnt)
+  want, want_lse = f(*safe)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+  np.testing.assert_array_equal(np.asarray(lse), np.asarray(want_lse))
+  assert np.isfinite(np.asarray(out, np.float32)).all()
   # Huge ids and counts: the same.
   idx, cnt = _lists()
   idx[0, 0, 0, 0], cnt[0, 1, 1] = 2**30, -(2**30)
