@@ -197,8 +197,8 @@ def _time(fn, *args):
   return t, {"ms": t.median_s * 1e3, "first_s": t.first_s}
 
 
-def big_runs(res, start):
-  """Stage 2 (see the module docstring)."""
+def big_runs(res, start, save=lambda: None):
+  """Stage 2 (see the module docstring); ``save`` after each tiling's row."""
   _, params, _ = _interp()
   impl = None if DRY["on"] else "cudnn"
   for s in SEQ_LENS:
@@ -292,6 +292,7 @@ def big_runs(res, start):
         except Exception as e:  # pylint: disable=broad-except
           row[check] = {"pass": False, "error": _error(e)}
       del quant, outs, bf16_out
+      save()
 
 
 def _big_check(q, k, v, idx, cnt, fp8_out, bf16_out, lse_shift, s, bs, qbs, scale):
@@ -349,7 +350,7 @@ def main():
     with open(args.out, "w") as f:
       json.dump(res, f, indent=1, default=str)
 
-  for stage in (small_checks, None if args.skip_big else (lambda r: big_runs(r, start))):
+  for stage in (small_checks, None if args.skip_big else (lambda r: big_runs(r, start, save))):
     if stage is None:
       continue
     try:
