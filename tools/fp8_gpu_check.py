@@ -21,7 +21,9 @@ characters, and the rest still runs; the JSON is rewritten after every stage):
    same lists, cuDNN bf16 dense once per length; TFLOP/s = 4 * D * computed pairs
    (``kernel_bench.computed_pairs``) / time, and ratios to cuDNN's; with ``--unsplit``,
    last, the FP8 kernel with ``split_accumulation=False`` (P.V accumulated in the running
-   accumulator: fewer live registers), its output against the default's. Correctness
+   accumulator: fewer live registers), its output against the default's; and the int8
+   kernel with ``int_scores="convert"`` (I2F per score instead of the bias trick), its
+   output against the default's. Correctness
    (``check``, ``check_int8``) on a few query blocks (rows) against float32
    attention restricted to their lists: cosine, rel L2 (bf16 kernel alongside), LSE error.
 
@@ -233,6 +235,7 @@ def big_runs(res, start, save=lambda: None):
       quant, outs = {}, {}
       stages = [("prepass", "quant", "float8_e4m3fn"), ("fp8_kernel", "fp8", "float8_e4m3fn"),
                 ("prepass_int8", "quant", "int8"), ("int8_fp8_kernel", "fp8", "int8"),
+                ("int8_fp8_kernel_convert", "fp8_convert", "int8"),
                 ("bf16_kernel", "bf16", None)]
       if UNSPLIT["on"]:
         stages.append(("fp8_kernel_unsplit", "fp8_unsplit", "float8_e4m3fn"))
@@ -247,10 +250,12 @@ def big_runs(res, start, save=lambda: None):
             tm, t = _time(prepass, q, k, v)
             quant[qk_dtype] = tm.output
             row[label] = t
-          elif fn in ("fp8", "fp8_unsplit"):
+          elif fn in ("fp8", "fp8_unsplit", "fp8_convert"):
             if qk_dtype not in quant:
               raise RuntimeError("no pre-pass output")
-            config = fp8_kernel.BlockSparseFp8Config(split_accumulation=fn == "fp8")
+            config = fp8_kernel.BlockSparseFp8Config(
+                split_accumulation=fn != "fp8_unsplit",
+                int_scores="convert" if fn == "fp8_convert" else "bias")
             kern = jax.jit(lambda *a: fp8_kernel.block_sparse_attention_fp8_padded(
                 *a, block_size=bs, sm_scale=scale, num_kv_blocks=n_k, query_block_size=qbs,
                 config=config, interpret=params))
@@ -258,9 +263,9 @@ def big_runs(res, start, save=lambda: None):
             row[label] = {**t, "tflops": tflops(t["ms"])}
             if fn == "fp8":
               outs[qk_dtype] = tm.output
-            elif "float8_e4m3fn" in outs:
-              row[label]["vs_split"] = metrics.output_agreement(tm.output[0],
-                                                                outs["float8_e4m3fn"][0])
+            elif qk_dtype in outs:  # the variant's output against the default's
+              row[label]["vs_default"] = metrics.output_agreement(tm.output[0],
+                                                                  outs[qk_dtype][0])
           else:
             kern = jax.jit(lambda *a: bf16_kernel.block_sparse_attention_padded(
                 *a, block_size=bs, sm_scale=scale, num_kv_blocks=n_k, query_block_size=qbs,

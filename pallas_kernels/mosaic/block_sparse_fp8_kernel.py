@@ -96,15 +96,30 @@ class BlockSparseFp8Config(BlockSparseConfig):
       key block), or straight into the rescaled running accumulator (False: 64 x D fewer
       live float32 registers per thread during the wgmma, FP8 accumulation across all
       key blocks; for timing against True).
+    int_scores: how int8 Q.K^T's int32 scores become float32. "bias" (default): the
+      int32 plus ``INT_BITS_BIAS`` read as float32 bits, which is the score plus
+      ``INT_SCORE_BIAS`` exactly (|score| <= 127^2 * D < 2^22), minus that bias: an
+      integer add and a float add per score, both full-rate. "convert": an int-to-float
+      conversion per score (I2F, a quarter-rate instruction on Hopper, the pipe the
+      softmax's exp2 also needs). The same exact float32 scores either way.
 
-  A plain ``BlockSparseConfig`` is taken as this with ``split_accumulation=True``.
+  A plain ``BlockSparseConfig`` is taken as this with the defaults above.
   """
   split_accumulation: bool = True
+  int_scores: str = "bias"
 
   def __post_init__(self):
     super().__post_init__()
     check_flag(self, "split_accumulation")
+    if self.int_scores not in INT_SCORE_MODES:
+      raise ValueError(f"int_scores={self.int_scores!r}: expected one of {INT_SCORE_MODES}.")
 
+
+INT_SCORE_MODES = ("bias", "convert")
+# For an int32 |x| < 2^22, the float32 with bits x + INT_BITS_BIAS is INT_SCORE_BIAS + x
+# exactly (1.5 * 2^23 puts x in the mantissa's low bits).
+INT_BITS_BIAS = 0x4B400000
+INT_SCORE_BIAS = 12582912.0  # 1.5 * 2^23
 
 DEFAULT_CONFIG = BlockSparseFp8Config()
 _REDUCTION_SCRATCH = 0  # as block_sparse_kernel: only in-warp WGMMA row reductions
@@ -180,16 +195,21 @@ def _p_operand(p8, emulate):
   return relabel(p8)
 
 
-def _qk_fp8(q_smem, k_smem, *, after_issue, emulate):
+def _qk_fp8(q_smem, k_smem, *, int_scores, after_issue, emulate):
   """float32 [64, bs] = q8 [64, D] @ k8 [bs, D]^T, e4m3 or int8 (``common.qk_matmul``;
-  emulated in float32, where products of e4m3 or int8 values and, for int8, their sums
-  over D are exact)."""
-  if not emulate:
-    return qk_matmul(q_smem, k_smem, after_issue=after_issue)
-  qk = jnp.dot(q_smem[...].astype(jnp.float32), k_smem[...].astype(jnp.float32).T,
-               precision=_HIGHEST)
-  after_issue()
-  return qk
+  int32 scores converted as ``int_scores`` says, exactly either way). Emulated in
+  float32, where products of e4m3 or int8 values and int8 sums over D are exact."""
+  if emulate:
+    qk = jnp.dot(q_smem[...].astype(jnp.float32), k_smem[...].astype(jnp.float32).T,
+                 precision=_HIGHEST)
+    after_issue()
+    return qk
+  qk = qk_matmul(q_smem, k_smem, after_issue=after_issue)
+  if not jnp.issubdtype(q_smem.dtype, jnp.integer):
+    return qk
+  if int_scores == "bias":
+    return lax.bitcast_convert_type(qk + INT_BITS_BIAS, jnp.float32) - INT_SCORE_BIAS
+  return qk.astype(jnp.float32)
 
 
 def _pv_fp8(acc, alpha, p_op, vt_smem, *, split, after_issue, emulate):
@@ -280,6 +300,7 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
     raise ValueError(f"config={config!r}: expected a BlockSparseConfig.")
   schedule_barrier, heads_major = config.schedule_barrier, config.heads_major
   split = getattr(config, "split_accumulation", True)
+  int_scores = getattr(config, "int_scores", "bias")
   b, s_pad, h, d = q8.shape
   bs = block_size
   qbs = check_tiling(bs, query_block_size)
@@ -339,7 +360,8 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
         n_valid = length - block * bs
         scale = q_step_scale * ks_ref[bi, hi, block]  # one float32 scalar per step
 
-        qk = _qk_fp8(q_smem, k_smem.at[slot], after_issue=ping_pong, emulate=emulate)
+        qk = _qk_fp8(q_smem, k_smem.at[slot], int_scores=int_scores, after_issue=ping_pong,
+                     emulate=emulate)
         plgpu.barrier_arrive(k_free.at[slot])
         qk = mask_keys_past(qk, n_valid, bs, emulate)
 

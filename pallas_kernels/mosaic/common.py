@@ -30,12 +30,12 @@ LN2 = math.log(2.0)
 
 
 def qk_matmul(q_smem, k_smem, *, after_issue=None, emulate=False):
-  """q_smem [M, D] @ k_smem[N, D]^T -> float32 [M, N] in the WGMMA layout.
+  """q_smem [M, D] @ k_smem[N, D]^T -> float32 [M, N] in the WGMMA layout (int32 for
+  int8 tiles: exact, the caller converts).
 
   ``after_issue`` runs while the wgmma is in flight. ``emulate`` (the GPU
   interpreter, whose wgmma takes neither transposed operands nor register
-  operands) reads both tiles and multiplies with ``jnp.dot`` instead. int8 tiles
-  accumulate in int32 (exact), converted to float32 after the wgmma.
+  operands) reads both tiles and multiplies with ``jnp.dot`` instead.
   """
   integer = jnp.issubdtype(q_smem.dtype, jnp.integer)
   if emulate:
@@ -43,7 +43,7 @@ def qk_matmul(q_smem, k_smem, *, after_issue=None, emulate=False):
                  preferred_element_type=jnp.int32 if integer else jnp.float32)
     if after_issue is not None:
       after_issue()
-    return qk.astype(jnp.float32)
+    return qk
 
   def scope(acc_ref):
     plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
@@ -51,9 +51,8 @@ def qk_matmul(q_smem, k_smem, *, after_issue=None, emulate=False):
       after_issue()
     return acc_ref[...]
 
-  qk = pl.run_scoped(scope, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]),
-                                      jnp.int32 if integer else jnp.float32))
-  return qk.astype(jnp.float32) if integer else qk
+  return pl.run_scoped(scope, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]),
+                                        jnp.int32 if integer else jnp.float32))
 
 
 def pv_matmul(acc, p, v_smem, *, after_issue=None, emulate=False):

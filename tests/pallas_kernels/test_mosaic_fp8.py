@@ -293,7 +293,7 @@ def test_layouts_are_the_ones_the_relabelling_assumes():
 # ------------------------------------------------- lowering for CUDA, shared memory, input
 
 
-def _call(d, qbs, bs, s=256, stages=None, split=True, **over):
+def _call(d, qbs, bs, s=256, stages=None, split=True, int_scores="bias", **over):
   """The padded kernel at abstract shapes, ready to trace or lower."""
   f8 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float8_e4m3fn)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -305,7 +305,8 @@ def _call(d, qbs, bs, s=256, stages=None, split=True, **over):
   args.update(over)
   fn = lambda *a: fp8_kernel.block_sparse_attention_fp8_padded(
       *a, block_size=bs, query_block_size=qbs, sm_scale=0.125, num_kv_blocks=s // bs,
-      config=fp8_kernel.BlockSparseFp8Config(stages=stages, split_accumulation=split))
+      config=fp8_kernel.BlockSparseFp8Config(stages=stages, split_accumulation=split,
+                                             int_scores=int_scores))
   return fn, tuple(args.values())
 
 
@@ -337,6 +338,27 @@ def test_int8_scores_lower_for_cuda_with_s8_wgmma(d, qbs, bs):
   assert f"m64n{bs}k32.f32.e4m3.e4m3" not in text or bs == d
 
 
+@pytest.mark.parametrize("mode", fp8_kernel.INT_SCORE_MODES)
+def test_int_scores_modes_lower_with_and_without_the_conversion(mode):
+  """"bias" turns int32 scores into float32 with an integer add and a bitcast, no
+  int-to-float conversion; "convert" converts each score."""
+  i8 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int8)
+  fn, args = _call(64, 128, 64, q8=i8(1, 256, 1, 64), k8=i8(1, 256, 1, 64), int_scores=mode)
+  text = _lower_for_cuda(fn, args).as_text()
+  assert ("sitofp" in text) == (mode == "convert")
+
+
+def test_int_score_bias_is_exact():
+  """The bits of x + INT_BITS_BIAS read as float32 are INT_SCORE_BIAS + x exactly for every
+  |x| < 2^22 (int8 scores: |x| <= 127^2 * 256 < 2^22 for head_dim up to 256)."""
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.integers(-2**22 + 1, 2**22, 100_000), [0, 1, -1, 127**2 * 256,
+                                                                 -127**2 * 256]]).astype(np.int32)
+  f = (x + np.int32(fp8_kernel.INT_BITS_BIAS)).view(np.float32)
+  np.testing.assert_array_equal(f.astype(np.float64) - fp8_kernel.INT_SCORE_BIAS, x)
+  assert float(np.float32(fp8_kernel.INT_SCORE_BIAS)) == fp8_kernel.INT_SCORE_BIAS
+
+
 def test_unsplit_accumulation_lowers_for_cuda():
   text = _lower_for_cuda(*_call(128, 128, 64, split=False)).as_text()
   assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in text
@@ -362,6 +384,8 @@ def test_config_checks():
     fp8_kernel.BlockSparseFp8Config(split_accumulation=1)
   with pytest.raises(ValueError, match="stages=1"):
     fp8_kernel.BlockSparseFp8Config(stages=1)
+  with pytest.raises(ValueError, match="int_scores='cvt'"):
+    fp8_kernel.BlockSparseFp8Config(int_scores="cvt")
 
 
 def test_ring_depths_and_footprint(monkeypatch):
