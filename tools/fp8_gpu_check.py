@@ -326,18 +326,21 @@ def _big_check(q, k, v, idx, cnt, fp8_out, bf16_out, lse_shift, s, bs, qbs, scal
 
 
 def main():
+  global B, H, SEQ_LENS, REPS, MIN_REP_S, BUDGET_S  # pylint: disable=global-statement
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"),
                                                     "fp8_gpu_check.json"))
   parser.add_argument("--skip_big", action="store_true", help="stage 1 only")
+  parser.add_argument("--seq_lens", default=",".join(map(str, SEQ_LENS)),
+                      help="comma-separated lengths of the big stage")
   parser.add_argument("--unsplit", action="store_true",
                       help="also time split_accumulation=False (e4m3)")
   parser.add_argument("--cpu_dry_run", action="store_true",
                       help="toy sizes, interpreted kernels, XLA for cuDNN (tests this script)")
   args = parser.parse_args()
   UNSPLIT["on"] = args.unsplit
+  SEQ_LENS = tuple(int(x) for x in args.seq_lens.split(",") if x)
   if args.cpu_dry_run:
-    global B, H, SEQ_LENS, REPS, MIN_REP_S, BUDGET_S  # pylint: disable=global-statement
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     DRY.update(on=True, small_seq=300, small_length=250)
     B, H, SEQ_LENS, REPS, MIN_REP_S, BUDGET_S = 1, 2, (256,), 1, 0.0, 10**6
