@@ -166,16 +166,18 @@ def test_config_precision_through_adaspa_attention():
     assert 0.99 <= _cos(a, b) < 1.0 and not np.isnan(np.asarray(b)).any()
 
 
-def test_mosaic_fp8_through_the_dispatcher_in_interpret_mode():
-  """implementation="mosaic", precision="fp8": the Mosaic FP8 kernel under JAX's GPU
-  interpreter, on the same lists as the reference recipe (128 x 64, ragged length)."""
+@pytest.mark.parametrize("precision", ["fp8", "int8_fp8"])
+def test_mosaic_fp8_through_the_dispatcher_in_interpret_mode(precision):
+  """implementation="mosaic" at an 8-bit precision: the Mosaic 8-bit kernel under JAX's
+  GPU interpreter, on the same lists as the reference recipe (128 x 64, ragged length)."""
   q, k, v = _qkv(5, s=300, h=1, k_offset=2.0)
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
   idx, cnt = _lists(5, 1, 1, 3, 5, 2)
   kw = dict(block_size=64, query_block_size=128, kv_lengths=jnp.array([260], jnp.int32))
-  out, lse = pk.block_sparse_attention(q, k, v, idx, cnt, precision="fp8",
+  out, lse = pk.block_sparse_attention(q, k, v, idx, cnt, precision=precision,
                                        implementation="mosaic", interpret=True, **kw)
-  want, want_lse = ref_fp8.fp8_block_sparse_attention(q, k, v, idx, cnt, **kw)
+  want, want_lse = ref_fp8.fp8_block_sparse_attention(
+      q, k, v, idx, cnt, qk_dtype=ref_fp8.QK_DTYPES[precision], **kw)
   exact, _ = pk.block_sparse_attention(q, k, v, idx, cnt, implementation="reference", **kw)
   assert out.dtype == jnp.bfloat16 and not np.isnan(np.asarray(out, np.float32)).any()
   assert _cos(out[:, :260], want[:, :260]) >= 0.999
