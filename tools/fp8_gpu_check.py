@@ -68,7 +68,8 @@ ERR_CHARS = 3000
 # sizes, so that a slip in it does not cost a GPU run.
 DRY = {"on": False, "small_seq": 1000, "small_length": 900}
 UNSPLIT = {"on": False}  # --unsplit
-QK_DTYPES = ("float8_e4m3fn", "int8")  # precision "fp8" and "int8_fp8"
+# What Q and K are quantised to at precision "fp8" and "int8_fp8" (names: row labels).
+QK_DTYPES = tuple(jnp.dtype(x).name for x in fp8_reference.QK_DTYPES.values())
 
 
 def _interp():

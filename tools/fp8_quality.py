@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.reference import fp8, ops
+from pallas_kernels.validation import EIGHT_BIT_PRECISIONS
 
 
 def metrics(got, want, lengths):
@@ -60,7 +61,7 @@ def kernel_outputs(q, k, v, lengths, *, block_size, kernels):
   for name in kernels:
     if name == "cudnn" and not full:
       continue
-    for precision in ("fp8", "int8_fp8") if name == "mosaic" else ("fp8",):
+    for precision in EIGHT_BIT_PRECISIONS if name == "mosaic" else ("fp8",):
       outs[f"{name}_{precision}_kernel"] = pk.dense_attention(
           q, k, v, kv_lengths=kv, precision=precision, implementation=name,
           block_size=block_size)
@@ -74,7 +75,7 @@ def evaluate(q, k, v, lengths, *, block_size, stages, kernels=()):
   want, lse_want = ops.attention(q, k, v, kv_lengths=kv)
   finite = np.isfinite(np.asarray(lse_want))
   variants = {"fp8": dict(smooth=True), "fp8_no_smoothing": dict(smooth=False),
-              "int8_fp8": dict(smooth=True, qk_dtype=jnp.int8)}
+              "int8_fp8": dict(smooth=True, qk_dtype=fp8.QK_DTYPES["int8_fp8"])}
   if stages:
     for stage in fp8.STAGES:
       variants[f"only_{stage}"] = dict(smooth=True, quantized=(stage,))

@@ -31,6 +31,7 @@ import numpy as np
 import pallas_kernels as pk
 from adaspa_jax.harness import flex_peer, metrics, timing
 from pallas_kernels import cudnn_fp8
+from pallas_kernels.validation import EIGHT_BIT_PRECISIONS
 
 B, H, D = 1, 24, 128
 
@@ -79,7 +80,7 @@ def run_seq(seq, reps, record):
   stage("cudnn_bf16", lambda: jax_timed(
       lambda q, k, v: pk.dense_attention(q, k, v, implementation="cudnn"), check=False))
   stage("cudnn_fp8", lambda: jax_timed(lambda q, k, v: cudnn_fp8.dense_attention(q, k, v)))
-  for precision in ("fp8", "int8_fp8"):
+  for precision in EIGHT_BIT_PRECISIONS:
     stage(f"mosaic_{precision}_dense", lambda precision=precision: jax_timed(
         lambda q, k, v: pk.dense_attention(q, k, v, precision=precision,
                                            implementation="mosaic", block_size=128)))

@@ -77,10 +77,11 @@ from pallas_kernels.mosaic.block_sparse_kernel import (
 from pallas_kernels.mosaic.common import (
     COMPUTE_WGS, CTA_ROWS, LN2, LOG2E, ROWS_PER_WG, check_flag, check_stages, qk_matmul,
     smem_footprint, smem_transforms)
+from pallas_kernels.reference import fp8 as fp8_reference
 
-FP8_DTYPE = jnp.float8_e4m3fn
-QK_DTYPES = (jnp.dtype(FP8_DTYPE), jnp.dtype(jnp.int8))  # what q8 and k8 may be
-FP8_MAX = 448.0  # largest finite e4m3; P in [0, 1] is stored as e4m3(P * FP8_MAX)
+FP8_DTYPE = fp8_reference.FP8_DTYPE
+QK_DTYPES = tuple(jnp.dtype(x) for x in fp8_reference.QK_DTYPES.values())  # q8 and k8
+FP8_MAX = fp8_reference.FP8_MAX  # largest finite e4m3; P in [0, 1] is stored as e4m3(P * 448)
 LOG2_FP8_MAX = math.log2(FP8_MAX)
 OUT_DTYPE = jnp.bfloat16
 SUPPORTED_HEAD_DIMS = (64, 128)

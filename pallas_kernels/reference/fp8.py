@@ -85,15 +85,21 @@ def to_int8(x):
   return jnp.clip(jnp.round(x.astype(jnp.float32)), -INT8_MAX, INT8_MAX).astype(jnp.int8)
 
 
-def dtype_max(dtype) -> float:
-  """The largest value an 8-bit operand of ``dtype`` is scaled to (448 for e4m3, 127 for
-  int8); ValueError for any other dtype."""
-  dtype = jnp.dtype(dtype)
-  if dtype == jnp.dtype(FP8_DTYPE):
-    return FP8_MAX
-  if dtype == jnp.dtype(jnp.int8):
-    return INT8_MAX
-  raise ValueError(f"dtype={dtype.name}: expected float8_e4m3fn or int8.")
+# 8-bit operand dtype -> (the largest value a block's amax is scaled to, the cast).
+_QUANTIZERS = {jnp.dtype(FP8_DTYPE): (FP8_MAX, to_fp8), jnp.dtype(jnp.int8): (INT8_MAX, to_int8)}
+
+
+def _quantizer(dtype, name):
+  """``(dtype, largest value, cast)`` of an 8-bit operand ``dtype`` (float8_e4m3fn or
+  int8); ValueError naming the argument ``name`` for any other."""
+  try:
+    key = jnp.dtype(dtype)
+  except TypeError:
+    key = None
+  if key not in _QUANTIZERS:
+    shown = repr(dtype) if key is None else key.name
+    raise ValueError(f"{name}={shown}: expected float8_e4m3fn or int8.")
+  return (key, *_QUANTIZERS[key])
 
 
 def quantize_blockwise(x, block, axis, *, reduce_axes=(-1,), dtype=FP8_DTYPE):
@@ -121,10 +127,9 @@ def quantize_blockwise(x, block, axis, *, reduce_axes=(-1,), dtype=FP8_DTYPE):
     (x_q, scales): x_q of ``dtype`` and x's shape; scales float32 with
     ``axis`` of size ceil(n / block) and ``reduce_axes`` of size 1, such that
     ``dequantize_blockwise(x_q, scales, block, axis)`` approximates x.
-    ``scale = amax / dtype_max(dtype)`` (1 for an all-zero block).
+    ``scale = amax / 448`` for e4m3, ``amax / 127`` for int8 (1 for an all-zero block).
   """
-  top = dtype_max(dtype)
-  cast = to_fp8 if top == FP8_MAX else to_int8
+  _, top, cast = _quantizer(dtype, "dtype")
   if block < 1:
     raise ValueError(f"block must be >= 1, got {block}")
   x = jnp.asarray(x).astype(jnp.float32)
@@ -195,13 +200,7 @@ def _check_stages(quantized):
 
 def check_qk_dtype(qk_dtype):
   """``qk_dtype`` as a jnp dtype if it is one of ``QK_DTYPES``' values, else ValueError."""
-  try:
-    dtype = jnp.dtype(qk_dtype)
-  except TypeError:
-    dtype = None
-  if dtype not in [jnp.dtype(x) for x in QK_DTYPES.values()]:
-    raise ValueError(f"qk_dtype={qk_dtype!r}: expected float8_e4m3fn or int8.")
-  return dtype
+  return _quantizer(qk_dtype, "qk_dtype")[0]
 
 
 def _fp8_flash(q, k, v, lengths, sm_scale, block_size, block_mask, smooth, quantized,

@@ -101,11 +101,11 @@ def test_traced_bad_lists_stay_in_bounds(impl):
   f = jax.jit(lambda i, c: pk.block_sparse_attention(q, k, v, i, c, **_kw(impl)))
   # The three kinds sit in three different (head, query block) rows: one call plants all.
   kinds = ("index too large", "negative index", "negative count")
-  planted = [_planted(kind) for kind in kinds]
-  idx, cnt = _lists()
-  for p_idx, p_cnt in planted:
-    idx = np.where(p_idx != _lists()[0], p_idx, idx)
-    cnt = np.where(p_cnt != _lists()[1], p_cnt, cnt)
+  base_idx, base_cnt = _lists()
+  idx, cnt = base_idx, base_cnt
+  for p_idx, p_cnt in (_planted(kind) for kind in kinds):
+    idx = np.where(p_idx != base_idx, p_idx, idx)
+    cnt = np.where(p_cnt != base_cnt, p_cnt, cnt)
   assert (idx < 0).any() and (idx >= N).any() and (cnt < 0).any()
   idx, cnt = jnp.asarray(idx), jnp.asarray(cnt)
   safe = validation.safe_block_lists(idx, cnt, N)
