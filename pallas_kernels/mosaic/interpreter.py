@@ -86,20 +86,21 @@ def _run_jaxpr_cached(jaxpr, consts, *args):
   program(consts, *args)
 
 
-def _runner_is_replaceable() -> bool:
-  runner = getattr(_thread_map, "_run_jaxpr", None)
+def replaceable(runner) -> bool:
+  """Whether ``runner`` has the form the cache stands in for: ``(jaxpr, consts, *args)``."""
   if runner is None:
     return False
   if runner is _run_jaxpr_cached:
     return True
-  names = list(inspect.signature(runner).parameters)
-  return names[:2] == ["jaxpr", "consts"] and len(names) == 3
+  params_ = list(inspect.signature(runner).parameters.values())
+  return ([p.name for p in params_[:2]] == ["jaxpr", "consts"] and len(params_) == 3
+          and params_[2].kind is inspect.Parameter.VAR_POSITIONAL)
 
 
 def install_compile_cache() -> bool:
   """Swap ``_run_jaxpr_cached`` in for the interpreter's runner (idempotent); whether it
   is in place."""
-  if not _runner_is_replaceable():
+  if not replaceable(getattr(_thread_map, "_run_jaxpr", None)):
     return False
   _thread_map._run_jaxpr = _run_jaxpr_cached
   return True
