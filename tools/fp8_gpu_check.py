@@ -22,8 +22,8 @@ characters, and the rest still runs; the JSON is rewritten after every stage):
    (``kernel_bench.computed_pairs``) / time, and ratios to cuDNN's; with ``--unsplit``,
    last, the FP8 kernel with ``split_accumulation=False`` (P.V accumulated in the running
    accumulator: fewer live registers), its output against the default's; and the int8
-   kernel with ``int_scores="convert"`` (I2F per score instead of the bias trick), its
-   output against the default's. Correctness
+   kernel with ``int_scores="bias"`` (the float-bits bias instead of an I2F per score),
+   its output against the default's. Correctness
    (``check``, ``check_int8``) on a few query blocks (rows) against float32
    attention restricted to their lists: cosine, rel L2 (bf16 kernel alongside), LSE error.
 
@@ -236,7 +236,7 @@ def big_runs(res, start, save=lambda: None):
       quant, outs = {}, {}
       stages = [("prepass", "quant", "float8_e4m3fn"), ("fp8_kernel", "fp8", "float8_e4m3fn"),
                 ("prepass_int8", "quant", "int8"), ("int8_fp8_kernel", "fp8", "int8"),
-                ("int8_fp8_kernel_convert", "fp8_convert", "int8"),
+                ("int8_fp8_kernel_bias", "fp8_bias", "int8"),
                 ("bf16_kernel", "bf16", None)]
       if UNSPLIT["on"]:
         stages.append(("fp8_kernel_unsplit", "fp8_unsplit", "float8_e4m3fn"))
@@ -251,12 +251,12 @@ def big_runs(res, start, save=lambda: None):
             tm, t = _time(prepass, q, k, v)
             quant[qk_dtype] = tm.output
             row[label] = t
-          elif fn in ("fp8", "fp8_unsplit", "fp8_convert"):
+          elif fn in ("fp8", "fp8_unsplit", "fp8_bias"):
             if qk_dtype not in quant:
               raise RuntimeError("no pre-pass output")
             config = fp8_kernel.BlockSparseFp8Config(
                 split_accumulation=fn != "fp8_unsplit",
-                int_scores="convert" if fn == "fp8_convert" else "bias")
+                int_scores="bias" if fn == "fp8_bias" else fp8_kernel.DEFAULT_CONFIG.int_scores)
             kern = jax.jit(lambda *a: fp8_kernel.block_sparse_attention_fp8_padded(
                 *a, block_size=bs, sm_scale=scale, num_kv_blocks=n_k, query_block_size=qbs,
                 config=config, interpret=params))

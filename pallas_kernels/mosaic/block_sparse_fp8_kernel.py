@@ -97,17 +97,18 @@ class BlockSparseFp8Config(BlockSparseConfig):
       key block), or straight into the rescaled running accumulator (False: 64 x D fewer
       live float32 registers per thread during the wgmma, FP8 accumulation across all
       key blocks; for timing against True).
-    int_scores: how int8 Q.K^T's int32 scores become float32. "bias" (default): the
-      int32 plus ``INT_BITS_BIAS`` read as float32 bits, which is the score plus
-      ``INT_SCORE_BIAS`` exactly (|score| <= 127^2 * D < 2^22), minus that bias: an
-      integer add and a float add per score, both full-rate. "convert": an int-to-float
-      conversion per score (I2F, a quarter-rate instruction on Hopper, the pipe the
-      softmax's exp2 also needs). The same exact float32 scores either way.
+    int_scores: how int8 Q.K^T's int32 scores become float32. "convert" (default): an
+      int-to-float conversion per score (I2F). "bias": the int32 plus ``INT_BITS_BIAS``
+      read as float32 bits, which is the score plus ``INT_SCORE_BIAS`` exactly (|score|
+      <= 127^2 * D < 2^22), minus that bias: an integer add and a float add per score
+      instead of the quarter-rate I2F. The same exact float32 scores either way. On an
+      H100 (jax 0.11.2, 2026-12-07, ``tools/fp8_gpu_check.py``) "bias" was the slower,
+      by 4-8% at 128 x 128 and 4% at 128 x 64 (docs/benchmarks.md), hence the default.
 
   A plain ``BlockSparseConfig`` is taken as this with the defaults above.
   """
   split_accumulation: bool = True
-  int_scores: str = "bias"
+  int_scores: str = "convert"
 
   def __post_init__(self):
     super().__post_init__()
@@ -301,7 +302,7 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
     raise ValueError(f"config={config!r}: expected a BlockSparseConfig.")
   schedule_barrier, heads_major = config.schedule_barrier, config.heads_major
   split = getattr(config, "split_accumulation", True)
-  int_scores = getattr(config, "int_scores", "bias")
+  int_scores = getattr(config, "int_scores", DEFAULT_CONFIG.int_scores)
   b, s_pad, h, d = q8.shape
   bs = block_size
   qbs = check_tiling(bs, query_block_size)
