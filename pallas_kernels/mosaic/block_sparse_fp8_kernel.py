@@ -103,7 +103,7 @@ class BlockSparseFp8Config(BlockSparseConfig):
       <= 127^2 * D < 2^22), minus that bias: an integer add and a float add per score
       instead of the quarter-rate I2F. The same exact float32 scores either way. On an
       H100 (jax 0.11.2, 2026-12-07, ``tools/fp8_gpu_check.py``) "bias" was the slower,
-      by 4-8% at 128 x 128 and 4% at 128 x 64 (docs/benchmarks.md), hence the default.
+      by 6-7% at 128 x 128 and 4% at 128 x 64 (docs/benchmarks.md), hence the default.
 
   A plain ``BlockSparseConfig`` is taken as this with the defaults above.
   """
