@@ -293,7 +293,8 @@ def test_layouts_are_the_ones_the_relabelling_assumes():
 # ------------------------------------------------- lowering for CUDA, shared memory, input
 
 
-def _call(d, qbs, bs, s=256, stages=None, split=True, int_scores="bias", **over):
+def _call(d, qbs, bs, s=256, stages=None, split=True,
+          int_scores=fp8_kernel.DEFAULT_CONFIG.int_scores, **over):
   """The padded kernel at abstract shapes, ready to trace or lower."""
   f8 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float8_e4m3fn)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
