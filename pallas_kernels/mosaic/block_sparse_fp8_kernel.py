@@ -300,9 +300,10 @@ def block_sparse_attention_fp8_padded(q8, k8, vt8, q_scale, k_scale, v_scale,
   """
   if not isinstance(config, BlockSparseConfig):
     raise ValueError(f"config={config!r}: expected a BlockSparseConfig.")
+  if not isinstance(config, BlockSparseFp8Config):  # the 8-bit fields at their defaults
+    config = BlockSparseFp8Config(**dataclasses.asdict(config))
   schedule_barrier, heads_major = config.schedule_barrier, config.heads_major
-  split = getattr(config, "split_accumulation", True)
-  int_scores = getattr(config, "int_scores", DEFAULT_CONFIG.int_scores)
+  split, int_scores = config.split_accumulation, config.int_scores
   b, s_pad, h, d = q8.shape
   bs = block_size
   qbs = check_tiling(bs, query_block_size)
